@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine (see README.md):
+#   make run    installs everything and runs the main job
+#   make test   installs everything and runs the lint and the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: run test install data lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) data
+
+# Fashion-MNIST from Debian's dataset package, where apt exists and we may use it; elsewhere see README.
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	  || echo "warning: could not install dataset-fashion-mnist; see README.md 'Data'"; \
+	else echo "note: no apt as root here; see README.md 'Data' for Fashion-MNIST"; fi
+
+run: install
+	$(BIN)/distlearn toy --function rosenbrock --optimizers all --out runs/toy
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+test: install lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
