@@ -30,7 +30,7 @@ run: install
 	$(BIN)/distlearn toy --function rosenbrock --optimizers all --out runs/toy
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 
 test: install lint
 	$(BIN)/python -m pytest -q
