@@ -1,0 +1,252 @@
+"""Processes and roles: the torchrun launcher underneath ``--workers N``, and process-group set-up.
+
+One code path for one machine and many: ``distlearn train --workers N`` starts torch's own elastic
+launcher (``python -m torch.distributed.run``, i.e. ``torchrun``) on this machine with a c10d rendezvous on
+127.0.0.1, and every worker then calls :func:`init_distributed`, which reads the rendezvous from torchrun's
+environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). On several machines
+the user runs ``torchrun --nnodes 2 --nproc-per-node 4 --rdzv-endpoint HOST:PORT -m distlearn train ...``
+themselves: the workers see the same environment, so nothing else changes.
+
+Every process this module starts ends by itself: the launcher runs in its own process group, is waited for
+with a deadline, and on a deadline, an error or Ctrl-C the whole group is terminated, then killed.
+
+Libraries: ``torch.distributed`` (c10d; gloo on CPU, NCCL on GPU) and ``torch.distributed.run``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from distlearn.errors import CommError, ConfigError
+
+__all__ = [
+    "DistContext",
+    "ENV_LAUNCHED",
+    "free_port",
+    "in_torchrun",
+    "init_distributed",
+    "launch_local",
+    "shutdown",
+    "torchrun_command",
+]
+
+ENV_LAUNCHED = "DISTLEARN_LAUNCHED"
+"""Set in every worker that :func:`launch_local` starts, so a worker never launches workers of its own."""
+
+_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    timeout_s: float
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 does the job's I/O: progress, metrics summary, checkpoints, plots."""
+        return self.rank == 0
+
+
+def in_torchrun() -> bool:
+    """True when this process was started by torchrun (the rendezvous variables are set)."""
+    return all(name in os.environ for name in _TORCHRUN_VARIABLES)
+
+
+def _default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(backend: str | None = None, *, timeout_s: float = 60.0) -> DistContext:
+    """Join the job described by torchrun's environment and return this process's place in it.
+
+    ``timeout_s`` bounds the rendezvous and every collective of the default group: a peer that dies
+    or hangs makes the others fail within it instead of waiting forever. Idempotent: when the default
+    group already exists its context is returned.
+    """
+    if not dist.is_available():
+        raise CommError("this torch build has no torch.distributed; install a build with distributed support")
+    if timeout_s <= 0:
+        raise ConfigError(f"timeout_s must be positive, got {timeout_s}")
+    if dist.is_initialized():
+        return DistContext(
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+            backend=str(dist.get_backend()),
+            timeout_s=timeout_s,
+        )
+    missing = [name for name in _TORCHRUN_VARIABLES if name not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"no distributed job to join: {', '.join(missing)} not set. Start workers with "
+            "`distlearn train --workers N ...` on one machine, or under `torchrun ... -m distlearn ...`"
+        )
+    backend = backend or _default_backend()
+    if (
+        backend == "gloo"
+        and "GLOO_SOCKET_IFNAME" not in os.environ
+        and _is_loopback(os.environ["MASTER_ADDR"])
+    ):
+        # gloo otherwise picks the interface the hostname resolves to; on loopback jobs use loopback.
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    except Exception as error:  # rendezvous failures come as several exception types
+        raise CommError(
+            f"rank {os.environ['RANK']}: could not join the job at "
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout_s:g} s "
+            f"({type(error).__name__}: {error}); check that every worker started and the port is free"
+        ) from error
+    return DistContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ["LOCAL_RANK"]),
+        backend=backend,
+        timeout_s=timeout_s,
+    )
+
+
+def shutdown() -> None:
+    """Leave the job (destroy the default process group) if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return socket.gethostbyname(host).startswith("127.")
+    except OSError:
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that is free right now (the OS picks it)."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            raise ConfigError(
+                f"port {port} on {host} is in use ({error.strerror}); pass another --master-port, "
+                "or leave it out and a free one is chosen"
+            ) from error
+
+
+def torchrun_command(
+    program: list[str],
+    nproc: int,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    module: bool = True,
+    python: str = sys.executable,
+) -> list[str]:
+    """The ``torchrun`` command line that starts ``nproc`` workers of ``program`` on this machine.
+
+    ``program`` is ``["distlearn", "train", ...]`` run as ``-m`` when ``module`` is true, else a script path
+    and its arguments. Port 0 lets the rendezvous pick a free port. No restarts: a worker that fails
+    ends the job, with its error shown, instead of a silent retry.
+    """
+    if nproc < 1:
+        raise ConfigError(f"need at least one worker, got {nproc}")
+    command = [
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(nproc),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"{host}:{port}",
+        "--max-restarts",
+        "0",
+        "--monitor-interval",
+        "0.2",
+    ]
+    if module:
+        command.append("-m")
+    return command + list(program)
+
+
+def launch_local(
+    program: list[str],
+    nproc: int,
+    *,
+    timeout_s: float | None = None,
+    port: int = 0,
+    module: bool = True,
+    env: dict[str, str] | None = None,
+    threads_per_worker: int | None = None,
+) -> int:
+    """Run ``nproc`` workers of ``program`` under torchrun on 127.0.0.1 and return the job's exit code.
+
+    The launcher and its workers share a new session, so on a ``timeout_s`` deadline or Ctrl-C every one
+    of them is stopped (SIGTERM, then SIGKILL after 5 s). ``threads_per_worker`` sets ``OMP_NUM_THREADS``
+    (default: the machine's cores divided among the workers, at least 1).
+    """
+    if port:
+        _check_port_free("127.0.0.1", port)
+    child_env = dict(os.environ if env is None else env)
+    child_env[ENV_LAUNCHED] = "1"
+    child_env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    threads = threads_per_worker or max(1, (os.cpu_count() or 1) // nproc)
+    child_env["OMP_NUM_THREADS"] = str(threads)
+    command = torchrun_command(program, nproc, port=port, module=module)
+    process = subprocess.Popen(command, env=child_env, start_new_session=True)
+    try:
+        return process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _stop_group(process)
+        raise CommError(
+            f"the job of {nproc} workers did not finish within {timeout_s:g} s and was stopped; "
+            "raise the time limit or shrink the run"
+        ) from None
+    except BaseException:
+        _stop_group(process)
+        raise
+
+
+def _stop_group(process: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """Terminate the launcher's whole process group, then kill what is left after ``grace_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None and not _group_alive(process.pid):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
