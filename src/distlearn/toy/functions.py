@@ -141,7 +141,7 @@ FUNCTIONS: dict[str, TestFunction] = {
             formula=r"$(1.5-x+xy)^2 + (2.25-x+xy^2)^2 + (2.625-x+xy^3)^2$",
             function=beale,
             start=(1.0, 1.5),
-            window=(-4.5, 4.5, -4.5, 4.5),
+            window=(-0.5, 4.5, -1.5, 2.5),
             minima=((3.0, 0.5),),
             minimum_value=0.0,
             note="steep walls and flat plateaus: gradients span many orders of magnitude",
@@ -173,7 +173,7 @@ FUNCTIONS: dict[str, TestFunction] = {
         ),
         TestFunction(
             name="quadratic",
-            formula=r"$\frac{1}{2} z^\top A z,\ A = R_{30^\circ}\,\mathrm{diag}(1, 50)\,R_{30^\circ}^\top$",
+            formula=r"$\frac{1}{2} z^\top A z$, eigenvalues of $A$: 1, 50 (axes rotated 30°)",
             function=ill_conditioned_quadratic,
             start=(-2.5, 2.0),
             window=(-3.0, 3.0, -2.5, 2.5),

@@ -53,7 +53,7 @@ def _draw_surface(axes, problem: TestFunction, resolution: int = 300) -> None:
     floor = max(float(np.percentile(gap, 0.5)), 1e-4 * max(float(gap.max()), 1e-12), 1e-12)
     gap = np.clip(gap, floor, None)
     levels = np.logspace(np.log10(floor), np.log10(gap.max()), 24)
-    axes.contourf(grid_x, grid_y, gap, levels=levels, norm=LogNorm(), cmap="Greys_r", alpha=0.55)
+    axes.contourf(grid_x, grid_y, gap, levels=levels, norm=LogNorm(), cmap="Greys_r", alpha=0.4)
     axes.contour(grid_x, grid_y, gap, levels=levels, norm=LogNorm(), colors="0.35", linewidths=0.4)
     for minimum in problem.minima:
         axes.plot(*minimum, marker="*", markersize=14, color="gold", markeredgecolor="black", zorder=5)
@@ -105,6 +105,16 @@ def save_contour_plot(
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def _palette_image(colours: int) -> Image.Image:
+    """A "P" image whose palette is the trajectory colours, gold and black, then 160 greys (<= 256)."""
+    named = [_colour(i) for i in range(colours)] + [(1.0, 0.84, 0.0), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)]
+    entries = [tuple(round(255 * c) for c in colour) for colour in named]
+    entries += [(g, g, g) for g in np.linspace(0, 255, 256 - len(entries)).round().astype(int).tolist()]
+    palette = Image.new("P", (1, 1))
+    palette.putpalette([channel for entry in entries[:256] for channel in entry])
+    return palette
 
 
 def frame_schedule(total_steps: int, frames: int, power: float = 2.0) -> list[int]:
@@ -160,8 +170,8 @@ def save_animation(
         rgb = np.asarray(figure.canvas.buffer_rgba())[:, :, :3]
         images.append(Image.fromarray(rgb.copy()))
     plt.close(figure)
-    # One palette for every frame (from the last, which has every colour): smaller and flicker-free.
-    palette = images[-1].quantize(colors=64, method=Image.Quantize.MEDIANCUT)
+    # One fixed palette for every frame: the optimizers' colours, gold, and a grey ramp for the contours.
+    palette = _palette_image(len(paths))
     quantized = [image.quantize(palette=palette, dither=Image.Dither.NONE) for image in images]
     durations = [frame_ms] * (len(quantized) - 1) + [hold_ms]
     quantized[0].save(
