@@ -143,3 +143,6 @@ def test_tune_finds_the_one_step_learning_rate_on_an_isotropic_quadratic():
     assert lr == 1.0
     assert best == (0, 1)
     assert score([5.0, 1.0], 0.0, 0.1, diverged=True) > score([5.0, 2.0], 0.0, 0.1, diverged=False)
+    # The tolerance must hold to the end: touching it at step 1 and leaving again does not count.
+    assert score([5.0, 0.05, 3.0, 0.01, 0.02], 0.0, 0.1, diverged=False) == (0, 3)
+    assert score([5.0, 0.05, 3.0], 0.0, 0.1, diverged=False) == (1, 3.0)

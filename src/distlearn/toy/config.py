@@ -34,4 +34,4 @@ class ToyConfig:
     )
     out: str = field(default="runs/toy", metadata={"help": "directory for <function>.png, .gif and .json"})
     gif: bool = field(default=True, metadata={"help": "write the animated GIF (--no-gif skips it)"})
-    frames: int = field(default=90, metadata={"help": "frames in the animated GIF"})
+    frames: int = field(default=60, metadata={"help": "frames in the animated GIF"})

@@ -130,14 +130,14 @@ def save_animation(
     problem: TestFunction,
     runs: Mapping[str, Trajectory],
     *,
-    frames: int = 90,
+    frames: int = 60,
     frame_ms: int = 60,
     hold_ms: int = 2000,
     dpi: int = 72,
 ) -> Path:
     """Write an animated GIF: the trajectories drawn step by step over the contour plot."""
     path = Path(path)
-    figure, axes = plt.subplots(figsize=(7.2, 5.6))
+    figure, axes = plt.subplots(figsize=(6.6, 5.0))
     _draw_surface(axes, problem, resolution=200)
     axes.set_title(f"{problem.name}: {problem.formula}", fontsize=10)
     paths = [np.asarray(t.points) for t in runs.values()]

@@ -132,13 +132,11 @@ def run_optimizer(
     lr: float | None = None,
     start: Sequence[float] | None = None,
     hparams: Mapping[str, Any] | None = None,
-    stop_below: float | None = None,
 ) -> Trajectory:
     """Run ``optimizer`` for ``steps`` steps on ``problem`` from ``start`` (default: the problem's start).
 
     Computation is in float64, so the recorded trajectory is reproducible to the last bit and rounding
-    does not hide convergence at small tolerances. ``stop_below`` ends the run early at the first step
-    with ``f - f* <= stop_below`` (the tuning grid uses it; plots want the full ``steps``).
+    does not hide convergence at small tolerances.
     """
     if steps < 0:
         raise ConfigError(f"steps must be >= 0, got {steps}; try --steps 500")
@@ -181,8 +179,6 @@ def run_optimizer(
         trajectory.points.append(point.tolist())
         trajectory.losses.append(loss)
         trajectory.gradient_evaluations.append(evaluations)
-        if stop_below is not None and loss - problem.minimum_value <= stop_below:
-            break
     return trajectory
 
 
