@@ -48,13 +48,18 @@ def _grid(problem: TestFunction, resolution: int) -> tuple[np.ndarray, np.ndarra
     return grid_x.numpy(), grid_y.numpy(), gap
 
 
-def _draw_surface(axes, problem: TestFunction, resolution: int = 300) -> None:
+def _draw_surface(axes, problem: TestFunction, resolution: int = 300, filled: bool = True) -> None:
+    """Log-spaced contours of f - f*, the minima (gold stars) and the start (black dot).
+
+    ``filled`` shades between the lines; the GIF leaves it out because flat colour compresses far better.
+    """
     grid_x, grid_y, gap = _grid(problem, resolution)
     floor = max(float(np.percentile(gap, 0.5)), 1e-4 * max(float(gap.max()), 1e-12), 1e-12)
     gap = np.clip(gap, floor, None)
     levels = np.logspace(np.log10(floor), np.log10(gap.max()), 24)
-    axes.contourf(grid_x, grid_y, gap, levels=levels, norm=LogNorm(), cmap="Greys_r", alpha=0.4)
-    axes.contour(grid_x, grid_y, gap, levels=levels, norm=LogNorm(), colors="0.35", linewidths=0.4)
+    if filled:
+        axes.contourf(grid_x, grid_y, gap, levels=levels, norm=LogNorm(), cmap="Greys_r", alpha=0.4)
+    axes.contour(grid_x, grid_y, gap, levels=levels, norm=LogNorm(), colors="0.45", linewidths=0.5)
     for minimum in problem.minima:
         axes.plot(*minimum, marker="*", markersize=14, color="gold", markeredgecolor="black", zorder=5)
     axes.plot(*problem.start, marker="o", markersize=6, color="black", zorder=5)
@@ -138,7 +143,7 @@ def save_animation(
     """Write an animated GIF: the trajectories drawn step by step over the contour plot."""
     path = Path(path)
     figure, axes = plt.subplots(figsize=(6.6, 5.0))
-    _draw_surface(axes, problem, resolution=200)
+    _draw_surface(axes, problem, resolution=200, filled=False)
     axes.set_title(f"{problem.name}: {problem.formula}", fontsize=10)
     paths = [np.asarray(t.points) for t in runs.values()]
     lines, heads = [], []
