@@ -146,3 +146,25 @@ def test_tune_finds_the_one_step_learning_rate_on_an_isotropic_quadratic():
     # The tolerance must hold to the end: touching it at step 1 and leaving again does not count.
     assert score([5.0, 0.05, 3.0, 0.01, 0.02], 0.0, 0.1, diverged=False) == (0, 3)
     assert score([5.0, 0.05, 3.0], 0.0, 0.1, diverged=False) == (1, 3.0)
+
+
+def test_closure_methods_are_stepped_with_a_closure_and_every_evaluation_counted(monkeypatch):
+    """torch.optim.LBFGS (a real closure-based method) through the runner: our count equals its own."""
+    import types
+
+    import distlearn.toy.runner as runner
+
+    made = []
+
+    def create(name, params, **hparams):
+        made.append(torch.optim.LBFGS(params, max_iter=5, line_search_fn="strong_wolfe", **hparams))
+        return made[-1]
+
+    registry = types.SimpleNamespace(OPTIMIZERS={"lbfgs": None}, create=create, needs_closure=lambda n: True)
+    monkeypatch.setattr(runner, "_optim", lambda: registry)
+    run = runner.run_optimizer(get_function("rosenbrock"), "lbfgs", steps=6, lr=1.0)
+    (optimizer,) = made
+    state = optimizer.state[optimizer.param_groups[0]["params"][0]]
+    assert run.gradient_evaluations[-1] == state["func_evals"]
+    assert run.gradient_evaluations[-1] > run.steps  # several evaluations per step
+    assert run.losses[-1] < run.losses[0]
