@@ -11,7 +11,7 @@ from distlearn.cli import main
 from distlearn.toy.functions import get_function
 from distlearn.toy.plots import frame_schedule
 from distlearn.toy.problems import PROBLEM_NAMES
-from distlearn.toy.runner import optimizer_names, run_optimizers, steps_to_tolerance
+from distlearn.toy.runner import Trajectory, optimizer_names, run_optimizers, steps_to_tolerance
 
 
 def test_toy_writes_png_gif_and_json(tmp_path, capsys):
@@ -42,6 +42,7 @@ def test_toy_writes_png_gif_and_json(tmp_path, capsys):
     expected = run_optimizers(get_function("rosenbrock"), "sgd,adam", steps=12)
     for name, run in record["runs"].items():
         assert run["points"] == expected[name].points  # the JSON holds the raw trajectory
+        assert Trajectory.from_dict(run) == expected[name]
         row = next(r for r in record["table"] if r["optimizer"] == name)
         assert row["steps_to_tolerance"] == steps_to_tolerance(run["losses"], 0.0, 100.0)
     out = capsys.readouterr().out
