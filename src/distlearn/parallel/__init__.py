@@ -1,0 +1,30 @@
+"""Strategies: how replicas combine their work. One file per strategy; the contract is in ``base.py``.
+
+``create_strategy(name, **options)`` builds one by name; :data:`STRATEGIES` maps each name to
+``"module:Class"`` so a strategy's module is only imported when it is used. A later strategy registers
+itself by adding one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from distlearn.errors import ConfigError
+from distlearn.parallel.base import Strategy, StrategyStats, epoch_batches
+from distlearn.parallel.single import SingleProcess
+
+__all__ = ["STRATEGIES", "SingleProcess", "Strategy", "StrategyStats", "create_strategy", "epoch_batches"]
+
+STRATEGIES: dict[str, str] = {
+    "single": "distlearn.parallel.single:SingleProcess",
+}
+
+
+def create_strategy(name: str, **options: Any) -> Strategy:
+    """Instantiate strategy ``name`` (a key of :data:`STRATEGIES`) with keyword ``options``."""
+    if name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
+    module_name, _, class_name = STRATEGIES[name].partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(**options)

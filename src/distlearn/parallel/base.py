@@ -1,0 +1,215 @@
+"""The Strategy seam: how replicas combine their work, as seen by the one trainer loop.
+
+Dean et al. (2012) and the overview (Arnold, 2016, sections 3-4) describe every data-parallel method as
+the same worker loop -- read a mini-batch, compute a gradient, combine with the others, update -- with the
+methods differing only in *how and when* they combine. :func:`distlearn.train.train` owns the loop; a
+:class:`Strategy` owns the combining. Adding a method (``sync``, ``ps``, ``hogwild``, ``local-sgd``,
+``easgd``, ``dni``) is one file in this package with one subclass.
+
+Contract (what the loop calls, in order)::
+
+    strategy.setup(seed)                           # join the job (process group, roles); idempotent
+    model, optimizer = strategy.prepare(model, optimizer)   # e.g. broadcast rank 0's weights
+    for epoch ...:
+        for indices in strategy.batches(n, global_batch=B, seed=s, epoch=e, start_step=k):
+            loss = loss_fn(model(x[indices]), y[indices]); loss.backward()
+            strategy.before_step(model, optimizer, step)  # between backward and optimizer step:
+                                                            # sync allreduces gradients, ps pushes/pulls
+            clip; optimizer.step(); scheduler.step()
+            strategy.after_step(model, optimizer, step)   # local SGD averages every k steps, EASGD pulls
+            record(strategy.stats())                      # bytes_sent, staleness for the metrics
+        evaluate strategy.evaluation_model(model) where strategy.evaluates
+    strategy.close()
+
+Rules every strategy keeps:
+
+* ``rank``, ``world_size``, ``role`` describe this process; ``is_main`` (rank 0) alone writes progress,
+  summaries and checkpoints. ``role`` is ``"worker"`` for a replica that trains, otherwise e.g.
+  ``"server"``; processes whose ``trains`` is false run :meth:`serve` instead of the loop.
+* The global batch ``B`` is fixed (the overview's scaling rule): each of the ``R`` training replicas sees
+  ``M = B / R`` examples per step (:meth:`local_batch`), and the union over replicas of one step's
+  batches is the single-process batch of that step. ``B`` must be divisible by ``R``.
+* Collectives and connections carry timeouts; a dead peer raises :class:`distlearn.errors.CommError`.
+* :meth:`state_dict` / :meth:`load_state_dict` hold whatever the strategy must resume exactly
+  (error-feedback residuals, step counters); they go into the checkpoint and may hold only tensors and
+  plain Python values (checkpoints load with ``weights_only=True``).
+
+The single-process strategy (:mod:`distlearn.parallel.single`) is this base class with ``R = 1``: every
+hook is the identity, which is why the loop is the same code with or without distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, TypedDict
+
+import torch
+from torch import nn
+
+from distlearn.errors import ConfigError
+
+__all__ = ["Strategy", "StrategyStats", "epoch_batches"]
+
+
+class StrategyStats(TypedDict, total=False):
+    """What a strategy reports for the metrics (see :mod:`distlearn.metrics` for units)."""
+
+    bytes_sent: int
+    """Payload bytes this process has sent since :meth:`Strategy.setup` (cumulative)."""
+    bytes_received: int
+    """Payload bytes this process has received (cumulative)."""
+    staleness: float
+    """Mean staleness of the gradients applied since the last call, in parameter versions (async only)."""
+
+
+def epoch_batches(
+    n: int,
+    *,
+    global_batch: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    start_step: int = 0,
+) -> Iterator[torch.Tensor]:
+    """This replica's index batches for one epoch: a seeded permutation cut into global batches.
+
+    The permutation depends only on ``(seed, epoch)``, so every replica agrees on it without talking and
+    a resumed run regenerates it exactly; step ``t`` of the epoch uses positions ``[t*B, (t+1)*B)`` of
+    it, of which replica ``r`` takes the contiguous slice ``[r*M, (r+1)*M)`` (``M = B / R``). The last
+    incomplete global batch is dropped so every step has the same size.
+    """
+    if global_batch % world_size:
+        raise ConfigError(
+            f"global batch {global_batch} is not divisible by {world_size} replicas; "
+            f"use a multiple of {world_size} for --batch-size"
+        )
+    local = global_batch // world_size
+    steps = n // global_batch
+    if steps == 0:
+        raise ConfigError(
+            f"global batch {global_batch} is larger than the {n} training examples; lower --batch-size"
+        )
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator)
+    for step in range(start_step, steps):
+        start = step * global_batch + rank * local
+        yield order[start : start + local]
+
+
+class Strategy:
+    """Base class and documentation of the strategy contract; its defaults are the single-process case.
+
+    Subclasses override the hooks they need and set ``name``. All hooks receive the objects returned by
+    :meth:`prepare`.
+    """
+
+    name: str = "base"
+
+    def __init__(self) -> None:
+        self.rank = 0
+        self.world_size = 1
+        self.role = "worker"
+
+    # -- who am I ---------------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        """True on the process that does the job's I/O (progress bar, summary, checkpoints)."""
+        return self.rank == 0
+
+    @property
+    def trains(self) -> bool:
+        """True when this process runs the training loop (false for e.g. a parameter server)."""
+        return self.role == "worker"
+
+    @property
+    def evaluates(self) -> bool:
+        """True when this process evaluates on the test set and writes eval records (default: main)."""
+        return self.is_main
+
+    @property
+    def replicas(self) -> int:
+        """Number of training replicas ``R`` that share the global batch (default: ``world_size``)."""
+        return self.world_size
+
+    @property
+    def replica_index(self) -> int:
+        """This process's position among the training replicas, in ``[0, replicas)``."""
+        return self.rank
+
+    # -- life cycle -------------------------------------------------------------------------------------
+    def setup(self, seed: int) -> None:
+        """Join the job (process group, roles). Called once, before the model is built."""
+
+    def prepare(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Make replicas start alike and wrap what needs wrapping; returns the pair the loop will use."""
+        return model, optimizer
+
+    def serve(self) -> None:
+        """The whole life of a non-training process (``trains`` false), e.g. a parameter server."""
+        raise NotImplementedError(f"strategy {self.name!r} has no serving role")
+
+    def barrier(self) -> None:
+        """Wait for every process of the job (a no-op with one process)."""
+
+    def close(self) -> None:
+        """Leave the job and free its resources; must be safe to call twice."""
+
+    # -- data -------------------------------------------------------------------------------------------
+    def local_batch(self, global_batch: int) -> int:
+        """Examples per step on this replica, ``M = B / R``."""
+        if global_batch < 1 or global_batch % self.replicas:
+            raise ConfigError(
+                f"global batch {global_batch} must be a positive multiple of the {self.replicas} replicas; "
+                f"use --batch-size {max(1, global_batch // self.replicas) * self.replicas}"
+            )
+        return global_batch // self.replicas
+
+    def steps_per_epoch(self, n: int, global_batch: int) -> int:
+        """Optimizer steps in one pass over ``n`` examples (incomplete last batch dropped)."""
+        return n // global_batch
+
+    def batches(
+        self, n: int, *, global_batch: int, seed: int, epoch: int, start_step: int = 0
+    ) -> Iterator[torch.Tensor]:
+        """This replica's index tensors for ``epoch`` from step ``start_step`` on (:func:`epoch_batches`)."""
+        return epoch_batches(
+            n,
+            global_batch=global_batch,
+            seed=seed,
+            epoch=epoch,
+            rank=self.replica_index,
+            world_size=self.replicas,
+            start_step=start_step,
+        )
+
+    # -- the step ---------------------------------------------------------------------------------------
+    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Between ``loss.backward()`` and ``optimizer.step()``: combine gradients (sync, ps push/pull)."""
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """After ``optimizer.step()``: combine parameters (local SGD averaging, EASGD's elastic pull)."""
+
+    def evaluation_model(self, model: nn.Module) -> nn.Module:
+        """The model the test accuracy is reported for (e.g. EASGD's centre variable)."""
+        return model
+
+    # -- metrics and checkpoints ------------------------------------------------------------------------
+    def stats(self) -> StrategyStats:
+        """Communication counters for the metrics; empty when the strategy does not communicate."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Strategy state needed to resume exactly (tensors and plain values only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        if state:
+            raise ValueError(f"strategy {self.name!r} has no state but the checkpoint holds {sorted(state)}")
+
+    def describe(self) -> str:
+        """One line for the run summary."""
+        return f"{self.name} (rank {self.rank} of {self.world_size}, {self.role})"

@@ -1,0 +1,78 @@
+"""``distlearn plot RUN...``: loss and accuracy curves of several runs, against steps and wall time.
+
+Run manual::
+
+    distlearn plot runs/adam runs/sgd --out runs/curves.png
+    distlearn plot runs/*/metrics.jsonl --out curves.png --title "LeNet, Fashion-MNIST"
+
+Each RUN is a run directory (holding ``metrics.jsonl``) or a metrics file. The figure has four panels:
+training loss and test accuracy, each against optimizer steps and against wall-clock seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from distlearn.errors import ConfigError
+from distlearn.metrics import MetricRecord, load_runs
+
+__all__ = ["add_arguments", "plot_runs", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``distlearn plot`` options."""
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories or metrics.jsonl files")
+    parser.add_argument("--out", default="runs/curves.png", help="PNG to write (default: %(default)s)")
+    parser.add_argument("--title", default=None, help="figure title (default: none)")
+
+
+def _series(records: list[MetricRecord], kind: str, key: str, x: str) -> tuple[list[float], list[float]]:
+    points = [
+        (getattr(r, x), getattr(r, key)) for r in records if r.kind == kind and getattr(r, key) is not None
+    ]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_runs(runs: list[str | Path], out: str | Path, *, title: str | None = None) -> Path:
+    """Draw the curves of ``runs`` into the PNG ``out`` and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = load_runs(list(runs))
+    if not any(any(r.kind in ("train", "eval") for r in records) for records in data.values()):
+        raise ConfigError("none of the runs has train or eval records yet; train first or pass other runs")
+    figure, axes = plt.subplots(2, 2, figsize=(11, 7.5), constrained_layout=True)
+    panels = [
+        (axes[0, 0], "train", "loss", "step", "training loss"),
+        (axes[0, 1], "eval", "accuracy", "step", "test accuracy"),
+        (axes[1, 0], "train", "loss", "wall_time", "training loss"),
+        (axes[1, 1], "eval", "accuracy", "wall_time", "test accuracy"),
+    ]
+    for axis, kind, key, x, label in panels:
+        for name, records in data.items():
+            xs, ys = _series(records, kind, key, x)
+            if xs:
+                axis.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=name)
+        axis.set_xlabel("optimizer steps" if x == "step" else "wall time (s)")
+        axis.set_ylabel(label)
+        if key == "loss":
+            axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+    axes[0, 1].legend(fontsize="small")
+    if title:
+        figure.suptitle(title)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Plot from parsed arguments; returns the exit status."""
+    path = plot_runs(args.runs, args.out, title=args.title)
+    print(f"wrote {path}")
+    return 0
