@@ -1,0 +1,371 @@
+"""The overview's first-order optimizers, simple to complex, in its (neon-style) notation.
+
+Arnold (2016), section 2, writes every method as an update of the weights ``W`` from the mini-batch
+gradient ``g``. Each class below carries its rule, its paper, and exactly where ``torch.optim`` differs;
+:func:`distlearn.optim.torch_equivalent` gives the ``torch.optim`` hyper-parameters that reproduce it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+
+from distlearn.errors import ConfigError
+from distlearn.optim.base import FirstOrderOptimizer, check_nonnegative, check_unit_interval
+
+__all__ = ["SGD", "Momentum", "Nesterov", "Adagrad", "RMSProp", "Adadelta", "Adam"]
+
+
+class SGD(FirstOrderOptimizer):
+    """Minibatch stochastic gradient descent (Robbins & Monro, 1951).
+
+    Update: ``W = W - lr * g``.
+
+    Same as ``torch.optim.SGD(lr=lr)``. Tuning: the largest ``lr`` that does not diverge, decayed later.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.01,
+        *,
+        weight_decay: float = 0.0,
+        foreach: bool | None = None,
+    ) -> None:
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "foreach": foreach})
+
+    def _single(self, group, param, grad, state) -> None:
+        param.add_(grad, alpha=-group["lr"])
+
+    def _foreach(self, group, params, grads, states) -> None:
+        torch._foreach_add_(params, grads, alpha=-group["lr"])
+
+
+class Momentum(FirstOrderOptimizer):
+    """Classical (heavy-ball) momentum (Polyak, 1964; Rumelhart, Hinton & Williams, 1986).
+
+    Update: ``v = mu * v + lr * g ;  W = W - v`` with ``v`` starting at zero.
+
+    ``torch.optim.SGD(lr, momentum=mu)`` keeps ``b = mu * b + g`` and steps ``W -= lr * b``: the same
+    trajectory while ``lr`` is constant (``v = lr * b``); under a changing ``lr`` ours keeps old steps at
+    their old size, torch rescales them. Tuning: ``mu`` 0.9, then ``lr`` about ``(1 - mu)`` times SGD's.
+    """
+
+    state_names = ("velocity",)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        *,
+        weight_decay: float = 0.0,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "foreach": foreach}
+        super().__init__(params, defaults)
+
+    def _check_group(self, group) -> None:
+        super()._check_group(group)
+        check_unit_interval("momentum", group["momentum"], type(self).__name__, "use e.g. momentum=0.9")
+
+    def _single(self, group, param, grad, state) -> None:
+        v = state["velocity"]
+        v.mul_(group["momentum"]).add_(grad, alpha=group["lr"])  # v = mu*v + lr*g
+        param.sub_(v)  # W = W - v
+
+    def _foreach(self, group, params, grads, states) -> None:
+        velocity = self._buffers(states, "velocity")
+        torch._foreach_mul_(velocity, group["momentum"])
+        torch._foreach_add_(velocity, grads, alpha=group["lr"])
+        torch._foreach_sub_(params, velocity)
+
+
+class Nesterov(FirstOrderOptimizer):
+    """Nesterov's accelerated gradient (Nesterov, 1983; Sutskever et al., 2013), in Bengio et al.'s form.
+
+    Update: ``v_new = mu * v - lr * g ;  W = W - mu * v + (1 + mu) * v_new`` (``v`` starting at zero).
+
+    This is the look-ahead method rewritten so that the gradient is taken at the stored weights
+    (Bengio, Boulanger-Lewandowski & Pascanu, 2013). An early draft of the overview wrote
+    ``v = mu * (mu * v + lr * g) + lr * g`` for the step: that is the same step only if the stored
+    velocity stays ``mu * v + lr * g`` (the heavy-ball velocity, with the opposite sign convention) and
+    the look-ahead term is recomputed from it each time; storing the printed expression as the new
+    velocity gives a different method. We store ``v_new``.
+
+    ``torch.optim.SGD(lr, momentum=mu, nesterov=True)`` (``b = mu*b + g ; W -= lr*(g + mu*b)``) gives the
+    same trajectory for a constant ``lr`` (``v = -lr * b``). The fast path uses the algebraically equal
+    ``W += mu^2 * v - (1 + mu) * lr * g`` before updating ``v``, which saves a copy of ``v``.
+    """
+
+    state_names = ("velocity",)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        *,
+        weight_decay: float = 0.0,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "foreach": foreach}
+        super().__init__(params, defaults)
+
+    def _check_group(self, group) -> None:
+        super()._check_group(group)
+        check_unit_interval("momentum", group["momentum"], type(self).__name__, "use e.g. momentum=0.9")
+
+    def _single(self, group, param, grad, state) -> None:
+        mu, lr = group["momentum"], group["lr"]
+        v = state["velocity"]
+        v_new = v * mu - lr * grad  # v_new = mu*v - lr*g
+        param.add_(v, alpha=-mu).add_(v_new, alpha=1 + mu)  # W = W - mu*v + (1+mu)*v_new
+        v.copy_(v_new)
+
+    def _foreach(self, group, params, grads, states) -> None:
+        mu, lr = group["momentum"], group["lr"]
+        velocity = self._buffers(states, "velocity")
+        torch._foreach_add_(params, velocity, alpha=mu * mu)
+        torch._foreach_add_(params, grads, alpha=-(1 + mu) * lr)
+        torch._foreach_mul_(velocity, mu)
+        torch._foreach_add_(velocity, grads, alpha=-lr)
+
+
+class Adagrad(FirstOrderOptimizer):
+    """Adagrad (Duchi, Hazan & Singer, 2011).
+
+    Update: ``s = s + g^2 ;  W = W - lr * g / sqrt(s + eps)`` (element-wise, ``s`` starting at zero).
+
+    ``torch.optim.Adagrad`` puts ``eps`` outside the root, ``g / (sqrt(s) + eps)``; with
+    ``eps=0, initial_accumulator_value=eps`` it computes exactly our ``sqrt(s + eps)``. Tuning: ``lr``
+    around 0.01-0.1; the effective step only shrinks, so Adagrad suits sparse or convex problems.
+    """
+
+    state_names = ("sum",)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.01,
+        eps: float = 1e-8,
+        *,
+        weight_decay: float = 0.0,
+        foreach: bool | None = None,
+    ) -> None:
+        super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay, "foreach": foreach})
+
+    def _check_group(self, group) -> None:
+        super()._check_group(group)
+        check_nonnegative("eps", group["eps"], type(self).__name__, "use e.g. eps=1e-8")
+
+    def _single(self, group, param, grad, state) -> None:
+        s = state["sum"]
+        s.addcmul_(grad, grad)  # s = s + g^2
+        param.addcdiv_(grad, (s + group["eps"]).sqrt_(), value=-group["lr"])  # W -= lr*g/sqrt(s+eps)
+
+    def _foreach(self, group, params, grads, states) -> None:
+        sums = self._buffers(states, "sum")
+        torch._foreach_addcmul_(sums, grads, grads)
+        denominator = torch._foreach_add(sums, group["eps"])
+        torch._foreach_sqrt_(denominator)
+        torch._foreach_addcdiv_(params, grads, denominator, value=-group["lr"])
+
+
+class RMSProp(FirstOrderOptimizer):
+    """RMSProp (Tieleman & Hinton, 2012, Coursera lecture 6.5).
+
+    Update: ``s = mu * s + (1 - mu) * g^2 ;  W = W - lr * g / (sqrt(s + eps) + eps)``.
+
+    The double ``eps`` is neon's, which the overview follows. ``torch.optim.RMSprop(lr, alpha=mu,
+    eps=eps)`` divides by ``sqrt(s) + eps``: the same trajectory up to ``eps`` inside the root, which is
+    negligible only while ``s >> eps`` for every weight. Gradients of 1e-5 are common (``s ~ 1e-11``), so
+    the trajectories agree to 1e-6 over 100 steps of a small tanh network with ``eps=1e-16`` but differ by
+    2.6e-3 with ``eps=1e-10`` (tests/optim/test_against_torch.py). Tuning: ``mu`` 0.9-0.99, ``lr`` 1e-3.
+    """
+
+    state_names = ("square_avg",)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        decay: float = 0.9,
+        eps: float = 1e-8,
+        *,
+        weight_decay: float = 0.0,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = {"lr": lr, "decay": decay, "eps": eps, "weight_decay": weight_decay, "foreach": foreach}
+        super().__init__(params, defaults)
+
+    def _check_group(self, group) -> None:
+        super()._check_group(group)
+        check_unit_interval("decay", group["decay"], type(self).__name__, "use e.g. decay=0.9")
+        check_nonnegative("eps", group["eps"], type(self).__name__, "use e.g. eps=1e-8")
+
+    def _single(self, group, param, grad, state) -> None:
+        mu, eps = group["decay"], group["eps"]
+        s = state["square_avg"]
+        s.mul_(mu).addcmul_(grad, grad, value=1 - mu)  # s = mu*s + (1-mu)*g^2
+        param.addcdiv_(grad, (s + eps).sqrt_().add_(eps), value=-group["lr"])
+
+    def _foreach(self, group, params, grads, states) -> None:
+        mu, eps = group["decay"], group["eps"]
+        squares = self._buffers(states, "square_avg")
+        torch._foreach_mul_(squares, mu)
+        torch._foreach_addcmul_(squares, grads, grads, value=1 - mu)
+        denominator = torch._foreach_add(squares, eps)
+        torch._foreach_sqrt_(denominator)
+        torch._foreach_add_(denominator, eps)
+        torch._foreach_addcdiv_(params, grads, denominator, value=-group["lr"])
+
+
+class Adadelta(FirstOrderOptimizer):
+    """Adadelta (Zeiler, 2012).
+
+    Update: ``l = mu * l + (1 - mu) * g^2 ;  dW = g * sqrt((d + eps) / (l + eps)) ;
+    d = mu * d + (1 - mu) * dW^2 ;  W = W - lr * dW`` with ``lr = 1`` as in the paper.
+
+    Exactly ``torch.optim.Adadelta(lr, rho=mu, eps=eps)``. Tuning: the paper's ``mu=0.95, eps=1e-6``; the
+    step size grows from ``sqrt(eps)``, so a larger ``eps`` starts faster.
+    """
+
+    state_names = ("square_avg", "acc_delta")
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1.0,
+        decay: float = 0.95,
+        eps: float = 1e-6,
+        *,
+        weight_decay: float = 0.0,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = {"lr": lr, "decay": decay, "eps": eps, "weight_decay": weight_decay, "foreach": foreach}
+        super().__init__(params, defaults)
+
+    def _check_group(self, group) -> None:
+        super()._check_group(group)
+        check_unit_interval("decay", group["decay"], type(self).__name__, "use e.g. decay=0.95")
+        check_nonnegative("eps", group["eps"], type(self).__name__, "use e.g. eps=1e-6")
+
+    def _single(self, group, param, grad, state) -> None:
+        mu, eps = group["decay"], group["eps"]
+        l, d = state["square_avg"], state["acc_delta"]
+        l.mul_(mu).addcmul_(grad, grad, value=1 - mu)  # l = mu*l + (1-mu)*g^2
+        delta = grad * ((d + eps) / (l + eps)).sqrt_()  # dW = g*sqrt((d+eps)/(l+eps))
+        d.mul_(mu).addcmul_(delta, delta, value=1 - mu)  # d = mu*d + (1-mu)*dW^2
+        param.sub_(delta, alpha=group["lr"])
+
+    def _foreach(self, group, params, grads, states) -> None:
+        mu, eps = group["decay"], group["eps"]
+        squares, deltas = self._buffers(states, "square_avg"), self._buffers(states, "acc_delta")
+        torch._foreach_mul_(squares, mu)
+        torch._foreach_addcmul_(squares, grads, grads, value=1 - mu)
+        ratio = torch._foreach_add(deltas, eps)
+        torch._foreach_div_(ratio, torch._foreach_add(squares, eps))
+        torch._foreach_sqrt_(ratio)
+        torch._foreach_mul_(ratio, grads)  # ratio is now dW
+        torch._foreach_mul_(deltas, mu)
+        torch._foreach_addcmul_(deltas, ratio, ratio, value=1 - mu)
+        torch._foreach_add_(params, ratio, alpha=-group["lr"])
+
+
+class Adam(FirstOrderOptimizer):
+    """Adam (Kingma & Ba, 2015), in the paper's efficient form that the overview prints.
+
+    Update: ``m = b1 * m + (1 - b1) * g ;  v = b2 * v + (1 - b2) * g^2 ;
+    l = lr * sqrt(1 - b2^p) / (1 - b1^p) ;  W = W - l * m / (sqrt(v) + eps)``.
+
+    ``p`` counts optimizer steps by default (``count="step"``, the paper and ``torch.optim``); the
+    overview takes ``p`` to be the epoch (``count="epoch"``: ``p`` starts at 1 and :meth:`next_epoch`,
+    which :func:`distlearn.train.train` calls after each epoch, increments it). With ``eps_hat=True``
+    (default) ``eps`` is the paper's epsilon-hat of its section 2, added to ``sqrt(v)``; with
+    ``eps_hat=False`` it is added to the bias-corrected ``sqrt(v / (1 - b2^p))`` as in the paper's
+    Algorithm 1 and ``torch.optim.Adam``, which this then reproduces exactly. Tuning: ``lr`` 1e-3 (3e-4
+    for large nets); rarely the betas.
+    """
+
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        *,
+        count: Literal["step", "epoch"] = "step",
+        eps_hat: bool = True,
+        weight_decay: float = 0.0,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "count": count,
+            "eps_hat": eps_hat,
+            "epoch": 1,
+            "weight_decay": weight_decay,
+            "foreach": foreach,
+        }
+        super().__init__(params, defaults)
+
+    def _check_group(self, group) -> None:
+        super()._check_group(group)
+        name = type(self).__name__
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ConfigError(f"{name}: betas must be a pair (b1, b2), got {betas!r}; use betas=(0.9, 0.999)")
+        check_unit_interval("betas[0]", betas[0], name, "use e.g. betas=(0.9, 0.999)")
+        check_unit_interval("betas[1]", betas[1], name, "use e.g. betas=(0.9, 0.999)")
+        check_nonnegative("eps", group["eps"], name, "use e.g. eps=1e-8")
+        if group["count"] not in ("step", "epoch"):
+            raise ConfigError(f"{name}: count must be 'step' or 'epoch', got {group['count']!r}")
+
+    def next_epoch(self) -> None:
+        """Advance the epoch counter ``p`` used when ``count="epoch"`` (a no-op for ``count="step"``)."""
+        for group in self.param_groups:
+            group["epoch"] += 1
+
+    @staticmethod
+    def _scales(group: dict[str, Any], step: int) -> tuple[float, float]:
+        """``(step size, eps)`` so that ``W -= step_size * m / (sqrt(v) + eps)`` is the update."""
+        b1, b2 = group["betas"]
+        p = step if group["count"] == "step" else group["epoch"]
+        correction1, correction2 = 1 - b1**p, 1 - b2**p
+        step_size = group["lr"] * math.sqrt(correction2) / correction1
+        # Algorithm 1: m_hat / (sqrt(v_hat) + eps) = [sqrt(c2)/c1] * m / (sqrt(v) + eps*sqrt(c2)).
+        eps = group["eps"] if group["eps_hat"] else group["eps"] * math.sqrt(correction2)
+        return step_size, eps
+
+    def _single(self, group, param, grad, state) -> None:
+        b1, b2 = group["betas"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.mul_(b1).add_(grad, alpha=1 - b1)  # m = b1*m + (1-b1)*g
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)  # v = b2*v + (1-b2)*g^2
+        step_size, eps = self._scales(group, state["step"])  # l = lr*sqrt(1-b2^p)/(1-b1^p)
+        param.addcdiv_(m, v.sqrt().add_(eps), value=-step_size)  # W -= l*m/(sqrt(v)+eps)
+
+    def _foreach(self, group, params, grads, states) -> None:
+        b1, b2 = group["betas"]
+        exp_avg, exp_avg_sq = self._buffers(states, "exp_avg"), self._buffers(states, "exp_avg_sq")
+        torch._foreach_lerp_(exp_avg, grads, 1 - b1)
+        torch._foreach_mul_(exp_avg_sq, b2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - b2)
+        steps = {state["step"] for state in states}
+        denominator = torch._foreach_sqrt(exp_avg_sq)
+        if len(steps) == 1:  # the usual case: every tensor has taken the same number of steps
+            step_size, eps = self._scales(group, steps.pop())
+            torch._foreach_add_(denominator, eps)
+            torch._foreach_addcdiv_(params, exp_avg, denominator, value=-step_size)
+            return
+        scales = [self._scales(group, state["step"]) for state in states]
+        torch._foreach_add_(denominator, [eps for _, eps in scales])
+        torch._foreach_addcdiv_(params, exp_avg, denominator, [-size for size, _ in scales])
