@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from distlearn import optim
 from distlearn.errors import ConfigError
 from distlearn.toy.functions import TestFunction, get_function
 from distlearn.toy.runner import (
-    _optim,
     default_lr,
     optimizer_names,
     resolve_optimizers,
@@ -65,7 +65,7 @@ def test_momentum_trajectory_matches_heavy_ball_by_hand():
     """Heavy ball (torch.optim convention): v <- mu v + g, z <- z - lr v, on Rosenbrock's hand gradient."""
     problem = get_function("rosenbrock")
     lr, steps = 1e-4, 30
-    probe = _optim().create("momentum", [torch.zeros(2, requires_grad=True)], lr=lr)
+    probe = optim.create("momentum", [torch.zeros(2, requires_grad=True)], lr=lr)
     mu = probe.param_groups[0]["momentum"]  # the registry's default coefficient
     assert 0 < mu < 1
     run = run_optimizer(problem, "momentum", steps=steps, lr=lr)
@@ -148,21 +148,20 @@ def test_tune_finds_the_one_step_learning_rate_on_an_isotropic_quadratic():
     assert score([5.0, 0.05, 3.0], 0.0, 0.1, diverged=False) == (1, 3.0)
 
 
-def test_closure_methods_are_stepped_with_a_closure_and_every_evaluation_counted(monkeypatch):
-    """torch.optim.LBFGS (a real closure-based method) through the runner: our count equals its own."""
-    import types
-
+@pytest.mark.parametrize("name", ["cg-fr", "cg-hs"])
+def test_closure_methods_are_stepped_with_a_closure_and_every_evaluation_counted(name, monkeypatch):
+    """CG's line search through the runner: our count equals the optimizer's own count."""
     import distlearn.toy.runner as runner
 
     made = []
+    create = optim.create
 
-    def create(name, params, **hparams):
-        made.append(torch.optim.LBFGS(params, max_iter=5, line_search_fn="strong_wolfe", **hparams))
+    def recording_create(*args, **kwargs):
+        made.append(create(*args, **kwargs))
         return made[-1]
 
-    registry = types.SimpleNamespace(OPTIMIZERS={"lbfgs": None}, create=create, needs_closure=lambda n: True)
-    monkeypatch.setattr(runner, "_optim", lambda: registry)
-    run = runner.run_optimizer(get_function("rosenbrock"), "lbfgs", steps=6, lr=1.0)
+    monkeypatch.setattr(optim, "create", recording_create)
+    run = runner.run_optimizer(get_function("rosenbrock"), name, steps=6, lr=1.0)
     (optimizer,) = made
     state = optimizer.state[optimizer.param_groups[0]["params"][0]]
     assert run.gradient_evaluations[-1] == state["func_evals"]

@@ -19,10 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from distlearn import optim
 from distlearn.errors import ConfigError
 from distlearn.toy.config import ToyConfig
 from distlearn.toy.experiment import ProblemResult, run_toy
-from distlearn.toy.runner import _optim
 
 __all__ = ["markdown_table", "main"]
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{BEGIN}\n\nSteps to reach f - f* <= {config.tolerance:g} from the standard start in at most "
         f"{config.steps} steps; "
         '"— (g)" means not reached, with the final f - f* = g; for line-search methods the gradient '
-        f"evaluations follow in brackets. Optimizers from `{_optim().__name__}`, learning rates from "
+        f"evaluations follow in brackets. Optimizers from `{optim.__name__}`, learning rates from "
         f"`distlearn.toy.tuned`. Made by `{COMMAND}`.\n\n{table}\n\n{END}"
     )
     page.write_text(head + block + tail)

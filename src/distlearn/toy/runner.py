@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from distlearn import optim
 from distlearn.errors import ConfigError
 from distlearn.toy.functions import TestFunction
 from distlearn.toy.tuned import FALLBACK_LR, TUNED_LR
@@ -45,20 +46,9 @@ __all__ = [
 DIVERGENCE_LIMIT = 1e30
 
 
-def _optim():
-    """distlearn's optimizer registry (distlearn.optim), or the torch.optim stand-in while it is absent."""
-    try:
-        import distlearn.optim as optim
-    except ImportError:
-        optim = None
-    if optim is None or not hasattr(optim, "OPTIMIZERS"):
-        from distlearn.toy import reference_optim as optim
-    return optim
-
-
 def optimizer_names() -> list[str]:
     """Every optimizer name ``--optimizers all`` stands for, in registry order."""
-    return list(_optim().OPTIMIZERS)
+    return list(optim.OPTIMIZERS)
 
 
 def resolve_optimizers(spec: str | Sequence[str]) -> list[str]:
@@ -146,7 +136,6 @@ def run_optimizer(
         raise ConfigError(f"learning rate must be positive, got {lr} for {optimizer}; try --lr 1e-3")
     initial = problem.initial_point() if start is None else torch.tensor(list(start), dtype=torch.float64)
     z = initial.clone().requires_grad_(True)
-    optim = _optim()
     optimizer_object = optim.create(optimizer, [z], lr=lr, **dict(hparams or {}))
     with_closure = optim.needs_closure(optimizer)
 

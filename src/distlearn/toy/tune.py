@@ -19,9 +19,10 @@ import math
 import sys
 from collections.abc import Sequence
 
+from distlearn import optim
 from distlearn.toy.functions import TestFunction
 from distlearn.toy.problems import PROBLEM_NAMES, get_problem
-from distlearn.toy.runner import _optim, optimizer_names, run_optimizer
+from distlearn.toy.runner import optimizer_names, run_optimizer
 
 __all__ = ["LR_GRID", "score", "tune", "tune_all"]
 
@@ -74,7 +75,7 @@ def tune_all(
 
 
 def _render(table: dict[str, dict[str, float]], command: str) -> str:
-    registry = _optim().__name__
+    registry = optim.__name__
     lines = [
         '"""Learning rates tuned per (problem, optimizer) by the grid in :mod:`distlearn.toy.tune`.',
         "",
