@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -20,7 +22,16 @@ from typing import Any, Literal, TypeVar, Union
 
 from distlearn.errors import ConfigError
 
-__all__ = ["ConfigError", "add_arguments", "from_args", "from_dict", "help_of", "load_toml", "parse"]
+__all__ = [
+    "ConfigError",
+    "add_arguments",
+    "from_args",
+    "from_dict",
+    "help_of",
+    "load_toml",
+    "parse",
+    "to_toml",
+]
 
 T = TypeVar("T")
 
@@ -156,3 +167,31 @@ def load_toml(cls: type[T], path: str | Path) -> T:
         raise ConfigError(f"config file {path} is not valid TOML: {error}") from error
     values = {key.replace("-", "_"): value for key, value in values.items()}
     return from_dict(cls, values, source=str(path))
+
+
+def to_toml(instance: Any) -> str:
+    """The dataclass ``instance`` as TOML that :func:`load_toml` reads back to an equal instance.
+
+    Fields whose value is None are left out (they take their default, which is None for such fields).
+    """
+    lines = []
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if value is None:
+            continue
+        lines.append(f"{f.name} = {_toml_value(value, f.name)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any, name: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}={value} cannot be written to a config file; use a finite number")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v, name) for v in value) + "]"
+    raise ConfigError(f"{name}={value!r} ({type(value).__name__}) cannot be written to a TOML config file")

@@ -141,6 +141,26 @@ class TrainConfig:
     strategy: str = field(
         default="single", metadata={"help": "how replicas combine work: " + ", ".join(STRATEGIES)}
     )
+    workers: int = field(
+        default=1,
+        metadata={"help": "processes on this machine (torchrun underneath); under torchrun: its world size"},
+    )
+    reducer: str = field(
+        default="backend",
+        metadata={"help": "sync: allreduce algorithm: backend, ring, tree, rabenseifner, segmented-ring"},
+    )
+    bucket_mb: float = field(
+        default=25.0, metadata={"help": "sync: gradient bucket size in MiB (0: one message per tensor)"}
+    )
+    overlap: bool = field(
+        default=True, metadata={"help": "sync: start each bucket's allreduce during backward"}
+    )
+    check_every: int = field(
+        default=0, metadata={"help": "sync: verify every N steps that replicas hold identical weights"}
+    )
+    comm_timeout: float = field(
+        default=300.0, metadata={"help": "seconds before a stuck collective or dead peer ends the job"}
+    )
     seed: int = field(default=0, metadata={"help": "seed for weights, data order, dropout and augmentation"})
     deterministic: bool = field(
         default=True, metadata={"help": "use torch's deterministic algorithms (identical runs per seed)"}
@@ -218,11 +238,9 @@ def _torch_optimizers() -> dict[str, type[torch.optim.Optimizer]]:
 
 
 def _distlearn_optim() -> Any:
-    try:
-        from distlearn import optim
-    except ImportError:  # pragma: no cover - only while the optimizer package is being written
-        return None
-    return optim if hasattr(optim, "create") else None
+    from distlearn import optim
+
+    return optim
 
 
 def optimizer_names() -> list[str]:
@@ -356,6 +374,10 @@ def validate_config(config: TrainConfig, *, check_optimizer: bool = True) -> Non
         raise ConfigError(f"unknown model {config.model!r}; choose one of: {', '.join(MODELS)}")
     if config.strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {config.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+    positive("workers", config.workers)
+    positive("bucket_mb", config.bucket_mb, allow_zero=True)
+    positive("check_every", config.check_every, allow_zero=True)
+    positive("comm_timeout", config.comm_timeout)
     positive("epochs", config.epochs)
     positive("steps", config.steps, allow_none=True)
     positive("batch_size", config.batch_size)
@@ -585,7 +607,7 @@ def train(
             )
     if (train_data is None) != (test_data is None):
         raise ConfigError("pass both train_data and test_data, or neither (to load config.dataset)")
-    strategy = strategy if strategy is not None else create_strategy(config.strategy)
+    strategy = strategy if strategy is not None else create_strategy(config.strategy, config)
     with _torch_settings(config):
         strategy.setup(config.seed)
         try:
@@ -878,6 +900,8 @@ def _train(
             epoch_train_seconds += finished - segment_started
             if step_in_epoch == steps_per_epoch:
                 seconds_per_epoch.append(epoch_train_seconds)
+                if hasattr(optimizer, "next_epoch"):  # e.g. Adam(count="epoch"): the overview's p
+                    optimizer.next_epoch()
             if strategy.evaluates and not (config.eval_every and step % config.eval_every == 0):
                 record = run_evaluation()
                 progress.update(step, f"test acc {record.accuracy:.4f}")

@@ -212,3 +212,39 @@ def test_parse_options():
         parse_options(("momentum",))
     with pytest.raises(ConfigError, match="not a number"):
         parse_options(("momentum=fast",))
+
+
+@pytest.mark.parametrize(
+    "name", ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "cg-hs"]
+)
+def test_every_distlearn_optimizer_trains_through_the_loop(tmp_path, synthetic, name):
+    """distlearn.optim's names work in the trainer; CG with its closure-driven line search."""
+    train_set, test_set = synthetic
+    lr = {"sgd": 0.05, "momentum": 0.01, "nesterov": 0.01, "adagrad": 0.05, "adadelta": 1.0}.get(name, 3e-3)
+    result = train(
+        config(tmp_path, optimizer=name, lr=lr, model="mlp", epochs=1, augment=False),
+        train_data=train_set,
+        test_data=test_set,
+    )
+    assert result.steps == len(train_set.labels) // 32
+    assert result.test_accuracy > 0.5  # 4 classes: chance is 0.25
+
+
+def test_adam_counting_epochs_sees_the_trainer_advance_p(tmp_path, synthetic):
+    train_set, test_set = synthetic
+    cfg = config(tmp_path, optimizer="adam", optimizer_option=("count='epoch'",), epochs=2, checkpoints=False)
+    seen = []
+    original = create_optimizer
+
+    def recording(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+
+    import distlearn.train as trainer
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "create_optimizer", recording)
+        train(cfg, train_data=train_set, test_data=test_set)
+    (optimizer,) = seen
+    assert optimizer.param_groups[0]["count"] == "epoch"
+    assert optimizer.param_groups[0]["epoch"] == 3  # p = 1 in epoch 1, 2 in epoch 2, then advanced once more
