@@ -21,10 +21,16 @@ STRATEGIES: dict[str, str] = {
 }
 
 
-def create_strategy(name: str, **options: Any) -> Strategy:
-    """Instantiate strategy ``name`` (a key of :data:`STRATEGIES`) with keyword ``options``."""
+def create_strategy(name: str, config: Any = None, **options: Any) -> Strategy:
+    """Instantiate strategy ``name`` (a key of :data:`STRATEGIES`) with keyword ``options``.
+
+    With ``config`` (a :class:`distlearn.train.TrainConfig`) and no options, the strategy reads its own
+    settings from it (``Strategy.from_config``).
+    """
     if name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
     module_name, _, class_name = STRATEGIES[name].partition(":")
     cls = getattr(importlib.import_module(module_name), class_name)
+    if config is not None and not options:
+        return cls.from_config(config)
     return cls(**options)

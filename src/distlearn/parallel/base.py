@@ -111,6 +111,11 @@ class Strategy:
         self.world_size = 1
         self.role = "worker"
 
+    @classmethod
+    def from_config(cls, config: Any) -> Strategy:
+        """The strategy with its settings taken from a :class:`distlearn.train.TrainConfig`."""
+        return cls()
+
     # -- who am I ---------------------------------------------------------------------------------------
     @property
     def is_main(self) -> bool:
