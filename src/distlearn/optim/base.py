@@ -102,6 +102,7 @@ class FirstOrderOptimizer(torch.optim.Optimizer):
                     state["step"] = 0
                     for buffer in self.state_names:
                         state[buffer] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self._initial_state(group, p, state)
                 state["step"] += 1
                 params.append(p)
                 grads.append(p.grad)
@@ -121,6 +122,9 @@ class FirstOrderOptimizer(torch.optim.Optimizer):
                 for p, g, state in zip(params, grads, states, strict=True):
                     self._single(group, p, g, state)
         return loss
+
+    def _initial_state(self, group: dict[str, Any], param: torch.Tensor, state: dict) -> None:
+        """Fill freshly created state buffers (they start as zeros)."""
 
     def _single(self, group: dict[str, Any], param: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
         raise NotImplementedError

@@ -141,8 +141,10 @@ class Adagrad(FirstOrderOptimizer):
     Update: ``s = s + g^2 ;  W = W - lr * g / sqrt(s + eps)`` (element-wise, ``s`` starting at zero).
 
     ``torch.optim.Adagrad`` puts ``eps`` outside the root, ``g / (sqrt(s) + eps)``; with
-    ``eps=0, initial_accumulator_value=eps`` it computes exactly our ``sqrt(s + eps)``. Tuning: ``lr``
-    around 0.01-0.1; the effective step only shrinks, so Adagrad suits sparse or convex problems.
+    ``eps=0, initial_accumulator_value=eps`` it computes exactly our ``sqrt(s + eps)``. We store the same
+    thing: ``state["sum"]`` starts at ``eps`` and holds ``eps + sum g^2``, which saves one pass over the
+    weights per step (so ``eps`` is fixed when the state is created). Tuning: ``lr`` around 0.01-0.1; the
+    effective step only shrinks, so Adagrad suits sparse or convex problems.
     """
 
     state_names = ("sum",)
@@ -162,16 +164,18 @@ class Adagrad(FirstOrderOptimizer):
         super()._check_group(group)
         check_nonnegative("eps", group["eps"], type(self).__name__, "use e.g. eps=1e-8")
 
+    def _initial_state(self, group, param, state) -> None:
+        state["sum"].fill_(group["eps"])  # holds eps + s
+
     def _single(self, group, param, grad, state) -> None:
-        s = state["sum"]
-        s.addcmul_(grad, grad)  # s = s + g^2
-        param.addcdiv_(grad, (s + group["eps"]).sqrt_(), value=-group["lr"])  # W -= lr*g/sqrt(s+eps)
+        s_plus_eps = state["sum"]
+        s_plus_eps.addcmul_(grad, grad)  # s = s + g^2
+        param.addcdiv_(grad, s_plus_eps.sqrt(), value=-group["lr"])  # W -= lr*g/sqrt(s+eps)
 
     def _foreach(self, group, params, grads, states) -> None:
         sums = self._buffers(states, "sum")
         torch._foreach_addcmul_(sums, grads, grads)
-        denominator = torch._foreach_add(sums, group["eps"])
-        torch._foreach_sqrt_(denominator)
+        denominator = torch._foreach_sqrt(sums)
         torch._foreach_addcdiv_(params, grads, denominator, value=-group["lr"])
 
 
