@@ -369,7 +369,9 @@ class BackendReducer(Reducer):
             )
         self._count(tensor, group)
         work = dist.all_reduce(tensor, group=group, async_op=True)
-        return work.get_future().then(lambda _: tensor)
+        # ``value()`` re-raises the backend's error (a timeout, a dead peer); ignoring it would hand back
+        # the un-reduced tensor as if the allreduce had succeeded.
+        return work.get_future().then(lambda done: (done.value(), tensor)[1])
 
     def _reduce(self, flat: torch.Tensor, channel: _Channel) -> None:
         self._count(flat, channel.group)
