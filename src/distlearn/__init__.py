@@ -4,6 +4,18 @@ See README.md and docs/ for the families: optimizers, synchronous and asynchrono
 communication tricks, synthetic gradients, reinforcement learning and the benchmarks.
 """
 
+from typing import Any
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "parallelize"]
+
+
+def parallelize(model: Any, optimizer: Any, strategy: str = "sync", **options: Any) -> Any:
+    """``model, optimizer = distlearn.parallelize(model, optimizer, strategy="sync", ...)``.
+
+    See :func:`distlearn.parallel.api.parallelize`; imported lazily so ``import distlearn`` stays light.
+    """
+    from distlearn.parallel.api import parallelize as _parallelize
+
+    return _parallelize(model, optimizer, strategy, **options)

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
 from distlearn.config import add_arguments as add_config_arguments
-from distlearn.config import from_args, from_dict, load_toml
+from distlearn.config import from_args, from_dict, load_toml, to_toml
 from distlearn.errors import ConfigError
-from distlearn.train import TrainConfig, train
+from distlearn.launch import in_torchrun, launch_local
+from distlearn.train import TrainConfig, train, validate_config
 
-__all__ = ["add_arguments", "config_from_args", "load_config_file", "run"]
+__all__ = ["add_arguments", "config_from_args", "launch_workers", "load_config_file", "run"]
 
 _EXPLICIT = "_explicit_flags"
 _recording_classes: dict[type, type] = {}
@@ -94,6 +96,39 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train from parsed arguments; returns the exit status (bad input raises ConfigError -> status 2)."""
-    train(config_from_args(args))
+    """Train from parsed arguments; returns the exit status (bad input raises ConfigError -> status 2).
+
+    A distributed strategy started outside torchrun launches ``--workers`` processes of this same command
+    under torchrun on this machine (the resolved config travels as ``OUT/launch.toml``); inside torchrun
+    each process trains as one replica.
+    """
+    config = config_from_args(args)
+    validate_config(config)
+    if config.strategy == "single":
+        if config.workers != 1:
+            raise ConfigError(
+                f"--workers {config.workers} needs a distributed strategy; add e.g. --strategy sync"
+            )
+        if in_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(
+                "started by torchrun with several processes but --strategy single; every process would "
+                "train alone and write the same run directory -- pass e.g. --strategy sync"
+            )
+    elif not in_torchrun():
+        return launch_workers(config)
+    train(config)
     return 0
+
+
+def launch_workers(config: TrainConfig) -> int:
+    """Start ``config.workers`` processes of ``distlearn train`` under torchrun on 127.0.0.1."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    launch_file = out / "launch.toml"
+    launch_file.write_text(to_toml(config))
+    print(
+        f"distlearn train: starting {config.workers} worker(s) with torchrun on 127.0.0.1 "
+        f"({config.strategy} strategy; config in {launch_file})",
+        flush=True,
+    )
+    return launch_local(["distlearn", "train", "--config", str(launch_file)], config.workers)

@@ -18,6 +18,7 @@ __all__ = ["STRATEGIES", "SingleProcess", "Strategy", "StrategyStats", "create_s
 
 STRATEGIES: dict[str, str] = {
     "single": "distlearn.parallel.single:SingleProcess",
+    "sync": "distlearn.parallel.sync:SyncDataParallel",
 }
 
 

@@ -1,0 +1,210 @@
+"""Gradient bucketing and overlap of communication with the backward pass.
+
+Allreducing every parameter's gradient on its own pays the per-message latency ``alpha`` once per tensor;
+packing them into a few flat *buckets* pays it once per bucket (Li et al., "PyTorch Distributed", VLDB
+2020, section 3.2). And since backward produces gradients from the last layer to the first, a bucket
+can be sent while earlier layers are still being differentiated: *overlap*.
+
+:class:`GradientBucketer` does both:
+
+* parameters are taken in **reverse order of registration** (roughly the order backward finishes them)
+  and packed greedily into buckets of at most ``bucket_bytes`` (a parameter larger than that gets a
+  bucket of its own; ``bucket_bytes=0`` gives one bucket per parameter, i.e. no bucketing);
+* with ``overlap=True`` a hook registered with :meth:`torch.Tensor.register_post_accumulate_grad_hook`
+  copies each gradient into its bucket as soon as autograd has accumulated it, and when a bucket is
+  complete its allreduce is started asynchronously (``reducer.allreduce_async``). Buckets are launched
+  strictly in bucket order -- a complete bucket waits for its predecessors -- so every rank issues the
+  same collectives in the same order even if its backward finishes parameters in a different order;
+* :meth:`GradientBucketer.finish` (called between ``backward()`` and ``optimizer.step()``) launches any
+  bucket still pending (parameters that got no gradient this step contribute zeros, on every rank),
+  waits for all of them, and writes the averaged gradients ``sum / R`` back into ``param.grad``.
+
+With ``overlap=False`` nothing happens during backward; :meth:`finish` packs and reduces the buckets
+one after the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distlearn.errors import CommError, ConfigError
+
+__all__ = ["Bucket", "GradientBucketer", "plan_buckets"]
+
+
+@dataclass
+class Bucket:
+    """One flat buffer holding the gradients of ``params`` back to back."""
+
+    index: int
+    params: list[torch.Tensor]
+    offsets: list[int]
+    buffer: torch.Tensor
+    ready: set[int] = field(default_factory=set)  # positions in ``params`` whose gradient is in the buffer
+    future: Any = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()
+
+
+def plan_buckets(params: Iterable[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
+    """Group ``params`` (already in launch order) greedily into lists of at most ``bucket_bytes`` each.
+
+    A parameter larger than ``bucket_bytes`` gets a bucket of its own; dtypes are never mixed in a bucket.
+    """
+    if bucket_bytes < 0:
+        raise ConfigError(f"bucket size must be >= 0 bytes, got {bucket_bytes}; try --bucket-mb 25")
+    plan: list[list[torch.Tensor]] = []
+    current: list[torch.Tensor] = []
+    size = 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        if current and (size + nbytes > bucket_bytes or p.dtype != current[0].dtype):
+            plan.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += nbytes
+    if current:
+        plan.append(current)
+    return plan
+
+
+class GradientBucketer:
+    """Averages the gradients of ``params`` across the process group with ``reducer``, by buckets.
+
+    Args:
+        params: the model's parameters, in registration order (``model.parameters()``).
+        reducer: a :class:`distlearn.comm.reducers.Reducer` (``allreduce_`` / ``allreduce_async`` sum).
+        world_size: ``R``; the summed gradients are divided by it.
+        bucket_bytes: capacity of a bucket (DDP's default is 25 MB); 0 for one bucket per parameter.
+        overlap: start each bucket's allreduce from the gradient hooks during backward.
+
+    Example::
+
+        bucketer = GradientBucketer(model.parameters(), reducer, world_size=R, bucket_bytes=25 << 20)
+        loss.backward()
+        bucketer.finish()          # gradients are now averaged over the R replicas
+        optimizer.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        reducer: Any,
+        *,
+        world_size: int,
+        bucket_bytes: int = 25 << 20,
+        overlap: bool = True,
+    ) -> None:
+        trainable = [p for p in params if p.requires_grad]
+        if not trainable:
+            raise ConfigError("the model has no parameters that require gradients; nothing to synchronise")
+        self.reducer = reducer
+        self.world_size = world_size
+        self.overlap = overlap
+        self.buckets: list[Bucket] = []
+        self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (bucket index, position)
+        for index, group in enumerate(plan_buckets(reversed(trainable), bucket_bytes)):
+            offsets, total = [], 0
+            for position, p in enumerate(group):
+                offsets.append(total)
+                total += p.numel()
+                self._where[id(p)] = (index, position)
+            buffer = torch.zeros(total, dtype=group[0].dtype, device=group[0].device)
+            self.buckets.append(Bucket(index, group, offsets, buffer))
+        self._next_launch = 0
+        self._handles = []
+        if overlap:
+            for p in trainable:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._on_gradient))
+
+    # -- during backward ----------------------------------------------------------------------------------
+
+    def _copy_in(self, bucket: Bucket, position: int) -> None:
+        p = bucket.params[position]
+        view = bucket.buffer[bucket.offsets[position] : bucket.offsets[position] + p.numel()]
+        if p.grad is None:
+            view.zero_()
+        else:
+            view.copy_(p.grad.reshape(-1))
+        bucket.ready.add(position)
+
+    def _on_gradient(self, param: torch.Tensor) -> None:
+        index, position = self._where[id(param)]
+        bucket = self.buckets[index]
+        if bucket.future is not None:
+            raise CommError(
+                "a gradient arrived for a bucket already sent this step (backward ran twice before "
+                "optimizer.step()?); call finish() once per backward, or accumulate without the hooks"
+            )
+        self._copy_in(bucket, position)
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while self._next_launch < len(self.buckets):
+            bucket = self.buckets[self._next_launch]
+            if len(bucket.ready) < len(bucket.params):
+                return
+            bucket.future = self.reducer.allreduce_async(bucket.buffer)
+            self._next_launch += 1
+
+    # -- before the optimizer step ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Launch what is left, wait for every bucket, and write ``sum / R`` into each ``param.grad``."""
+        try:
+            for bucket in self.buckets:
+                for position in range(len(bucket.params)):
+                    if position not in bucket.ready:
+                        self._copy_in(bucket, position)  # unused this step, or overlap off
+                if not self.overlap:
+                    self.reducer.allreduce_(bucket.buffer)
+            if self.overlap:
+                self._launch_ready()
+            for bucket in self.buckets:
+                if bucket.future is not None:
+                    self._wait(bucket)
+                bucket.buffer.div_(self.world_size)
+                for p, offset in zip(bucket.params, bucket.offsets, strict=True):
+                    averaged = bucket.buffer[offset : offset + p.numel()].view_as(p)
+                    if p.grad is None:
+                        p.grad = averaged.clone()
+                    else:
+                        p.grad.copy_(averaged)
+        finally:
+            for bucket in self.buckets:
+                bucket.ready.clear()
+                bucket.future = None
+            self._next_launch = 0
+
+    def _wait(self, bucket: Bucket) -> None:
+        try:
+            bucket.future.wait()
+        except CommError:
+            raise
+        except Exception as error:  # the backend's own errors (gloo timeouts, closed connections)
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CommError(
+                f"rank {rank}: {getattr(self.reducer, 'name', 'the')} allreduce of gradient bucket "
+                f"{bucket.index} ({bucket.nbytes:,} bytes) failed: {first_line}; a peer may have died "
+                "or be stuck"
+            ) from error
+
+    def close(self) -> None:
+        """Remove the gradient hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def describe(self) -> str:
+        sizes = [b.nbytes for b in self.buckets]
+        overlap = "on" if self.overlap else "off"
+        return f"{len(sizes)} bucket(s), {sum(sizes) / 2**20:.2f} MB, overlap {overlap}"
