@@ -65,6 +65,7 @@ uses (gloo on CPU).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import queue
 import threading
@@ -439,7 +440,8 @@ class SegmentedRingReducer(Reducer):
             return [(a, min(a + width, length)) for a in range(0, length, max(width, 1))]
 
         plans = [segments(c) for c in range(size)]
-        received = self._buffer(flat.dtype, chunks[0].numel(), flat.device)  # chunk 0 is the longest
+        longest = chunks[0].numel()  # chunk 0 is the longest
+        received = self._buffer(flat.dtype, (2 if size > 2 else 1) * longest, flat.device)
         rs_recv: dict[tuple[int, int], _Op] = {}
         rs_send: dict[tuple[int, int], _Op] = {}
         ag_recv: dict[tuple[int, int], _Op] = {}
@@ -452,7 +454,8 @@ class SegmentedRingReducer(Reducer):
         def post_rs_recv(s: int, k: int) -> None:
             chunk = (rank - s - 1) % size
             a, b = plans[chunk][k]
-            rs_recv[s, k] = channel.irecv(received[a:b], left, what(chunk, k, "reduce-scatter", s))
+            half = received[(s % 2) * longest :]
+            rs_recv[s, k] = channel.irecv(half[a:b], left, what(chunk, k, "reduce-scatter", s))
 
         def post_rs_send(s: int, k: int) -> None:
             chunk = (rank - s) % size
@@ -478,36 +481,36 @@ class SegmentedRingReducer(Reducer):
             post_rs_recv(0, k)
         for k in range(len(plans[rank])):
             post_rs_send(0, k)
+        # Each receive is posted one step ahead (before waiting for the current one), so a neighbour's send
+        # never waits for our "ready to receive" notice; reduce-scatter receives alternate between two
+        # halves of the buffer for that.
         for s in range(size - 1):
             chunk = (rank - s - 1) % size  # the chunk reduced in this step
             last = s == size - 2
             following = rank if last else (rank - s - 2) % size  # the chunk received next
+            half = received[(s % 2) * longest :]
+            post_next = functools.partial(post_ag_recv, 0) if last else functools.partial(post_rs_recv, s + 1)
             for k, (a, b) in enumerate(plans[chunk]):
+                if k < len(plans[following]):
+                    post_next(k)
                 channel.wait(rs_recv.pop((s, k)))
-                chunks[chunk][a:b].add_(received[a:b])
+                chunks[chunk][a:b].add_(half[a:b])
                 if last:  # c_{r+1} is now complete: it is what all-gather step 0 sends
                     post_ag_send(0, k)
-                    if k < len(plans[following]):
-                        post_ag_recv(0, k)
                 else:
-                    if k < len(plans[following]):
-                        post_rs_recv(s + 1, k)
                     post_rs_send(s + 1, k)
             for k in range(len(plans[chunk]), len(plans[following])):
-                if last:
-                    post_ag_recv(0, k)
-                else:
-                    post_rs_recv(s + 1, k)
+                post_next(k)
         for s in range(size - 1):
             chunk = (rank - s) % size  # the chunk received in this step
             last = s == size - 2
             following = (rank - s - 1) % size
             for k in range(len(plans[chunk])):
+                if not last and k < len(plans[following]):
+                    post_ag_recv(s + 1, k)
                 channel.wait(ag_recv.pop((s, k)))
                 if not last:
                     post_ag_send(s + 1, k)
-                    if k < len(plans[following]):
-                        post_ag_recv(s + 1, k)
             if not last:
                 for k in range(len(plans[chunk]), len(plans[following])):
                     post_ag_recv(s + 1, k)
