@@ -1,0 +1,206 @@
+"""The alpha-beta-gamma cost model of the allreduce algorithms, fitted to measurements and projected.
+
+Paper: R. Thakur, R. Rabenseifner and W. Gropp, "Optimization of Collective Communication Operations in
+MPICH", International Journal of High Performance Computing Applications 19(1), 2005, section 2 and 4.
+Sending a message of ``n`` bytes between two processes costs ``alpha + n beta`` (``alpha``: latency per
+message, ``beta``: transfer time per byte = 1 / bandwidth); reducing ``n`` bytes locally costs ``n gamma``.
+With ``p`` processes (``lg`` = log2):
+
+* ring (reduce-scatter + all-gather):     ``2(p-1) alpha + 2(p-1)/p n beta + (p-1)/p n gamma``
+* binomial tree reduce + broadcast:        ``2 ceil(lg p) (alpha + n beta) + ceil(lg p) n gamma``
+* Rabenseifner (halving + doubling):      ``2 lg p alpha + 2(p-1)/p n beta + (p-1)/p n gamma`` for p a power
+  of two; otherwise, with ``p'`` the largest power of two below p, the formula for ``p'`` plus the
+  fold-in/fold-out steps ``2 (alpha + n beta) + n gamma`` (the variant :mod:`.reducers` implements).
+* segmented ring, ``s = ceil(n / (p m))`` segments of at most ``m`` bytes per chunk (our model, the paper
+  has none for it): ``(2(p-1) + s - 1) alpha + 2(p-1)/p n beta + (p-1)/p n gamma / s``: the pipeline
+  takes ``s - 1`` extra message latencies to fill, every link still carries ``2(p-1)/p n`` bytes, and the
+  sum of a segment overlaps with the transfer of the next, so only one segment per step is summed on
+  the critical path. ``s = 1`` is the ring.
+* backend (gloo's allreduce on CPU is a ring): the ring's formula.
+
+:func:`fit` estimates ``alpha`` and ``beta`` by linear least squares (numpy) from measured
+``(algorithm, p, bytes, seconds)`` points, with ``gamma`` given (measure it by timing ``a.add_(b)``), and by
+default minimising *relative* residuals so that microsecond and second-long points weigh alike.
+:func:`project` evaluates a formula for any ``p`` on a :class:`Network`; :func:`link` builds one from a
+link speed in Gb/s (``beta = 8 / (Gb/s * 1e9)``) and a per-message latency.
+
+Where the model is wrong: it ignores contention (every rank is assumed to have its own full-duplex link,
+so the ring's simultaneous send and receive cost ``n beta``, not ``2 n beta``), the CPU cost of the TCP
+stack (on one machine's loopback the "link" is memcpy by the same cores that compute), and stragglers.
+It is a guide to how the algorithms scale with ``p``, not a prediction to three digits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from distlearn.errors import ConfigError
+
+__all__ = [
+    "ALGORITHMS",
+    "Fit",
+    "Measurement",
+    "Network",
+    "bus_bandwidth",
+    "coefficients",
+    "fit",
+    "link",
+    "project",
+]
+
+ALGORITHMS = ("backend", "ring", "tree", "rabenseifner", "segmented-ring")
+"""The algorithms the model knows (the names of :data:`distlearn.comm.reducers.REDUCERS`)."""
+
+DEFAULT_SEGMENT_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Network:
+    """Costs of one network: ``alpha`` seconds per message, ``beta`` seconds per byte sent, ``gamma``
+    seconds per byte reduced."""
+
+    name: str
+    alpha: float
+    beta: float
+    gamma: float = 0.0
+
+    @property
+    def bandwidth_GBps(self) -> float:  # noqa: N802 -- the unit's spelling
+        return 1.0 / self.beta / 1e9 if self.beta > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured allreduce: ``seconds`` for ``nbytes`` bytes on ``p`` processes with ``algorithm``."""
+
+    algorithm: str
+    p: int
+    nbytes: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Fitted ``alpha`` and ``beta`` (``gamma`` as given), with the fit's RMS relative error."""
+
+    alpha: float
+    beta: float
+    gamma: float
+    rms_relative_error: float
+    points: int
+
+    def network(self, name: str = "measured") -> Network:
+        return Network(name, self.alpha, self.beta, self.gamma)
+
+
+def link(gbps: float, *, alpha: float, gamma: float = 0.0, name: str | None = None) -> Network:
+    """A network of ``gbps`` gigabits/s with ``alpha`` seconds per message and ``gamma`` s/byte reduced."""
+    if not gbps > 0 or alpha < 0 or gamma < 0:
+        raise ConfigError(f"link needs gbps > 0, alpha >= 0, gamma >= 0; got {gbps}, {alpha}, {gamma}")
+    return Network(name or f"{gbps:g} Gb/s", alpha=alpha, beta=8.0 / (gbps * 1e9), gamma=gamma)
+
+
+def coefficients(
+    algorithm: str, p: int, nbytes: float, *, segment_bytes: int = DEFAULT_SEGMENT_BYTES
+) -> tuple[float, float, float]:
+    """``(a, b, c)`` with ``time = a alpha + b beta + c gamma`` for ``algorithm`` on ``p`` processes."""
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {algorithm!r}; choose one of: {', '.join(ALGORITHMS)}")
+    if not isinstance(p, (int, np.integer)) or p < 1:
+        raise ConfigError(f"p must be a positive integer number of processes, got {p!r}")
+    if nbytes < 0:
+        raise ConfigError(f"nbytes must be >= 0, got {nbytes}")
+    if p == 1 or nbytes == 0:
+        return 0.0, 0.0, 0.0
+    n = float(nbytes)
+    if algorithm in ("ring", "backend"):
+        return 2.0 * (p - 1), 2.0 * (p - 1) / p * n, (p - 1) / p * n
+    if algorithm == "tree":
+        steps = math.ceil(math.log2(p))
+        return 2.0 * steps, 2.0 * steps * n, steps * n
+    if algorithm == "rabenseifner":
+        active = 1 << (p.bit_length() - 1)
+        a, b, c = 2.0 * math.log2(active), 2.0 * (active - 1) / active * n, (active - 1) / active * n
+        if active != p:  # fold-in and fold-out steps
+            a, b, c = a + 2.0, b + 2.0 * n, c + n
+        return a, b, c
+    if segment_bytes <= 0:
+        raise ConfigError(f"segment_bytes must be positive, got {segment_bytes}")
+    segments = max(1, math.ceil(n / (p * segment_bytes)))
+    return 2.0 * (p - 1) + segments - 1, 2.0 * (p - 1) / p * n, (p - 1) / p * n / segments
+
+
+def project(
+    algorithm: str,
+    p: int,
+    nbytes: float,
+    network: Network,
+    *,
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+) -> float:
+    """Predicted seconds of one allreduce of ``nbytes`` bytes on ``p`` processes over ``network``."""
+    a, b, c = coefficients(algorithm, p, nbytes, segment_bytes=segment_bytes)
+    return a * network.alpha + b * network.beta + c * network.gamma
+
+
+def bus_bandwidth(nbytes: float, seconds: float, p: int) -> float:
+    """nccl-tests' bus bandwidth in bytes/s: ``algbw * 2(p-1)/p`` with ``algbw = nbytes / seconds``."""
+    if seconds <= 0:
+        raise ConfigError(f"seconds must be positive, got {seconds}")
+    return nbytes / seconds * 2.0 * (p - 1) / p
+
+
+def fit(
+    measurements: Iterable[Measurement | Sequence],
+    *,
+    gamma: float = 0.0,
+    relative: bool = True,
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+) -> Fit:
+    """Least-squares ``alpha``, ``beta`` (both >= 0) from measured allreduce times, ``gamma`` given.
+
+    Each measurement is a :class:`Measurement` or a tuple ``(algorithm, p, nbytes, seconds)``; the model
+    ``seconds = a alpha + b beta + c gamma`` with ``(a, b, c)`` from :func:`coefficients` is linear in
+    ``alpha`` and ``beta``. ``relative=True`` divides each equation by its measured time (fits relative
+    error). Needs at least two points with different sizes (or different ``p``) to separate the two.
+    """
+    rows, targets = [], []
+    count = 0
+    for item in measurements:
+        m = item if isinstance(item, Measurement) else Measurement(*item)
+        if m.seconds <= 0:
+            raise ConfigError(f"measured seconds must be positive, got {m.seconds} for {m}")
+        a, b, c = coefficients(m.algorithm, int(m.p), m.nbytes, segment_bytes=segment_bytes)
+        if a == 0 and b == 0:
+            continue  # p = 1 or an empty message: no communication to learn from
+        weight = 1.0 / m.seconds if relative else 1.0
+        rows.append([a * weight, b * weight])
+        targets.append((m.seconds - c * gamma) * weight)
+        count += 1
+    if count < 2:
+        raise ConfigError("fit needs at least two measurements with p > 1 and nbytes > 0")
+    matrix, target = np.asarray(rows, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    if np.linalg.matrix_rank(matrix) < 2:
+        raise ConfigError("fit cannot separate alpha from beta: measure at least two different message sizes")
+    # scale the columns so that alpha (~1e-5) and beta (~1e-9) are solved with equal precision
+    scale = np.abs(matrix).max(axis=0)
+    solution, *_ = np.linalg.lstsq(matrix / scale, target, rcond=None)
+    alpha, beta = (solution / scale).tolist()
+    if alpha < 0 or beta < 0:  # the constrained optimum lies on an axis: refit the other one alone
+        column = 1 if alpha < 0 else 0
+        single = matrix[:, column]
+        value = max(0.0, float(single @ target / (single @ single)))
+        alpha, beta = (0.0, value) if column == 1 else (value, 0.0)
+    predicted = matrix @ np.array([alpha, beta])
+    residual = (predicted - target) if relative else (predicted - target) / np.maximum(target, 1e-300)
+    return Fit(
+        alpha=float(alpha),
+        beta=float(beta),
+        gamma=float(gamma),
+        rms_relative_error=float(np.sqrt(np.mean(residual**2))),
+        points=count,
+    )

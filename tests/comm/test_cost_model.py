@@ -1,0 +1,126 @@
+"""The alpha-beta-gamma formulas against numbers worked by hand, and the fit recovering known costs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from distlearn.comm.cost_model import (
+    ALGORITHMS,
+    Measurement,
+    Network,
+    bus_bandwidth,
+    coefficients,
+    fit,
+    link,
+    project,
+)
+from distlearn.comm.reducers import REDUCERS
+from distlearn.errors import ConfigError
+
+NET = Network("hand", alpha=1e-5, beta=1e-9, gamma=1e-10)
+
+
+def test_the_model_knows_every_reducer():
+    assert set(ALGORITHMS) == set(REDUCERS)
+
+
+def test_ring_worked_by_hand():
+    # p = 4, n = 1e6 bytes: 2*3*1e-5 + 2*3/4*1e6*1e-9 + 3/4*1e6*1e-10 = 6e-5 + 1.5e-3 + 7.5e-5
+    assert project("ring", 4, 1e6, NET) == pytest.approx(6e-5 + 1.5e-3 + 7.5e-5, rel=1e-12)
+    assert project("backend", 4, 1e6, NET) == project("ring", 4, 1e6, NET)
+    # p = 3: 4e-5 + 4/3 * 1e-3 + 2/3 * 1e-4
+    assert project("ring", 3, 1e6, NET) == pytest.approx(4e-5 + 4 / 3 * 1e-3 + 2 / 3 * 1e-4, rel=1e-12)
+
+
+def test_tree_worked_by_hand():
+    # p = 8: lg p = 3 -> 6 (1e-5 + 1e-3) + 3e-4 = 6.06e-3 + 3e-4
+    assert project("tree", 8, 1e6, NET) == pytest.approx(6 * (1e-5 + 1e-3) + 3e-4, rel=1e-12)
+    # p = 5: ceil(lg 5) = 3 rounds, as for 8
+    assert project("tree", 5, 1e6, NET) == project("tree", 8, 1e6, NET)
+
+
+def test_rabenseifner_worked_by_hand():
+    # p = 8: 2*3*1e-5 + 2*7/8*1e-3 + 7/8*1e-4
+    assert project("rabenseifner", 8, 1e6, NET) == pytest.approx(6e-5 + 1.75e-3 + 8.75e-5, rel=1e-12)
+    # p = 6 = 4 + 2: the p' = 4 formula (4e-5 + 1.5e-3 + 7.5e-5) plus fold steps 2(1e-5 + 1e-3) + 1e-4
+    expected = 4e-5 + 1.5e-3 + 7.5e-5 + 2 * (1e-5 + 1e-3) + 1e-4
+    assert project("rabenseifner", 6, 1e6, NET) == pytest.approx(expected, rel=1e-12)
+
+
+def test_segmented_ring_worked_by_hand():
+    # p = 4, n = 8 MB, 1 MB segments: chunk 2 MB -> s = 2 segments: (6 + 1) alpha, same beta, gamma / 2
+    n = 8 * 2**20
+    expected = 7e-5 + 1.5 * n * 1e-9 + 0.75 * n * 1e-10 / 2
+    assert project("segmented-ring", 4, n, NET, segment_bytes=2**20) == pytest.approx(expected, rel=1e-12)
+    # one segment per chunk is the ring
+    assert project("segmented-ring", 4, 1e6, NET, segment_bytes=2**30) == project("ring", 4, 1e6, NET)
+
+
+def test_limits_and_orderings():
+    for name in ALGORITHMS:
+        assert project(name, 1, 1e6, NET) == 0 and project(name, 8, 0, NET) == 0
+    # large messages: bandwidth-optimal algorithms beat the tree; tiny ones: log p latencies beat 2(p-1)
+    assert project("ring", 64, 1e8, NET) < project("tree", 64, 1e8, NET)
+    assert project("rabenseifner", 64, 8, NET) < project("ring", 64, 8, NET)
+    # the ring's bandwidth term tends to 2 n beta as p grows
+    assert coefficients("ring", 1024, 1.0)[1] == pytest.approx(2.0, rel=1e-3)
+
+
+def test_link_and_bus_bandwidth():
+    ten = link(10, alpha=5e-6)
+    assert ten.beta == pytest.approx(8e-10) and ten.bandwidth_GBps == pytest.approx(1.25)
+    assert bus_bandwidth(1e6, 1e-3, 2) == pytest.approx(1e9)  # algbw 1 GB/s, factor 2(2-1)/2 = 1
+    assert bus_bandwidth(1e6, 1e-3, 4) == pytest.approx(1.5e9)
+    with pytest.raises(ConfigError, match="choose one of"):
+        project("butterfly", 4, 1e6, NET)
+    with pytest.raises(ConfigError, match="positive integer"):
+        project("ring", 0, 1e6, NET)
+    with pytest.raises(ConfigError, match="gbps > 0"):
+        link(0, alpha=1e-6)
+
+
+def synthetic(alpha: float, beta: float, gamma: float, noise: float = 0.0) -> list[Measurement]:
+    rng = np.random.default_rng(0)
+    points = []
+    for name in ("ring", "tree", "rabenseifner"):
+        for p in (2, 3, 4):
+            for nbytes in (4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20):
+                seconds = project(name, p, nbytes, Network("truth", alpha, beta, gamma))
+                points.append(Measurement(name, p, nbytes, seconds * (1 + noise * rng.standard_normal())))
+    return points
+
+
+def test_fit_recovers_known_alpha_and_beta():
+    alpha, beta, gamma = 4e-5, 7e-10, 2e-10
+    result = fit(synthetic(alpha, beta, gamma), gamma=gamma)
+    assert result.alpha == pytest.approx(alpha, rel=1e-8)
+    assert result.beta == pytest.approx(beta, rel=1e-8)
+    assert result.rms_relative_error < 1e-10 and result.points == 45
+    # tuples work too, and the absolute-error fit agrees on exact data
+    tuples = [(m.algorithm, m.p, m.nbytes, m.seconds) for m in synthetic(alpha, beta, gamma)]
+    assert fit(tuples, gamma=gamma, relative=False).beta == pytest.approx(beta, rel=1e-6)
+
+
+def test_fit_with_noise_is_close():
+    alpha, beta = 3e-5, 1e-9
+    result = fit(synthetic(alpha, beta, 0.0, noise=0.05))
+    assert result.alpha == pytest.approx(alpha, rel=0.1)
+    assert result.beta == pytest.approx(beta, rel=0.05)
+    assert 0.02 < result.rms_relative_error < 0.1
+
+
+def test_fit_never_returns_negative_costs_and_rejects_too_little_data():
+    # pure bandwidth data (alpha = 0) with noise could pull alpha below zero: it is clamped
+    points = [
+        Measurement("ring", 2, n, n * 1e-9 * (1 + 0.01 * (-1) ** i)) for i, n in enumerate([1e3, 1e6, 1e8])
+    ]
+    result = fit(points)
+    assert result.alpha >= 0 and result.beta == pytest.approx(1e-9, rel=0.05)
+    with pytest.raises(ConfigError, match="at least two measurements"):
+        fit([Measurement("ring", 2, 1e6, 1e-3)])
+    with pytest.raises(ConfigError, match="at least two different message sizes"):
+        fit([Measurement("ring", 2, 1e6, 1e-3), Measurement("ring", 2, 1e6, 1.1e-3)])
+    assert math.isfinite(result.rms_relative_error)
