@@ -110,13 +110,18 @@ def read_jpeg_zip(
             except (OSError, KeyError, ValueError, zipfile.BadZipFile):
                 candidate.unlink(missing_ok=True)  # a damaged cache is rebuilt, never trusted
     images, labels = _decode(path, split, progress)
-    target_dir = path.parent if os.access(path.parent, os.W_OK) else cache_dir
+    target_dir = path.parent if _writable(path.parent) else cache_dir
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / name
     partial = target.with_name(target.name + ".part.npz")
     np.savez(partial, images=images, labels=labels, source_sha256=np.array(file_digest(path)))
     os.replace(partial, target)
     return images, labels
+
+
+def _writable(directory: Path) -> bool:
+    """Writable for us and not marked read-only (root may write anywhere; r-x means 'keep out')."""
+    return os.access(directory, os.W_OK) and bool(directory.stat().st_mode & 0o222)
 
 
 def _decode(path: Path, split: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
