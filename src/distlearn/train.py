@@ -939,8 +939,11 @@ def _train(
         "checkpoint": str(last_checkpoint) if last_checkpoint else None,
         "seed": config.seed,
         "threads": torch.get_num_threads(),
+        "replicas": strategy.replicas,
     }
     samples_per_s = samples / train_seconds if train_seconds > 0 else 0.0
+    # The job's throughput: every replica trains on its own share of each global batch at the same pace.
+    summary["job_samples_per_s"] = samples_per_s * strategy.replicas
     writer.write(
         MetricRecord(
             kind="summary",
@@ -1027,7 +1030,15 @@ def _print_summary(
         ("steps", f"{summary['steps']} ({summary['epochs']:.2f} epochs)"),
         ("test accuracy", f"{percent(summary['test_accuracy'])} (best {percent(summary['best_accuracy'])})"),
         ("test loss", "-" if summary["test_loss"] is None else f"{summary['test_loss']:.4f}"),
-        ("throughput", f"{samples_per_s:,.0f} samples/s ({summary['threads']} threads)"),
+        (
+            "throughput",
+            f"{summary['job_samples_per_s']:,.0f} samples/s"
+            + (
+                f" ({summary['replicas']} replicas x {samples_per_s:,.0f}, {summary['threads']} threads each)"
+                if summary["replicas"] > 1
+                else f" ({summary['threads']} threads)"
+            ),
+        ),
         (
             "time",
             f"{wall_time:.1f} s wall, {summary['train_seconds']:.1f} s training"
