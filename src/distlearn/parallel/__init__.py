@@ -19,6 +19,7 @@ __all__ = ["STRATEGIES", "SingleProcess", "Strategy", "StrategyStats", "create_s
 STRATEGIES: dict[str, str] = {
     "single": "distlearn.parallel.single:SingleProcess",
     "sync": "distlearn.parallel.sync:SyncDataParallel",
+    "ddp": "distlearn.parallel.ddp:TorchDDP",
 }
 
 

@@ -1,0 +1,185 @@
+"""Run a suite: every entry as its own ``distlearn train`` job, bounded in time, results read from metrics.
+
+Each entry runs in fresh processes (``python -m distlearn train ... --out RUNS/<slug>``; distributed
+strategies start their own torchrun job underneath), with a deadline after which the whole process group
+is stopped. Everything in the results is read back from the run's metrics files: no number is typed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from distlearn.bench.suites import Entry, Suite
+from distlearn.metrics import read_metrics
+
+__all__ = ["available", "collect", "run_entry", "run_suite", "slug"]
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def available(entry: Entry) -> str | None:
+    """None when ``entry`` can run here, else the reason it cannot."""
+    from distlearn.parallel import STRATEGIES
+    from distlearn.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if entry.strategy not in STRATEGIES:
+        return f"strategy {entry.strategy!r} is not in this installation"
+    for requirement in entry.requires:
+        kind, _, name = requirement.partition(":")
+        if kind == "reducer":
+            from distlearn.comm.reducers import REDUCERS
+
+            if name not in REDUCERS:
+                return f"reducer {name!r} is not available"
+        elif kind == "compression":
+            if "compression" not in fields:
+                return "gradient compression is not wired into distlearn train yet"
+            try:
+                from distlearn.comm.compression import COMPRESSORS
+            except ImportError:
+                return "distlearn.comm.compression is not installed"
+            if name not in COMPRESSORS:
+                return f"codec {name!r} is not available"
+        elif kind == "strategy" and name not in STRATEGIES:
+            return f"strategy {name!r} is not in this installation"
+    for flag in entry.flags:
+        if flag.startswith("--") and flag[2:].replace("-", "_").removeprefix("no_") not in fields:
+            return f"distlearn train has no {flag} flag yet"
+    return None
+
+
+def run_entry(suite: Suite, entry: Entry, runs_dir: Path, *, log: Any = None) -> dict[str, Any]:
+    """Run one entry and return its raw result (see :func:`collect`); failures are results too."""
+    out = runs_dir / slug(entry.label)
+    reason = available(entry)
+    base = {
+        "label": entry.label,
+        "strategy": entry.strategy,
+        "workers": entry.workers,
+        "flags": list(entry.flags),
+    }
+    if reason is not None:
+        return {**base, "status": "not available", "reason": reason}
+    command = [
+        sys.executable,
+        "-m",
+        "distlearn",
+        "train",
+        *suite.train_flags(),
+        "--out",
+        str(out),
+        "--strategy",
+        entry.strategy,
+        "--no-checkpoints",
+        "--progress",
+        "off",
+        "--tensorboard",
+        "off",
+        "--quiet",
+        *entry.flags,
+    ]
+    if entry.workers > 1 or entry.strategy != "single":
+        command += ["--workers", str(entry.workers)]
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        command, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        code = process.wait(timeout=suite.timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return {
+            **base,
+            "status": "timed out",
+            "reason": f"no result within {suite.timeout_s:g} s",
+            "out": str(out),
+        }
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    elapsed = time.perf_counter() - started
+    if code != 0:
+        return {
+            **base,
+            "status": "failed",
+            "reason": f"exit status {code}",
+            "out": str(out),
+            "seconds": elapsed,
+        }
+    return {**base, "status": "ok", "out": str(out), "process_seconds": elapsed, **collect(out, suite.target)}
+
+
+def collect(run_dir: str | Path, target: float) -> dict[str, Any]:
+    """The numbers of one finished run, from its metrics files (rank 0's and every other rank's)."""
+    run_dir = Path(run_dir)
+    main = read_metrics(run_dir / "metrics.jsonl")
+    summary = next((r for r in reversed(main) if r.kind == "summary"), None)
+    if summary is None:
+        raise ValueError(f"{run_dir}: the run has no summary record; did it finish?")
+    evals = [r for r in main if r.kind == "eval" and r.accuracy is not None]
+    hit = next((r for r in evals if r.accuracy >= target), None)
+    bytes_sent, staleness = 0, []
+    for path in sorted(run_dir.glob("metrics*.jsonl")):
+        records = read_metrics(path)
+        last = next((r for r in reversed(records) if r.bytes_sent is not None), None)
+        bytes_sent += last.bytes_sent if last is not None else 0
+        staleness += [r.staleness for r in records if r.staleness is not None]
+    extra = summary.extra
+    return {
+        "final_accuracy": summary.accuracy,
+        "best_accuracy": extra.get("best_accuracy"),
+        "time_to_target_s": hit.wall_time if hit else None,
+        "train_seconds": extra.get("train_seconds"),
+        "wall_seconds": summary.wall_time,
+        "samples_per_s": extra.get("job_samples_per_s", summary.samples_per_s),
+        "updates": summary.step,
+        "bytes_sent": bytes_sent,
+        "mean_staleness": sum(staleness) / len(staleness) if staleness else None,
+        "train_examples": extra.get("train_examples"),
+        "parameters": extra.get("parameters"),
+        "strategy_description": extra.get("strategy"),
+        "dataset_note": extra.get("dataset_note"),
+        "curve": [{"wall_time": r.wall_time, "step": r.step, "accuracy": r.accuracy} for r in evals],
+    }
+
+
+def run_suite(
+    suite: Suite, runs_dir: Path, *, progress: bool = True, only: list[str] | None = None
+) -> list[dict]:
+    """Run every entry of ``suite`` (or those whose label contains one of ``only``), one after another."""
+    entries = [e for e in suite.entries if not only or any(o.lower() in e.label.lower() for o in only)]
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    with open(runs_dir / "bench.log", "w") as log:
+        if progress:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            columns = (
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+            )
+            with Progress(*columns) as bar:
+                task = bar.add_task(f"bench {suite.name}", total=len(entries))
+                for entry in entries:
+                    bar.update(task, description=f"bench {suite.name}: {entry.label}")
+                    results.append(run_entry(suite, entry, runs_dir, log=log))
+                    bar.advance(task)
+        else:
+            for entry in entries:
+                results.append(run_entry(suite, entry, runs_dir, log=log))
+    return results

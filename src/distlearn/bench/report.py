@@ -1,0 +1,196 @@
+"""Results of a suite: the raw JSON, the Markdown table, the plots, the projection, and comparisons.
+
+Every number in the table is computed here from the raw results (:func:`table_rows`), which are read from
+the runs' metrics files; ``tests/bench`` checks that the table agrees with the JSON.
+
+Projection (labelled as such): from the single-process run's compute time per example ``t_c`` and a
+strategy's measured bytes per update, the time per epoch at ``R`` workers on a 10 or 100 Gb/s network is
+
+    T_epoch(R) = (N / B) * ( (B / R) * t_c + allreduce_ring(n_R) )
+
+with ``allreduce_ring`` the alpha-beta cost of :mod:`distlearn.comm.cost_model` (alpha = 20 us per
+message) and ``n_R`` the payload that strategy reduces per update (measured bytes per update and worker,
+divided by the ring's ``2(R0-1)/R0`` factor at the measured ``R0``). It assumes perfect compute scaling
+and no stragglers: a bound to compare strategies by, not a prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PROJECTION_WORKERS", "compare", "environment", "markdown", "plot", "project", "table_rows"]
+
+PROJECTION_WORKERS = (8, 32, 256)
+NETWORKS = {"10 Gb/s": 10.0, "100 Gb/s": 100.0}
+ALPHA_S = 20e-6
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    from distlearn import __version__
+
+    return {
+        "command": " ".join(["distlearn", *sys.argv[1:]]) if sys.argv else "distlearn bench",
+        "machine": platform.platform(),
+        "processor": platform.processor(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "distlearn": __version__,
+        "git_commit": commit,
+    }
+
+
+def _reference(results: list[dict], strategy: str) -> dict | None:
+    return next((r for r in results if r.get("strategy") == strategy and r.get("status") == "ok"), None)
+
+
+def project(result: dict, single: dict, workers: int, gbps: float, global_batch: int) -> float | None:
+    """Projected seconds per epoch of ``result``'s strategy at ``workers`` workers (see the module doc)."""
+    from distlearn.comm.cost_model import link
+    from distlearn.comm.cost_model import project as allreduce_time
+
+    if result.get("status") != "ok" or not single or not result.get("updates") or not single.get("updates"):
+        return None
+    if result.get("strategy") == "single":  # one process does not scale with R
+        return None
+    compute_per_example = single["train_seconds"] / (single["updates"] * global_batch)
+    updates_per_epoch = single["train_examples"] // global_batch
+    measured_workers = max(1, result["workers"])
+    per_update_per_worker = result["bytes_sent"] / result["updates"] / measured_workers
+    ring_factor = 2 * (measured_workers - 1) / measured_workers
+    payload = per_update_per_worker / ring_factor if ring_factor > 0 else 0.0
+    network = link(gbps, alpha=ALPHA_S)
+    compute = global_batch / workers * compute_per_example
+    return updates_per_epoch * (compute + allreduce_time("ring", workers, payload, network))
+
+
+def table_rows(results: list[dict], global_batch: int) -> list[dict[str, Any]]:
+    """One dict per entry with every column of the table, computed from the raw results only."""
+    single, ddp = _reference(results, "single"), _reference(results, "ddp")
+    rows = []
+    for r in results:
+        row: dict[str, Any] = {"label": r["label"], "status": r["status"]}
+        if r["status"] == "ok":
+            row.update(
+                final_accuracy=r["final_accuracy"],
+                time_to_target_s=r["time_to_target_s"],
+                samples_per_s=r["samples_per_s"],
+                updates=r["updates"],
+                bytes_sent=r["bytes_sent"],
+                mean_staleness=r["mean_staleness"],
+                vs_single=r["samples_per_s"] / single["samples_per_s"] if single else None,
+                vs_ddp=r["samples_per_s"] / ddp["samples_per_s"] if ddp else None,
+            )
+            for name, gbps in NETWORKS.items():
+                for workers in PROJECTION_WORKERS:
+                    key = f"projected_epoch_s[R={workers}, {name}]"
+                    row[key] = project(r, single, workers, gbps, global_batch)
+        else:
+            row["reason"] = r.get("reason")
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(suite: Any, results: list[dict], env: dict[str, Any]) -> str:
+    """The Markdown table (and a projection table) for ``results``."""
+    rows = table_rows(results, suite.global_batch)
+    lines = [
+        f"**{suite.name}**: {suite.description}. Global batch {suite.global_batch}, target accuracy "
+        f"{suite.target:.0%}. {env['cores']} cores, torch {env['torch']}, "
+        f"commit {str(env['git_commit'])[:10]}.",
+        "",
+        "| strategy | final acc. | time to target (s) | samples/s | vs single | vs DDP | updates | MB sent | "
+        "staleness |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append(f"| {row['label']} | {row['status']}: {row.get('reason', '')} |||||||| ")
+            continue
+        lines.append(
+            f"| {row['label']} | {_fmt(row['final_accuracy'] and 100 * row['final_accuracy'], '.2f')}% | "
+            f"{_fmt(row['time_to_target_s'], '.1f')} | {_fmt(row['samples_per_s'], ',.0f')} | "
+            f"{_fmt(row['vs_single'], '.2f')}x | {_fmt(row['vs_ddp'], '.2f')}x | {row['updates']} | "
+            f"{row['bytes_sent'] / 1e6:.1f} | {_fmt(row['mean_staleness'], '.2f')} |"
+        )
+    projection_keys = [k for k in (rows[0] if rows else {}) if k.startswith("projected")]
+    ok_rows = [r for r in rows if r["status"] == "ok"]
+    if ok_rows:
+        keys = [k for k in ok_rows[0] if k.startswith("projected")] or projection_keys
+        lines += ["", "Projection (not a measurement; see distlearn.bench.report): seconds per epoch.", ""]
+        lines.append("| strategy | " + " | ".join(k.removeprefix("projected_epoch_s") for k in keys) + " |")
+        lines.append("|---|" + "---:|" * len(keys))
+        for row in ok_rows:
+            lines.append(f"| {row['label']} | " + " | ".join(_fmt(row[k], ".1f") for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    """Accuracy against wall time, against updates and against bytes sent, one line per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for r in results:
+        if r.get("status") != "ok" or not r["curve"]:
+            continue
+        curve = r["curve"]
+        accuracy = [p["accuracy"] for p in curve]
+        axes[0].plot([p["wall_time"] for p in curve], accuracy, label=r["label"])
+        axes[1].plot([p["step"] for p in curve], accuracy, label=r["label"])
+        per_step = r["bytes_sent"] / max(1, r["updates"])
+        axes[2].plot([p["step"] * per_step / 1e6 for p in curve], accuracy, label=r["label"])
+    for axis, xlabel in zip(axes, ("wall time (s)", "updates", "MB sent (all ranks)"), strict=True):
+        axis.set(xlabel=xlabel, ylabel="test accuracy")
+        axis.grid(alpha=0.3)
+    axes[0].set_title(title)
+    axes[2].legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def compare(first: Path, second: Path) -> str:
+    """Two result files side by side: final accuracy and samples/s per strategy, and their ratio."""
+    a, b = (json.loads(Path(p).read_text()) for p in (first, second))
+    rows_a = {r["label"]: r for r in table_rows(a["results"], a["global_batch"])}
+    rows_b = {r["label"]: r for r in table_rows(b["results"], b["global_batch"])}
+    lines = [
+        f"A: {first} ({a['suite']}, commit {str(a['environment']['git_commit'])[:10]})",
+        f"B: {second} ({b['suite']}, commit {str(b['environment']['git_commit'])[:10]})",
+        "",
+        "| strategy | acc. A | acc. B | samples/s A | samples/s B | B/A |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label in list(rows_a) + [k for k in rows_b if k not in rows_a]:
+        ra, rb = rows_a.get(label, {}), rows_b.get(label, {})
+        sa, sb = ra.get("samples_per_s"), rb.get("samples_per_s")
+        ratio = sb / sa if sa and sb else None
+        acc_a = ra.get("final_accuracy")
+        acc_b = rb.get("final_accuracy")
+        lines.append(
+            f"| {label} | {_fmt(acc_a and 100 * acc_a, '.2f')} | {_fmt(acc_b and 100 * acc_b, '.2f')} | "
+            f"{_fmt(sa, ',.0f')} | {_fmt(sb, ',.0f')} | {_fmt(ratio, '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,170 @@
+"""The benchmark suites: the same work (model, data, global batch, budget) for every strategy.
+
+A suite is a :class:`Suite`: the shared settings of ``distlearn train`` plus a list of :class:`Entry` s,
+each one strategy with its options and worker count. Entries whose strategy (or reducer, or codec) is not
+available in this installation are kept in the table as "not available", never silently dropped.
+The overview's rule holds throughout: a fixed global batch ``B = R x M``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from distlearn.errors import ConfigError
+
+__all__ = ["SUITES", "Entry", "Suite", "get_suite"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the table: a strategy run with ``workers`` processes and extra ``distlearn train`` flags."""
+
+    label: str
+    strategy: str
+    workers: int = 1
+    flags: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()  # e.g. ("reducer:ring",) or ("compression:onebit",)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    dataset: str
+    model: str
+    description: str
+    global_batch: int = 128
+    epochs: int = 1
+    train_samples: int | None = None
+    test_samples: int | None = None
+    optimizer: str = "adam"
+    lr: float = 2e-3
+    target: float = 0.8
+    eval_every: int = 20
+    timeout_s: float = 900.0
+    data_root: str | None = None
+    entries: tuple[Entry, ...] = field(default_factory=tuple)
+
+    def train_flags(self) -> list[str]:
+        flags = [
+            "--dataset",
+            self.dataset,
+            "--model",
+            self.model,
+            "--optimizer",
+            self.optimizer,
+            "--lr",
+            str(self.lr),
+            "--epochs",
+            str(self.epochs),
+            "--batch-size",
+            str(self.global_batch),
+            "--eval-every",
+            str(self.eval_every),
+            "--log-every",
+            str(max(1, self.eval_every // 2)),
+            "--seed",
+            "0",
+        ]
+        if self.train_samples:
+            flags += ["--train-samples", str(self.train_samples)]
+        if self.test_samples:
+            flags += ["--test-samples", str(self.test_samples)]
+        if self.data_root:
+            flags += ["--data-root", self.data_root]
+        return flags
+
+
+def _strategy_entries(workers: int) -> tuple[Entry, ...]:
+    """Every strategy on ``workers`` processes, in the overview's order: sync, async, tricks, DNI."""
+    reducers = ("ring", "tree", "rabenseifner", "segmented-ring")
+    codecs = ("fp16", "int8", "onebit", "terngrad", "qsgd", "topk", "dgc", "powersgd")
+    entries = [
+        Entry("single process", "single"),
+        Entry(f"torch DDP, R={workers}", "ddp", workers),
+        Entry(f"sync, backend allreduce, R={workers}", "sync", workers),
+        *(
+            Entry(f"sync, {r} allreduce, R={workers}", "sync", workers, ("--reducer", r), (f"reducer:{r}",))
+            for r in reducers
+        ),
+        Entry(
+            f"sync, no overlap, per-tensor, R={workers}",
+            "sync",
+            workers,
+            ("--no-overlap", "--bucket-mb", "0"),
+        ),
+        *(
+            Entry(f"sync + {c}, R={workers}", "sync", workers, ("--compression", c), (f"compression:{c}",))
+            for c in codecs
+        ),
+        Entry(
+            f"parameter server (async), R={workers}", "ps", workers + 1, ("--servers", "1"), ("strategy:ps",)
+        ),
+        Entry(f"hogwild, R={workers}", "hogwild", workers, (), ("strategy:hogwild",)),
+        Entry(
+            f"local SGD k=4, R={workers}",
+            "local-sgd",
+            workers,
+            ("--local-steps", "4"),
+            ("strategy:local-sgd",),
+        ),
+        Entry(f"EASGD, R={workers}", "easgd", workers, (), ("strategy:easgd",)),
+        Entry("DNI, 2 stages", "dni", 2, (), ("strategy:dni",)),
+    ]
+    return tuple(entries)
+
+
+SUITES: dict[str, Suite] = {
+    "quick": Suite(
+        "quick",
+        "fashion-mnist",
+        "mlp",
+        "every strategy on 12,000 Fashion-MNIST images, one epoch of an MLP, R = 2 (a few minutes here)",
+        train_samples=12_000,
+        test_samples=2_000,
+        target=0.8,
+        eval_every=15,
+        entries=_strategy_entries(2),
+    ),
+    "fashion-mnist": Suite(
+        "fashion-mnist",
+        "fashion-mnist",
+        "lenet",
+        "every strategy on full Fashion-MNIST, LeNet, 3 epochs, R = 2",
+        epochs=3,
+        target=0.88,
+        eval_every=100,
+        timeout_s=3600,
+        entries=_strategy_entries(2),
+    ),
+    "mnist": Suite(
+        "mnist",
+        "mnist",
+        "mlp",
+        "every strategy on the MNIST split (8,000 / 2,000 of the test set), MLP, 5 epochs, R = 2",
+        epochs=5,
+        target=0.93,
+        eval_every=25,
+        data_root=None,
+        entries=_strategy_entries(2),
+    ),
+    "cifar10": Suite(
+        "cifar10",
+        "cifar10",
+        "resnet8",
+        "every strategy on CIFAR-10, ResNet-8, 2 epochs, R = 2",
+        optimizer="nesterov",
+        lr=0.05,
+        epochs=2,
+        target=0.5,
+        eval_every=100,
+        timeout_s=7200,
+        entries=_strategy_entries(2),
+    ),
+}
+
+
+def get_suite(name: str) -> Suite:
+    if name not in SUITES:
+        others = "toy, comm, rl"
+        raise ConfigError(f"unknown suite {name!r}; choose one of: {', '.join(SUITES)}, {others}")
+    return SUITES[name]

@@ -1,0 +1,70 @@
+"""torch's own DistributedDataParallel as a strategy: the reference every sync variant is measured against.
+
+``distlearn train --strategy ddp --workers R`` wraps the model in
+``torch.nn.parallel.DistributedDataParallel`` (its own bucketing, overlap and gloo/NCCL allreduce) and
+otherwise runs the same loop, data shards and metrics as every other strategy, so ``distlearn bench``
+compares ``sync`` and DDP on exactly the same work. Nothing here is ours but the wiring.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from distlearn.errors import ConfigError
+from distlearn.launch import in_torchrun, init_distributed, shutdown
+from distlearn.parallel.base import Strategy, StrategyStats
+
+__all__ = ["TorchDDP"]
+
+
+class TorchDDP(Strategy):
+    """``torch.nn.parallel.DistributedDataParallel`` with ``bucket_cap_mb`` (DDP's default 25 MiB)."""
+
+    name = "ddp"
+
+    def __init__(self, *, bucket_mb: float = 25.0, timeout_s: float = 300.0) -> None:
+        super().__init__()
+        self.bucket_mb = bucket_mb
+        self.timeout_s = timeout_s
+        self._owns_group = False
+        self._parameters = 0
+
+    @classmethod
+    def from_config(cls, config: Any) -> TorchDDP:
+        return cls(bucket_mb=config.bucket_mb, timeout_s=config.comm_timeout)
+
+    def setup(self, seed: int) -> None:
+        already = dist.is_available() and dist.is_initialized()
+        if not already and not in_torchrun():
+            raise ConfigError("the ddp strategy runs one process per replica: use `--workers N` or torchrun")
+        context = init_distributed(timeout_s=self.timeout_s)
+        self._owns_group = not already
+        self.rank, self.world_size = context.rank, context.world_size
+
+    def prepare(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        self._parameters = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        self._steps = 0
+        return DistributedDataParallel(model, bucket_cap_mb=self.bucket_mb), optimizer
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        self._steps += 1
+
+    def stats(self) -> StrategyStats:
+        # DDP does not count its traffic; gloo's ring sends 2(R-1)/R of the gradient bytes per step.
+        per_step = 2 * (self.world_size - 1) * self._parameters // max(1, self.world_size)
+        return {"bytes_sent": per_step * self._steps}
+
+    def close(self) -> None:
+        if self._owns_group:
+            shutdown()
+            self._owns_group = False
+
+    def describe(self) -> str:
+        return f"torch DDP ({self.world_size} replicas, {self.bucket_mb:g} MiB buckets)"

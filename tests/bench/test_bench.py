@@ -1,0 +1,121 @@
+"""``distlearn bench`` end to end on a tiny budget: every number in the table comes from the raw JSON."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from distlearn.bench.harness import available, collect
+from distlearn.bench.report import markdown, table_rows
+from distlearn.bench.suites import SUITES, Entry
+
+
+@pytest.mark.timeout(600)
+def test_quick_suite_on_a_tiny_budget_writes_a_table_made_from_the_json(tmp_path):
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    command = [
+        sys.executable,
+        "-m",
+        "distlearn",
+        "bench",
+        "--suite",
+        "quick",
+        "--only",
+        "single,backend allreduce,hogwild",
+        "--out",
+        str(out),
+        "--runs",
+        str(runs),
+        "--progress",
+        "off",
+    ]
+    # the quick suite is small by design (12,000 samples, one epoch); --only keeps three of its rows
+    done = subprocess.run(command, capture_output=True, text=True, timeout=580)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (result_file,) = out.glob("bench-quick-*.json")
+    record = json.loads(result_file.read_text())
+    for key in ("machine", "cores", "torch", "git_commit", "command"):
+        assert key in record["environment"]
+    results = {r["label"]: r for r in record["results"]}
+    assert results["single process"]["status"] == "ok"
+    assert results["sync, backend allreduce, R=2"]["status"] == "ok"
+    hogwild = results["hogwild, R=2"]  # present whether or not it can run here, with the reason if not
+    assert hogwild["status"] == "ok" or hogwild["reason"]
+
+    table = (out / result_file.with_suffix(".md").name).read_text()
+    assert table == markdown(SUITES["quick"], record["results"], record["environment"])
+    for row in table_rows(record["results"], record["global_batch"]):
+        if row["status"] != "ok":
+            continue
+        line = next(line for line in table.splitlines() if line.startswith(f"| {row['label']} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == f"{100 * row['final_accuracy']:.2f}%"
+        assert cells[3] == f"{row['samples_per_s']:,.0f}"
+        assert int(cells[6]) == row["updates"]
+        # and the JSON itself agrees with the run's metrics files
+        raw = results[row["label"]]
+        again = collect(raw["out"], record["target"])
+        assert again["final_accuracy"] == raw["final_accuracy"] and again["updates"] == raw["updates"]
+    sync = results["sync, backend allreduce, R=2"]
+    single = results["single process"]
+    assert sync["bytes_sent"] > 0 and single["bytes_sent"] == 0
+    assert (
+        abs(sync["final_accuracy"] - single["final_accuracy"]) < 0.02
+    )  # same trajectory, fixed global batch
+    assert (out / result_file.with_suffix(".png").name).is_file()
+    assert re.search(r"Projection \(not a measurement", table)
+
+
+def test_unavailable_entries_say_why():
+    assert "not in this installation" in available(Entry("x", "no-such-strategy"))
+    assert available(Entry("single", "single")) is None
+    assert "no --frobnicate flag" in available(Entry("x", "single", 1, ("--frobnicate", "1")))
+
+
+def test_compare_shows_two_result_files(tmp_path):
+    suite = replace(SUITES["quick"], name="fake")
+    fake = {
+        "label": "single process",
+        "strategy": "single",
+        "workers": 1,
+        "status": "ok",
+        "final_accuracy": 0.5,
+        "time_to_target_s": None,
+        "samples_per_s": 100.0,
+        "updates": 10,
+        "bytes_sent": 0,
+        "mean_staleness": None,
+        "train_seconds": 1.0,
+        "train_examples": 1280,
+        "curve": [],
+    }
+    env = {"git_commit": "abc", "cores": 2, "torch": "x"}
+    for name, speed in (("a", 100.0), ("b", 150.0)):
+        record = {
+            "suite": suite.name,
+            "global_batch": 128,
+            "environment": env,
+            "results": [{**fake, "samples_per_s": speed}],
+        }
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distlearn",
+            "bench",
+            "--compare",
+            str(tmp_path / "a.json"),
+            str(tmp_path / "b.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0
+    assert "| single process | 50.00 | 50.00 | 100 | 150 | 1.50 |" in done.stdout
