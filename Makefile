@@ -27,6 +27,7 @@ data:
 	else echo "note: no apt as root here; see README.md 'Data' for Fashion-MNIST"; fi
 
 run: install
+	$(BIN)/distlearn train --dataset fashion-mnist --model lenet --epochs 1 --out runs/train
 	$(BIN)/distlearn toy --function rosenbrock --optimizers all --out runs/toy
 
 lint: $(STAMP)
