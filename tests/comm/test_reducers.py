@@ -187,7 +187,9 @@ def test_create_reducer_names_the_choices_and_checks_options():
     assert create_reducer("segmented-ring", segment_bytes=4096).segment_bytes == 4096
     with pytest.raises(ConfigError, match="choose one of: backend, ring, tree, rabenseifner, segmented-ring"):
         create_reducer("butterfly")
-    with pytest.raises(ConfigError, match="does not take segment_bytes; its options are: timeout_s, tag"):
+    with pytest.raises(
+        ConfigError, match="does not take segment_bytes; its options are: timeout_s, tag, duplex"
+    ):
         create_reducer("ring", segment_bytes=1024)
     with pytest.raises(ConfigError, match="segment_bytes must be a positive integer"):
         create_reducer("segmented-ring", segment_bytes=0)
