@@ -166,16 +166,7 @@ class _Channel:
         self.timeout_s = timeout_s
         self.timeout = timedelta(seconds=timeout_s)
         # messages to higher ranks travel on ``group``, to lower ranks on its twin (see _reverse_group)
-        self.downward = group
-        if reducer.duplex and reducer.point_to_point and self.size > 1:
-            try:
-                self.downward = _reverse_group(group, timeout_s)
-            except Exception as error:  # rendezvous of the twin group: a peer that is gone or late
-                raise CommError(
-                    f"{reducer.name} allreduce: rank {self.rank} could not create the second process group "
-                    f"for duplex exchanges ({type(error).__name__}: {_backend_message(error)}); a peer may "
-                    "have died, or pass duplex=False"
-                ) from error
+        self.downward = reducer._twin(group, timeout_s) if self.size > 1 else group
 
     def isend(self, tensor: torch.Tensor, peer: int, what: str) -> _Op:
         try:
@@ -308,6 +299,8 @@ class Reducer:
         Do not touch ``tensor`` until the future is done.
         """
         _check_tensor(tensor, self.name)
+        # a collective step: create the duplex twin group here, in the caller's thread, not the worker's
+        self._twin(group, timeout_s)
         future: torch.futures.Future = torch.futures.Future()
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
@@ -344,6 +337,22 @@ class Reducer:
         return buffer[:numel]
 
     # ---- internals --------------------------------------------------------------------------------------
+
+    def _twin(self, group: Any, timeout_s: float | None) -> Any:
+        """The group for messages to lower ranks: the duplex twin of ``group``, or ``group`` itself."""
+        if not (self.duplex and self.point_to_point) or not dist.is_initialized():
+            return group
+        if dist.get_world_size(group) < 2:
+            return group
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            return _reverse_group(group, timeout_s)
+        except Exception as error:  # rendezvous of the twin group: a peer that is gone or late
+            raise CommError(
+                f"{self.name} allreduce: rank {dist.get_rank(group)} could not create the second process "
+                f"group for duplex exchanges ({type(error).__name__}: {_backend_message(error)}); a peer may "
+                "have died, or pass duplex=False"
+            ) from error
 
     def _done(self) -> None:
         with self._lock:
