@@ -165,7 +165,27 @@ def report(args, world, rows, copy, load_before, seconds) -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}\n")
+    print(markdown(record))
+
+
+def markdown(record: dict) -> str:
+    """The results as a Markdown table (for docs/sync.md): busbw GB/s (ratio to gloo) [min..max]."""
+    rows = record["results"]
+    names = list(dict.fromkeys(row["algorithm"] for row in rows))
+    lines = ["| size | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for nbytes in sorted({row["bytes"] for row in rows}):
+        cells = []
+        for name in names:
+            row = next(r for r in rows if r["algorithm"] == name and r["bytes"] == nbytes)
+            ratio = row.get("ratio_vs_backend")
+            cells.append(
+                f"{row['busbw_GBps']:.3f} ({ratio:.2f}x)"
+                if ratio is not None and name != "backend"
+                else f"{row['busbw_GBps']:.3f}"
+            )
+        lines.append(f"| {human(nbytes)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def human(nbytes: int) -> str:
