@@ -1,0 +1,206 @@
+"""Point-to-point messages on c10d: a small fixed header tensor, then (optionally) a flat payload tensor.
+
+The parameter server (:mod:`distlearn.parallel.ps`) and any other role-based method talk through this
+module: no ``torch.distributed.rpc``, no pickling, no sockets of our own -- only ``isend``/``irecv`` of the
+process group's backend (gloo on CPU), so one machine and many machines are the same code.
+
+A message is a ``float64`` header of :data:`HEADER_SIZE` numbers ::
+
+    [kind, version, step, length, lr, staleness, flag, sender]
+
+followed, when ``length > 0``, by a ``float32`` payload of ``length`` numbers sent with the next tag of the
+same channel. ``float64`` holds integers exactly up to 2**53, so versions, steps and lengths are exact.
+Requests (worker -> server) travel on tags ``REQUEST``/``REQUEST + 1``, replies (server -> worker) on
+``REPLY``/``REPLY + 1``: a header is always matched with its own payload even when a background thread
+(the heartbeat) sends headers on the same pair, because the backend keeps the order per (peer, tag).
+
+Timeouts: every wait carries a deadline; a peer that died (the backend reports "connection closed") or
+stays silent raises :class:`distlearn.errors.CommError` naming this rank, the peer and the operation.
+Caution learnt from gloo: a receive whose wait timed out is *not* cancelled -- a later message still lands
+in its buffer -- so after a timeout on a receive the channel must be considered broken (we raise); a server
+that must not block forever waits on one outstanding any-source receive (:class:`AnyReceive`) and treats
+its timeout as "nobody spoke for that long".
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import IntEnum
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distlearn.errors import CommError, ConfigError
+
+__all__ = ["AnyReceive", "HEADER_SIZE", "Header", "Kind", "REPLY", "REQUEST", "Transport"]
+
+HEADER_SIZE = 8
+"""Numbers in a header: kind, version, step, length, lr, staleness, flag, sender."""
+
+REQUEST = 10
+"""Tag of request headers (worker -> server); their payloads use ``REQUEST + 1``."""
+REPLY = 20
+"""Tag of reply headers (server -> worker); their payloads use ``REPLY + 1``."""
+
+
+class Kind(IntEnum):
+    """What a message is."""
+
+    INIT = 1  # worker -> server: my initial shard (payload); reply PARAMS
+    PUSH = 2  # worker -> server: a gradient computed on `version` (payload); reply PARAMS
+    PARAMS = 3  # server -> worker: the shard at `version` (payload); staleness/flag describe the push
+    HEARTBEAT = 4  # worker -> server: still alive (no payload, no reply)
+    CHECKPOINT = 5  # worker -> server: save your state under `step`; reply ACK
+    ACK = 6  # server -> worker: done (no payload)
+    DONE = 7  # worker -> server: I will send nothing more (no reply)
+    ERROR = 8  # server -> worker: request refused, `flag` says why (no payload)
+
+
+@dataclass
+class Header:
+    """The fixed-size header of every message (see the module docstring for the layout)."""
+
+    kind: Kind
+    version: int = 0
+    step: int = 0
+    length: int = 0
+    lr: float = 0.0
+    staleness: float = 0.0
+    flag: int = 0
+    sender: int = -1
+
+    def to_tensor(self) -> torch.Tensor:
+        values = [self.kind, self.version, self.step, self.length, self.lr, self.staleness]
+        return torch.tensor([*values, self.flag, self.sender], dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, tensor: torch.Tensor) -> Header:
+        v = tensor.tolist()
+        try:
+            kind = Kind(int(v[0]))
+        except ValueError:
+            raise CommError(
+                f"received a message of unknown kind {v[0]!r}: a peer runs another protocol"
+            ) from None
+        return cls(kind, int(v[1]), int(v[2]), int(v[3]), float(v[4]), float(v[5]), int(v[6]), int(v[7]))
+
+
+class AnyReceive:
+    """One outstanding receive of a request header from any peer (gloo's receive-from-any-source)."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.buffer = torch.empty(HEADER_SIZE, dtype=torch.float64)
+        self.work = dist.irecv(self.buffer, tag=REQUEST, group=transport.group)
+
+    def wait(self, timeout_s: float) -> tuple[int, Header] | None:
+        """``(peer, header)``, or None when no peer sent anything for ``timeout_s`` (then do not re-post)."""
+        try:
+            self.work.wait(timeout=timedelta(seconds=timeout_s))
+        except RuntimeError as error:
+            if "Timed out" in str(error):
+                return None
+            raise CommError(f"rank {self.transport.rank}: receive from any peer failed ({error})") from error
+        peer = int(self.work._source_rank())
+        self.transport.bytes_received += self.buffer.numel() * 8
+        return peer, Header.from_tensor(self.buffer)
+
+
+class Transport:
+    """Send and receive header(+payload) messages with deadlines and byte counts.
+
+    Args:
+        rank: this process's rank (for error messages; the group's rank is used for the wire).
+        timeout_s: deadline of every wait.
+        group: process group (default: the default group).
+
+    ``send`` may be called from two threads (the main loop and a heartbeat); the counters are guarded.
+    """
+
+    def __init__(self, rank: int, *, timeout_s: float, group: Any = None) -> None:
+        if timeout_s <= 0:
+            raise ConfigError(f"the point-to-point timeout must be positive, got {timeout_s}")
+        self.rank = rank
+        self.timeout_s = timeout_s
+        self.group = group
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.messages_sent = 0
+        self._lock = threading.Lock()
+
+    def _wait(self, work: Any, peer: int, what: str, timeout_s: float | None = None) -> None:
+        deadline = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            work.wait(timeout=timedelta(seconds=deadline))
+        except RuntimeError as error:
+            reason = "timed out" if "Timed out" in str(error) else "failed"
+            raise CommError(
+                f"rank {self.rank}: {what} with rank {peer} {reason} after at most {deadline:g} s "
+                f"({str(error).splitlines()[0][:300]}); the peer has probably died or is stuck -- "
+                "check its log, or raise --comm-timeout if it is only slow"
+            ) from error
+
+    def isend(self, peer: int, header: Header, payload: torch.Tensor | None = None, *, tag: int) -> list[Any]:
+        """Start sending a message on channel ``tag``; returns the works to pass to :meth:`finish`."""
+        head = header.to_tensor()
+        if payload is not None and payload.numel() != header.length:
+            raise ValueError(f"header says {header.length} numbers but the payload has {payload.numel()}")
+        try:
+            works = [dist.isend(head, dst=peer, tag=tag, group=self.group)]
+            if payload is not None and payload.numel():
+                works.append(dist.isend(payload, dst=peer, tag=tag + 1, group=self.group))
+        except RuntimeError as error:
+            raise CommError(
+                f"rank {self.rank}: sending {header.kind.name} to rank {peer} failed "
+                f"({str(error).splitlines()[0][:300]}); the peer has probably died"
+            ) from error
+        with self._lock:
+            self.bytes_sent += head.numel() * 8 + (
+                0 if payload is None else payload.numel() * payload.element_size()
+            )
+            self.messages_sent += 1
+        return [(work, peer, f"sending {header.kind.name}") for work in works]
+
+    def finish(self, pending: list[Any], timeout_s: float | None = None) -> None:
+        """Wait for the works of :meth:`isend` calls."""
+        for work, peer, what in pending:
+            self._wait(work, peer, what, timeout_s)
+
+    def send(
+        self, peer: int, header: Header, payload: torch.Tensor | None = None, *, tag: int,
+        timeout_s: float | None = None,
+    ) -> None:  # fmt: skip
+        """Send one message and wait until it is handed to the transport."""
+        self.finish(self.isend(peer, header, payload, tag=tag), timeout_s)
+
+    def recv_header(self, peer: int, *, tag: int, what: str, timeout_s: float | None = None) -> Header:
+        """Receive one header from ``peer`` on channel ``tag`` (CommError on death or timeout)."""
+        buffer = torch.empty(HEADER_SIZE, dtype=torch.float64)
+        try:
+            work = dist.irecv(buffer, src=peer, tag=tag, group=self.group)
+        except RuntimeError as error:
+            raise CommError(f"rank {self.rank}: {what} from rank {peer} failed ({error})") from error
+        self._wait(work, peer, what, timeout_s)
+        with self._lock:
+            self.bytes_received += HEADER_SIZE * 8
+        return Header.from_tensor(buffer)
+
+    def recv_payload(self, peer: int, out: torch.Tensor, *, tag: int, what: str) -> torch.Tensor:
+        """Receive the payload that follows a header on channel ``tag`` into ``out``."""
+        if out.numel() == 0:
+            return out
+        try:
+            work = dist.irecv(out, src=peer, tag=tag + 1, group=self.group)
+        except RuntimeError as error:
+            raise CommError(f"rank {self.rank}: {what} from rank {peer} failed ({error})") from error
+        self._wait(work, peer, what)
+        with self._lock:
+            self.bytes_received += out.numel() * out.element_size()
+        return out
+
+    def any_request(self) -> AnyReceive:
+        """Post one receive of a request header from whichever peer sends first."""
+        return AnyReceive(self)

@@ -1,0 +1,804 @@
+"""Asynchronous SGD with parameter servers (Downpour), staleness-aware rates, n-softsync, backup workers.
+
+Downpour SGD (Dean et al., 2012, "Large scale distributed deep networks"): ranks ``0 .. S-1`` of the job are
+*servers*, the other ``W = world_size - S`` ranks are *workers*. The servers hold the global parameters
+``w``, split by parameter tensor (balanced by size: largest tensor first, each to the least-loaded server)
+and run the optimizer on their shard. Worker ``i`` loops::
+
+    pull w^(v_i) (the shard of every server, with its version v_i)
+    g_i = grad of the loss on its own mini-batch at w^(v_i)
+    push g_i tagged with v_i, and go on -- without waiting for the other workers
+
+and a server at version ``v`` that receives ``g_i`` records its **staleness** ``tau_i = v - v_i`` (how many
+updates happened since the gradient's weights were read) and applies ``w <- w - eta * u(g_i)``, where ``u``
+is its optimizer's update (any distlearn.optim or torch.optim optimizer), ``v <- v + 1``.
+
+Variants (one flag each, all on the same code path):
+
+* **staleness-aware** (Zhang, Gupta, Lian & Liu, 2016, "Staleness-aware async-SGD"): each gradient is
+  divided by its staleness, ``g <- g / max(1, tau)`` -- with SGD exactly ``eta / tau``. We use
+  ``max(1, tau)`` because a gradient no update overtook has ``tau = 0`` here (Zhang et al. count from 1).
+  With adaptive optimizers (Adam, RMSProp) the scaling is largely normalised away; use SGD/momentum.
+* **n-softsync** (Gupta, Zhang & Wang, 2016, "Model accuracy and runtime tradeoff in distributed deep
+  learning"): the server collects ``n`` gradients and applies their mean,
+  ``w <- w - eta * u((1/n) sum_l g_l / s_l)`` (``s_l`` = staleness factor above, or 1). ``n = 1`` is plain
+  async; ``n = R`` is synchronous SGD. *Where we differ:* a worker's pull is answered when the group its
+  gradient belongs to has been applied (not with the weights current at the push), which is what makes
+  ``n = R`` exactly synchronous SGD with the global batch (tests check it to 1e-5 against one process).
+  Gradients are summed in worker order, so a group's result does not depend on arrival order.
+* **backup workers** (Chen, Pan, Monga, Bengio & Jozefowicz, 2016, "Revisiting distributed synchronous
+  SGD"): ``R + b`` workers, each on ``M = B / R`` examples; the server takes the step on the *first* ``R``
+  gradients computed on its current version and drops (and counts) every gradient computed on an older
+  version, answering it with the current weights. With several servers each shard picks its own first
+  ``R`` (as TensorFlow's per-variable accumulators do).
+* **k local steps** (the overview's "k local steps" view; Downpour's ``n_fetch = n_push = k``): a worker
+  takes ``k`` steps with its own optimizer on its local copy, then pushes the accumulated gradient
+  ``sum_{j<k} g_j`` and pulls. With SGD at the same rate on both sides the server's update equals the
+  worker's local displacement.
+
+Fault handling: workers send heartbeats (a header without payload) every ``worker_timeout / 4`` seconds; a
+server that hears nothing from a worker for ``worker_timeout`` seconds, or cannot answer it, logs it,
+drops it from the live set (groups then close with the workers that are left) and continues. A worker
+whose server died ends with a :class:`~distlearn.errors.CommError` naming the server and the operation.
+The servers stop when every live worker has said it is done. Checkpoints: when the main worker (the first
+worker rank) checkpoints, each server saves its shard, optimizer state, version and logs next to it
+(``ps-server<rank>-step<N>.pt``); ``--resume`` brings them back and the version count continues.
+
+Not synchronised: module buffers (BatchNorm running statistics) stay local to each worker, as in Downpour.
+The server's parameters are 1-D views of one flat buffer (one message per server per push), which every
+element-wise optimizer (all of distlearn.optim's first-order ones, torch's SGD/Adam/...) treats exactly as
+the original shapes. Under one-machine ``torchrun`` the launcher ends the whole job when any process exits
+with an error; a job that must survive a worker's death runs each process as its own node (``--nnodes``,
+or plain processes with ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``).
+
+Tuning: staleness grows with the number of workers (about ``R - 1`` for round-robin arrival); lower the rate
+or use staleness-aware updates when ``R`` is large; softsync ``n`` trades throughput (``n = 1``) for the
+synchronous trajectory (``n = R``); ``b = 1`` or ``2`` backup workers cut the straggler tail; ``k`` > 1
+divides the messages by ``k`` at the cost of larger, staler updates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distlearn.comm.p2p import REPLY, REQUEST, Header, Kind, Transport
+from distlearn.errors import CheckpointError, CommError, ConfigError
+from distlearn.launch import DistContext, in_torchrun, init_distributed, shutdown
+from distlearn.parallel.base import Strategy, StrategyStats, epoch_batches
+
+__all__ = ["ParameterServer", "PushGate", "shard_parameters"]
+
+OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+_ERROR_LAYOUT = 1
+
+
+def shard_parameters(sizes: list[int], servers: int) -> list[list[int]]:
+    """Split tensors of ``sizes`` elements over ``servers``: largest first, each to the least-loaded server.
+
+    Greedy LPT scheduling (Graham, 1969): the heaviest load is at most 4/3 of the optimum. Ties go to the
+    lower tensor index and the lower server. Returns each server's tensor indices in increasing order.
+    """
+    if servers < 1:
+        raise ConfigError(f"need at least one server, got {servers}")
+    loads = [0] * servers
+    assigned: list[list[int]] = [[] for _ in range(servers)]
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        target = min(range(servers), key=lambda s: (loads[s], s))
+        assigned[target].append(index)
+        loads[target] += sizes[index]
+    return [sorted(indices) for indices in assigned]
+
+
+class PushGate(Protocol):
+    """Hooks around each push of a worker (deterministic schedules in tests and experiments)."""
+
+    def before_push(self, worker: int, push: int) -> None: ...
+
+    def after_pull(self, worker: int, push: int) -> None: ...
+
+
+def _log(message: str) -> None:
+    print(f"[distlearn ps] {message}", file=sys.stderr, flush=True)
+
+
+class ParameterServer(Strategy):
+    """Downpour-style asynchronous SGD on parameter servers (see the module docstring for the algorithm).
+
+    Args:
+        servers: number of server ranks ``S`` (ranks ``0 .. S-1``); the other ranks are workers.
+        softsync: group size ``n``: apply the mean of every ``n`` gradients (1: async; R: synchronous).
+        backup_workers: ``b``: take each step on the first ``R = workers - b`` gradients, drop the rest.
+        local_steps: ``k``: push and pull every ``k`` steps, local optimizer steps in between.
+        staleness_aware: divide each gradient by ``max(1, staleness)`` (Zhang et al., 2016).
+        optimizer: the servers' optimizer: a name for :func:`distlearn.train.create_optimizer`, or a callable
+            building an optimizer over a list of tensors.
+        lr, optimizer_options: its learning rate (None: the optimizer's default) and hyper-parameters.
+            The lr a worker's optimizer has at the push (its schedule) travels in the header and is used.
+        timeout_s: deadline of every message; a dead server raises CommError on the workers.
+        worker_timeout_s: silence after which a server declares a worker dead and goes on without it.
+        clip_grad_norm: clip each pushed gradient's 2-norm on the worker (None: no clipping).
+        out: run directory: servers write ``ps-server<rank>.json`` (updates, staleness, drops) there and
+            their checkpoints under ``out/checkpoints``.
+        resume: the worker checkpoint the run resumes from; servers load their matching state.
+        keep_checkpoints: server checkpoints kept on disk.
+        gate: optional :class:`PushGate` called around each push (for deterministic schedules).
+    """
+
+    name = "ps"
+
+    def __init__(
+        self,
+        *,
+        servers: int = 1,
+        softsync: int = 1,
+        backup_workers: int = 0,
+        local_steps: int = 1,
+        staleness_aware: bool = False,
+        optimizer: str | OptimizerFactory = "sgd",
+        lr: float | None = None,
+        optimizer_options: dict[str, Any] | None = None,
+        timeout_s: float = 300.0,
+        worker_timeout_s: float = 60.0,
+        clip_grad_norm: float | None = None,
+        out: str | Path | None = None,
+        resume: str | Path | None = None,
+        keep_checkpoints: int = 2,
+        gate: PushGate | None = None,
+    ) -> None:
+        super().__init__()
+        for flag, value in (("--servers", servers), ("--softsync", softsync), ("--local-steps", local_steps)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{flag} must be an integer >= 1, got {value!r}")
+        if backup_workers < 0:
+            raise ConfigError(f"--backup-workers must be >= 0, got {backup_workers}")
+        if backup_workers and softsync != 1:
+            raise ConfigError(
+                "--backup-workers and --softsync both set the group size; backup workers already apply "
+                "each step on the first R gradients -- drop --softsync"
+            )
+        if timeout_s <= 0 or worker_timeout_s <= 0:
+            raise ConfigError("--comm-timeout and --worker-timeout must be positive")
+        if keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
+        self.servers = servers
+        self.softsync = softsync
+        self.backup_workers = backup_workers
+        self.local_steps = local_steps
+        self.staleness_aware = staleness_aware
+        self.optimizer_spec = optimizer
+        self.lr = lr
+        self.optimizer_options = dict(optimizer_options or {})
+        self.timeout_s = timeout_s
+        self.worker_timeout_s = worker_timeout_s
+        self.clip_grad_norm = clip_grad_norm
+        self.out = Path(out) if out is not None else None
+        self.resume = resume
+        self.keep_checkpoints = keep_checkpoints
+        self.gate = gate
+        self._context: DistContext | None = None
+        self._owns_group = False
+        self.transport: Transport | None = None
+        # worker state
+        self._params: list[torch.Tensor] = []
+        self._plan: list[list[int]] = []
+        self._versions: list[int] = []
+        self._accumulated: list[torch.Tensor] | None = None
+        self._local = 0
+        self._pushes = 0
+        self._steps_done = 0
+        self._staleness_window: list[float] = []
+        self.staleness_seen: list[list[int]] = []
+        """Per push, the staleness each server recorded for it (-1: dropped as late)."""
+        self._heartbeat: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._heartbeat_error: BaseException | None = None
+        self.server_report: dict[str, Any] = {}
+
+    @classmethod
+    def from_config(cls, config: Any) -> ParameterServer:
+        from distlearn.train import needs_closure, parse_options
+
+        if needs_closure(config.optimizer):
+            raise ConfigError(
+                f"--optimizer {config.optimizer} re-evaluates the loss inside its step, which a parameter "
+                "server cannot do; choose a first-order optimizer (sgd, momentum, adam, ...)"
+            )
+        return cls(
+            servers=getattr(config, "servers", 1),
+            softsync=getattr(config, "softsync", 1),
+            backup_workers=getattr(config, "backup_workers", 0),
+            local_steps=getattr(config, "local_steps", 1),
+            staleness_aware=getattr(config, "staleness_aware", False),
+            optimizer=config.optimizer,
+            lr=config.lr,
+            optimizer_options=parse_options(config.optimizer_option),
+            timeout_s=config.comm_timeout,
+            worker_timeout_s=getattr(config, "worker_timeout", 60.0),
+            clip_grad_norm=config.clip_grad_norm,
+            out=config.out,
+            resume=config.resume,
+            keep_checkpoints=config.keep_checkpoints,
+        )
+
+    # -- roles ----------------------------------------------------------------------------------------------
+
+    @property
+    def workers(self) -> int:
+        """Number of worker ranks ``W`` (``R + b``)."""
+        return self.world_size - self.servers
+
+    @property
+    def is_main(self) -> bool:
+        """The first worker does the job's I/O (rank 0 is a server and never runs the loop)."""
+        return self.rank == self.servers
+
+    @property
+    def replicas(self) -> int:
+        return max(1, self.workers)
+
+    @property
+    def replica_index(self) -> int:
+        return max(0, self.rank - self.servers)
+
+    @property
+    def group_size(self) -> int:
+        """Gradients per server update: ``n`` (softsync) or ``R`` (backup workers)."""
+        return self.workers - self.backup_workers if self.backup_workers else self.softsync
+
+    def setup(self, seed: int) -> None:
+        if self._context is not None:
+            return
+        already = dist.is_available() and dist.is_initialized()
+        if not already and not in_torchrun():
+            raise ConfigError(
+                "the ps strategy runs one process per server and per worker: use `distlearn train "
+                "--strategy ps --workers N --servers S` (N counts both), or start the job with torchrun"
+            )
+        self._context = init_distributed(timeout_s=self.timeout_s)
+        self._owns_group = not already
+        self.rank, self.world_size = self._context.rank, self._context.world_size
+        if self.workers < 1:
+            raise ConfigError(
+                f"{self.world_size} processes leave no worker after {self.servers} server(s); "
+                f"use --workers {self.servers + 1} or more (servers + workers)"
+            )
+        if self.backup_workers >= self.workers:
+            raise ConfigError(
+                f"--backup-workers {self.backup_workers} leaves no worker of {self.workers} to take the "
+                f"step; use at most {self.workers - 1}"
+            )
+        if self.softsync > self.workers:
+            raise ConfigError(
+                f"--softsync {self.softsync} exceeds the {self.workers} workers (n = R is synchronous); "
+                f"use at most {self.workers}"
+            )
+        self.role = "server" if self.rank < self.servers else "worker"
+        self.transport = Transport(self.rank, timeout_s=self.timeout_s)
+
+    # -- data: R + b workers each see M = B / R examples ----------------------------------------------------
+
+    def local_batch(self, global_batch: int) -> int:
+        takers = self.workers - self.backup_workers
+        if global_batch < 1 or global_batch % takers:
+            raise ConfigError(
+                f"global batch {global_batch} must be a positive multiple of the {takers} workers whose "
+                f"gradients make a step; use --batch-size {max(1, global_batch // takers) * takers}"
+            )
+        return global_batch // takers
+
+    def steps_per_epoch(self, n: int, global_batch: int) -> int:
+        return n // (self.local_batch(global_batch) * self.workers)
+
+    def batches(
+        self, n: int, *, global_batch: int, seed: int, epoch: int, start_step: int = 0
+    ) -> Iterator[torch.Tensor]:
+        local = self.local_batch(global_batch)
+        return epoch_batches(
+            n,
+            global_batch=local * self.workers,
+            seed=seed,
+            epoch=epoch,
+            rank=self.replica_index,
+            world_size=self.workers,
+            start_step=start_step,
+        )
+
+    # -- worker side ----------------------------------------------------------------------------------------
+
+    def prepare(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._plan = shard_parameters([p.numel() for p in self._params], self.servers)
+        self._versions = [0] * self.servers
+        self._pull(initial=True)
+        self._stop.clear()
+        self._heartbeat = threading.Thread(target=self._beat, name="ps-heartbeat", daemon=True)
+        self._heartbeat.start()
+        return model, optimizer
+
+    def _shard_values(self, server: int) -> torch.Tensor:
+        indices = self._plan[server]
+        sizes = torch.tensor([float(self._params[i].numel()) for i in indices], dtype=torch.float64)
+        if not indices:
+            return sizes
+        values = torch.cat([self._params[i].detach().reshape(-1).double() for i in indices])
+        return torch.cat([sizes, values])
+
+    def _pull(self, initial: bool) -> None:
+        """Send INIT (our layout and initial values) to every server and load the weights they answer."""
+        assert self.transport is not None
+        pending = []
+        for server in range(self.servers):
+            payload = self._shard_values(server)
+            header = Header(Kind.INIT, length=payload.numel(), flag=len(self._plan[server]), sender=self.rank)
+            pending += self.transport.isend(server, header, payload, tag=REQUEST)
+        self.transport.finish(pending)
+        for server in range(self.servers):
+            self._receive_params(server, "the initial pull")
+
+    def _receive_params(self, server: int, what: str) -> Header:
+        assert self.transport is not None
+        header = self.transport.recv_header(server, tag=REPLY, what=f"{what} (reply header)")
+        if header.kind == Kind.ERROR:
+            raise ConfigError(
+                f"server rank {server} refused worker rank {self.rank}: this worker's model does not match "
+                "the parameters the server holds (different architecture, or a checkpoint of another model); "
+                "every process must build the same --model"
+            )
+        if header.kind != Kind.PARAMS:
+            raise CommError(
+                f"rank {self.rank}: expected PARAMS from server rank {server}, got {header.kind.name}"
+            )
+        indices = self._plan[server]
+        numel = sum(self._params[i].numel() for i in indices)
+        if header.length != numel:
+            raise CommError(
+                f"rank {self.rank}: server rank {server} sent {header.length} parameters, expected {numel}"
+            )
+        flat = torch.empty(numel, dtype=torch.float32)
+        self.transport.recv_payload(server, flat, tag=REPLY, what=f"{what} (parameters)")
+        offset = 0
+        with torch.no_grad():
+            for i in indices:
+                p = self._params[i]
+                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+        self._versions[server] = header.version
+        return header
+
+    def _beat(self) -> None:
+        assert self.transport is not None
+        interval = self.worker_timeout_s / 4
+        while not self._stop.wait(interval):
+            try:
+                for server in range(self.servers):
+                    self.transport.send(server, Header(Kind.HEARTBEAT, sender=self.rank), tag=REQUEST)
+            except BaseException as error:  # the main loop reports the dead server on its next message
+                self._heartbeat_error = error
+                return
+
+    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        if self.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm)
+        if self.local_steps > 1:
+            if self._accumulated is None:
+                self._accumulated = [torch.zeros_like(p) for p in self._params]
+            for total, p in zip(self._accumulated, self._params, strict=True):
+                if p.grad is not None:
+                    total.add_(p.grad)
+        self._local += 1
+        if self._local % self.local_steps:
+            return  # a local step: the worker's own optimizer applies this gradient
+        gradients = self._accumulated or [
+            p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params
+        ]
+        self._exchange(gradients, float(optimizer.param_groups[0]["lr"]), step)
+        for p in self._params:
+            p.grad = None  # the server applied it: the worker's optimizer.step() does nothing this step
+        if self._accumulated is not None:
+            for total in self._accumulated:
+                total.zero_()
+
+    def _exchange(self, gradients: list[torch.Tensor], lr: float, step: int) -> None:
+        assert self.transport is not None
+        if self.gate is not None:
+            self.gate.before_push(self.replica_index, self._pushes)
+        pending = []
+        for server in range(self.servers):
+            indices = self._plan[server]
+            payload = (
+                torch.cat([gradients[i].detach().reshape(-1).float() for i in indices])
+                if indices
+                else torch.empty(0)
+            )
+            header = Header(
+                Kind.PUSH, version=self._versions[server], step=step, length=payload.numel(), lr=lr,
+                sender=self.rank,
+            )  # fmt: skip
+            pending += self.transport.isend(server, header, payload, tag=REQUEST)
+        self.transport.finish(pending)
+        seen = []
+        for server in range(self.servers):
+            header = self._receive_params(server, f"the pull after push {self._pushes}")
+            staleness = int(header.staleness) if header.flag == 0 else -1
+            seen.append(staleness)
+            if staleness >= 0:
+                self._staleness_window.append(staleness)
+        self.staleness_seen.append(seen)
+        if self.gate is not None:
+            self.gate.after_pull(self.replica_index, self._pushes)
+        self._pushes += 1
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        self._steps_done = step + 1
+
+    def barrier(self) -> None:
+        """No barrier: workers finish independently (a dead worker must not block the others)."""
+
+    def stats(self) -> StrategyStats:
+        if self.transport is None:
+            return {}
+        result: StrategyStats = {
+            "bytes_sent": int(self.transport.bytes_sent),
+            "bytes_received": int(self.transport.bytes_received),
+        }
+        if self._staleness_window:
+            result["staleness"] = sum(self._staleness_window) / len(self._staleness_window)
+            self._staleness_window = []
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        """Ask every server to checkpoint now (tagged with this worker's step) and record their versions."""
+        if self.role != "worker" or self.transport is None:
+            return {}
+        for server in range(self.servers):
+            self.transport.send(
+                server, Header(Kind.CHECKPOINT, step=self._steps_done, sender=self.rank), tag=REQUEST
+            )
+        versions = []
+        for server in range(self.servers):
+            header = self.transport.recv_header(server, tag=REPLY, what="the checkpoint acknowledgement")
+            if header.kind != Kind.ACK:
+                raise CommError(
+                    f"rank {self.rank}: server rank {server} answered a checkpoint with {header.kind.name}"
+                )
+            versions.append(header.version)
+        state: dict[str, Any] = {
+            "server_step": self._steps_done,
+            "server_versions": versions,
+            "local": self._local,
+            "pushes": self._pushes,
+        }
+        if self._accumulated is not None:
+            state["accumulated"] = [t.clone() for t in self._accumulated]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        self._local = int(state["local"])
+        self._pushes = int(state["pushes"])
+        if "accumulated" in state:
+            self._accumulated = [t.clone() for t in state["accumulated"]]
+        if self.role == "worker" and self.transport is not None and self._params:
+            self._pull(initial=False)  # the trainer just loaded the checkpoint's weights: take the servers'
+
+    def close(self) -> None:
+        if self._heartbeat is not None:
+            self._stop.set()
+            self._heartbeat.join(timeout=self.worker_timeout_s)
+            self._heartbeat = None
+        if self.role == "worker" and self.transport is not None and self._context is not None:
+            for server in range(self.servers):
+                with contextlib.suppress(CommError):  # a server that is gone needs no goodbye
+                    self.transport.send(
+                        server, Header(Kind.DONE, sender=self.rank), tag=REQUEST, timeout_s=10
+                    )
+        if self._owns_group:
+            shutdown()
+            self._owns_group = False
+        self._context = None
+
+    # -- server side ----------------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Run this server until every worker is done or dead (see :class:`_ServerLoop`)."""
+        assert self.transport is not None
+        loop = _ServerLoop(self)
+        try:
+            loop.run()
+        finally:
+            self.server_report = loop.report()
+            loop.write_report()
+
+    def describe(self) -> str:
+        mode = (
+            f"backup b={self.backup_workers}"
+            if self.backup_workers
+            else ("async" if self.softsync == 1 else f"{self.softsync}-softsync")
+        )
+        extras = (", staleness-aware" if self.staleness_aware else "") + (
+            f", k={self.local_steps} local steps" if self.local_steps > 1 else ""
+        )
+        where = f"rank {self.rank} {self.role}"
+        return f"ps ({self.servers} server(s), {self.workers} workers, {mode}{extras}; {where})"
+
+
+class _ServerLoop:
+    """One server: its shard, optimizer, version, pending group and the live set of workers."""
+
+    def __init__(self, strategy: ParameterServer) -> None:
+        self.s = strategy
+        self.transport = strategy.transport
+        self.rank = strategy.rank
+        self.version = 0
+        self.sizes: list[int] | None = None
+        self.flat: torch.Tensor | None = None
+        self.grad_flat: torch.Tensor | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.pending: list[tuple[int, int, float, torch.Tensor, float]] = []
+        worker_ranks = range(strategy.servers, strategy.world_size)
+        self.live = set(worker_ranks)
+        self.last_heard = {w: time.monotonic() for w in worker_ranks}
+        self.done: list[int] = []
+        self.dead: list[int] = []
+        self.updates: list[list[int]] = []  # [version before the update, worker rank, staleness]
+        self.dropped: dict[int, int] = {}  # version -> late gradients dropped
+        self.pushes = 0
+        self.started = time.monotonic()
+        self.resumed_from: int | None = None
+        self._restore()
+
+    # state -------------------------------------------------------------------------------------------------
+
+    def _checkpoint_dir(self) -> Path | None:
+        return None if self.s.out is None else self.s.out / "checkpoints"
+
+    def _file(self, directory: Path, step: int) -> Path:
+        return directory / f"ps-server{self.rank}-step{step:08d}.pt"
+
+    def _restore(self) -> None:
+        if self.s.resume is None:
+            return
+        from distlearn.checkpoint import latest_checkpoint, load_checkpoint
+
+        path = Path(self.s.resume)
+        if path.is_dir():
+            path = latest_checkpoint(path) or path
+        state = load_checkpoint(path)["strategy"]
+        if "server_step" not in state:
+            raise CheckpointError(f"{path} was not written by a ps run (no server_step); drop --resume")
+        file = self._file(path.parent, int(state["server_step"]))
+        if not file.is_file():
+            raise CheckpointError(
+                f"server rank {self.rank}: {file} is missing -- the worker checkpoint {path} needs the "
+                "servers' files written with it; copy them next to it or resume from an older checkpoint"
+            )
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+        self._build([int(n) for n in saved["sizes"].tolist()])
+        assert self.flat is not None and self.optimizer is not None
+        self.flat.copy_(saved["flat"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.version = int(saved["version"])
+        self.resumed_from = self.version
+        self.updates = saved["updates"].tolist()
+        self.dropped = {int(v): int(c) for v, c in saved["dropped"].tolist()}
+        self.pushes = int(saved["pushes"])
+        _log(f"server rank {self.rank} resumed from {file} at version {self.version}")
+
+    def _build(self, sizes: list[int]) -> None:
+        self.sizes = sizes
+        total = sum(sizes)
+        self.flat = torch.zeros(total, dtype=torch.float32)
+        self.grad_flat = torch.zeros(total, dtype=torch.float32)
+        tensors = []
+        offset = 0
+        for n in sizes:
+            tensor = self.flat[offset : offset + n]
+            tensor.requires_grad_(True)
+            tensor.grad = self.grad_flat[offset : offset + n]
+            tensors.append(tensor)
+            offset += n
+        spec = self.s.optimizer_spec
+        if callable(spec):
+            self.optimizer = spec(tensors)
+        else:
+            from distlearn.train import create_optimizer
+
+            self.optimizer = create_optimizer(spec, tensors, lr=self.s.lr, **self.s.optimizer_options)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+
+    def state(self) -> dict[str, Any]:
+        assert self.flat is not None and self.optimizer is not None and self.sizes is not None
+        return {
+            "sizes": torch.tensor(self.sizes, dtype=torch.int64),
+            "flat": self.flat.detach().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "version": self.version,
+            "updates": torch.tensor(self.updates, dtype=torch.int64).reshape(-1, 3),
+            "dropped": torch.tensor(sorted(self.dropped.items()), dtype=torch.int64).reshape(-1, 2),
+            "pushes": self.pushes,
+        }
+
+    def save(self, step: int) -> None:
+        directory = self._checkpoint_dir()
+        if directory is None or self.flat is None:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        final = self._file(directory, step)
+        temporary = final.with_suffix(".tmp")
+        with open(temporary, "wb") as handle:
+            torch.save(self.state(), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, final)
+        mine = sorted(directory.glob(f"ps-server{self.rank}-step*.pt"))
+        for old in mine[: -self.s.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+
+    def report(self) -> dict[str, Any]:
+        staleness = [u[2] for u in self.updates]
+        return {
+            "rank": self.rank,
+            "version": self.version,
+            "resumed_from": self.resumed_from,
+            "pushes": self.pushes,
+            "applied": len(self.updates),
+            "dropped": sum(self.dropped.values()),
+            "dropped_per_version": {str(v): c for v, c in sorted(self.dropped.items())},
+            "updates": self.updates,
+            "mean_staleness": sum(staleness) / len(staleness) if staleness else None,
+            "max_staleness": max(staleness) if staleness else None,
+            "done_workers": self.done,
+            "dead_workers": self.dead,
+            "seconds": time.monotonic() - self.started,
+        }
+
+    def write_report(self) -> None:
+        if self.s.out is None:
+            return
+        self.s.out.mkdir(parents=True, exist_ok=True)
+        (self.s.out / f"ps-server{self.rank}.json").write_text(json.dumps(self.report(), indent=1))
+        if self.flat is not None:
+            torch.save(self.state(), self.s.out / f"ps-server{self.rank}-final.pt")
+
+    # the loop ----------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        assert self.transport is not None
+        while self.live:
+            waiting = self.transport.any_request()
+            received = waiting.wait(self.s.worker_timeout_s)
+            now = time.monotonic()
+            if received is None:  # nobody spoke for a whole timeout: every live worker is dead
+                for worker in sorted(self.live):
+                    self._lose(worker, f"silent for {self.s.worker_timeout_s:g} s")
+                break
+            peer, header = received
+            self.last_heard[peer] = now
+            if peer in self.live:
+                self._handle(peer, header)
+            elif header.kind in (Kind.PUSH, Kind.INIT) and header.length:
+                # a worker we declared dead came back: drain its payload, do not answer
+                self.transport.recv_payload(peer, torch.empty(header.length, dtype=self._dtype(header)),
+                                            tag=REQUEST, what="a late payload")  # fmt: skip
+            for worker in sorted(self.live):
+                if now - self.last_heard[worker] > self.s.worker_timeout_s:
+                    self._lose(worker, f"silent for {now - self.last_heard[worker]:.1f} s")
+            self._maybe_apply()
+
+    @staticmethod
+    def _dtype(header: Header) -> torch.dtype:
+        return torch.float64 if header.kind == Kind.INIT else torch.float32
+
+    def _lose(self, worker: int, why: str) -> None:
+        if worker not in self.live:
+            return
+        self.live.discard(worker)
+        self.dead.append(worker)
+        # its pending gradient, if any, still counts; it is just not answered
+        _log(
+            f"server rank {self.rank}: worker rank {worker} {why}; continuing with {len(self.live)} "
+            f"worker(s) at version {self.version}"
+        )
+
+    def _reply(self, worker: int, header: Header, payload: torch.Tensor | None = None) -> None:
+        assert self.transport is not None
+        try:
+            self.transport.send(worker, header, payload, tag=REPLY)
+        except CommError as error:
+            self._lose(worker, f"could not be answered ({str(error)[:160]})")
+
+    def _params_header(self, staleness: float = 0.0, dropped: bool = False) -> Header:
+        assert self.flat is not None
+        return Header(Kind.PARAMS, version=self.version, length=self.flat.numel(), staleness=staleness,
+                      flag=int(dropped), sender=self.rank)  # fmt: skip
+
+    def _handle(self, peer: int, header: Header) -> None:
+        assert self.transport is not None
+        kind = header.kind
+        if kind == Kind.HEARTBEAT:
+            return
+        if kind == Kind.DONE:
+            self.live.discard(peer)
+            self.done.append(peer)
+            return
+        if kind == Kind.CHECKPOINT:
+            self.save(header.step)
+            self._reply(peer, Header(Kind.ACK, version=self.version, step=header.step, sender=self.rank))
+            return
+        if kind == Kind.INIT:
+            payload = torch.empty(header.length, dtype=torch.float64)
+            self.transport.recv_payload(peer, payload, tag=REQUEST, what="an initial shard")
+            count = header.flag
+            sizes = [int(n) for n in payload[:count].tolist()]
+            if self.flat is None:
+                self._build(sizes)
+                assert self.flat is not None
+                self.flat.copy_(payload[count:].float())
+            if sizes != self.sizes:
+                self._reply(peer, Header(Kind.ERROR, flag=_ERROR_LAYOUT, sender=self.rank))
+                return
+            self._reply(peer, self._params_header(), self.flat)
+            return
+        if kind == Kind.PUSH:
+            gradient = torch.empty(header.length, dtype=torch.float32)
+            self.transport.recv_payload(peer, gradient, tag=REQUEST, what="a gradient")
+            self.pushes += 1
+            if self.flat is None or header.length != self.flat.numel():
+                self._reply(peer, Header(Kind.ERROR, flag=_ERROR_LAYOUT, sender=self.rank))
+                return
+            staleness = self.version - header.version
+            if self.s.backup_workers and header.version < self.version:
+                self.dropped[header.version] = self.dropped.get(header.version, 0) + 1
+                self._reply(peer, self._params_header(staleness, dropped=True), self.flat)
+                return
+            self.pending.append((peer, header.version, float(staleness), gradient, header.lr))
+            return
+        raise CommError(f"server rank {self.rank}: unexpected {kind.name} from rank {peer}")
+
+    def _maybe_apply(self) -> None:
+        if not self.pending:
+            return
+        waiting_live = sum(1 for entry in self.pending if entry[0] in self.live)
+        need = min(self.s.group_size, max(1, len(self.live)))
+        if len(self.pending) < need and waiting_live < len(self.live):
+            return
+        group = sorted(self.pending, key=lambda entry: entry[0])
+        self.pending = []
+        self._apply(group)
+
+    def _apply(self, group: list[tuple[int, int, float, torch.Tensor, float]]) -> None:
+        assert self.optimizer is not None and self.grad_flat is not None and self.flat is not None
+        self.grad_flat.zero_()
+        for _, _, staleness, gradient, _ in group:
+            scale = 1.0 / max(1.0, staleness) if self.s.staleness_aware else 1.0
+            self.grad_flat.add_(gradient, alpha=scale)
+        if len(group) > 1:
+            self.grad_flat.div_(len(group))
+        lrs = [lr for *_, lr in group if lr > 0]
+        if lrs:
+            lr = sum(lrs) / len(lrs)
+            for param_group in self.optimizer.param_groups:
+                param_group["lr"] = lr
+        self.optimizer.step()
+        for worker, _, staleness, _, _ in group:
+            self.updates.append([self.version, worker, int(staleness)])
+        self.version += 1
+        for worker, _, staleness, _, _ in group:
+            if worker in self.live:
+                self._reply(worker, self._params_header(staleness), self.flat)
