@@ -96,7 +96,8 @@ def resolve(config: RLConfig, algorithm: str) -> RLConfig:
         ("algo", config.algo in ("ppo", "a2c"), "use --algo ppo or --algo a2c"),
         (
             "minibatches",
-            config.minibatches >= 1 and config.rollout_steps % config.minibatches == 0,
+            algorithm in ("a3c", "gorila")
+            or (config.minibatches >= 1 and config.rollout_steps % config.minibatches == 0),
             "--minibatches must divide --rollout-steps (PPO splits the rollout's time steps)",
         ),
         ("timeout", config.timeout > 0, "use e.g. --timeout 60"),

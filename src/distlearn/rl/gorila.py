@@ -1,0 +1,307 @@
+"""Gorila: distributed DQN (Nair et al., "Massively Parallel Methods for Deep RL", ICML workshop 2015).
+
+Roles are ranks of one torchrun job talking over c10d point-to-point (tagged isend/irecv, every wait with a
+deadline): rank 0 is the **parameter server**, ranks 1..R are **bundles** -- the paper's bundled mode
+(its section 4: "each learner samples from the local replay memory of its bundled actor"), so the replay
+memory is sharded, one shard per actor, and transitions never cross the network. Each bundle:
+
+* **actor**: acts epsilon-greedily with ``Q(s, a; theta)`` (the latest weights from the server) and stores
+  ``(s, a, r, s', done)`` in its :class:`ReplayShard`;
+* **learner**: every ``--train-every`` actor steps samples a minibatch uniformly from its shard and computes
+  the DQN gradient ``grad_theta sum_j huber(y_j - Q(s_j, a_j; theta))`` with the target
+  ``y_j = r_j + gamma (1 - done_j) max_a' Q(s'_j, a'; theta^-)`` from its **target network** ``theta^-``;
+  sends it with the version of ``theta`` it used, and receives the server's newest ``theta``;
+* refreshes ``theta^- <- theta`` whenever the server's version crosses a multiple of ``--target-every``
+  (the paper's "every N updates the target network is updated from the parameter server").
+
+The **server** applies gradients as they arrive, in any order (asynchronous SGD; Adam here, AdaGrad in the
+paper), and records staleness = its version now minus the version the gradient was computed on. It also
+gathers the bundles' episode returns, decides when the job is solved, and answers STOP.
+
+Wire format (float32): bundle -> server ``[kind, version, env_steps, n_returns, returns[32], gradient]``;
+server -> bundle ``[kind, version, theta]``. Where we differ: one server rank (the paper shards theta over
+many), Adam instead of AdaGrad, Huber loss and gradient clipping as in later DQNs, and the ``--eps-*``
+schedule is shorter than the paper's Atari one. Tuning: ``--lr`` 5e-4, ``--target-every`` 100-500,
+``--train-every`` 1-4 (more learner updates per step learn faster per step, slower per second).
+
+Failure: a bundle that dies or stays silent for ``--timeout`` seconds is dropped by the server, which goes on
+with the others; a bundle whose server is gone fails with a CommError within ``--timeout``.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from distlearn.errors import CommError, ConfigError
+from distlearn.launch import in_torchrun, init_distributed, shutdown
+from distlearn.optim import Adam
+from distlearn.rl.common import (
+    EnvPool,
+    EpisodeStats,
+    QNetwork,
+    RLMetrics,
+    flat_parameters,
+    load_flat_parameters,
+    save_policy,
+    solved_threshold,
+)
+from distlearn.rl.config import RLConfig, resolve
+
+__all__ = ["ReplayShard", "run_gorila"]
+
+GRADIENT, DONE = 1.0, 2.0  # bundle -> server kinds
+CONTINUE, STOP = 0.0, 1.0  # server -> bundle kinds
+RETURN_SLOTS = 32
+HEADER = 4 + RETURN_SLOTS
+TO_SERVER_TAG, TO_BUNDLE_TAG = 11, 12
+
+
+class ReplayShard:
+    """One actor's replay memory: a ring buffer of the last ``capacity`` transitions, sampled uniformly.
+
+    ``add`` overwrites the oldest transition once full (first in, first out); ``sample(n)`` draws ``n``
+    indices uniformly with replacement from the stored ones, with the shard's own seeded generator.
+    """
+
+    def __init__(self, capacity: int, obs_dim: int, seed: int = 0) -> None:
+        if capacity < 1:
+            raise ConfigError(
+                f"replay capacity must be at least 1, got {capacity}; use e.g. --buffer-size 50000"
+            )
+        self.capacity = capacity
+        self.obs = torch.zeros(capacity, obs_dim)
+        self.next_obs = torch.zeros(capacity, obs_dim)
+        self.actions = torch.zeros(capacity, dtype=torch.long)
+        self.rewards = torch.zeros(capacity)
+        self.dones = torch.zeros(capacity)
+        self.size = 0
+        self.added = 0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, obs: torch.Tensor, action: int, reward: float, next_obs: torch.Tensor, done: float) -> None:
+        slot = self.added % self.capacity
+        self.obs[slot], self.actions[slot], self.rewards[slot] = obs, action, reward
+        self.next_obs[slot], self.dones[slot] = next_obs, done
+        self.added += 1
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample_indices(self, batch_size: int) -> torch.Tensor:
+        if self.size == 0:
+            raise ConfigError(
+                "cannot sample from an empty replay shard; wait for --learning-starts transitions"
+            )
+        return torch.randint(self.size, (batch_size,), generator=self.generator)
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        """``(obs, actions, rewards, next_obs, dones)`` of ``batch_size`` uniformly drawn transitions."""
+        i = self.sample_indices(batch_size)
+        return self.obs[i], self.actions[i], self.rewards[i], self.next_obs[i], self.dones[i]
+
+
+def run_gorila(config: RLConfig, *, fail_rank: int | None = None) -> dict[str, Any]:
+    """Run this rank's role (rank 0: parameter server; others: actor/replay/learner bundles).
+
+    ``fail_rank`` (for tests) makes that bundle exit with code 3 after its first gradient.
+    """
+    config = resolve(config, "gorila")
+    if not in_torchrun():
+        raise ConfigError(
+            "gorila runs as a torchrun job of R + 1 ranks: use `distlearn rl gorila --workers R`"
+        )
+    context = init_distributed(timeout_s=config.timeout)
+    if context.world_size < 2:
+        raise ConfigError("gorila needs a parameter server and at least one bundle: run with 2 or more ranks")
+    torch.set_num_threads(1)
+    out = Path(config.out or "runs/rl-gorila")
+    try:
+        if context.rank == 0:
+            return _parameter_server(config, context.world_size, out)
+        return _bundle(config, context.rank, context.world_size, fail=context.rank == fail_rank)
+    finally:
+        shutdown()
+
+
+def _wait(work: Any, timeout_s: float, what: str) -> None:
+    try:
+        completed = work.wait(timedelta(seconds=timeout_s))
+    except Exception as error:  # gloo raises RuntimeError subclasses for timeouts and closed peers
+        raise CommError(
+            f"gorila: {what} failed ({str(error).splitlines()[0]}); a peer may have died"
+        ) from error
+    if completed is False:
+        raise CommError(f"gorila: {what} timed out after {timeout_s:g} s; a peer may have died")
+
+
+def _network(config: RLConfig) -> tuple[QNetwork, EnvPool]:
+    torch.manual_seed(config.seed)
+    envs = EnvPool(config.env, 1, config.seed)
+    return QNetwork(envs.obs_dim, envs.num_actions), envs
+
+
+def _parameter_server(config: RLConfig, world_size: int, out: Path) -> dict[str, Any]:
+    model, probe = _network(config)
+    probe.close()
+    optimizer = Adam(model.parameters(), lr=config.lr, eps_hat=False)
+    params = list(model.parameters())
+    size = sum(p.numel() for p in params)
+    active = set(range(1, world_size))  # bundles not yet told to stop
+    inbox = torch.zeros(HEADER + size)
+    stats = EpisodeStats(solved_threshold(config.env))
+    metrics = RLMetrics(
+        out,
+        rank=0,
+        world_size=world_size,
+        role="server",
+        algorithm="gorila",
+        env_id=config.env,
+        quiet=config.quiet,
+    )
+    version, start, last_log, bytes_sent = 0, time.perf_counter(), time.perf_counter(), 0
+    lost: list[str] = []
+    while active:
+        # the next message from any bundle, in arrival order (gloo's receive-from-any-source)
+        work = dist.irecv(inbox, src=None, tag=TO_SERVER_TAG)
+        try:
+            _wait(work, config.timeout, "server waiting for a gradient")
+        except CommError as error:
+            # every remaining bundle silent for --timeout seconds (or its connection broke): end the job
+            lost.append(f"{sorted(active)}: {error}")
+            print(f"[gorila] bundles {sorted(active)} lost ({error}); the server stops", flush=True)
+            break
+        k = int(work._source_rank())
+        kind, used_version, steps, count = inbox[:4].tolist()
+        stats.add(inbox[4 : 4 + int(count)].tolist(), int(steps))
+        if kind == DONE:
+            active.discard(k)
+            continue
+        offset = HEADER  # apply the gradient: theta <- Adam(theta, g)
+        for p in params:
+            p.grad = inbox[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        optimizer.step()
+        version += 1
+        metrics.add_staleness(version - 1 - used_version)  # updates applied since the bundle read theta
+        finished = (
+            (stats.solved and config.stop_when_solved)
+            or time.perf_counter() - start > config.time_limit
+            or stats.env_steps >= config.total_steps
+        )
+        reply = torch.cat(
+            [torch.tensor([STOP if finished else CONTINUE, float(version)]), flat_parameters(model)]
+        )
+        try:
+            _wait(
+                dist.isend(reply, dst=k, tag=TO_BUNDLE_TAG),
+                config.timeout,
+                f"server sending theta to bundle {k}",
+            )
+        except CommError as error:
+            lost.append(f"{k}: {error}")
+            print(f"[gorila] bundle {k} lost ({error}); going on with the others", flush=True)
+            active.discard(k)
+            continue
+        bytes_sent += reply.numel() * reply.element_size()
+        if finished:
+            active.discard(k)
+        if time.perf_counter() - last_log >= config.log_every:
+            last_log = time.perf_counter()
+            metrics.log(version, stats, bytes_sent=bytes_sent)
+    summary = metrics.log(version, stats, kind="summary", bytes_sent=bytes_sent, lost_bundles=lost)
+    metrics.close()
+    save_policy(out / "policy.pt", model, config.env, algorithm="gorila", updates=version)
+    return {
+        "algorithm": "gorila",
+        "workers": world_size - 1,
+        "rank": 0,
+        "env_steps": stats.env_steps,
+        "updates": version,
+        "seconds": time.perf_counter() - start,
+        "solved_env_steps": stats.solved_at[0] if stats.solved_at else None,
+        "solved_seconds": stats.solved_at[1] if stats.solved_at else None,
+        "final_return": stats.mean_return,
+        "env_steps_per_s": summary.samples_per_s,
+        "lost_bundles": lost,
+    }
+
+
+def _bundle(config: RLConfig, rank: int, world_size: int, *, fail: bool) -> dict[str, Any]:
+    online, _ = _network(config)
+    envs = EnvPool(config.env, 1, config.seed, first_index=rank)
+    target = QNetwork(envs.obs_dim, envs.num_actions)
+    target.load_state_dict(online.state_dict())
+    replay = ReplayShard(config.buffer_size, envs.obs_dim, seed=config.seed * 1000 + rank)
+    explore = np.random.default_rng(config.seed * 1000 + rank)
+    size = sum(p.numel() for p in online.parameters())
+    reply = torch.zeros(2 + size)
+    version, target_epoch, steps, unsent_steps = 0, 0, 0, 0
+    unsent_returns: list[float] = []
+    while True:
+        # actor: epsilon-greedy, epsilon decaying linearly from eps_start to eps_end
+        epsilon = max(
+            config.eps_end,
+            config.eps_start - (config.eps_start - config.eps_end) * steps / config.eps_decay_steps,
+        )
+        obs = envs.obs[0]
+        if explore.random() < epsilon:
+            action = int(explore.integers(envs.num_actions))
+        else:
+            with torch.no_grad():
+                action = int(online(obs[None]).argmax(-1))
+        # a time-limit truncation is stored as terminal, like every algorithm here (see common.py)
+        before = obs.clone()
+        next_obs, reward, done = envs.step(torch.tensor([action]))
+        # after an episode's end the pool has reset the env; that state is multiplied by 1 - done = 0 in the
+        # target, so we store the pre-step state instead of the next episode's first state
+        true_next = next_obs[0] if not done[0] else before
+        replay.add(before, action, float(reward[0]), true_next, float(done[0]))
+        steps += 1
+        unsent_steps += 1
+        unsent_returns += envs.finished_returns
+        if len(replay) < config.learning_starts or steps % config.train_every:
+            continue
+        # learner: the DQN gradient on a minibatch of this bundle's shard
+        states, actions, rewards, next_states, dones = replay.sample(config.batch_size)
+        with torch.no_grad():
+            y = rewards + config.gamma * (1 - dones) * target(next_states).max(-1).values
+        q = online(states).gather(-1, actions[:, None]).squeeze(-1)
+        loss = F.smooth_l1_loss(q, y)
+        online.zero_grad()
+        loss.backward()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(online.parameters(), 10.0 * config.max_grad_norm)
+        sent_returns, unsent_returns = unsent_returns[:RETURN_SLOTS], unsent_returns[RETURN_SLOTS:]
+        header = torch.zeros(HEADER)
+        header[:4] = torch.tensor([GRADIENT, float(version), float(unsent_steps), float(len(sent_returns))])
+        header[4 : 4 + len(sent_returns)] = torch.tensor(sent_returns)
+        message = torch.cat([header, torch.cat([p.grad.reshape(-1) for p in online.parameters()])])
+        unsent_steps = 0
+        _wait(
+            dist.isend(message, dst=0, tag=TO_SERVER_TAG),
+            config.timeout,
+            f"bundle {rank} sending its gradient",
+        )
+        if fail:
+            import os
+
+            os._exit(3)
+        _wait(dist.irecv(reply, src=0, tag=TO_BUNDLE_TAG), config.timeout, f"bundle {rank} receiving theta")
+        version = int(reply[1])
+        load_flat_parameters(online, reply[2:])
+        if version // config.target_every != target_epoch:  # theta^- <- theta every target_every updates
+            target_epoch = version // config.target_every
+            target.load_state_dict(online.state_dict())
+        if reply[0] == STOP:
+            break
+    envs.close()
+    return {"algorithm": "gorila", "rank": rank, "workers": world_size - 1, "env_steps": steps}
