@@ -158,6 +158,22 @@ class TrainConfig:
     check_every: int = field(
         default=0, metadata={"help": "sync: verify every N steps that replicas hold identical weights"}
     )
+    servers: int = field(
+        default=1, metadata={"help": "ps: parameter-server ranks (the first S ranks); the rest are workers"}
+    )
+    softsync: int = field(
+        default=1, metadata={"help": "ps: apply gradients in groups of n (1: async, workers: synchronous)"}
+    )
+    backup_workers: int = field(
+        default=0, metadata={"help": "ps: b extra workers; each step uses the first R gradients, drops b"}
+    )
+    local_steps: int = field(default=1, metadata={"help": "ps: pull and push every k local steps"})
+    staleness_aware: bool = field(
+        default=False, metadata={"help": "ps: divide each gradient by its staleness (Zhang et al. 2016)"}
+    )
+    worker_timeout: float = field(
+        default=60.0, metadata={"help": "ps: seconds of silence after which a server drops a worker"}
+    )
     comm_timeout: float = field(
         default=300.0, metadata={"help": "seconds before a stuck collective or dead peer ends the job"}
     )
@@ -378,6 +394,11 @@ def validate_config(config: TrainConfig, *, check_optimizer: bool = True) -> Non
     positive("bucket_mb", config.bucket_mb, allow_zero=True)
     positive("check_every", config.check_every, allow_zero=True)
     positive("comm_timeout", config.comm_timeout)
+    positive("servers", config.servers)
+    positive("softsync", config.softsync)
+    positive("backup_workers", config.backup_workers, allow_zero=True)
+    positive("local_steps", config.local_steps)
+    positive("worker_timeout", config.worker_timeout)
     positive("epochs", config.epochs)
     positive("steps", config.steps, allow_none=True)
     positive("batch_size", config.batch_size)

@@ -125,10 +125,16 @@ def run_entry(suite: Suite, entry: Entry, runs_dir: Path, *, log: Any = None) ->
 def collect(run_dir: str | Path, target: float) -> dict[str, Any]:
     """The numbers of one finished run, from its metrics files (rank 0's and every other rank's)."""
     run_dir = Path(run_dir)
-    main = read_metrics(run_dir / "metrics.jsonl")
-    summary = next((r for r in reversed(main) if r.kind == "summary"), None)
+    # The evaluating process writes the summary: rank 0, or the first worker when rank 0 is a server.
+    main, summary = [], None
+    for path in sorted(run_dir.glob("metrics*.jsonl")):
+        records = read_metrics(path)
+        summary = next((r for r in reversed(records) if r.kind == "summary" and r.accuracy is not None), None)
+        if summary is not None:
+            main = records
+            break
     if summary is None:
-        raise ValueError(f"{run_dir}: the run has no summary record; did it finish?")
+        raise ValueError(f"{run_dir}: no process wrote a summary record; did the run finish?")
     evals = [r for r in main if r.kind == "eval" and r.accuracy is not None]
     hit = next((r for r in evals if r.accuracy >= target), None)
     bytes_sent, staleness = 0, []

@@ -20,6 +20,7 @@ STRATEGIES: dict[str, str] = {
     "single": "distlearn.parallel.single:SingleProcess",
     "sync": "distlearn.parallel.sync:SyncDataParallel",
     "ddp": "distlearn.parallel.ddp:TorchDDP",
+    "ps": "distlearn.parallel.ps:ParameterServer",
 }
 
 
