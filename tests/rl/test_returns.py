@@ -91,3 +91,17 @@ def test_policy_round_trip(tmp_path):
     torch.testing.assert_close(loaded(obs)[0], model(obs)[0], rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="no policy"):
         load_policy(tmp_path / "missing.pt")
+
+
+def test_play_runs_a_policy_and_writes_a_gif(tmp_path):
+    pytest.importorskip("pygame")
+    from PIL import Image
+
+    from distlearn.rl.play import play
+
+    torch.manual_seed(0)
+    save_policy(tmp_path / "policy.pt", ActorCritic(4, 2), "CartPole-v1")
+    returns = play(tmp_path / "policy.pt", episodes=2, gif=tmp_path / "run.gif", max_frames=40)
+    assert len(returns) == 2 and all(1 <= r <= 500 for r in returns)
+    with Image.open(tmp_path / "run.gif") as image:
+        assert image.n_frames == min(40, int(returns[0])) // 2 + (min(40, int(returns[0])) % 2)

@@ -24,7 +24,7 @@ from distlearn import config as config_tools
 from distlearn.launch import ENV_LAUNCHED, in_torchrun, launch_local
 from distlearn.rl.config import ALGORITHMS, RLConfig
 
-__all__ = ["add_arguments", "run", "to_argv"]
+__all__ = ["add_arguments", "main", "run", "run_algorithm", "to_argv"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     if name != "a3c" and not in_torchrun() and (nproc > 1 or name in ("naive", "gorila")):
         if os.environ.get(ENV_LAUNCHED):
             raise RuntimeError("a launched worker tried to launch workers")  # never happens via the CLI
-        program = ["distlearn", "rl", name, *to_argv(config)]
+        # the workers run this module directly, so the same command works before and after registration
+        program = ["distlearn.rl.cli", name, *to_argv(config)]
         return launch_local(
             program, nproc, timeout_s=config.time_limit + 5 * config.timeout + 60, threads_per_worker=1
         )
@@ -107,3 +108,21 @@ def run_algorithm(name: str, config: RLConfig) -> dict[str, Any]:
     from distlearn.rl.gorila import run_gorila
 
     return run_gorila(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m distlearn.rl.cli ALGORITHM ...``: the same as ``distlearn rl ALGORITHM ...``."""
+    from distlearn.errors import DistlearnError
+
+    parser = argparse.ArgumentParser(prog="distlearn rl", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except DistlearnError as error:
+        print(f"distlearn rl: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
