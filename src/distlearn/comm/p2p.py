@@ -201,6 +201,27 @@ class Transport:
             self.bytes_received += out.numel() * out.element_size()
         return out
 
+    def post_recv(self, peer: int, out: torch.Tensor, *, tag: int, what: str) -> tuple[Any, int, str]:
+        """Post a receive into ``out`` now (before sending the request it answers) and return its handle.
+
+        gloo hands a message over only once the receiver has posted its receive, so a process that sends
+        to several peers and then waits for their answers must post the receives first, or two of them can
+        wait for each other.
+        """
+        try:
+            work = dist.irecv(out, src=peer, tag=tag, group=self.group)
+        except RuntimeError as error:
+            raise CommError(f"rank {self.rank}: {what} from rank {peer} failed ({error})") from error
+        return work, peer, what
+
+    def complete(self, handle: tuple[Any, int, str], out: torch.Tensor) -> torch.Tensor:
+        """Wait for a receive of :meth:`post_recv` (CommError naming the peer on death or timeout)."""
+        work, peer, what = handle
+        self._wait(work, peer, what)
+        with self._lock:
+            self.bytes_received += out.numel() * out.element_size()
+        return out
+
     def any_request(self) -> AnyReceive:
         """Post one receive of a request header from whichever peer sends first."""
         return AnyReceive(self)

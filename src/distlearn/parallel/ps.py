@@ -73,7 +73,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distlearn.comm.p2p import REPLY, REQUEST, Header, Kind, Transport
+from distlearn.comm.p2p import HEADER_SIZE, REPLY, REQUEST, Header, Kind, Transport
 from distlearn.errors import CheckpointError, CommError, ConfigError
 from distlearn.launch import DistContext, in_torchrun, init_distributed, shutdown
 from distlearn.parallel.base import Strategy, StrategyStats, epoch_batches
@@ -341,39 +341,52 @@ class ParameterServer(Strategy):
     def _pull(self, initial: bool) -> None:
         """Send INIT (our layout and initial values) to every server and load the weights they answer."""
         assert self.transport is not None
+        replies = self._post_replies("the initial pull" if initial else "the pull after resuming")
         pending = []
         for server in range(self.servers):
             payload = self._shard_values(server)
             header = Header(Kind.INIT, length=payload.numel(), flag=len(self._plan[server]), sender=self.rank)
             pending += self.transport.isend(server, header, payload, tag=REQUEST)
         self.transport.finish(pending)
-        for server in range(self.servers):
-            self._receive_params(server, "the initial pull")
+        for server, reply in enumerate(replies):
+            self._receive_params(server, reply)
 
-    def _receive_params(self, server: int, what: str) -> Header:
+    def _post_replies(self, what: str) -> list[tuple[torch.Tensor, Any, torch.Tensor, Any]]:
+        """Post every server's reply receives (header and parameters) before sending the requests."""
         assert self.transport is not None
-        header = self.transport.recv_header(server, tag=REPLY, what=f"{what} (reply header)")
+        replies = []
+        for server in range(self.servers):
+            head = torch.empty(HEADER_SIZE, dtype=torch.float64)
+            flat = torch.empty(sum(self._params[i].numel() for i in self._plan[server]), dtype=torch.float32)
+            head_work = self.transport.post_recv(server, head, tag=REPLY, what=f"{what} (reply header)")
+            flat_work = (
+                self.transport.post_recv(server, flat, tag=REPLY + 1, what=f"{what} (parameters)")
+                if flat.numel()
+                else None
+            )
+            replies.append((head, head_work, flat, flat_work))
+        return replies
+
+    def _receive_params(self, server: int, reply: tuple[torch.Tensor, Any, torch.Tensor, Any]) -> Header:
+        assert self.transport is not None
+        head, head_work, flat, flat_work = reply
+        header = Header.from_tensor(self.transport.complete(head_work, head))
         if header.kind == Kind.ERROR:
             raise ConfigError(
                 f"server rank {server} refused worker rank {self.rank}: this worker's model does not match "
                 "the parameters the server holds (different architecture, or a checkpoint of another model); "
                 "every process must build the same --model"
             )
-        if header.kind != Kind.PARAMS:
+        if header.kind != Kind.PARAMS or header.length != flat.numel():
             raise CommError(
-                f"rank {self.rank}: expected PARAMS from server rank {server}, got {header.kind.name}"
+                f"rank {self.rank}: expected PARAMS of {flat.numel()} numbers from server rank {server}, got "
+                f"{header.kind.name} of {header.length}: the processes run different protocol versions"
             )
-        indices = self._plan[server]
-        numel = sum(self._params[i].numel() for i in indices)
-        if header.length != numel:
-            raise CommError(
-                f"rank {self.rank}: server rank {server} sent {header.length} parameters, expected {numel}"
-            )
-        flat = torch.empty(numel, dtype=torch.float32)
-        self.transport.recv_payload(server, flat, tag=REPLY, what=f"{what} (parameters)")
+        if flat_work is not None:
+            self.transport.complete(flat_work, flat)
         offset = 0
         with torch.no_grad():
-            for i in indices:
+            for i in self._plan[server]:
                 p = self._params[i]
                 p.copy_(flat[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
@@ -417,6 +430,7 @@ class ParameterServer(Strategy):
         assert self.transport is not None
         if self.gate is not None:
             self.gate.before_push(self.replica_index, self._pushes)
+        replies = self._post_replies(f"the pull after push {self._pushes}")
         pending = []
         for server in range(self.servers):
             indices = self._plan[server]
@@ -432,8 +446,8 @@ class ParameterServer(Strategy):
             pending += self.transport.isend(server, header, payload, tag=REQUEST)
         self.transport.finish(pending)
         seen = []
-        for server in range(self.servers):
-            header = self._receive_params(server, f"the pull after push {self._pushes}")
+        for server, reply in enumerate(replies):
+            header = self._receive_params(server, reply)
             staleness = int(header.staleness) if header.flag == 0 else -1
             seen.append(staleness)
             if staleness >= 0:
@@ -465,13 +479,18 @@ class ParameterServer(Strategy):
         """Ask every server to checkpoint now (tagged with this worker's step) and record their versions."""
         if self.role != "worker" or self.transport is None:
             return {}
+        acks = []
         for server in range(self.servers):
-            self.transport.send(
-                server, Header(Kind.CHECKPOINT, step=self._steps_done, sender=self.rank), tag=REQUEST
-            )
+            head = torch.empty(HEADER_SIZE, dtype=torch.float64)
+            acks.append((head, self.transport.post_recv(server, head, tag=REPLY, what="the checkpoint ack")))
+        pending = []
+        for server in range(self.servers):
+            header = Header(Kind.CHECKPOINT, step=self._steps_done, sender=self.rank)
+            pending += self.transport.isend(server, header, tag=REQUEST)
+        self.transport.finish(pending)
         versions = []
-        for server in range(self.servers):
-            header = self.transport.recv_header(server, tag=REPLY, what="the checkpoint acknowledgement")
+        for server, (head, handle) in enumerate(acks):
+            header = Header.from_tensor(self.transport.complete(handle, head))
             if header.kind != Kind.ACK:
                 raise CommError(
                     f"rank {self.rank}: server rank {server} answered a checkpoint with {header.kind.name}"
