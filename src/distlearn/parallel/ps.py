@@ -202,6 +202,8 @@ class ParameterServer(Strategy):
         self._staleness_window: list[float] = []
         self.staleness_seen: list[list[int]] = []
         """Per push, the staleness each server recorded for it (-1: dropped as late)."""
+        self._reply_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._push_buffers: list[torch.Tensor] = []
         self._heartbeat: threading.Thread | None = None
         self._stop = threading.Event()
         self._heartbeat_error: BaseException | None = None
@@ -355,9 +357,16 @@ class ParameterServer(Strategy):
         """Post every server's reply receives (header and parameters) before sending the requests."""
         assert self.transport is not None
         replies = []
+        if not self._reply_buffers:  # reused by every pull: a pull completes before the next is posted
+            self._reply_buffers = [
+                (
+                    torch.empty(HEADER_SIZE, dtype=torch.float64),
+                    torch.empty(sum(self._params[i].numel() for i in self._plan[s]), dtype=torch.float32),
+                )
+                for s in range(self.servers)
+            ]
         for server in range(self.servers):
-            head = torch.empty(HEADER_SIZE, dtype=torch.float64)
-            flat = torch.empty(sum(self._params[i].numel() for i in self._plan[server]), dtype=torch.float32)
+            head, flat = self._reply_buffers[server]
             head_work = self.transport.post_recv(server, head, tag=REPLY, what=f"{what} (reply header)")
             flat_work = (
                 self.transport.post_recv(server, flat, tag=REPLY + 1, what=f"{what} (parameters)")
@@ -431,14 +440,17 @@ class ParameterServer(Strategy):
         if self.gate is not None:
             self.gate.before_push(self.replica_index, self._pushes)
         replies = self._post_replies(f"the pull after push {self._pushes}")
+        if not self._push_buffers:
+            self._push_buffers = [
+                torch.empty(sum(self._params[i].numel() for i in self._plan[s]), dtype=torch.float32)
+                for s in range(self.servers)
+            ]
         pending = []
         for server in range(self.servers):
             indices = self._plan[server]
-            payload = (
-                torch.cat([gradients[i].detach().reshape(-1).float() for i in indices])
-                if indices
-                else torch.empty(0)
-            )
+            payload = self._push_buffers[server]  # reused: the send completes before the next push
+            if indices:
+                torch.cat([gradients[i].detach().reshape(-1).float() for i in indices], out=payload)
             header = Header(
                 Kind.PUSH, version=self._versions[server], step=step, length=payload.numel(), lr=lr,
                 sender=self.rank,
@@ -578,6 +590,7 @@ class _ServerLoop:
         self.updates: list[list[int]] = []  # [version before the update, worker rank, staleness]
         self.dropped: dict[int, int] = {}  # version -> late gradients dropped
         self.pushes = 0
+        self.free: list[torch.Tensor] = []  # gradient buffers to reuse once their group is applied
         self.started = time.monotonic()
         self.resumed_from: int | None = None
         self._restore()
@@ -775,7 +788,9 @@ class _ServerLoop:
             self._reply(peer, self._params_header(), self.flat)
             return
         if kind == Kind.PUSH:
-            gradient = torch.empty(header.length, dtype=torch.float32)
+            gradient = self.free.pop() if self.free and self.free[-1].numel() == header.length else None
+            if gradient is None:
+                gradient = torch.empty(header.length, dtype=torch.float32)
             self.transport.recv_payload(peer, gradient, tag=REQUEST, what="a gradient")
             self.pushes += 1
             if self.flat is None or header.length != self.flat.numel():
@@ -803,10 +818,15 @@ class _ServerLoop:
 
     def _apply(self, group: list[tuple[int, int, float, torch.Tensor, float]]) -> None:
         assert self.optimizer is not None and self.grad_flat is not None and self.flat is not None
-        self.grad_flat.zero_()
-        for _, _, staleness, gradient, _ in group:
+        for index, (_, _, staleness, gradient, _) in enumerate(group):
             scale = 1.0 / max(1.0, staleness) if self.s.staleness_aware else 1.0
-            self.grad_flat.add_(gradient, alpha=scale)
+            if index == 0:
+                torch.mul(gradient, scale, out=self.grad_flat) if scale != 1.0 else self.grad_flat.copy_(
+                    gradient
+                )
+            else:
+                self.grad_flat.add_(gradient, alpha=scale)
+            self.free.append(gradient)
         if len(group) > 1:
             self.grad_flat.div_(len(group))
         lrs = [lr for *_, lr in group if lr > 0]

@@ -1,0 +1,320 @@
+"""Parameter servers: accuracy vs wall time and vs updates per variant, and pushes/s against a Ray actor.
+
+Claims (issue 7), measured in one run on this machine:
+
+1. Fashion-MNIST (the real training set, a seeded subset), MLP, fixed global batch ``B``, one epoch:
+   test accuracy against wall time and against server updates for ``sync`` (our synchronous strategy),
+   ``ps`` (Downpour async), ``ps`` staleness-aware, ``ps`` 2-softsync, ``ps`` with one backup worker, and
+   ``ps`` with k = 4 local steps. One server, R = 3 workers (backup: R = 2 + b = 1), ``B = 60``.
+2. Pushes per second of our server (c10d point-to-point, one server + one worker process) against a
+   parameter server written as a Ray actor (``push(g) -> w`` applying SGD to a numpy array), on the same
+   tensor sizes, same update rule, the same synchronous push-then-pull loop; warm-up, then ``--trials``
+   timed rounds of ``--pushes`` pushes, median and spread. Ray is an optional bench-only dependency.
+
+    python benchmarks/ps_bench.py [--part all|accuracy|pushes] [--train-samples 12000] [--trials 3]
+
+Writes benchmarks/results/ps_bench.json and docs/img/ps-accuracy.png, docs/img/ps-pushes.png. On this
+2-core machine several processes share the cores (and other jobs ran at the same time): the accuracy
+curves show the algorithms' behaviour, not scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "ps_bench.json"
+IMG = ROOT / "docs" / "img"
+
+# name -> (strategy, processes, options)
+VARIANTS: dict[str, tuple[str, int, dict]] = {
+    "sync": ("sync", 3, {}),
+    "ps": ("ps", 4, {}),
+    "ps staleness-aware": ("ps", 4, {"staleness_aware": True}),
+    "ps 2-softsync": ("ps", 4, {"softsync": 2}),
+    "ps backup b=1": ("ps", 4, {"backup_workers": 1}),
+    "ps k=4 local steps": ("ps", 4, {"local_steps": 4}),
+}
+GLOBAL_BATCH = 60
+LR = 0.05
+
+
+# -- children (run under torchrun) ---------------------------------------------------------------------------
+
+
+def child_train(spec: dict) -> None:
+    from distlearn.data import load_dataset
+    from distlearn.parallel.ps import ParameterServer
+    from distlearn.parallel.sync import SyncDataParallel
+    from distlearn.train import TrainConfig, train
+
+    out = Path(spec["out"])
+    steps_per_eval = spec["eval_every"]
+    config = TrainConfig(
+        dataset="fashion-mnist", model="mlp", optimizer="momentum", lr=LR, batch_size=GLOBAL_BATCH, epochs=1,
+        train_samples=spec["train_samples"], test_samples=2000, eval_every=steps_per_eval, log_every=10**6,
+        checkpoints=False, progress="off", tensorboard="off", quiet=True, threads=1, out=str(out),
+    )  # fmt: skip
+    train_set, test_set = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
+    versions: dict[int, int] = {}
+
+    if spec["strategy"] == "sync":
+        strategy = SyncDataParallel(timeout_s=120)
+    else:
+
+        class Recording(ParameterServer):
+            def after_step(self, model, optimizer, step):  # noqa: ANN001
+                super().after_step(model, optimizer, step)
+                versions[step + 1] = self._versions[0] if self._versions else 0
+
+        strategy = Recording(optimizer="momentum", lr=LR, timeout_s=120, worker_timeout_s=60, out=out,
+                             **spec["options"])  # fmt: skip
+    result = train(config, strategy=strategy, train_data=train_set, test_data=test_set)
+    if strategy.is_main:
+        evals = [
+            {
+                "step": r.step,
+                "wall_time": r.wall_time,
+                "accuracy": r.accuracy,
+                "updates": r.step if spec["strategy"] == "sync" else versions.get(r.step, 0),
+            }
+            for r in result.evaluations
+        ]
+        record = {"evals": evals, "train_seconds": result.train_seconds, "steps": result.steps}
+        (out / "bench.json").write_text(json.dumps(record))
+
+
+def child_pushes(spec: dict) -> None:
+    """One server + one worker: time synchronous push/pull round trips of our strategy."""
+    from distlearn.parallel.ps import ParameterServer
+
+    strategy = ParameterServer(optimizer="sgd", lr=0.01, timeout_s=120, worker_timeout_s=60)
+    strategy.setup(0)
+    try:
+        if not strategy.trains:
+            strategy.serve()
+            return
+        timings: dict[str, list[float]] = {}
+        for size in spec["sizes"]:
+            model = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(size))])
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+            strategy.prepare(model, optimizer)
+            gradient = torch.randn(size, generator=torch.Generator().manual_seed(0))
+            step = 0
+
+            def rounds(
+                n: int,
+                model: torch.nn.ParameterList = model,
+                gradient: torch.Tensor = gradient,
+                optimizer: torch.optim.Optimizer = optimizer,
+            ) -> float:
+                nonlocal step
+                started = time.perf_counter()
+                for _ in range(n):
+                    model[0].grad = gradient
+                    strategy.before_step(model, optimizer, step)
+                    step += 1
+                return n / (time.perf_counter() - started)
+
+            rounds(spec["warmup"])
+            timings[str(size)] = [rounds(spec["pushes"]) for _ in range(spec["trials"])]
+        Path(spec["out"]).write_text(json.dumps(timings))
+    finally:
+        strategy.close()
+
+
+# -- the parent -------------------------------------------------------------------------------------------
+
+
+def run_child(kind: str, spec: dict, nproc: int, timeout: float = 300) -> None:
+    from distlearn.launch import launch_local
+
+    code = launch_local(
+        [__file__, f"--child-{kind}", json.dumps(spec)], nproc, module=False, timeout_s=timeout
+    )
+    if code != 0:
+        raise SystemExit(f"the {kind} job {spec} failed with exit code {code}")
+
+
+def accuracy_part(args: argparse.Namespace, scratch: Path) -> dict:
+    results = {}
+    for name, (strategy, nproc, options) in VARIANTS.items():
+        out = scratch / name.replace(" ", "_")
+        every = max(1, args.train_samples // GLOBAL_BATCH // 5)
+        spec = {"strategy": strategy, "options": options, "out": str(out),
+                "train_samples": args.train_samples, "eval_every": every}  # fmt: skip
+        started = time.perf_counter()
+        run_child("train", spec, nproc)
+        record = json.loads((out / "bench.json").read_text())
+        record["job_seconds"] = time.perf_counter() - started
+        server = out / "ps-server0.json"
+        if server.is_file():
+            served = json.loads(server.read_text())
+            keep = ("version", "pushes", "applied", "dropped", "mean_staleness", "max_staleness")
+            record["server"] = {key: served[key] for key in keep}
+        results[name] = record
+        final = record["evals"][-1]
+        print(f"{name:22s} acc {final['accuracy']:.4f}  updates {final['updates']:5d}  "
+              f"train {record['train_seconds']:.1f} s  server {record.get('server', {})}",
+              flush=True)  # fmt: skip
+    return results
+
+
+def ray_pushes(sizes: list[int], warmup: int, pushes: int, trials: int) -> dict[str, list[float]]:
+    import numpy as np
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+
+        @ray.remote
+        class RayParameterServer:
+            def __init__(self, size: int, lr: float) -> None:
+                self.w = np.zeros(size, dtype=np.float32)
+                self.lr = np.float32(lr)
+                self.version = 0
+
+            def push(self, gradient: np.ndarray) -> np.ndarray:
+                self.w -= self.lr * gradient
+                self.version += 1
+                return self.w
+
+        timings = {}
+        for size in sizes:
+            server = RayParameterServer.remote(size, 0.01)
+            gradient = torch.randn(size, generator=torch.Generator().manual_seed(0)).numpy()
+            local = np.zeros(size, dtype=np.float32)
+
+            def rounds(n: int, server=server, gradient=gradient, local=local) -> float:  # noqa: ANN001
+                started = time.perf_counter()
+                for _ in range(n):
+                    np.copyto(local, ray.get(server.push.remote(gradient)))
+                return n / (time.perf_counter() - started)
+
+            rounds(warmup)
+            timings[str(size)] = [rounds(pushes) for _ in range(trials)]
+            ray.kill(server)
+        return timings
+    finally:
+        ray.shutdown()
+
+
+def pushes_part(args: argparse.Namespace, scratch: Path) -> dict:
+    sizes = [1_000, 100_000, 1_000_000]
+    ours: dict[str, list[float]] = {}
+    for size in sizes:  # one job per size: a server's layout is fixed by its first worker
+        out = scratch / f"pushes-{size}.json"
+        spec = {"sizes": [size], "warmup": 20, "pushes": args.pushes, "trials": args.trials, "out": str(out)}
+        run_child("pushes", spec, 2)
+        ours.update(json.loads(out.read_text()))
+    try:
+        ray_version = __import__("ray").__version__
+        theirs = ray_pushes(sizes, 20, args.pushes, args.trials)
+    except ImportError:
+        ray_version, theirs = None, {}
+        print("Ray is not installed (pip install ray): only our server was measured", flush=True)
+    table = {}
+    for size in sizes:
+        row = {"ours": ours[str(size)], "ours_median": statistics.median(ours[str(size)])}
+        if theirs:
+            row.update(ray=theirs[str(size)], ray_median=statistics.median(theirs[str(size)]))
+            row["ratio"] = row["ours_median"] / row["ray_median"]
+        table[str(size)] = row
+        spread = f"[{min(ours[str(size)]):.0f}, {max(ours[str(size)]):.0f}]"
+        line = f"{size:>9,d} floats: ours {row['ours_median']:8.0f} pushes/s {spread}"
+        if theirs:
+            line += f"   ray {row['ray_median']:8.0f} pushes/s   ratio {row['ratio']:.2f}x"
+        print(line, flush=True)
+    return {"sizes": table, "ray_version": ray_version}
+
+
+def plot(record: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    IMG.mkdir(parents=True, exist_ok=True)
+    if "accuracy" in record:
+        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        for name, result in record["accuracy"].items():
+            evals = result["evals"]
+            left.plot([e["wall_time"] for e in evals], [e["accuracy"] for e in evals], marker="o", label=name)
+            right.plot([e["updates"] for e in evals], [e["accuracy"] for e in evals], marker="o", label=name)
+        left.set(xlabel="wall time (s)", ylabel="test accuracy", title="accuracy vs wall time")
+        right.set(xlabel="server updates", ylabel="test accuracy", title="accuracy vs updates")
+        left.legend(fontsize=8)
+        figure.suptitle(
+            f"Fashion-MNIST MLP, B = {GLOBAL_BATCH}, 1 server, 3 workers (2-core machine, loaded)"
+        )
+        figure.tight_layout()
+        figure.savefig(IMG / "ps-accuracy.png", dpi=110)
+        plt.close(figure)
+    if "pushes" in record:
+        sizes = list(record["pushes"]["sizes"])
+        figure, axis = plt.subplots(figsize=(6, 3.6))
+        width = 0.38
+        xs = range(len(sizes))
+        ours = [record["pushes"]["sizes"][s]["ours_median"] for s in sizes]
+        axis.bar([x - width / 2 for x in xs], ours, width, label="distlearn ps (c10d p2p)")
+        if record["pushes"]["ray_version"]:
+            ray = [record["pushes"]["sizes"][s]["ray_median"] for s in sizes]
+            axis.bar(
+                [x + width / 2 for x in xs], ray, width, label=f"Ray actor {record['pushes']['ray_version']}"
+            )
+        axis.set_xticks(list(xs), [f"{int(s):,} floats" for s in sizes])
+        axis.set(ylabel="push+pull round trips / s", yscale="log", title="parameter-server pushes per second")
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(IMG / "ps-pushes.png", dpi=110)
+        plt.close(figure)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["all", "accuracy", "pushes"], default="all")
+    parser.add_argument("--train-samples", type=int, default=12000)
+    parser.add_argument("--pushes", type=int, default=200)
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--child-train")
+    parser.add_argument("--child-pushes")
+    args = parser.parse_args()
+    if args.child_train:
+        child_train(json.loads(args.child_train))
+        return 0
+    if args.child_pushes:
+        child_pushes(json.loads(args.child_pushes))
+        return 0
+    started = time.perf_counter()
+    record: dict = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    with tempfile.TemporaryDirectory(prefix="ps-bench-") as scratch:
+        if args.part in ("all", "pushes"):
+            record["pushes"] = pushes_part(args, Path(scratch))
+        if args.part in ("all", "accuracy"):
+            record["accuracy"] = accuracy_part(args, Path(scratch))
+    record.update(
+        command="python benchmarks/ps_bench.py " + " ".join(sys.argv[1:]),
+        machine={"platform": platform.platform(), "cores": os.cpu_count(), "load_average": os.getloadavg()},
+        versions={"torch": str(torch.__version__), "python": platform.python_version()},
+        seconds=time.perf_counter() - started,
+        note="measured while other jobs shared the 2 cores (see load_average)",
+    )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(record, indent=1) + "\n")
+    plot(record)
+    print(f"wrote {RESULTS} and docs/img/ps-*.png in {record['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
