@@ -306,3 +306,16 @@ def test_bad_ps_settings_are_rejected():
         ParameterServer(softsync=2, backup_workers=1)
     with pytest.raises(ConfigError, match="--workers N"):
         ParameterServer().setup(0)
+
+
+def test_settings_come_from_the_train_config(tmp_path):
+    config = ps_config(tmp_path)
+    config.clip_grad_norm = 1.5
+    strategy = ParameterServer.from_config(config)
+    settings = (strategy.servers, strategy.softsync, strategy.backup_workers, strategy.local_steps)
+    assert settings == (1, 1, 0, 1)
+    assert strategy.optimizer_spec == "sgd" and strategy.lr == LR and strategy.clip_grad_norm == 1.5
+    assert strategy.out == tmp_path
+    config.optimizer = "cg-fr"
+    with pytest.raises(ConfigError, match="first-order"):
+        ParameterServer.from_config(config)
