@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ps_cases import GLOBAL_BATCH, LR, STEPS, ps_config  # noqa: E402
 from sync_cases import synthetic_data  # noqa: E402
 
-from distlearn.errors import ConfigError  # noqa: E402
+from distlearn.errors import CommError, ConfigError  # noqa: E402
 from distlearn.launch import free_port  # noqa: E402
 from distlearn.models import create_model  # noqa: E402
 from distlearn.models.transforms import BatchTransform  # noqa: E402
@@ -319,3 +319,14 @@ def test_settings_come_from_the_train_config(tmp_path):
     config.optimizer = "cg-fr"
     with pytest.raises(ConfigError, match="first-order"):
         ParameterServer.from_config(config)
+
+
+def test_headers_round_trip_exactly_and_unknown_kinds_are_refused():
+    from distlearn.comm.p2p import HEADER_SIZE, Header, Kind
+
+    header = Header(Kind.PUSH, version=2**52 + 1, step=7, length=123_456_789, lr=0.1, staleness=3, sender=5)
+    tensor = header.to_tensor()
+    assert tensor.dtype == torch.float64 and tensor.numel() == HEADER_SIZE
+    assert Header.from_tensor(tensor) == header  # integers below 2**53 survive float64 exactly
+    with pytest.raises(CommError, match="unknown kind"):
+        Header.from_tensor(torch.full((HEADER_SIZE,), 99.0, dtype=torch.float64))
