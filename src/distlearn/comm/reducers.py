@@ -239,6 +239,9 @@ class Reducer:
     Args:
         timeout_s: deadline of each point-to-point operation (seconds); a call's ``timeout_s`` overrides it.
         tag: c10d tag of this reducer's messages, the same on every rank.
+        duplex: send to lower ranks over a second process group with the same ranks (created on the
+            group's first call and shared by every reducer), so that two ranks exchanging data do not
+            take turns on gloo's per-connection lock. Ignored by ``backend``.
 
     Attributes:
         name: the algorithm's name in :data:`REDUCERS`.
