@@ -24,8 +24,9 @@ many), Adam instead of AdaGrad, Huber loss and gradient clipping as in later DQN
 schedule is shorter than the paper's Atari one. Tuning: ``--lr`` 5e-4, ``--target-every`` 100-500,
 ``--train-every`` 1-4 (more learner updates per step learn faster per step, slower per second).
 
-Failure: a bundle that dies or stays silent for ``--timeout`` seconds is dropped by the server, which goes on
-with the others; a bundle whose server is gone fails with a CommError within ``--timeout``.
+Failure: a bundle that dies is simply no longer heard from; the server goes on with the others (a receive
+from any source) and stops when none has sent anything for ``--timeout`` seconds. A bundle whose server is
+gone fails with a CommError within ``--timeout``.
 """
 
 from __future__ import annotations
