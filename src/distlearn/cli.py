@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("distlearn.toy.cli", "optimizers on 2-D test functions: contour plot, GIF, steps table"),
     "train": ("distlearn.train_cli", "train a model with one strategy: metrics, checkpoints, summary"),
     "plot": ("distlearn.plot_cli", "loss and accuracy curves of several runs against steps and wall time"),
+    "rl": ("distlearn.rl.cli", "distributed RL: naive, a3c, gorila, sync-pg, play"),
     "bench": ("distlearn.bench.cli", "every strategy on the same work: one table, one plot, raw JSON"),
 }
 
