@@ -57,6 +57,9 @@ class Kind(IntEnum):
     ACK = 6  # server -> worker: done (no payload)
     DONE = 7  # worker -> server: I will send nothing more (no reply)
     ERROR = 8  # server -> worker: request refused, `flag` says why (no payload)
+    ACTIVATION = 9  # dni stage k -> k+1: the output h_k of `step`, computed at stage version `version`
+    GRADIENT = 10  # dni stage k -> k-1: dL/dh_{k-1} of `step` (true, or from k's synthetic gradient)
+    STATE = 11  # dni stage -> rank 0: the stage's weights and its counters (payload)
 
 
 @dataclass

@@ -1,0 +1,32 @@
+"""Decoupled neural interfaces: training a network cut into stages with synthetic gradients.
+
+Jaderberg et al. (2016), "Decoupled Neural Interfaces using Synthetic Gradients"; Czarnecki et al. (2017),
+"Understanding Synthetic Gradients and Decoupled Neural Interfaces". The page docs/dni.md has the formulas,
+where we differ and the measured results.
+
+* :mod:`~distlearn.dni.synthetic`: the synthetic-gradient model ``M(h, y)`` (zero-initialised output,
+  optionally conditioned on the label: cDNI), the synthetic-input model and an oracle returning the true
+  gradient;
+* :mod:`~distlearn.dni.stages`: cutting a network into K stages;
+* :mod:`~distlearn.dni.local`: the K stages in one process, each updated at once with its synthetic gradient;
+* :mod:`~distlearn.dni.pipeline`: each stage on its own rank, activations up and gradients down
+  asynchronously (DNI), or plain model-parallel backprop on the same ranks for comparison.
+"""
+
+from distlearn.dni.local import DNIStepResult, LocalDNI, fit_regression
+from distlearn.dni.stages import build_model, cut_points, layer_costs, split_model
+from distlearn.dni.synthetic import GradientModel, OracleGradient, SyntheticGradient, SyntheticInput
+
+__all__ = [
+    "DNIStepResult",
+    "GradientModel",
+    "LocalDNI",
+    "OracleGradient",
+    "SyntheticGradient",
+    "SyntheticInput",
+    "build_model",
+    "cut_points",
+    "fit_regression",
+    "layer_costs",
+    "split_model",
+]

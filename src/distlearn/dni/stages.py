@@ -1,0 +1,125 @@
+"""Cutting a network into K stages: where the decoupled interfaces go.
+
+A stage boundary may only fall after a non-linearity (and the pooling or dropout that follows it), so every
+interface carries a layer's activation ``h_k``, as in the paper. Among the allowed cuts we choose the ``K - 1``
+that minimise the largest stage's cost (multiply-accumulates per example, measured with forward hooks on an
+example input), ties going to the earliest cuts: a pipeline runs at the pace of its slowest stage.
+
+``build_model("mlp", stages=K)`` is the paper's MNIST FCN (Jaderberg et al., 2016, section 3.1): ``K``
+hidden layers of 256 units with ReLU, one per stage, the classifier in the last stage. Other names are the
+networks of :mod:`distlearn.models` (``lenet`` cuts into up to 4 stages).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from distlearn.errors import ConfigError
+from distlearn.models import MLP, create_model
+
+__all__ = ["build_model", "cut_points", "layer_costs", "split_model"]
+
+_ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.ELU)
+_FOLLOWERS = (nn.MaxPool2d, nn.AvgPool2d, nn.Dropout, nn.Identity)
+
+
+def _leaves(module: nn.Module) -> list[nn.Module]:
+    """The module as a flat list of layers (nested ``nn.Sequential`` s opened up)."""
+    if isinstance(module, nn.Sequential):
+        return [leaf for child in module for leaf in _leaves(child)]
+    children = list(module.children())
+    if not children:
+        return [module]
+    # A container that is not Sequential: accept it only when its forward is its children in order,
+    # which we verify on an example in split_model.
+    return [leaf for child in children for leaf in _leaves(child)]
+
+
+def cut_points(layers: Sequence[nn.Module]) -> list[int]:
+    """Positions ``i`` (a stage ends before ``layers[i]``) right after an activation and its pool/dropout."""
+    points = []
+    for index, layer in enumerate(layers):
+        if isinstance(layer, _ACTIVATIONS):
+            end = index + 1
+            while end < len(layers) and isinstance(layers[end], _FOLLOWERS):
+                end += 1
+            if end < len(layers):
+                points.append(end)
+    return sorted(set(points))
+
+
+def layer_costs(layers: Sequence[nn.Module], example: torch.Tensor) -> list[float]:
+    """Multiply-accumulates per example of each layer (linear and convolution layers; others count 0)."""
+    costs = []
+    h = example
+    with torch.no_grad():
+        for layer in layers:
+            out = layer(h)
+            if isinstance(layer, nn.Linear):
+                costs.append(out[0].numel() * layer.in_features)
+            elif isinstance(layer, nn.Conv2d):
+                kh, kw = layer.kernel_size
+                costs.append(out[0].numel() * (layer.in_channels // layer.groups) * kh * kw)
+            else:
+                costs.append(0.0)
+            h = out
+    return [float(c) for c in costs]
+
+
+def split_model(model: nn.Module, stages: int, example: torch.Tensor) -> list[nn.Sequential]:
+    """Cut ``model`` into ``stages`` sequential pieces sharing its parameters (the modules are not copied).
+
+    Args:
+        model: a network whose layers run in order (nested ``nn.Sequential`` s, e.g. distlearn's MLP and
+            LeNet).
+        stages: ``K >= 1``.
+        example: one input batch, to measure costs and to check the pieces compose to the model.
+    """
+    if stages < 1:
+        raise ConfigError(f"--stages must be >= 1, got {stages}")
+    layers = _leaves(model)
+    points = cut_points(layers)
+    if stages - 1 > len(points):
+        raise ConfigError(
+            f"{type(model).__name__} can be cut into at most {len(points) + 1} stages (after each "
+            f"non-linearity), not {stages}; lower --stages or use a deeper model"
+        )
+    costs = layer_costs(layers, example)
+
+    def largest(cuts: tuple[int, ...]) -> float:
+        bounds = (0, *cuts, len(layers))
+        return max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds))
+
+    best = min(itertools.combinations(points, stages - 1), key=largest)  # min keeps the first of ties
+    bounds = (0, *best, len(layers))
+    pieces = [nn.Sequential(*layers[a:b]) for a, b in itertools.pairwise(bounds)]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        h = example
+        for piece in pieces:
+            piece.eval()
+            h = piece(h)
+        if not torch.allclose(h, model(example), atol=1e-5, rtol=1e-4):
+            raise ConfigError(
+                f"{type(model).__name__}'s forward is not its layers in order, so it cannot be cut into "
+                "stages; write it as an nn.Sequential"
+            )
+    model.train(was_training)
+    for piece in pieces:
+        piece.train(was_training)
+    return pieces
+
+
+def build_model(
+    name: str, *, stages: int, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
+    hidden: int = 256,
+) -> nn.Module:  # fmt: skip
+    """The network to cut: ``mlp`` is the paper's FCN with ``stages`` hidden layers of ``hidden`` units."""
+    if name == "mlp":
+        return MLP(in_channels * image_size * image_size, num_classes, hidden=(hidden,) * stages)
+    return create_model(name, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
