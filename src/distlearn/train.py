@@ -158,6 +158,21 @@ class TrainConfig:
     check_every: int = field(
         default=0, metadata={"help": "sync: verify every N steps that replicas hold identical weights"}
     )
+    compression: str = field(
+        default="none",
+        metadata={
+            "help": "sync: gradient codec: none, fp16, bf16, int8-linear, int8-tree, threshold, onebit, "
+            "terngrad, qsgd, topk, randomk, dgc, powersgd (distlearn.comm.compression)"
+        },
+    )
+    compression_option: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "sync: codec options as KEY=VALUE, e.g. threshold=0.01 levels=4 warmup_steps=200"},
+    )
+    density: float | None = field(
+        default=None, metadata={"help": "sync: topk/randomk/dgc: fraction of gradient elements sent, (0, 1]"}
+    )
+    rank: int | None = field(default=None, metadata={"help": "sync: powersgd: approximation rank r >= 1"})
     servers: int = field(
         default=1, metadata={"help": "ps: parameter-server ranks (the first S ranks); the rest are workers"}
     )
@@ -174,6 +189,22 @@ class TrainConfig:
     worker_timeout: float = field(
         default=60.0, metadata={"help": "ps: seconds of silence after which a server drops a worker"}
     )
+    average_every: int = field(
+        default=4, metadata={"help": "local-sgd: k, local steps between two parameter averages"}
+    )
+    post_local_warmup: int = field(
+        default=0, metadata={"help": "local-sgd: synchronous steps before local SGD starts (post-local SGD)"}
+    )
+    easgd_mode: Literal["sync", "async"] = field(
+        default="sync", metadata={"help": "easgd: sync (allreduce) or async (rank 0 holds the centre)"}
+    )
+    elastic_rho: float | None = field(
+        default=None, metadata={"help": "easgd: elastic coefficient rho; moving rate alpha = lr * rho"}
+    )
+    moving_rate: float | None = field(
+        default=None, metadata={"help": "easgd: moving rate alpha itself (default 0.9 / workers)"}
+    )
+    elastic_tau: int = field(default=1, metadata={"help": "easgd: steps between elastic exchanges (tau)"})
     comm_timeout: float = field(
         default=300.0, metadata={"help": "seconds before a stuck collective or dead peer ends the job"}
     )
@@ -394,11 +425,17 @@ def validate_config(config: TrainConfig, *, check_optimizer: bool = True) -> Non
     positive("bucket_mb", config.bucket_mb, allow_zero=True)
     positive("check_every", config.check_every, allow_zero=True)
     positive("comm_timeout", config.comm_timeout)
+    _validate_compression(config)
     positive("servers", config.servers)
     positive("softsync", config.softsync)
     positive("backup_workers", config.backup_workers, allow_zero=True)
     positive("local_steps", config.local_steps)
     positive("worker_timeout", config.worker_timeout)
+    positive("average_every", config.average_every)
+    positive("post_local_warmup", config.post_local_warmup, allow_zero=True)
+    positive("elastic_rho", config.elastic_rho, allow_none=True, allow_zero=True)
+    positive("moving_rate", config.moving_rate, allow_none=True, allow_zero=True)
+    positive("elastic_tau", config.elastic_tau)
     positive("epochs", config.epochs)
     positive("steps", config.steps, allow_none=True)
     positive("batch_size", config.batch_size)
@@ -451,6 +488,28 @@ def validate_config(config: TrainConfig, *, check_optimizer: bool = True) -> Non
         raise ConfigError(
             f"--resume {config.resume}: no such file or directory; pass a checkpoint written by a run"
         )
+
+
+def _validate_compression(config: TrainConfig) -> None:
+    """ConfigError for an unknown codec, a bad codec option, or a strategy the codec cannot serve."""
+    given = [flag for flag in ("density", "rank") if getattr(config, flag) is not None]
+    if config.compression == "none":
+        if given or config.compression_option:
+            flags = ", ".join(
+                [f"--{flag}" for flag in given] + ["--compression-option"] * bool(config.compression_option)
+            )
+            raise ConfigError(f"{flags} only apply with --compression NAME (e.g. --compression topk)")
+        return
+    if config.strategy != "sync":
+        raise ConfigError(
+            f"--compression {config.compression} serves --strategy sync only: it replaces the allreduce of "
+            f"the gradient buckets, which --strategy {config.strategy} does not perform (ddp: register "
+            "the codec with distlearn.comm.ddp_hooks.compression_ddp_comm_hook; ps: pushes are sent dense)"
+        )
+    from distlearn.comm.compression import create_compressor
+    from distlearn.parallel.sync import compression_options_of
+
+    create_compressor(config.compression, **compression_options_of(config))
 
 
 # -- helpers -----------------------------------------------------------------------------------------------

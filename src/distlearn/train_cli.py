@@ -114,6 +114,11 @@ def run(args: argparse.Namespace) -> int:
                 "started by torchrun with several processes but --strategy single; every process would "
                 "train alone and write the same run directory -- pass e.g. --strategy sync"
             )
+    elif config.strategy == "hogwild" and not in_torchrun():
+        from distlearn.parallel.hogwild import launch_hogwild
+
+        launch_hogwild(config)  # torch.multiprocessing processes sharing memory, not a torchrun job
+        return 0
     elif not in_torchrun():
         return launch_workers(config)
     train(config)

@@ -21,6 +21,9 @@ STRATEGIES: dict[str, str] = {
     "sync": "distlearn.parallel.sync:SyncDataParallel",
     "ddp": "distlearn.parallel.ddp:TorchDDP",
     "ps": "distlearn.parallel.ps:ParameterServer",
+    "hogwild": "distlearn.parallel.hogwild:Hogwild",
+    "local-sgd": "distlearn.parallel.local_sgd:LocalSGD",
+    "easgd": "distlearn.parallel.easgd:ElasticAveraging",
 }
 
 

@@ -1,0 +1,245 @@
+"""Hogwild!: R processes on one machine update one copy of the weights in shared memory, without locks.
+
+Niu, Recht, Re & Wright (2011), "HOGWILD!: A lock-free approach to parallelizing stochastic gradient
+descent". Every process ``r`` loops, with no coordination at all ::
+
+    read the shared weights w (whatever mix of other processes' updates they hold at that moment)
+    g_r = gradient of the loss on its own mini-batch at what it read
+    w <- w - eta * u_r(g_r)        written in place, element by element, into the shared memory
+
+The paper proves near-linear speed-up for sparse problems, where two updates rarely touch the same
+coordinates; for a dense network every update touches every weight, overwrites are possible and the method
+behaves like asynchronous SGD with a staleness of about ``R - 1`` updates (see docs/async.md).
+
+What is shared and what is not:
+
+* **shared**: the parameters -- one flat ``float32`` buffer in shared memory (``Tensor.share_memory_()``,
+  handed to the other processes through a ``torch.multiprocessing`` queue); each process's
+  ``nn.Parameter`` s are views into it, so an optimizer step in one process is seen by every other.
+* **per process**: gradients (``.grad``), optimizer state (momentum buffers, Adam's moments), module buffers
+  (BatchNorm statistics), the data shard (replica ``r`` takes slice ``r`` of each global batch, so per
+  epoch the shards are disjoint and cover the data), RNG streams and metrics files.
+
+Single machine by nature: the processes are started by ``torch.multiprocessing`` (``spawn``) from the
+``distlearn train`` process, not by torchrun -- ``--workers R`` counts them. Process 0 creates the shared
+buffer from its freshly initialised model and puts it on the queue once per other process; the others wait
+for it with a deadline, replace their parameters by views of it, and everyone meets at a barrier (with a
+timeout) before the first step and after the last. The launcher joins every process with a deadline and
+terminates the rest when one fails, so no process outlives the run.
+
+*Where we differ:* the paper's processes sample single examples; ours take mini-batches of ``M = B / R``
+examples per update (``--batch-size`` is the global batch ``B``), and the update may be any optimizer, each
+process with its own state. No Buckwild! (low-precision shared weights) yet.
+
+Run it::
+
+    distlearn train --strategy hogwild --workers 2 --optimizer sgd --lr 0.05 --threads 1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from distlearn.errors import CommError, ConfigError
+from distlearn.parallel.base import Strategy
+
+__all__ = ["Hogwild", "HogwildChannel", "launch_hogwild", "share_parameters"]
+
+
+@dataclass
+class HogwildChannel:
+    """What the launcher hands to every process: a queue for the shared buffer and a barrier."""
+
+    buffers: Any  # torch.multiprocessing Queue: process 0 puts the shared flat buffer once per peer
+    barrier: Any  # multiprocessing Barrier(R) for the start and the end
+
+
+def share_parameters(parameters: list[torch.Tensor], flat: torch.Tensor | None = None) -> torch.Tensor:
+    """Point every parameter at a view of one flat shared-memory buffer and return the buffer.
+
+    Without ``flat`` a new shared buffer is made from the parameters' current values; with it (a buffer
+    received from another process) the parameters take its values. The optimizer keeps working on the same
+    ``nn.Parameter`` objects: only their storage changes.
+    """
+    total = sum(p.numel() for p in parameters)
+    if flat is None:
+        flat = torch.cat([p.detach().reshape(-1).float() for p in parameters]).share_memory_()
+    elif flat.numel() != total:
+        raise ConfigError(
+            f"the shared weights hold {flat.numel()} numbers but this process's model has {total}: every "
+            "Hogwild process must build the same --model"
+        )
+    offset = 0
+    for p in parameters:
+        p.data = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
+
+
+class Hogwild(Strategy):
+    """Lock-free shared-memory SGD (see the module docstring). One instance per process.
+
+    Args:
+        rank: this process's index ``r`` in ``[0, R)``.
+        world_size: ``R``, the number of processes sharing the weights.
+        channel: the launcher's :class:`HogwildChannel` (needed when ``R > 1``).
+        timeout_s: deadline for receiving the shared buffer and for each barrier.
+    """
+
+    name = "hogwild"
+
+    def __init__(
+        self,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        channel: HogwildChannel | None = None,
+        timeout_s: float = 300.0,
+    ) -> None:
+        super().__init__()
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"hogwild process {rank} of {world_size} is not a valid place in the job")
+        if world_size > 1 and channel is None:
+            raise ConfigError(
+                "hogwild with several processes needs the launcher's shared channel: run it with "
+                "`distlearn train --strategy hogwild --workers R` (or parallel.hogwild.launch_hogwild)"
+            )
+        if timeout_s <= 0:
+            raise ConfigError(f"--comm-timeout must be positive, got {timeout_s}")
+        self.rank, self.world_size = rank, world_size
+        self.channel = channel
+        self.timeout_s = timeout_s
+        self.shared: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> Hogwild:
+        if config.workers > 1:
+            raise ConfigError(
+                "hogwild processes share memory, so they are started by `distlearn train --strategy hogwild "
+                f"--workers {config.workers}` (torch.multiprocessing), not by torchrun or train() directly"
+            )
+        return cls(timeout_s=config.comm_timeout)
+
+    def prepare(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        if self.world_size == 1:
+            self.shared = share_parameters(parameters)
+            return model, optimizer
+        assert self.channel is not None
+        if self.rank == 0:
+            self.shared = share_parameters(parameters)
+            for _ in range(self.world_size - 1):
+                self.channel.buffers.put(self.shared)
+        else:
+            try:
+                flat = self.channel.buffers.get(timeout=self.timeout_s)
+            except queue.Empty:
+                raise CommError(
+                    f"hogwild process {self.rank}: no shared weights from process 0 "
+                    f"within {self.timeout_s:g} s"
+                ) from None
+            self.shared = share_parameters(parameters, flat)
+        self.barrier()  # process 0 must stay alive until every peer has mapped the buffer
+        return model, optimizer
+
+    def barrier(self) -> None:
+        if self.world_size == 1 or self.channel is None:
+            return
+        try:
+            self.channel.barrier.wait(timeout=self.timeout_s)
+        except threading.BrokenBarrierError:
+            raise CommError(
+                f"hogwild process {self.rank}: the other processes did not reach the barrier within "
+                f"{self.timeout_s:g} s; one has probably died (see its error above)"
+            ) from None
+
+    def describe(self) -> str:
+        return f"hogwild ({self.world_size} processes sharing one copy of the weights; process {self.rank})"
+
+
+# -- the launcher -----------------------------------------------------------------------------------------
+
+
+def _worker(config: Any, rank: int, world_size: int, channel: HogwildChannel, results: Any) -> None:
+    from distlearn.train import train
+
+    strategy = Hogwild(rank=rank, world_size=world_size, channel=channel, timeout_s=config.comm_timeout)
+    try:
+        result = train(config, strategy=strategy)
+    except BaseException as error:
+        channel.barrier.abort()  # wake the others at once instead of letting them wait for the timeout
+        results.put((rank, None, f"{type(error).__name__}: {error}"))
+        raise
+    summary = {key: value for key, value in result.summary.items() if isinstance(value, (int, float, str))}
+    results.put((rank, {"samples_per_s": result.samples_per_s, "train_seconds": result.train_seconds,
+                        "test_accuracy": result.test_accuracy, **summary}, None))  # fmt: skip
+
+
+def launch_hogwild(config: Any, *, timeout_s: float | None = None) -> dict[int, dict[str, Any]]:
+    """Run ``config.workers`` Hogwild processes (torch.multiprocessing, spawn) and return their summaries.
+
+    Each process trains with :class:`Hogwild` through :func:`distlearn.train.train`. Threads per process:
+    ``config.threads`` or the machine's cores divided among the processes. Every process is joined with a
+    deadline (``timeout_s``, default none); when one fails or the deadline passes, the rest are terminated
+    and :class:`CommError` is raised.
+    """
+    world_size = config.workers
+    if config.threads is None:
+        config = dataclasses.replace(config, threads=max(1, (os.cpu_count() or 1) // world_size))
+    context = mp.get_context("spawn")
+    channel = HogwildChannel(buffers=context.Queue(), barrier=context.Barrier(world_size))
+    results = context.Queue()
+    processes = [
+        context.Process(
+            target=_worker, args=(config, rank, world_size, channel, results), name=f"hogwild-{rank}"
+        )
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    summaries: dict[int, dict[str, Any]] = {}
+    errors: list[str] = []
+    try:
+        while len(summaries) + len(errors) < world_size:
+            if deadline is not None and time.monotonic() > deadline:
+                raise CommError(f"the {world_size} hogwild processes did not finish within {timeout_s:g} s")
+            try:
+                rank, summary, error = results.get(timeout=0.5)
+            except queue.Empty:
+                dead = [p for p in processes if p.exitcode not in (None, 0)]
+                if dead:
+                    errors.append(f"process {dead[0].name} exited with code {dead[0].exitcode}")
+                    break
+                continue
+            if error is not None:
+                errors.append(f"process {rank}: {error}")
+                break
+            summaries[rank] = summary
+        for process in processes:
+            process.join(timeout=30 if not errors else 5)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        channel.buffers.close()
+        results.close()
+    if errors:
+        raise CommError("hogwild failed: " + "; ".join(errors))
+    return summaries
