@@ -15,6 +15,11 @@ Communication: gradients are packed into buckets and reduced by a :class:`distle
 (the backend's allreduce, or our ring, tree, Rabenseifner or segmented ring), each bucket started from
 the gradient hooks as soon as backward has produced it (:mod:`distlearn.comm.bucketing`).
 
+Compression: with ``compression=NAME`` (``--compression``) every bucket is sent through a gradient codec of
+:mod:`distlearn.comm.compression` instead of the reducer -- allreduced in compressed form where the codec
+is linear (fp16/bf16 casts, random-k, PowerSGD), all-gathered as packed payloads otherwise -- and each
+replica then holds the same (lossy) average; the codec's residuals go into the checkpoint.
+
 Run it with ``distlearn train --strategy sync --workers 2`` (one machine) or under ``torchrun`` on several.
 """
 
@@ -32,7 +37,23 @@ from distlearn.errors import CommError, ConfigError
 from distlearn.launch import DistContext, in_torchrun, init_distributed, shutdown
 from distlearn.parallel.base import Strategy, StrategyStats
 
-__all__ = ["SyncDataParallel", "check_same_model", "weights_checksum"]
+__all__ = ["SyncDataParallel", "check_same_model", "compression_options_of", "weights_checksum"]
+
+
+def compression_options_of(config: Any) -> dict[str, Any]:
+    """A TrainConfig's codec options: ``--compression-option KEY=VALUE``, ``--density``, ``--rank``."""
+    from distlearn.train import parse_options
+
+    options = parse_options(tuple(getattr(config, "compression_option", ()) or ()))
+    for name in ("density", "rank"):
+        value = getattr(config, name, None)
+        if value is not None:
+            if name in options and options[name] != value:
+                raise ConfigError(
+                    f"--{name} {value} and --compression-option {name}={options[name]} disagree"
+                )
+            options[name] = value
+    return options
 
 
 def _describe_model(model: nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
@@ -83,6 +104,8 @@ class SyncDataParallel(Strategy):
         overlap: start each bucket's allreduce during backward (default on).
         check_every: every N steps, verify that all replicas hold identical weights (0: never).
         timeout_s: deadline of every collective; a peer that dies or stalls raises CommError.
+        compression: a codec name of :data:`distlearn.comm.compression.COMPRESSORS`, or ``"none"``.
+        compression_options: the codec's keyword options (e.g. ``{"density": 0.001}``, ``{"rank": 2}``).
 
     Rules: rank 0's initial weights are broadcast to every rank in :meth:`prepare`, after checking that
     all ranks built the same model; the global batch must be divisible by the world size.
@@ -98,6 +121,8 @@ class SyncDataParallel(Strategy):
         overlap: bool = True,
         check_every: int = 0,
         timeout_s: float = 300.0,
+        compression: str = "none",
+        compression_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if bucket_mb < 0:
@@ -119,6 +144,21 @@ class SyncDataParallel(Strategy):
         self.bucketer: GradientBucketer | None = None
         self._context: DistContext | None = None
         self._owns_group = False
+        self.compressor: Any = None
+        if compression != "none":
+            from distlearn.comm.compression import create_compressor
+
+            if reducer != "backend":
+                raise ConfigError(
+                    f"--reducer {reducer} cannot be combined with --compression {compression}: a codec "
+                    "chooses its own exchange (allreduce of linear payloads, all-gather of packed ones) and "
+                    "replaces the allreduce algorithm; drop --reducer"
+                )
+            self.compressor = create_compressor(compression, **(compression_options or {}))
+        elif compression_options:
+            raise ConfigError(
+                f"compression options {sorted(compression_options)} given without --compression"
+            )
 
     @classmethod
     def from_config(cls, config: Any) -> SyncDataParallel:
@@ -128,6 +168,8 @@ class SyncDataParallel(Strategy):
             overlap=config.overlap,
             check_every=config.check_every,
             timeout_s=config.comm_timeout,
+            compression=getattr(config, "compression", "none"),
+            compression_options=compression_options_of(config),
         )
 
     # -- life cycle ---------------------------------------------------------------------------------------
@@ -144,7 +186,13 @@ class SyncDataParallel(Strategy):
         self._context = init_distributed(timeout_s=self.timeout_s)
         self._owns_group = not already
         self.rank, self.world_size = self._context.rank, self._context.world_size
-        self.reducer = self._create_reducer(self.reducer_name, timeout_s=self.timeout_s)
+        if self.compressor is not None:
+            from distlearn.comm.compression import CompressedReducer
+
+            self.compressor.bind(rank=self.rank, world_size=self.world_size, seed=seed)
+            self.reducer = CompressedReducer(self.compressor, timeout_s=self.timeout_s)
+        else:
+            self.reducer = self._create_reducer(self.reducer_name, timeout_s=self.timeout_s)
 
     def prepare(
         self, model: nn.Module, optimizer: torch.optim.Optimizer
@@ -160,7 +208,53 @@ class SyncDataParallel(Strategy):
             bucket_bytes=self.bucket_bytes,
             overlap=self.overlap,
         )
+        if self.compressor is not None:
+            self._check_compression(optimizer)
+            for bucket in self.bucketer.buckets:
+                shapes = [tuple(p.shape) for p in bucket.params]
+                self.reducer.register(bucket.buffer, str(bucket.index), shapes)
         return model, optimizer
+
+    def _check_compression(self, optimizer: torch.optim.Optimizer) -> None:
+        """ConfigError if the codec cannot serve this model and optimizer, saying why."""
+        name = self.compressor.name
+        assert self.bucketer is not None
+        for bucket in self.bucketer.buckets:
+            if bucket.buffer.dtype != torch.float32:
+                raise ConfigError(
+                    f"--compression {name} encodes float32 gradients, but a bucket holds "
+                    f"{bucket.buffer.dtype}; "
+                    "train in float32 or drop --compression"
+                )
+        if self.compressor.handles_momentum:
+            for group in optimizer.param_groups:
+                if group.get("momentum", 0) or "betas" in group or "decay" in group:
+                    raise ConfigError(
+                        f"--compression {name} applies momentum itself (momentum correction, Lin et al. "
+                        f"2018) to the gradient it sends; with {type(optimizer).__name__}'s own momentum or "
+                        "moment estimates the update would apply it twice -- use --optimizer sgd (no "
+                        "momentum) and set the codec's momentum (--compression-option momentum=0.9)"
+                    )
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"compression": self.compressor.state_dict()} if self.compressor is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.compressor is None:
+            if state:
+                raise ConfigError(
+                    f"the checkpoint holds {sorted(state)} state of a compressed run; resume with the same "
+                    "--compression"
+                )
+            return
+        if "compression" not in state:
+            raise ConfigError(
+                f"the checkpoint has no compression state; it was not written by a --compression "
+                f"{self.compressor.name} run"
+            )
+        self.compressor.load_state_dict(state["compression"])
 
     def barrier(self) -> None:
         if self._context is not None and self.world_size > 1:
@@ -216,4 +310,9 @@ class SyncDataParallel(Strategy):
 
     def describe(self) -> str:
         buckets = self.bucketer.describe() if self.bucketer is not None else "no buckets yet"
-        return f"sync ({self.world_size} replicas, {self.reducer_name} allreduce, {buckets})"
+        exchange = (
+            f"{self.compressor.describe()} compression"
+            if self.compressor is not None
+            else f"{self.reducer_name} allreduce"
+        )
+        return f"sync ({self.world_size} replicas, {exchange}, {buckets})"

@@ -1,0 +1,109 @@
+"""One worker of the 2-process compression test (started by tests/comm/test_compression.py under torchrun).
+
+For "none" and every codec: (1) train a small MLP for a few steps with the sync strategy and that codec,
+check that both ranks end with identical weights and record the bytes sent; (2) reduce one bucket through
+the codec's real exchange (allreduce or all-gather) and compare it with a local re-enactment: each rank's
+payload encoded by a fresh codec bound to that rank, decoded and summed (PowerSGD: its two power-iteration
+allreduces written out). Rank 0 writes OUT/result.txt: ``name equal|differ bytes_sent exchange_error``.
+
+    python -m torch.distributed.run --nproc-per-node 2 tests/comm/compression_worker.py OUT
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
+
+from sync_cases import config_for, synthetic_data  # noqa: E402
+
+from distlearn.comm.compression import COMPRESSORS, CompressedReducer, create_compressor  # noqa: E402
+from distlearn.comm.compression.powersgd import _orthogonalise  # noqa: E402
+from distlearn.launch import init_distributed, shutdown  # noqa: E402
+from distlearn.parallel.sync import SyncDataParallel  # noqa: E402
+from distlearn.train import train  # noqa: E402
+
+SHAPES = [(20, 30), (20,), (8, 3, 3, 3)]
+NUMEL = sum(math.prod(s) for s in SHAPES)
+OPTIONS = {"threshold": {"threshold": 0.05}, "topk": {"density": 0.01}, "randomk": {"density": 0.05},
+           "dgc": {"density": 0.01}, "powersgd": {"rank": 2}}  # fmt: skip
+
+
+def bucket_of(rank: int) -> torch.Tensor:
+    return torch.randn(NUMEL, generator=torch.Generator().manual_seed(100 + rank))
+
+
+def reenact(name: str, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The sum every rank should receive, computed locally from every rank's input."""
+    if name == "powersgd":
+        probe = create_compressor(name, **OPTIONS[name])
+        start, total = 0, torch.zeros(NUMEL)
+        for index, (shape, entry) in enumerate(zip(SHAPES, probe.plan(SHAPES), strict=True)):
+            stop = start + math.prod(shape)
+            if entry is None:
+                total[start:stop] = sum(x[start:stop] for x in inputs)
+            else:
+                n, m, r = entry
+                q = probe._initial_q("0", index, 0, m, r)
+                p = _orthogonalise(sum(x[start:stop].view(n, m) @ q for x in inputs))
+                q_sum = sum(x[start:stop].view(n, m).T @ p for x in inputs)
+                total[start:stop] = (p @ q_sum.T).reshape(-1)
+            start = stop
+        return total
+    total = torch.zeros(NUMEL)
+    for rank, x in enumerate(inputs):
+        codec = create_compressor(name, **OPTIONS.get(name, {}))
+        codec.bind(rank=rank, world_size=len(inputs), seed=0)
+        total += codec.decode(codec.encode("0", x.clone(), SHAPES), NUMEL, SHAPES)
+    return total
+
+
+def main() -> int:
+    out = Path(sys.argv[1])
+    torch.set_num_threads(1)
+    context = init_distributed(timeout_s=60)
+    train_set, test_set = synthetic_data()
+    lines = []
+    try:
+        for name in ["none", *COMPRESSORS]:
+            options = OPTIONS.get(name, {})
+            strategy = SyncDataParallel(
+                compression=name, compression_options=options if name != "none" else None, timeout_s=60
+            )
+            config = config_for(out / f"run-{name}")
+            config.steps = 6
+            if name == "dgc":
+                config.optimizer = "sgd"  # DGC's momentum correction replaces the optimizer's momentum
+            result = train(config, strategy=strategy, train_data=train_set, test_data=test_set)
+            flat = torch.cat([p.detach().reshape(-1) for p in result.model.parameters()])
+            gathered = [torch.empty_like(flat) for _ in range(context.world_size)]
+            dist.all_gather(gathered, flat)
+            equal = all(torch.equal(other, flat) for other in gathered)
+            sent = strategy.stats()["bytes_sent"]
+
+            error = 0.0
+            if name != "none":
+                codec = create_compressor(name, **options)
+                codec.bind(rank=context.rank, world_size=context.world_size, seed=0)
+                reducer = CompressedReducer(codec, timeout_s=60)
+                mine = bucket_of(context.rank)
+                reducer.register(mine, "0", SHAPES)
+                received = reducer.allreduce_async(mine).wait()
+                expected = reenact(name, [bucket_of(r) for r in range(context.world_size)])
+                error = float((received - expected).abs().max() / expected.abs().max())
+                reducer.close()
+            lines.append(f"{name} {'equal' if equal else 'differ'} {sent} {error:.3e}")
+    finally:
+        shutdown()
+    if context.rank == 0:
+        (out / "result.txt").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
