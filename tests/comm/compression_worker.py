@@ -63,6 +63,34 @@ def reenact(name: str, inputs: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+def ddp_run(rank: int, hook=None) -> torch.Tensor:
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = DistributedDataParallel(nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3)))
+    if hook is not None:
+        model.register_comm_hook(state=None, hook=hook)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(100 + rank)  # different data per rank
+    for _ in range(4):
+        x, y = torch.randn(16, 6, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def ddp_hook_line(rank: int) -> str:
+    """DDP with top-k at density 1 (lossless) as our comm hook must equal DDP's own allreduce."""
+    from distlearn.comm.ddp_hooks import compression_ddp_comm_hook
+
+    reference = ddp_run(rank)
+    hook = compression_ddp_comm_hook(create_compressor("topk", density=1.0))
+    weights = ddp_run(rank, hook)
+    return f"ddp-hook equal {hook.exchange.bytes_sent} {float((weights - reference).abs().max()):.3e}"
+
+
 def main() -> int:
     out = Path(sys.argv[1])
     torch.set_num_threads(1)
@@ -98,6 +126,7 @@ def main() -> int:
                 error = float((received - expected).abs().max() / expected.abs().max())
                 reducer.close()
             lines.append(f"{name} {'equal' if equal else 'differ'} {sent} {error:.3e}")
+        lines.append(ddp_hook_line(context.rank))
     finally:
         shutdown()
     if context.rank == 0:
