@@ -4,7 +4,7 @@ Run manual::
 
     distlearn live                          # every run directory under runs/, new ones as they appear
     distlearn live runs/sync runs/ps        # these runs (directories written by distlearn train --out)
-    distlearn live --demo                   # train every strategy on Fashion-MNIST side by side, watch them
+    distlearn live --demo                   # train sync, ps, hogwild on Fashion-MNIST side by side
     distlearn live --demo --strategies single,sync --steps 200 --port 8765
 
 The page has two views: the runs (loss and accuracy per run, samples/s, bytes sent, staleness of async
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import time
 import webbrowser
 from pathlib import Path
@@ -35,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run directories (or metrics.jsonl files) to show; default: every run under --root",
     )
     parser.add_argument(
-        "--demo", action="store_true", help="start every strategy on Fashion-MNIST and show them"
+        "--demo",
+        action="store_true",
+        help="train sync, ps and hogwild on Fashion-MNIST side by side and show them",
     )
     parser.add_argument(
         "--port", type=int, default=0, help="TCP port on 127.0.0.1 (default 0: any free port)"
@@ -52,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     demo = parser.add_argument_group("--demo")
     demo.add_argument(
         "--strategies",
-        default="all",
-        help="comma-separated strategies to run (default: all registered ones)",
+        default="default",
+        help="comma-separated strategies to run, or all (default: sync, ps and hogwild, those registered)",
     )
     demo.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 300)")
     demo.add_argument("--model", default="mlp", help="model of every run (default mlp)")
@@ -90,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"distlearn live: open {server.url}  (Ctrl-C stops)", flush=True)
         if args.open:
             webbrowser.open(server.url)
+        # uvicorn stops on SIGINT and SIGTERM; a closed terminal (SIGHUP) must stop the demo's runs too
+        signal.signal(signal.SIGHUP, server.server.handle_exit)
         server.serve()
     finally:
         if launcher is not None:

@@ -2,9 +2,10 @@
 
 The demo starts one ``distlearn train`` per strategy, all on the same work (the same model, data subset,
 global batch, number of steps and seed), each in its own run directory under ``OUT/<strategy>`` and in its
-own process group, and the dashboard shows them as they train. The strategies are those registered in
-:data:`distlearn.parallel.STRATEGIES` when the demo starts (a strategy added there appears in the demo
-without a change here); :data:`DEMO_WORKERS` gives each its number of processes, 2 for one not listed.
+own process group, and the dashboard shows them as they train. By default the demo runs
+:data:`DEFAULT_STRATEGIES` (synchronous allreduce SGD, the parameter server and Hogwild!), those of them
+registered in :data:`distlearn.parallel.STRATEGIES`; ``--strategies`` picks any registered ones, ``all``
+every one. :data:`DEMO_WORKERS` gives each its number of processes, 2 for one not listed.
 
 Stopping: Ctrl-C, the server's exit, or the end of the page's session calls :meth:`DemoLauncher.stop`. It
 sends SIGINT to each run's process group (``distlearn train`` then stops the torchrun job it launched, in
@@ -31,7 +32,14 @@ from typing import Any
 
 from distlearn.errors import ConfigError
 
-__all__ = ["DEMO_WORKERS", "DemoBudget", "DemoLauncher", "demo_strategies", "descendants"]
+__all__ = [
+    "DEFAULT_STRATEGIES",
+    "DEMO_WORKERS",
+    "DemoBudget",
+    "DemoLauncher",
+    "demo_strategies",
+    "descendants",
+]
 
 log = logging.getLogger("distlearn.live")
 
@@ -39,19 +47,30 @@ DEMO_WORKERS: dict[str, int] = {"single": 1, "ps": 3}
 """Processes per strategy in the demo; the others get 2. ``ps``: one server rank and two workers."""
 
 
+DEFAULT_STRATEGIES: tuple[str, ...] = ("sync", "ps", "hogwild")
+"""The demo's runs unless ``--strategies`` says otherwise: one synchronous and two asynchronous strategies
+(the overview's sync and async animations, made live). Those not registered are left out."""
+
+
 def demo_strategies(spec: str | None = None) -> list[str]:
-    """``None`` or ``"all"``: every registered strategy; else a comma-separated subset, validated."""
+    """The demo's strategies.
+
+    ``None`` or ``"default"``: those of :data:`DEFAULT_STRATEGIES` that are registered; ``"all"``: every
+    registered strategy; otherwise a comma-separated list of registered names, validated.
+    """
     from distlearn.parallel import STRATEGIES
 
     known = list(STRATEGIES)
-    if spec is None or spec.strip() == "all":
+    if spec is None or spec.strip() == "default":
+        return [name for name in DEFAULT_STRATEGIES if name in STRATEGIES]
+    if spec.strip() == "all":
         return known
     names = [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [n for n in names if n not in known]
     if not names or unknown:
         raise ConfigError(
             f"unknown demo strateg{'ies' if len(unknown) > 1 else 'y'} {', '.join(map(repr, unknown))}; "
-            f"choose from {', '.join(known)} (comma-separated) or all"
+            f"choose from {', '.join(known)} (comma-separated), default or all"
         )
     return list(dict.fromkeys(names))
 
@@ -226,7 +245,10 @@ class DemoLauncher:
         return True
 
     def stop(self, grace: float = 15.0) -> None:
-        """Interrupt every run's process group, then kill whatever of their process trees is left."""
+        """Interrupt every run's process group, then kill whatever of their process trees is left.
+
+        A second Ctrl-C while the runs wind down kills them at once instead of waiting out ``grace``.
+        """
         tree: dict[str, list[int]] = {}
         for run in self._runs:
             if run.process is None or run.process.poll() is not None:
@@ -236,11 +258,15 @@ class DemoLauncher:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(run.process.pid, signal.SIGINT)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_alive(p) for pids in tree.values() for p in pids):
-            for run in self._runs:
-                if run.process is not None:
-                    run.process.poll()  # reap, so an ended leader is not counted as a live zombie
-            time.sleep(0.1)
+        try:
+            while time.monotonic() < deadline and any(_alive(p) for pids in tree.values() for p in pids):
+                for run in self._runs:
+                    if run.process is not None:
+                        run.process.poll()  # reap, so an ended leader is not counted as a live zombie
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            log.warning("demo: interrupted again; killing the runs now")
+            grace = 0.0
         for name, pids in tree.items():
             left = [p for p in pids if _alive(p)]
             if left:
