@@ -63,15 +63,15 @@ RMSPROP_EPS = 1e-5
 
 
 def shared_rmsprop(model: torch.nn.Module, lr: float, state: list[torch.Tensor] | None = None) -> RMSProp:
-    """distlearn's RMSProp on ``model`` with its ``square_avg`` statistics in shared memory.
+    """distlearn's RMSProp on ``model`` with its statistics (``s + eps``) in shared memory.
 
     Pass the ``state`` tensors of another process's optimizer to share them (the A3C workers do).
     """
     optimizer = RMSProp(model.parameters(), lr=lr, decay=RMSPROP_DECAY, eps=RMSPROP_EPS)
     params = list(model.parameters())
-    state = state or [torch.zeros_like(p).share_memory_() for p in params]
-    for param, square_avg in zip(params, state, strict=True):
-        optimizer.state[param] = {"step": 0, "square_avg": square_avg}
+    state = state or [torch.full_like(p, RMSPROP_EPS).share_memory_() for p in params]
+    for param, square_avg_eps in zip(params, state, strict=True):
+        optimizer.state[param] = {"step": 0, "square_avg_eps": square_avg_eps}
     return optimizer
 
 
@@ -89,7 +89,7 @@ def run_a3c(config: RLConfig, *, fail_worker: int | None = None) -> dict[str, An
     torch.manual_seed(config.seed)
     model = ActorCritic(obs_dim, num_actions)
     model.share_memory()
-    square_avgs = [s["square_avg"] for s in shared_rmsprop(model, config.lr).state.values()]
+    square_avgs = [s["square_avg_eps"] for s in shared_rmsprop(model, config.lr).state.values()]
     context = mp.get_context("spawn")
     counters = context.Array("q", 2)  # [updates applied to theta (its version), env steps of all workers]
     stop = context.Event()
