@@ -16,6 +16,7 @@ Libraries: ``torch.distributed`` (c10d; gloo on CPU, NCCL on GPU) and ``torch.di
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -124,8 +125,14 @@ def init_distributed(backend: str | None = None, *, timeout_s: float = 60.0) -> 
 
 def shutdown() -> None:
     """Leave the job (destroy the default process group) if this process joined one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    from distlearn.comm.reducers import release_twin_groups
+
+    release_twin_groups()
+    dist.destroy_process_group()
+    # free the groups' C++ objects (and their threads) now, while the interpreter is whole, not at exit
+    gc.collect()
 
 
 def _is_loopback(host: str) -> bool:

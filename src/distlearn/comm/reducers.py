@@ -155,6 +155,17 @@ def _reverse_group(group: Any, timeout_s: float) -> Any:
     return entry[2]
 
 
+def release_twin_groups() -> None:
+    """Forget the cached duplex twin groups (and the groups they were keyed on).
+
+    Called by :func:`distlearn.launch.shutdown` before the process groups are destroyed: a group still
+    referenced from here at interpreter exit would be torn down during finalization, where gloo's threads
+    can abort the process ("terminate called without an active exception").
+    """
+    with _TWINS_LOCK:
+        _TWINS.clear()
+
+
 class _Channel:
     """Point-to-point on ``group`` for one allreduce call: post, count bytes, wait with a deadline."""
 
