@@ -183,6 +183,7 @@ def _worker(config: Any, rank: int, world_size: int, channel: HogwildChannel, re
         results.put((rank, None, f"{type(error).__name__}: {error}"))
         raise
     summary = {key: value for key, value in result.summary.items() if isinstance(value, (int, float, str))}
+    summary["weights_checksum"] = float(sum(p.detach().double().sum() for p in result.model.parameters()))
     results.put((rank, {"samples_per_s": result.samples_per_s, "train_seconds": result.train_seconds,
                         "test_accuracy": result.test_accuracy, **summary}, None))  # fmt: skip
 

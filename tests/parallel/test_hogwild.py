@@ -1,0 +1,97 @@
+"""Hogwild!: processes really share one copy of the weights; a run trains and every process ends by itself.
+
+Real processes started with torch.multiprocessing (spawn), as ``distlearn train --strategy hogwild`` does.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hogwild_cases import visibility  # noqa: E402
+
+from distlearn.errors import CommError, ConfigError  # noqa: E402
+from distlearn.parallel import create_strategy  # noqa: E402
+from distlearn.parallel.hogwild import Hogwild, HogwildChannel, launch_hogwild  # noqa: E402
+from distlearn.train import TrainConfig  # noqa: E402
+
+
+@pytest.mark.timeout(90)
+def test_a_step_by_one_process_is_seen_by_the_other():
+    context = mp.get_context("spawn")
+    channel = HogwildChannel(buffers=context.Queue(), barrier=context.Barrier(2))
+    results = context.Queue()
+    processes = [context.Process(target=visibility, args=(r, channel, None, results)) for r in range(2)]
+    for process in processes:
+        process.start()
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+    try:
+        while len(seen) < 2 + 4 * 2:
+            rank, label, flat = results.get(timeout=60)
+            seen[(rank, label)] = torch.tensor(flat, dtype=torch.float32)
+    except queue.Empty:
+        pytest.fail(f"the hogwild processes reported only {sorted(seen)} within 60 s")
+    finally:
+        for process in processes:
+            process.join(timeout=20)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    assert all(process.exitcode == 0 for process in processes)
+    torch.manual_seed(100)
+    initial_rank0 = torch.cat([p.detach().reshape(-1) for p in torch.nn.Linear(3, 2).parameters()])
+    torch.manual_seed(101)
+    initial_rank1 = torch.cat([p.detach().reshape(-1) for p in torch.nn.Linear(3, 2).parameters()])
+    assert not torch.equal(initial_rank0, initial_rank1)
+    assert torch.equal(seen[(0, "after-prepare")], initial_rank0)
+    assert torch.equal(seen[(1, "after-prepare")], initial_rank0)  # process 1 now holds process 0's copy
+    previous = initial_rank0
+    for turn in range(4):
+        writer, reader = turn % 2, 1 - turn % 2
+        written = seen[(writer, f"wrote-{turn}")]
+        assert not torch.equal(written, previous)  # the step changed the weights ...
+        assert torch.equal(seen[(reader, f"read-{turn}")], written)  # ... and the other process sees it
+        previous = written
+
+
+@pytest.mark.timeout(150)
+def test_two_processes_train_one_model(tmp_path):
+    config = TrainConfig(
+        dataset="fashion-mnist", model="mlp", optimizer="sgd", lr=0.05, batch_size=64, steps=40,
+        train_samples=2048, test_samples=1000, workers=2, strategy="hogwild", threads=1,
+        checkpoints=False, progress="off", tensorboard="off", quiet=True, out=str(tmp_path),
+    )  # fmt: skip
+    summaries = launch_hogwild(config, timeout_s=120)
+    assert sorted(summaries) == [0, 1]
+    assert summaries[0]["weights_checksum"] == summaries[1]["weights_checksum"]  # one copy of the weights
+    assert summaries[0]["test_accuracy"] > 0.6  # chance is 0.1
+    assert summaries[0]["steps"] == summaries[1]["steps"] == 40
+    assert (tmp_path / "metrics.jsonl").is_file() and (tmp_path / "metrics.rank1.jsonl").is_file()
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_process_ends_the_run_with_an_error(tmp_path):
+    config = TrainConfig(
+        dataset="fashion-mnist", model="mlp", workers=2, strategy="hogwild", threads=1, comm_timeout=60,
+        data_root=str(tmp_path / "no-such-directory"), checkpoints=False, progress="off",
+        tensorboard="off", quiet=True, out=str(tmp_path / "run"),
+    )  # fmt: skip
+    with pytest.raises(CommError, match="hogwild failed"):
+        launch_hogwild(config, timeout_s=90)
+
+
+def test_bad_settings_raise_config_error():
+    with pytest.raises(ConfigError, match="shared channel"):
+        Hogwild(rank=0, world_size=2)
+    with pytest.raises(ConfigError, match="valid place"):
+        Hogwild(rank=2, world_size=2)
+    with pytest.raises(ConfigError, match="torch.multiprocessing"):
+        create_strategy("hogwild", TrainConfig(strategy="hogwild", workers=2))
+    assert isinstance(create_strategy("hogwild", TrainConfig(strategy="hogwild")), Hogwild)
