@@ -71,9 +71,11 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     padding = (-codes.numel()) % per_byte
     if padding:
         codes = torch.cat([codes, codes.new_zeros(padding)])
-    grouped = codes.view(-1, per_byte).to(torch.int32)  # (bytes, codes per byte)
-    shifts = torch.arange(0, 8, bits, dtype=torch.int32)
-    return (grouped << shifts).sum(dim=1).to(torch.uint8)
+    grouped = codes.view(-1, per_byte)  # (bytes, codes per byte)
+    packed = grouped[:, 0].clone()
+    for position in range(1, per_byte):  # at most 8 cheap uint8 passes, no wider integers
+        packed |= grouped[:, position] << (position * bits)
+    return packed
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -82,10 +84,12 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         raise ConfigError(f"unpack_bits: bits must be 1, 2, 4 or 8, got {bits}")
     if bits == 8:
         return packed[:count].clone()
-    shifts = torch.arange(0, 8, bits, dtype=torch.int32)
     mask = (1 << bits) - 1
-    codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & mask  # (bytes, codes per byte)
-    return codes.reshape(-1)[:count].to(torch.uint8)
+    per_byte = 8 // bits
+    codes = torch.empty(packed.numel(), per_byte, dtype=torch.uint8)  # (bytes, codes per byte)
+    for position in range(per_byte):
+        torch.bitwise_and(packed >> (position * bits), mask, out=codes[:, position])
+    return codes.reshape(-1)[:count].clone()
 
 
 # -- payloads ---------------------------------------------------------------------------------------------
@@ -200,6 +204,7 @@ class Exchange:
         self.group = group
         self.timeout_s = timeout_s
         self.bytes_sent = 0
+        self.messages = 0  # point-to-point messages of a ring implementation (alpha terms of the cost model)
 
     @property
     def world_size(self) -> int:
@@ -215,6 +220,7 @@ class Exchange:
         if size == 1 or tensor.numel() == 0:
             return tensor
         self.bytes_sent += (2 * (size - 1) * tensor.numel() // size) * tensor.element_size()
+        self.messages += 2 * (size - 1)
         self._wait(dist.all_reduce(tensor, group=self.group, async_op=True), f"allreduce of {what}")
         return tensor
 
@@ -231,6 +237,7 @@ class Exchange:
             mine = torch.tensor([payload.numel()], dtype=torch.int64)
             gathered = [torch.empty_like(mine) for _ in range(size)]
             self.bytes_sent += (size - 1) * mine.numel() * mine.element_size()
+            self.messages += size - 1
             self._wait(dist.all_gather(gathered, mine, group=self.group, async_op=True), f"lengths of {what}")
             lengths = [int(t) for t in gathered]
             longest = max(lengths)
@@ -238,6 +245,7 @@ class Exchange:
                 payload = torch.cat([payload, payload.new_zeros(longest - payload.numel())])
         outputs = [torch.empty_like(payload) for _ in range(size)]
         self.bytes_sent += (size - 1) * payload.numel()
+        self.messages += size - 1
         self._wait(
             dist.all_gather(outputs, payload, group=self.group, async_op=True), f"all-gather of {what}"
         )

@@ -48,23 +48,25 @@ class OneBitSGD(Compressor):
         v = flat + residual
         positive = v >= 0
         levels = torch.zeros(len(shapes), 2, dtype=torch.float32)  # (tensors, [a+, a-])
-        decoded = torch.empty_like(v)
         for index, (a, b) in enumerate(parameter_spans(shapes)):
             part, up = v[a:b], positive[a:b]
             ups = int(up.sum())
-            downs = (b - a) - ups
-            levels[index, 0] = part[up].sum() / ups if ups else 0.0
-            levels[index, 1] = part[~up].sum() / downs if downs else 0.0
-            decoded[a:b] = torch.where(up, levels[index, 0], levels[index, 1])
+            total, up_total = float(part.sum()), float(torch.where(up, part, 0).sum())
+            levels[index, 0] = up_total / ups if ups else 0.0  # a side with no elements gets 0
+            levels[index, 1] = (total - up_total) / (b - a - ups) if b - a - ups else 0.0
+        decoded = self._expand(positive, levels, shapes)
         residual.copy_(v - decoded)
         return Payload({"signs": pack_bits(positive, 1), "levels": levels.reshape(-1)})
 
     def decode(self, payload: Payload, numel: int, shapes: Shapes) -> torch.Tensor:
         positive = unpack_bits(payload.tensors["signs"], 1, numel).bool()
-        levels = payload.tensors["levels"].view(-1, 2)
-        out = torch.empty(numel, dtype=torch.float32)
+        return self._expand(positive, payload.tensors["levels"].view(-1, 2), shapes)
+
+    @staticmethod
+    def _expand(positive: torch.Tensor, levels: torch.Tensor, shapes: Shapes) -> torch.Tensor:
+        out = torch.empty(positive.numel(), dtype=torch.float32)
         for index, (a, b) in enumerate(parameter_spans(shapes)):
-            out[a:b] = torch.where(positive[a:b], levels[index, 0], levels[index, 1])
+            torch.where(positive[a:b], levels[index, 0], levels[index, 1], out=out[a:b])
         return out
 
     def expected_nbytes(self, numel: int, shapes: Shapes) -> int:

@@ -31,6 +31,7 @@ class CompressedReducer(Reducer):
         super().__init__(timeout_s=timeout_s)
         self.compressor = compressor
         self._layouts: dict[int, tuple[str, list[tuple[int, ...]]]] = {}
+        self.messages = 0
 
     def __repr__(self) -> str:
         return f"CompressedReducer({self.compressor.describe()})"
@@ -46,6 +47,7 @@ class CompressedReducer(Reducer):
             self.compressor.reduce(key, flat, shapes, exchange)
         finally:
             self.bytes_sent += exchange.bytes_sent
+            self.messages += exchange.messages
 
     def state_dict(self) -> dict[str, Any]:
         return self.compressor.state_dict()
