@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("distlearn.plot_cli", "loss and accuracy curves of several runs against steps and wall time"),
     "rl": ("distlearn.rl.cli", "distributed RL: naive, a3c, gorila, sync-pg, play"),
     "bench": ("distlearn.bench.cli", "every strategy on the same work: one table, one plot, raw JSON"),
+    "async-momentum": ("distlearn.async_momentum", "implicit momentum of M async workers on a quadratic"),
     "live": ("distlearn.live.cli", "a page on 127.0.0.1 showing runs as they train; --demo starts some"),
 }
 
