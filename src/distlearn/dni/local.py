@@ -87,7 +87,8 @@ class LocalDNI(nn.Module):
 
         stages = split_model(build_model("mlp", stages=3), 3, x[:2])
         dni = LocalDNI(stages, example=x[:2], num_classes=10,
-                       optimizer=lambda p: torch.optim.Adam(p, 1e-3), sg_optimizer=lambda p: torch.optim.Adam(p, 1e-4))
+                       optimizer=lambda p: torch.optim.Adam(p, 1e-3),
+                       sg_optimizer=lambda p: torch.optim.Adam(p, 1e-4))
         for x, y in batches: result = dni.step(x, y)
     """
 
@@ -129,7 +130,8 @@ class LocalDNI(nn.Module):
             ]
         if len(gradient_models) != len(self.stages) - 1:
             raise ConfigError(
-                f"{len(self.stages)} stages need {len(self.stages) - 1} gradient models, got {len(gradient_models)}"
+                f"{len(self.stages)} stages need {len(self.stages) - 1} gradient models, "
+                f"got {len(gradient_models)}"
             )
         self.gradient_models = nn.ModuleList(gradient_models)
         self.input_models = nn.ModuleList(
@@ -157,7 +159,9 @@ class LocalDNI(nn.Module):
         loss = self.loss_fn(self.stages[-1](h), y)
         return [g * x.shape[0] for g in torch.autograd.grad(loss, activations)]
 
-    def _output_gradient(self, k: int, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _output_gradient(
+        self, k: int, out: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(dL/d out, loss)`` for the top stage, ``(M_k(out, y) / B, nan)`` below it."""
         if k == len(self.stages) - 1:
             leaf = out.detach().requires_grad_(True)

@@ -1,9 +1,10 @@
 """Cutting a network into K stages: where the decoupled interfaces go.
 
-A stage boundary may only fall after a non-linearity (and the pooling or dropout that follows it), so every
-interface carries a layer's activation ``h_k``, as in the paper. Among the allowed cuts we choose the ``K - 1``
-that minimise the largest stage's cost (multiply-accumulates per example, measured with forward hooks on an
-example input), ties going to the earliest cuts: a pipeline runs at the pace of its slowest stage.
+A stage boundary may only fall after a non-linearity (and the pooling or dropout that follows it), so
+every interface carries a layer's activation ``h_k``, as in the paper. Among the allowed cuts we choose the
+``K - 1`` that minimise the largest stage's cost (multiply-accumulates per example of its linear and
+convolution layers, counted on an example input), ties going to the earliest cuts: a pipeline runs at the
+pace of its slowest stage.
 
 ``build_model("mlp", stages=K)`` is the paper's MNIST FCN (Jaderberg et al., 2016, section 3.1): ``K``
 hidden layers of 256 units with ReLU, one per stage, the classifier in the last stage. Other names are the

@@ -118,7 +118,7 @@ class SyntheticGradient(GradientModel):
                 self.layers.append(nn.Linear(width_in, width))
                 width_in = width
             self.layers.append(nn.Linear(width_in, self.shape[0]))
-            if num_classes is not None:  # the label enters the first layer (a concatenation, written as a sum)
+            if num_classes is not None:  # the label enters the first layer: a concatenation, as a sum
                 first_out = self.hidden[0] if self.hidden else self.shape[0]
                 self.label_layer = nn.Linear(num_classes, first_out, bias=False)
         # Jaderberg et al.: zero-initialised output, so g_hat = 0 until M has been trained.
