@@ -38,7 +38,9 @@
     for (const tab of document.querySelectorAll("button.tab")) {
       tab.classList.toggle("active", tab.dataset.view === name);
     }
-    if (name === "toy") toy.open();
+    if (name === "toy") {
+      toy.open().catch((error) => showMessage(`toy problems: could not load the options (${error.message})`));
+    }
     scheduleRender();
   }
 
@@ -430,14 +432,17 @@
         rows.push({ run, entry, windows });
       }
     }
-    const rowH = 24, top = 6, bottom = 30, left = 150, right = 12;
+    const rowH = 24, top = 6, bottom = 30, right = 12;
     const { context, width, height } = prepareCanvas(canvas, Math.max(80, top + bottom + rows.length * rowH));
     canvas.dataset.rows = String(rows.length);
     if (!rows.length) {
       context.fillStyle = "#667085";
-      context.fillText("no records yet", left, top + 20);
+      context.fillText("no records yet", 20, top + 20);
       return;
     }
+    const rowLabel = (row) => `${row.run.label} · rank ${row.entry.rank} (${row.entry.role})`;
+    // room for the longest row label, up to 40% of the width
+    const left = Math.min(0.4 * width, 12 + Math.max(...rows.map((row) => context.measureText(rowLabel(row)).width)));
     const plotW = width - left - right;
     const xOf = (t) => left + (t / (maxTime || 1)) * plotW;
     rows.forEach((row, index) => {
@@ -445,7 +450,7 @@
       const fastest = Math.max(1e-12, ...row.windows.map((w) => w.speed || 0));
       context.fillStyle = "#1d2330";
       context.textAlign = "right";
-      context.fillText(`${row.run.label} · rank ${row.entry.rank} (${row.entry.role})`, left - 6, y + 15);
+      context.fillText(rowLabel(row), left - 6, y + 15);
       context.fillStyle = "#f2f4f7";
       context.fillRect(left, y + 2, plotW, rowH - 4);
       for (const w of row.windows) {
@@ -549,6 +554,7 @@
 
   const toy = {
     options: null,
+    loading: null, // the promise of the options while they load
     surface: null,
     background: null, // an offscreen canvas with the shading and contour lines
     source: null,
@@ -562,9 +568,17 @@
       return this.options.problems.find((p) => p.name === name);
     },
 
-    async open() {
-      if (this.options) { this.draw(); return; }
+    open() {
+      if (this.options) { this.draw(); return Promise.resolve(); }
+      if (!this.loading) {  // once, however often the tab is clicked while it loads
+        this.loading = this.load().finally(() => { this.loading = null; });
+      }
+      return this.loading;
+    },
+
+    async load() {
       const response = await fetch("/api/toy/options");
+      if (!response.ok) throw new Error(`the server answered ${response.status}`);
       this.options = await response.json();
       const select = document.getElementById("toy-function");
       for (const problem of this.options.problems) {
