@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test install data lint clean
+.PHONY: run test install data browser lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) data
+install: $(STAMP) data browser
 
 # Fashion-MNIST from Debian's dataset package, where apt exists and we may use it; elsewhere see README.
 data:
@@ -25,6 +25,15 @@ data:
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
 	  || echo "warning: could not install dataset-fashion-mnist; see README.md 'Data'"; \
 	else echo "note: no apt as root here; see README.md 'Data' for Fashion-MNIST"; fi
+
+# Debian's chromium for the live dashboard's browser test (tests/live), driven by Playwright through its
+# executable path: Playwright's own browser download is not used. Without it that one test is skipped.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "warning: could not install chromium; the live dashboard's browser test will be skipped"; \
+	else echo "note: no apt as root here; install chromium for the live dashboard's browser test"; fi
 
 run: install
 	$(BIN)/distlearn train --dataset fashion-mnist --model lenet --epochs 1 --out runs/train
