@@ -13,10 +13,11 @@ Every run trains from the same seed on the same subset and batches (the trainer'
 each rank M = B / R); one trial each -- the machine is shared, so samples/s are indicative only, and
 accuracy differences below ~0.5 points are within seed noise for runs this short.
 
-    python benchmarks/compression_bench.py [--train-samples 20000] [--epochs 2] [--batch 128]
+    python benchmarks/compression_bench.py --group quantisers    # dense, casts, 8-bit, Strom, 1-bit, ...
+    python benchmarks/compression_bench.py --group sparsifiers   # dense, top-k, random-k, DGC, PowerSGD x3
 
-Writes benchmarks/results/compression_bench.json and docs/img/compression-accuracy-bytes.png and prints
-a Markdown table.
+Writes benchmarks/results/compression_bench-GROUP.json and docs/img/compression-accuracy-bytes-GROUP.png
+and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -40,8 +41,13 @@ from distlearn.comm.cost_model import link
 from distlearn.launch import in_torchrun, init_distributed, launch_local, shutdown
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "compression_bench.json"
-PLOT = REPO / "docs" / "img" / "compression-accuracy-bytes.png"
+RESULTS = REPO / "benchmarks" / "results"
+PLOT = REPO / "docs" / "img"
+GROUPS = {  # each group is one torchrun job (< 15 min here) with its own dense reference
+    "quantisers": "dense,fp16,bf16,int8-linear,int8-tree,threshold,onebit,terngrad,qsgd-s4",
+    "sparsifiers": "dense,topk-0.1%,randomk-1%,dgc-0.1%,powersgd-r2,powersgd-r2 (our DDP hook),"
+    "powersgd-r2 (torch hook)",
+}
 LINKS_GBPS = (1, 10, 100)
 START_ITER = 10  # PowerSGD: plain allreduces first (torch requires > 1 with error feedback / warm start)
 
@@ -349,7 +355,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict[str, Any]) -> None:
+def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -364,27 +370,31 @@ def plot(result: dict[str, Any]) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("MB sent per rank over the whole run (log)")
     ax.set_ylabel("final test accuracy (%)")
-    ax.set_title("Fashion-MNIST LeNet, R = 2, fixed global batch: accuracy vs bytes sent")
+    ax.set_title(f"Fashion-MNIST LeNet, R = 2, fixed global batch ({result['settings']['group']})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PLOT, dpi=120)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--train-samples", type=int, default=20000)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--group", choices=sorted(GROUPS), default="quantisers")
+    parser.add_argument("--train-samples", type=int, default=16000)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch", type=int, default=128, help="global batch B (M = B / 2 per rank)")
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--eval-every", type=int, default=52)
-    parser.add_argument("--only", default="", help="comma-separated run labels (default: all)")
-    parser.add_argument("--out", default="runs/compression_bench")
-    parser.add_argument("--raw", default="runs/compression_bench/raw.json")
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--only", default="", help="comma-separated run labels (default: the group's)")
+    parser.add_argument("--out", default=None, help="run directories (default runs/compression_bench/GROUP)")
+    parser.add_argument("--raw", default=None, help="rank 0's raw results (default OUT/raw.json)")
     parser.add_argument("--timeout", type=float, default=1500)
     args = parser.parse_args()
+    args.only = args.only or GROUPS[args.group]
+    args.out = args.out or f"runs/compression_bench/{args.group}"
+    args.raw = args.raw or f"{args.out}/raw.json"
     if in_torchrun():
         return worker(args)
     Path(args.raw).parent.mkdir(parents=True, exist_ok=True)
@@ -396,8 +406,8 @@ def main() -> int:
         print(f"compression_bench: the job failed (exit {code})", file=sys.stderr)
         return code
     result = report(args, json.loads(Path(args.raw).read_text()), time.monotonic() - started)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result)
+    (RESULTS / f"compression_bench-{args.group}.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, PLOT / f"compression-accuracy-bytes-{args.group}.png")
     print(markdown(result))
     print(json.dumps(result["goals"], indent=1))
     return 0

@@ -382,6 +382,35 @@ def test_codecs_that_cannot_serve_the_configuration_say_why():
     strategy._check_compression(torch.optim.SGD(model.parameters(), lr=0.1))  # plain SGD is fine
 
 
+def test_train_config_options_reach_the_codec_and_its_state_reaches_the_checkpoint():
+    from distlearn.parallel import create_strategy
+    from distlearn.parallel.sync import compression_options_of
+    from distlearn.train import TrainConfig
+
+    config = TrainConfig(
+        strategy="sync", compression="powersgd", rank=3, compression_option=("start_iter=5",)
+    )
+    assert compression_options_of(config) == {"rank": 3, "start_iter": 5}
+    strategy = create_strategy("sync", config)
+    assert (strategy.compressor.rank_r, strategy.compressor.start_iter) == (3, 5)
+    with pytest.raises(ConfigError, match="disagree"):
+        compression_options_of(
+            TrainConfig(compression="topk", density=0.1, compression_option=("density=0.2",))
+        )
+
+    saving = create_strategy("sync", TrainConfig(strategy="sync", compression="topk", density=0.1))
+    saving.compressor.encode("0", gradient(), SHAPES)
+    resumed = create_strategy("sync", TrainConfig(strategy="sync", compression="topk", density=0.1))
+    resumed.load_state_dict(saving.state_dict())
+    assert torch.equal(
+        resumed.compressor.state.get("0", "residual"), saving.compressor.state.get("0", "residual")
+    )
+    with pytest.raises(ConfigError, match="no compression state"):
+        resumed.load_state_dict({})
+    with pytest.raises(ConfigError, match="resume with the same --compression"):
+        create_strategy("sync").load_state_dict(saving.state_dict())
+
+
 def test_every_codec_is_registered_with_a_distinct_name():
     assert len(COMPRESSORS) == 12
     assert all(cls.name == name for name, cls in COMPRESSORS.items())
