@@ -1,0 +1,185 @@
+"""Hogwild!, local SGD and EASGD on Fashion-MNIST: throughput, time to accuracy, accuracy vs wall time.
+
+Claims (issue 8), measured in one run on this machine with the ``distlearn train`` commands printed below:
+
+1. Hogwild with 2 processes (1 thread each) against 1 process with 1 thread and 1 process with 2 threads:
+   samples/s and time to a target test accuracy. Every configuration takes updates of the same size
+   (``M = 64`` examples: ``--batch-size 64`` for one process, ``128`` = 2 x 64 for Hogwild) with the same
+   optimizer, so the comparison is per-update work. Goals: >= 1.8x the single-threaded samples/s, and faster
+   than the two-thread process.
+2. Accuracy vs wall time for sync, local SGD (k = 4, 16) and synchronous EASGD (tau = 4), 2 workers, global
+   batch 128.
+
+    python benchmarks/async_bench.py --model mlp --epochs 2 --train-samples 12000 --target 0.8
+
+Writes benchmarks/results/async_bench.json (raw records, the commands, machine and versions) and
+docs/img/async-hogwild.png, docs/img/async-accuracy.png. Caution: this is a 2-core machine that other jobs
+shared while it ran; the load average at the start and the end is recorded in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "async_bench.json"
+IMG = ROOT / "docs" / "img"
+DISTLEARN = str(Path(sys.executable).with_name("distlearn"))
+
+# name -> (extra flags); the common flags are added in `command`
+HOGWILD = {
+    "single 1 thread": ["--strategy", "single", "--threads", "1", "--batch-size", "64"],
+    "single 2 threads": ["--strategy", "single", "--threads", "2", "--batch-size", "64"],
+    "hogwild 2 processes": [
+        "--strategy",
+        "hogwild",
+        "--workers",
+        "2",
+        "--threads",
+        "1",
+        "--batch-size",
+        "128",
+    ],
+}
+AVERAGING = {
+    "sync": ["--strategy", "sync", "--workers", "2"],
+    "local-sgd k=4": ["--strategy", "local-sgd", "--workers", "2", "--average-every", "4"],
+    "local-sgd k=16": ["--strategy", "local-sgd", "--workers", "2", "--average-every", "16"],
+    "easgd tau=4": ["--strategy", "easgd", "--workers", "2", "--elastic-tau", "4"],
+}
+
+
+def command(args: argparse.Namespace, flags: list[str], out: Path) -> list[str]:
+    return [
+        DISTLEARN, "train", "--dataset", "fashion-mnist", "--model", args.model, "--optimizer", "momentum",
+        "--lr", str(args.lr), "--optimizer-option", "momentum=0.9", "--epochs", str(args.epochs),
+        "--eval-every", str(args.eval_every), "--test-samples", str(args.test_samples),
+        "--train-samples", str(args.train_samples), "--no-checkpoints", "--progress", "off", "--tensorboard", "off", "--quiet", "--out", str(out),
+        *flags,
+    ]  # fmt: skip
+
+
+def read_run(out: Path) -> dict:
+    """The evaluating rank's eval records and the summary of every rank's metrics file."""
+    evals, summaries = [], []
+    for path in sorted(out.glob("metrics*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record["kind"] == "eval":
+                evals.append({k: record[k] for k in ("step", "wall_time", "accuracy", "loss")})
+            elif record["kind"] == "summary":
+                summaries.append(record)
+    return {"evals": sorted(evals, key=lambda e: e["wall_time"]), "summaries": summaries}
+
+
+def run_one(args: argparse.Namespace, name: str, flags: list[str], scratch: Path) -> dict:
+    out = scratch / name.replace(" ", "-").replace("=", "")
+    line = command(args, flags, out)
+    print(f"== {name}: {' '.join(line[1:])}", flush=True)
+    started = time.perf_counter()
+    completed = subprocess.run(line, timeout=args.timeout, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if completed.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{completed.stdout[-2000:]}\n{completed.stderr[-4000:]}")
+    run = read_run(out)
+    trainers = [s for s in run["summaries"] if s.get("samples_per_s")]
+    train_seconds = max(s["extra"]["train_seconds"] for s in trainers)
+    samples = sum(s["extra"]["steps"] * s["extra"]["global_batch"] / s["extra"]["replicas"] for s in trainers)
+    reached = next((e for e in run["evals"] if e["accuracy"] >= args.target), None)
+    result = {
+        "command": "distlearn " + " ".join(line[1:]).replace(str(out), "OUT"),
+        "process_wall_s": wall,
+        "train_seconds": train_seconds,
+        "samples": samples,
+        "samples_per_s": samples / train_seconds,  # every process's examples over the slowest's training time
+        "final_accuracy": run["evals"][-1]["accuracy"] if run["evals"] else None,
+        "best_accuracy": max((e["accuracy"] for e in run["evals"]), default=None),
+        "time_to_target_s": reached["wall_time"] if reached else None,
+        "evals": run["evals"],
+    }
+    print(f"   {result['samples_per_s']:,.0f} samples/s, final acc {result['final_accuracy']:.4f}, "
+          f"time to {args.target:.0%}: {result['time_to_target_s']}", flush=True)  # fmt: skip
+    return result
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, filename, title in (
+        ("hogwild", "async-hogwild.png", "Hogwild! vs one process (per-update batch 64)"),
+        ("averaging", "async-accuracy.png", "local SGD and EASGD vs sync (2 workers, B = 128)"),
+    ):
+        figure, axis = plt.subplots(figsize=(6.4, 4))
+        for name, run in results[key].items():
+            axis.plot([e["wall_time"] for e in run["evals"]], [e["accuracy"] for e in run["evals"]],
+                      marker=".", label=f"{name} ({run['samples_per_s']:,.0f} samples/s)")  # fmt: skip
+        axis.axhline(results["target"], color="grey", lw=0.8, ls="--")
+        axis.set(xlabel="wall time (s, from process start)", ylabel="test accuracy", title=title)
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(IMG / filename, dpi=110)
+        plt.close(figure)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--model", default="lenet")
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--test-samples", type=int, default=2000)
+    parser.add_argument("--train-samples", type=int, default=12000)
+    parser.add_argument("--target", type=float, default=0.85)
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--part", choices=["all", "hogwild", "averaging"], default="all")
+    args = parser.parse_args()
+    results: dict = {
+        "argv": sys.argv,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": str(torch.__version__),
+            "load_at_start": os.getloadavg(),
+        },  # fmt: skip
+        "target": args.target,
+        "hogwild": {},
+        "averaging": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="async-bench-") as scratch:
+        parts = [("hogwild", HOGWILD), ("averaging", AVERAGING)]
+        for part, runs in parts:
+            if args.part not in ("all", part):
+                continue
+            for name, flags in runs.items():
+                results[part][name] = run_one(args, name, flags, Path(scratch))
+    results["machine"]["load_at_end"] = os.getloadavg()
+    hogwild = results["hogwild"]
+    if hogwild:
+        base = hogwild["single 1 thread"]["samples_per_s"]
+        results["hogwild_speedup_over_1_thread"] = hogwild["hogwild 2 processes"]["samples_per_s"] / base
+        results["two_threads_speedup_over_1_thread"] = hogwild["single 2 threads"]["samples_per_s"] / base
+        print(f"hogwild 2 processes: {results['hogwild_speedup_over_1_thread']:.2f}x the 1-thread process; "
+              f"2 threads: {results['two_threads_speedup_over_1_thread']:.2f}x")  # fmt: skip
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1))
+    IMG.mkdir(parents=True, exist_ok=True)
+    plot(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
