@@ -64,7 +64,8 @@ def command(args: argparse.Namespace, flags: list[str], out: Path) -> list[str]:
         DISTLEARN, "train", "--dataset", "fashion-mnist", "--model", args.model, "--optimizer", "momentum",
         "--lr", str(args.lr), "--optimizer-option", "momentum=0.9", "--epochs", str(args.epochs),
         "--eval-every", str(args.eval_every), "--test-samples", str(args.test_samples),
-        "--train-samples", str(args.train_samples), "--no-checkpoints", "--progress", "off", "--tensorboard", "off", "--quiet", "--out", str(out),
+        "--train-samples", str(args.train_samples), "--no-checkpoints", "--progress", "off",
+        "--tensorboard", "off", "--quiet", "--out", str(out),
         *flags,
     ]  # fmt: skip
 
