@@ -121,6 +121,9 @@ class DNIConfig:
     record_messages: bool = field(
         default=False, metadata={"help": "write every received header to OUT/messages.rank<k>.json"}
     )
+    save_model: bool = field(
+        default=False, metadata={"help": "rank 0 writes the trained network to OUT/model.pt"}
+    )
     threads: int = field(default=1, metadata={"help": "torch threads per rank"})
     die_at_step: int | None = field(
         default=None, metadata={"help": "testing: the top rank exits abruptly at this step"}
@@ -252,7 +255,7 @@ class StageWorker:
         gradient_model: nn.Module | None,
         sg_optimizer: torch.optim.Optimizer | None,
         transport: Transport,
-        max_lag: int = 4,
+        max_lag: int = 1,
         record_messages: bool = False,
     ) -> None:
         if mode not in ("dni", "backprop"):
@@ -404,6 +407,25 @@ class StageWorker:
 # -- the whole run of one rank -------------------------------------------------------------------------------
 
 
+def batch_indices(
+    step: int, n: int, *, batch: int, seed: int, cache: dict[tuple[int, int], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Indices of global step ``step``: epoch ``e``'s seeded permutation of ``n``, cut into full batches.
+
+    The same rule as the trainer's (:func:`distlearn.parallel.base.epoch_batches`), so every rank agrees
+    on the batch without talking; ``cache`` keeps the current epoch's permutation.
+    """
+    epoch, position = divmod(step, n // batch)
+    key = (epoch, n)
+    order = cache.get(key) if cache is not None else None
+    if order is None:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        if cache is not None:
+            cache.clear()
+            cache[key] = order
+    return order[position * batch : (position + 1) * batch]
+
+
 def _load(config: DNIConfig) -> tuple[Any, Any]:
     from distlearn.data import load_dataset
 
@@ -477,16 +499,10 @@ def run_pipeline(config: DNIConfig, *, rank: int, world_size: int, group: Any = 
     )  # fmt: skip
     out = Path(config.out)
     writer = MetricsWriter(out, rank=rank, world_size=world_size, role=f"stage{rank}", tensorboard="off")
-    orders: dict[int, torch.Tensor] = {}
+    orders: dict[tuple[int, int], torch.Tensor] = {}
 
     def batch_of(t: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-        epoch, position = divmod(t, steps_per_epoch)
-        if epoch not in orders:
-            orders.clear()
-            orders[epoch] = torch.randperm(
-                len(labels), generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-            )
-        indices = orders[epoch][position * batch : (position + 1) * batch]
+        indices = batch_indices(t, len(labels), batch=batch, seed=config.seed, cache=orders)
         return (transform(images[indices]) if rank == 0 else None), labels[indices]
 
     window = {"loss": 0.0, "correct": 0, "n": 0, "since": time.perf_counter()}
@@ -595,6 +611,8 @@ def run_pipeline(config: DNIConfig, *, rank: int, world_size: int, group: Any = 
             extra=summary,
         ))  # fmt: skip
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if config.save_model:
+            torch.save(model.state_dict(), out / "model.pt")
         if not config.quiet:
             utilisation = ", ".join(f"{100 * s.utilisation:.0f}%" for s in stage_stats)
             _say(
