@@ -1,0 +1,174 @@
+"""Decoupled neural interfaces across processes: real jobs of 3 ranks on 127.0.0.1 (one stage per rank).
+
+* Model-parallel backprop on 3 ranks ends with the weights of one process's backprop (Adam, same batches)
+  to 1e-5: the wire carries the right activations and gradients, in the right order.
+* A DNI job: every rank receives each activation / gradient once, in step order, with the interface's shape
+  and the sender's version (activations are computed before the sender's update of that step, gradients
+  after it), gradients arrive within the lag bound; every synthetic-gradient model was fitted on every step.
+* The top stage dies in the middle: every other rank ends by itself with a CommError naming the peer, well
+  within the deadline, no hang.
+
+Each rank is a plain process with the rendezvous in its environment (as separate nodes would be), running
+``python -m distlearn.dni.cli`` on a small seeded subset of MNIST (../shared/data).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from distlearn.config import load_toml, to_toml
+from distlearn.data import load_dataset
+from distlearn.dni.pipeline import DNIConfig, batch_indices
+from distlearn.dni.stages import build_model
+from distlearn.launch import free_port
+from distlearn.models.transforms import BatchTransform
+
+RANKS = 3
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def _config(out: Path, data: Path, **changes) -> DNIConfig:
+    values = dict(
+        dataset="mnist", data_root=str(data), stages=RANKS, batch_size=64, train_samples=640,
+        test_samples=200, steps=12, out=str(out), log_every=4, timeout_s=20.0, quiet=True,
+    )  # fmt: skip
+    values.update(changes)
+    return DNIConfig(**values)
+
+
+def run_job(configs: list[DNIConfig], out: Path, timeout: float = 120) -> tuple[list[int], float]:
+    """Run ``configs`` in turn on one job of ``RANKS`` processes; their exit codes and the seconds it took.
+
+    One config runs through ``python -m distlearn.dni.cli`` (the real entry point); several run through
+    dni_worker.py, which keeps the process group between them (one start-up for several cases).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, config in enumerate(configs):
+        paths.append(str(out / f"case{index}.toml"))
+        Path(paths[-1]).write_text(to_toml(config))
+    if len(configs) == 1:
+        command = [sys.executable, "-m", "distlearn.dni.cli", "--config", paths[0]]
+    else:
+        command = [sys.executable, str(Path(__file__).resolve().parent / "dni_worker.py"), *paths]
+    port = free_port()
+    processes = []
+    started = time.monotonic()
+    for rank in range(RANKS):
+        env = dict(
+            os.environ, RANK=str(rank), WORLD_SIZE=str(RANKS), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+        )  # fmt: skip
+        log = open(out / f"log{rank}.txt", "w")  # noqa: SIM115 -- closed below
+        processes.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    deadline = started + timeout
+    codes = []
+    for process, log in processes:
+        try:
+            codes.append(process.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            codes.append(process.wait())
+        log.close()
+    return codes, time.monotonic() - started
+
+
+def logs(out: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(out.glob("log*.txt")))
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One job: model-parallel backprop (out/bp), then cDNI recording every message (out/dni)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data directory {SHARED_DATA} is not present on this machine")
+    out = tmp_path_factory.mktemp("dni-job")
+    configs = [
+        _config(out / "bp", SHARED_DATA, mode="backprop", save_model=True),
+        _config(out / "dni", SHARED_DATA, mode="dni", cdni=True, record_messages=True),
+    ]
+    codes, _ = run_job(configs, out)
+    assert codes == [0] * RANKS, logs(out)
+    return out
+
+
+def test_model_parallel_backprop_equals_one_process(finished_job: Path) -> None:
+    config = load_toml(DNIConfig, finished_job / "case0.toml")
+    shared_data = Path(config.data_root or "")
+
+    # The reference: one process, the whole network, the same seed, subset, batches and optimizer.
+    train = load_dataset("mnist", "train", root=str(shared_data))
+    subset = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(config.seed))
+    subset = subset[: config.train_samples].sort().values
+    images, labels = train.images[subset], train.labels[subset]
+    transform = BatchTransform(train.mean, train.std)
+    torch.manual_seed(config.seed)
+    model = build_model("mlp", stages=RANKS)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    assert config.steps is not None
+    for step in range(config.steps):
+        indices = batch_indices(step, len(labels), batch=config.batch_size, seed=config.seed)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(transform(images[indices])), labels[indices]).backward()
+        optimizer.step()
+    trained = torch.load(finished_job / "bp" / "model.pt", weights_only=True)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(trained[name], value, atol=1e-5, rtol=0, msg=name)
+    summary = json.loads((finished_job / "bp" / "summary.json").read_text())
+    assert summary["steps"] == config.steps
+    assert all(0 < stage["utilisation"] <= 1 for stage in summary["stages"])
+
+
+def test_dni_messages_cross_ranks_with_shapes_and_versions(finished_job: Path) -> None:
+    config = load_toml(DNIConfig, finished_job / "case1.toml")
+    steps = config.steps
+    assert steps is not None
+    widths = [784, 256, 256, 256]  # interface k carries stage k's output (the MLP's hidden layers)
+    for rank in range(RANKS):
+        messages = json.loads((finished_job / "dni" / f"messages.rank{rank}.json").read_text())
+        activations = [m for m in messages if m["kind"] == "ACTIVATION"]
+        gradients = [m for m in messages if m["kind"] == "GRADIENT"]
+        if rank == 0:
+            assert activations == []
+        else:
+            assert [m["step"] for m in activations] == list(range(steps))
+            assert all(m["sender"] == rank - 1 for m in activations)
+            assert all(m["version"] == m["step"] for m in activations)  # sent before the sender's update
+            assert all(m["shape"] == [widths[rank]] for m in activations)
+        if rank == RANKS - 1:
+            assert gradients == []
+        else:
+            assert [m["step"] for m in gradients] == list(range(steps))
+            assert all(m["sender"] == rank + 1 for m in gradients)
+            assert all(m["version"] == m["step"] + 1 for m in gradients)  # sent after the sender's update
+            assert all(m["shape"] == [widths[rank + 1]] for m in gradients)
+            delays = [m["received_at_step"] - 1 - m["step"] for m in gradients]
+            assert all(0 <= d <= config.max_lag for d in delays), delays
+    summary = json.loads((finished_job / "dni" / "summary.json").read_text())
+    assert summary["mode"] == "dni-cdni"
+    for rank, stage in enumerate(summary["stages"]):
+        assert stage["steps"] == steps
+        assert stage["sg_updates"] == (steps if rank < RANKS - 1 else 0)
+        assert 0 < stage["utilisation"] <= 1
+    assert 0 <= summary["test_accuracy"] <= 1 and summary["samples_per_s"] > 0
+
+
+def test_a_dying_stage_ends_the_job_with_a_clear_error(tmp_path: Path, shared_data: Path) -> None:
+    config = _config(tmp_path / "die", shared_data, mode="dni", steps=40, die_at_step=5, timeout_s=10.0)
+    codes, seconds = run_job([config], tmp_path / "die", timeout=90)
+    assert codes[RANKS - 1] == 17, logs(tmp_path / "die")  # the stage that died, at step 5
+    assert all(code == 2 for code in codes[: RANKS - 1]), logs(tmp_path / "die")  # the others: CommError
+    assert seconds < 60, f"the job took {seconds:.0f} s to end"
+    neighbour = (tmp_path / "die" / f"log{RANKS - 2}.txt").read_text()
+    assert "distlearn dni: error: rank 1" in neighbour and f"rank {RANKS - 1}" in neighbour, neighbour
+    bottom = (tmp_path / "die" / "log0.txt").read_text()
+    assert "distlearn dni: error: rank 0" in bottom, bottom
