@@ -189,6 +189,12 @@ class TrainConfig:
     worker_timeout: float = field(
         default=60.0, metadata={"help": "ps: seconds of silence after which a server drops a worker"}
     )
+    stages: int = field(
+        default=0, metadata={"help": "dni: cut the model into K stages, one process each (--workers = K)"}
+    )
+    cdni: bool = field(
+        default=False, metadata={"help": "dni: condition the synthetic gradients on the label (cDNI)"}
+    )
     average_every: int = field(
         default=4, metadata={"help": "local-sgd: k, local steps between two parameter averages"}
     )

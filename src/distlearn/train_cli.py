@@ -119,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
 
         launch_hogwild(config)  # torch.multiprocessing processes sharing memory, not a torchrun job
         return 0
+    elif config.strategy == "dni" and not in_torchrun():
+        from distlearn.parallel.dni import launch_stages
+
+        return launch_stages(config)  # one process per stage: --workers defaults to --stages
     elif not in_torchrun():
         return launch_workers(config)
     train(config)

@@ -24,6 +24,7 @@ STRATEGIES: dict[str, str] = {
     "hogwild": "distlearn.parallel.hogwild:Hogwild",
     "local-sgd": "distlearn.parallel.local_sgd:LocalSGD",
     "easgd": "distlearn.parallel.easgd:ElasticAveraging",
+    "dni": "distlearn.parallel.dni:DecoupledStages",
 }
 
 
