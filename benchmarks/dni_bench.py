@@ -1,0 +1,297 @@
+"""Decoupled neural interfaces: accuracy of backprop, DNI and cDNI; DNI's throughput across processes.
+
+Claims (issue 9), measured in one run on this machine:
+
+1. Accuracy. The paper's FCN (Jaderberg et al. 2016, section 3.1: hidden layers of 256 units, Adam, batch
+   256; one hidden layer per stage, K = 3 stages) on MNIST (the seeded 8,000 / 2,000 split of its test
+   set: the only MNIST here) and Fashion-MNIST (the real 60,000 / 10,000 split), trained three ways on the
+   same 3 processes: model-parallel backprop, DNI and cDNI (synthetic gradients, linear synthetic-gradient
+   models, bootstrapped targets), with the same seed, batches and epochs. Beside them the same three in
+   one process (``LocalDNI``: no gradient delay), so the cost of the delay across processes shows.
+   ``--cnn`` adds LeNet (conv-pool | conv-pool | fc) in 3 stages on MNIST.
+2. Throughput. Samples per second of DNI vs model-parallel backprop on the same K ranks (K = 3, 4), and the
+   utilisation of each stage (time computing / wall time), ``--trials`` runs each, interleaved.
+
+    python benchmarks/dni_bench.py [--part all|accuracy|throughput] [--mnist-epochs 30] \\
+        [--fashion-epochs 3] [--trials 2] [--cnn]
+
+Writes benchmarks/results/dni_bench.json (raw numbers, command, machine, versions) and
+docs/img/dni-accuracy.png, docs/img/dni-throughput.png. On this 2-core machine K = 3 or 4 processes share
+two cores, and other jobs ran at the same time: throughput figures show what decoupling buys when stages
+compete for cores, not what it buys with one device per stage. One seed per configuration (time budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "dni_bench.json"
+IMG = ROOT / "docs" / "img"
+MNIST_ROOT = str(ROOT.parent / "shared" / "data")
+
+from distlearn.data import load_dataset  # noqa: E402
+from distlearn.dni import LocalDNI, build_model, split_model  # noqa: E402
+from distlearn.dni.cli import launch  # noqa: E402
+from distlearn.dni.pipeline import DNIConfig, batch_indices  # noqa: E402
+from distlearn.models.transforms import BatchTransform  # noqa: E402
+
+
+def _root(dataset: str) -> str | None:
+    return MNIST_ROOT if dataset == "mnist" else None
+
+
+def distributed_run(config: DNIConfig) -> dict:
+    """One real job of ``config.stages`` processes (torchrun on 127.0.0.1); its summary."""
+    with tempfile.TemporaryDirectory() as out:
+        config = dataclasses.replace(config, out=out, quiet=True)
+        started = time.perf_counter()
+        code = launch(config, timeout_s=900)
+        if code != 0:
+            raise RuntimeError(f"the job {config} failed with exit code {code}")
+        summary = json.loads((Path(out) / "summary.json").read_text())
+    summary["job_seconds"] = time.perf_counter() - started
+    summary.pop("config", None)
+    return summary
+
+
+def local_run(
+    dataset: str, model_name: str, mode: str, epochs: int, *, stages: int = 3, seed: int = 0
+) -> dict:
+    """The same training in one process: backprop on the whole network, or LocalDNI (no gradient delay)."""
+    torch.set_num_threads(1)
+    train, test = (
+        load_dataset(dataset, "train", root=_root(dataset)),
+        load_dataset(dataset, "test", root=_root(dataset)),
+    )
+    transform = BatchTransform(train.mean, train.std)
+    defaults = DNIConfig()
+    torch.manual_seed(seed)
+    model = build_model(model_name, stages=stages, in_channels=1, num_classes=10, image_size=28)
+    example = transform(train.images[:2])
+    if mode == "backprop":
+        optimizer = torch.optim.Adam(model.parameters(), lr=defaults.lr)
+    else:
+        pieces = split_model(model, stages, example)
+        torch.manual_seed(seed * 1_000_003 + 7)
+        dni = LocalDNI(
+            pieces, example=example, num_classes=10, conditioned=mode == "cdni", sg_hidden=defaults.sg_widths,
+            optimizer=lambda p: torch.optim.Adam(p, lr=defaults.lr),
+            sg_optimizer=lambda p: torch.optim.Adam(p, lr=defaults.sg_lr),
+        )  # fmt: skip
+    steps_per_epoch = len(train.labels) // defaults.batch_size
+    accuracies = []
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        for position in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + position
+            indices = batch_indices(step, len(train.labels), batch=defaults.batch_size, seed=seed)
+            x, y = transform(train.images[indices]), train.labels[indices]
+            if mode == "backprop":
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+            else:
+                dni.step(x, y)
+        model.eval()
+        with torch.no_grad():
+            correct = sum(
+                int(
+                    (model(transform(test.images[i : i + 1000])).argmax(1) == test.labels[i : i + 1000]).sum()
+                )
+                for i in range(0, len(test.labels), 1000)
+            )
+        model.train()
+        accuracies.append(correct / len(test.labels))
+    return {
+        "test_accuracy": accuracies[-1],
+        "per_epoch": accuracies,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def accuracy_part(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    plan = [("mnist", "mlp", args.mnist_epochs), ("fashion-mnist", "mlp", args.fashion_epochs)]
+    if args.cnn:
+        plan.append(("mnist", "lenet", args.cnn_epochs))
+    for dataset, model, epochs in plan:
+        for mode in ("backprop", "dni", "cdni"):
+            config = DNIConfig(
+                dataset=dataset, data_root=_root(dataset), model=model, stages=3, epochs=epochs,
+                mode="backprop" if mode == "backprop" else "dni", cdni=mode == "cdni",
+            )  # fmt: skip
+            summary = distributed_run(config)
+            per_epoch = [e["test_accuracy"] for e in summary["evaluations"]]
+            local = local_run(dataset, model, mode, epochs)
+            row = {
+                "dataset": dataset, "model": model, "mode": mode, "epochs": epochs, "stages": 3,
+                "test_accuracy": summary["test_accuracy"], "per_epoch": per_epoch,
+                "samples_per_s": summary["samples_per_s"],
+                "utilisation": [s["utilisation"] for s in summary["stages"]],
+                "mean_delay": [s["mean_delay"] for s in summary["stages"]],
+                "one_process": local, "dataset_note": summary.get("dataset_note"),
+            }  # fmt: skip
+            rows.append(row)
+            print(
+                f"{dataset:14s} {model:5s} {mode:8s} 3 processes {100 * row['test_accuracy']:6.2f}%  "
+                f"one process {100 * local['test_accuracy']:6.2f}%  {row['samples_per_s']:7.0f} samples/s",
+                flush=True,
+            )
+    return rows
+
+
+def throughput_part(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for stages in (3, 4):
+        for trial in range(args.trials):
+            for mode in ("backprop", "dni"):  # interleaved, so load changes hit both alike
+                config = DNIConfig(
+                    dataset="mnist", data_root=MNIST_ROOT, model="mlp", stages=stages, mode=mode,
+                    steps=args.throughput_steps, eval_every_epoch=False,
+                )  # fmt: skip
+                summary = distributed_run(config)
+                rows.append({
+                    "stages": stages, "mode": mode, "trial": trial, "samples_per_s": summary["samples_per_s"],
+                    "utilisation": [s["utilisation"] for s in summary["stages"]],
+                    "wait_input_s": [s["wait_input_s"] for s in summary["stages"]],
+                    "wait_gradient_s": [s["wait_gradient_s"] for s in summary["stages"]],
+                    "stage_parameters": summary["stage_costs"], "load_average": os.getloadavg(),
+                })  # fmt: skip
+                print(
+                    f"K={stages} {mode:8s} trial {trial}: {summary['samples_per_s']:7.0f} samples/s, "
+                    "utilisation " + ", ".join(f"{100 * u:.0f}%" for u in rows[-1]["utilisation"]),
+                    flush=True,
+                )
+    return rows
+
+
+def summarise_throughput(rows: list[dict]) -> list[dict]:
+    table = []
+    for stages in sorted({r["stages"] for r in rows}):
+        entry: dict = {"stages": stages}
+        for mode in ("backprop", "dni"):
+            runs = [r for r in rows if r["stages"] == stages and r["mode"] == mode]
+            speeds = [r["samples_per_s"] for r in runs]
+            per_stage = zip(*[r["utilisation"] for r in runs], strict=True)
+            entry[mode] = {
+                "median_samples_per_s": statistics.median(speeds),
+                "min": min(speeds), "max": max(speeds),
+                "utilisation": [statistics.mean(u) for u in per_stage],
+            }  # fmt: skip
+        entry["speedup"] = entry["dni"]["median_samples_per_s"] / entry["backprop"]["median_samples_per_s"]
+        table.append(entry)
+    return table
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    IMG.mkdir(parents=True, exist_ok=True)
+    accuracy = results.get("accuracy") or []
+    if accuracy:
+        groups = sorted({(r["dataset"], r["model"]) for r in accuracy}, key=lambda g: (g[1], g[0] != "mnist"))
+        fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.8), squeeze=False)
+        for axis, (dataset, model) in zip(axes[0], groups, strict=True):
+            for r in [r for r in accuracy if (r["dataset"], r["model"]) == (dataset, model)]:
+                epochs = range(1, len(r["per_epoch"]) + 1)
+                line = axis.plot(
+                    epochs, [100 * a for a in r["per_epoch"]], label=f"{r['mode']} (3 processes)"
+                )
+                axis.plot(
+                    epochs, [100 * a for a in r["one_process"]["per_epoch"]], linestyle="--",
+                    color=line[0].get_color(), alpha=0.6, label=f"{r['mode']} (one process)",
+                )  # fmt: skip
+            axis.set_title(f"{dataset}, {model}, 3 stages")
+            axis.set_xlabel("epoch")
+            axis.set_ylabel("test accuracy (%)")
+            axis.set_ylim(bottom=max(0, axis.get_ylim()[0]))
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(IMG / "dni-accuracy.png", dpi=120)
+        plt.close(fig)
+    table = results.get("throughput_table") or []
+    if table:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+        labels = [f"K={t['stages']}" for t in table]
+        positions = range(len(table))
+        for offset, mode in ((-0.2, "backprop"), (0.2, "dni")):
+            medians = [t[mode]["median_samples_per_s"] for t in table]
+            errors = [
+                [m - t[mode]["min"] for m, t in zip(medians, table, strict=True)],
+                [t[mode]["max"] - m for m, t in zip(medians, table, strict=True)],
+            ]
+            left.bar([p + offset for p in positions], medians, width=0.4, yerr=errors, label=mode, capsize=3)
+        left.set_xticks(list(positions), labels)
+        left.set_ylabel("samples/s (median, min-max)")
+        left.set_title("MLP on MNIST, one stage per process")
+        left.legend()
+        width = 0.8 / (2 * max(t["stages"] for t in table))
+        for index, t in enumerate(table):
+            for m_index, mode in enumerate(("backprop", "dni")):
+                for k, u in enumerate(t[mode]["utilisation"]):
+                    x = index + (m_index * t["stages"] + k - t["stages"]) * width
+                    right.bar(x, 100 * u, width=width * 0.9, color="C0" if mode == "backprop" else "C1")
+        right.set_xticks(list(positions), labels)
+        right.set_ylabel("stage utilisation (%)")
+        right.set_title("stages 0..K-1: backprop (blue), dni (orange)")
+        fig.tight_layout()
+        fig.savefig(IMG / "dni-throughput.png", dpi=120)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["all", "accuracy", "throughput"], default="all")
+    parser.add_argument("--mnist-epochs", type=int, default=30)
+    parser.add_argument("--fashion-epochs", type=int, default=3)
+    parser.add_argument("--cnn", action="store_true", help="add LeNet in 3 stages on MNIST")
+    parser.add_argument("--cnn-epochs", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--throughput-steps", type=int, default=150)
+    args = parser.parse_args()
+    results: dict = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    started = time.perf_counter()
+    if args.part in ("all", "accuracy"):
+        results["accuracy"] = accuracy_part(args)
+    if args.part in ("all", "throughput"):
+        results["throughput"] = throughput_part(args)
+        results["throughput_table"] = summarise_throughput(results["throughput"])
+        for t in results["throughput_table"]:
+            print(
+                f"K={t['stages']}: backprop {t['backprop']['median_samples_per_s']:.0f}, "
+                f"dni {t['dni']['median_samples_per_s']:.0f} samples/s (x{t['speedup']:.2f})"
+            )
+    results["command"] = "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    results["seconds"] = time.perf_counter() - started
+    results["machine"] = {
+        "platform": platform.platform(),
+        "cores": os.cpu_count(),
+        "load_average": os.getloadavg(),
+    }
+    results["versions"] = {"torch": str(torch.__version__), "python": platform.python_version()}
+    results["settings"] = dataclasses.asdict(DNIConfig())
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1))
+    plot(results)
+    print(f"wrote {RESULTS} and {IMG}/dni-*.png in {results['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
