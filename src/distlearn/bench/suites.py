@@ -77,38 +77,37 @@ class Suite:
 def _strategy_entries(workers: int) -> tuple[Entry, ...]:
     """Every strategy on ``workers`` processes, in the overview's order: sync, async, tricks, DNI."""
     reducers = ("ring", "tree", "rabenseifner", "segmented-ring")
-    codecs = ("fp16", "int8", "onebit", "terngrad", "qsgd", "topk", "dgc", "powersgd")
+    codecs = (
+        "fp16", "bf16", "int8-linear", "int8-tree", "threshold", "onebit", "terngrad", "qsgd", "topk",
+        "randomk", "dgc", "powersgd",
+    )  # fmt: skip
+    w = workers
+    ps = ("--servers", "1")
     entries = [
         Entry("single process", "single"),
-        Entry(f"torch DDP, R={workers}", "ddp", workers),
-        Entry(f"sync, backend allreduce, R={workers}", "sync", workers),
+        Entry(f"torch DDP, R={w}", "ddp", w),
+        Entry(f"sync, backend allreduce, R={w}", "sync", w),
         *(
-            Entry(f"sync, {r} allreduce, R={workers}", "sync", workers, ("--reducer", r), (f"reducer:{r}",))
+            Entry(f"sync, {r} allreduce, R={w}", "sync", w, ("--reducer", r), (f"reducer:{r}",))
             for r in reducers
         ),
-        Entry(
-            f"sync, no overlap, per-tensor, R={workers}",
-            "sync",
-            workers,
-            ("--no-overlap", "--bucket-mb", "0"),
-        ),
+        Entry(f"sync, no overlap, per-tensor, R={w}", "sync", w, ("--no-overlap", "--bucket-mb", "0")),
         *(
-            Entry(f"sync + {c}, R={workers}", "sync", workers, ("--compression", c), (f"compression:{c}",))
+            Entry(f"sync + {c}, R={w}", "sync", w, ("--compression", c), (f"compression:{c}",))
             for c in codecs
         ),
+        Entry(f"parameter server (async), R={w}", "ps", w + 1, ps, ("strategy:ps",)),
+        Entry(f"ps, staleness-aware, R={w}", "ps", w + 1, (*ps, "--staleness-aware"), ("strategy:ps",)),
+        Entry(f"ps, {w}-softsync (sync), R={w}", "ps", w + 1, (*ps, "--softsync", str(w)), ("strategy:ps",)),
         Entry(
-            f"parameter server (async), R={workers}", "ps", workers + 1, ("--servers", "1"), ("strategy:ps",)
+            f"ps, backup workers b=1, R={w}", "ps", w + 2, (*ps, "--backup-workers", "1"), ("strategy:ps",)
         ),
-        Entry(f"hogwild, R={workers}", "hogwild", workers, (), ("strategy:hogwild",)),
-        Entry(
-            f"local SGD k=4, R={workers}",
-            "local-sgd",
-            workers,
-            ("--local-steps", "4"),
-            ("strategy:local-sgd",),
-        ),
-        Entry(f"EASGD, R={workers}", "easgd", workers, (), ("strategy:easgd",)),
-        Entry("DNI, 2 stages", "dni", 2, (), ("strategy:dni",)),
+        Entry(f"ps, k=4 local steps, R={w}", "ps", w + 1, (*ps, "--local-steps", "4"), ("strategy:ps",)),
+        Entry(f"hogwild, R={w}", "hogwild", w, (), ("strategy:hogwild",)),
+        Entry(f"local SGD k=4, R={w}", "local-sgd", w, ("--average-every", "4"), ("strategy:local-sgd",)),
+        Entry(f"EASGD tau=4, R={w}", "easgd", w, ("--elastic-tau", "4"), ("strategy:easgd",)),
+        Entry("DNI, 2 stages", "dni", 2, ("--stages", "2"), ("strategy:dni",)),
+        Entry("cDNI, 2 stages", "dni", 2, ("--stages", "2", "--cdni"), ("strategy:dni",)),
     ]
     return tuple(entries)
 
