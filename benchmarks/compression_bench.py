@@ -47,7 +47,10 @@ GROUPS = {  # each group is one torchrun job (< 15 min here) with its own dense 
     "quantisers": "dense,fp16,bf16,int8-linear,int8-tree,threshold,onebit,terngrad,qsgd-s4",
     "sparsifiers": "dense,topk-0.1%,randomk-1%,dgc-0.1%,powersgd-r2,powersgd-r2 (our DDP hook),"
     "powersgd-r2 (torch hook)",
+    "cifar": "dense,onebit,topk-0.1%,dgc-0.1%,powersgd-r2,powersgd-r2 (our DDP hook),"
+    "powersgd-r2 (torch hook)",
 }
+DATA = {"fashion-mnist": ("lenet", 1, 28), "cifar10": ("resnet8", 3, 32)}  # model, channels, side
 LINKS_GBPS = (1, 10, 100)
 START_ITER = 10  # PowerSGD: plain allreduces first (torch requires > 1 with error feedback / warm start)
 
@@ -79,16 +82,19 @@ class _LocalExchange(Exchange):
         return 1
 
 
-def lenet_shapes() -> list[tuple[int, ...]]:
+def model_shapes(dataset: str) -> list[tuple[int, ...]]:
     from distlearn.models import create_model
 
-    model = create_model("lenet", in_channels=1, num_classes=10, image_size=28)
+    name, channels, side = DATA[dataset]
+    model = create_model(name, in_channels=channels, num_classes=10, image_size=side)
     return [tuple(p.shape) for p in reversed(list(model.parameters()))]  # the bucketer's order
 
 
-def codec_seconds(name: str, options: dict[str, Any], world_size: int, reps: int = 15) -> float:
-    """Median time of one bucket's encode + ``R`` decodes (PowerSGD: its whole compute), LeNet-sized."""
-    shapes = lenet_shapes()
+def codec_seconds(
+    name: str, options: dict[str, Any], world_size: int, dataset: str = "fashion-mnist", reps: int = 15
+) -> float:
+    """Median time of one bucket's encode + ``R`` decodes (PowerSGD: its whole compute), model-sized."""
+    shapes = model_shapes(dataset)
     numel = sum(math.prod(s) for s in shapes)
     codec = create_compressor(name, **options)
     codec.bind(rank=0, world_size=world_size, seed=0)
@@ -109,14 +115,15 @@ def codec_seconds(name: str, options: dict[str, Any], world_size: int, reps: int
     return statistics.median(times[2:])
 
 
-def compute_seconds(local_batch: int, reps: int = 15) -> float:
-    """Median time of one LeNet forward + backward + SGD step on ``local_batch`` images (no communication)."""
+def compute_seconds(local_batch: int, dataset: str = "fashion-mnist", reps: int = 15) -> float:
+    """Median time of one forward + backward + SGD step on ``local_batch`` images (no communication)."""
     from distlearn.models import create_model
 
     torch.manual_seed(0)
-    model = create_model("lenet", in_channels=1, num_classes=10, image_size=28)
+    name, channels, side = DATA[dataset]
+    model = create_model(name, in_channels=channels, num_classes=10, image_size=side)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.randn(local_batch, 1, 28, 28), torch.randint(0, 10, (local_batch,))
+    x, y = torch.randn(local_batch, channels, side, side), torch.randint(0, 10, (local_batch,))
     times = []
     for _ in range(reps + 2):
         start = time.perf_counter()
@@ -178,7 +185,11 @@ def worker(args: argparse.Namespace) -> int:
 
     context = init_distributed(timeout_s=300)
     torch.set_num_threads(1)
-    train_set, test_set = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
+    root = args.data_root
+    train_set, test_set = (
+        load_dataset(args.dataset, "train", root=root),
+        load_dataset(args.dataset, "test", root=root),
+    )
     local_batch = args.batch // context.world_size
     rows = []
     try:
@@ -195,8 +206,9 @@ def worker(args: argparse.Namespace) -> int:
                 )
                 strategy_name = "sync"
             config = TrainConfig(
-                dataset="fashion-mnist",
-                model="lenet",
+                dataset=args.dataset,
+                model=DATA[args.dataset][0],
+                test_samples=args.test_samples,
                 optimizer="sgd" if name == "dgc" else "momentum",
                 optimizer_option=() if name == "dgc" else ("momentum=0.9",),
                 lr=args.lr,
@@ -229,12 +241,13 @@ def worker(args: argparse.Namespace) -> int:
                     "job_samples_per_s": result.summary["job_samples_per_s"],
                 }
             )
-            if context.rank == 0:
+            if context.rank == 0:  # saved after every run, so a stopped job keeps what it measured
                 print(f"[compression_bench] {label}: {rows[-1]['test_accuracy']:.4f}", flush=True)
-        timings = {"compute_s": compute_seconds(local_batch)}
+                Path(args.raw).write_text(json.dumps({"rows": rows, "timings": {}}, indent=1))
+        timings = {"compute_s": compute_seconds(local_batch, args.dataset)}
         for label, name, options in RUNS:
             if name in COMPRESSORS and (not args.only or label in args.only.split(",")):
-                timings[label] = codec_seconds(name, options, context.world_size)
+                timings[label] = codec_seconds(name, options, context.world_size, args.dataset)
     finally:
         shutdown()
     if context.rank == 0:
@@ -251,7 +264,7 @@ def report(args: argparse.Namespace, raw: dict[str, Any], seconds: float) -> dic
     rows, timings = raw["rows"], raw["timings"]
     dense = next(r for r in rows if r["codec"] == "none")
     world = 2
-    parameters = sum(math.prod(s) for s in lenet_shapes())
+    parameters = sum(math.prod(s) for s in model_shapes(args.dataset))
     dense_step_bytes = dense["bytes_sent"] / dense["steps"]
     target = math.floor((dense["test_accuracy"] - 0.02) * 100) / 100
     for row in rows:
@@ -370,7 +383,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("MB sent per rank over the whole run (log)")
     ax.set_ylabel("final test accuracy (%)")
-    ax.set_title(f"Fashion-MNIST LeNet, R = 2, fixed global batch ({result['settings']['group']})")
+    settings = result["settings"]
+    ax.set_title(
+        f"{settings['dataset']} {DATA[settings['dataset']][0]}, R = 2, fixed global batch "
+        f"({settings['group']})"
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -386,6 +403,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch", type=int, default=128, help="global batch B (M = B / 2 per rank)")
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--dataset", choices=sorted(DATA), default=None, help="default: by --group")
+    parser.add_argument("--data-root", default=None, help="e.g. /work/shared/data/cifar10")
+    parser.add_argument("--test-samples", type=int, default=None, help="evaluate on the first N test images")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--only", default="", help="comma-separated run labels (default: the group's)")
     parser.add_argument("--out", default=None, help="run directories (default runs/compression_bench/GROUP)")
@@ -393,6 +413,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1500)
     args = parser.parse_args()
     args.only = args.only or GROUPS[args.group]
+    args.dataset = args.dataset or ("cifar10" if args.group == "cifar" else "fashion-mnist")
     args.out = args.out or f"runs/compression_bench/{args.group}"
     args.raw = args.raw or f"{args.out}/raw.json"
     if in_torchrun():
