@@ -506,16 +506,21 @@ def _validate_compression(config: TrainConfig) -> None:
             )
             raise ConfigError(f"{flags} only apply with --compression NAME (e.g. --compression topk)")
         return
-    if config.strategy != "sync":
+    if config.strategy not in ("sync", "ps"):
         raise ConfigError(
-            f"--compression {config.compression} serves --strategy sync only: it replaces the allreduce of "
-            f"the gradient buckets, which --strategy {config.strategy} does not perform (ddp: register "
-            "the codec with distlearn.comm.ddp_hooks.compression_ddp_comm_hook; ps: pushes are sent dense)"
+            f"--compression {config.compression} serves --strategy sync (the allreduce of the gradient "
+            f"buckets) and ps (the workers' pushes), which --strategy {config.strategy} does not perform "
+            "(ddp: register the codec with distlearn.comm.ddp_hooks.compression_ddp_comm_hook)"
         )
     from distlearn.comm.compression import create_compressor
     from distlearn.parallel.sync import compression_options_of
 
-    create_compressor(config.compression, **compression_options_of(config))
+    if config.strategy == "ps":
+        from distlearn.parallel.ps import make_push_codec
+
+        make_push_codec(config.compression, compression_options_of(config))
+    else:
+        create_compressor(config.compression, **compression_options_of(config))
 
 
 # -- helpers -----------------------------------------------------------------------------------------------

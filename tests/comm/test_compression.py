@@ -364,8 +364,11 @@ def test_codecs_that_cannot_serve_the_configuration_say_why():
     from distlearn.parallel.sync import SyncDataParallel
     from distlearn.train import TrainConfig, validate_config
 
-    with pytest.raises(ConfigError, match="serves --strategy sync only"):
-        validate_config(TrainConfig(strategy="ps", compression="onebit"))
+    with pytest.raises(ConfigError, match="serves --strategy sync"):
+        validate_config(TrainConfig(strategy="local-sgd", compression="onebit"))
+    with pytest.raises(ConfigError, match="cannot serve --strategy ps: PowerSGD"):
+        validate_config(TrainConfig(strategy="ps", compression="powersgd"))
+    validate_config(TrainConfig(strategy="ps", compression="onebit"))  # pushes go through the codec
     with pytest.raises(ConfigError, match="only apply with --compression"):
         validate_config(TrainConfig(strategy="sync", density=0.01))
     with pytest.raises(ConfigError, match=r"density must be in \(0, 1\]"):

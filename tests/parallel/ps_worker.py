@@ -159,6 +159,11 @@ def main() -> int:
                 "resumed", out, context, store, servers=2, softsync=2, optimizer="momentum",
                 resume=str(out / "softsync2" / "checkpoints" / "step-00000006.pt"),
             )  # fmt: skip
+            # compressed pushes: lossless top-k (density 1) must equal the dense run; 1-bit sends ~1/32
+            run_case("topk-all", out, context, store, servers=2, softsync=2, optimizer="momentum",
+                     compression="topk", compression_options={"density": 1.0})  # fmt: skip
+            run_case("onebit", out, context, store, servers=2, softsync=2, optimizer="momentum",
+                     compression="onebit")  # fmt: skip
         elif job == "worker-dies":  # S = 1, W = 3; worker rank 3 dies before its push 4
             gate = KillAfter(4) if rank == 3 else None
             run_case("dies", out, context, store, worker_timeout_s=2.0, gate=gate, barrier=False)

@@ -35,6 +35,13 @@ Variants (one flag each, all on the same code path):
   takes ``k`` steps with its own optimizer on its local copy, then pushes the accumulated gradient
   ``sum_{j<k} g_j`` and pulls. With SGD at the same rate on both sides the server's update equals the
   worker's local displacement.
+* **compressed pushes** (``compression=NAME``, ``--compression``): each push goes through a codec of
+  :mod:`distlearn.comm.compression` on the worker (with its error-feedback residual kept per server on the
+  worker, so what a push leaves out is added to the next one) and is decoded on the server before the
+  optimizer sees it; the bytes counted are the packed payload's. Codecs that need every rank at once
+  cannot serve pushes that arrive one at a time: PowerSGD (allreduces of ``P`` and ``Q``), random-k (an
+  index set shared by all ranks) and DGC (its momentum correction replaces the optimizer's momentum, which
+  here lives on the server).
 
 Fault handling: workers send heartbeats (a header without payload) every ``worker_timeout / 4`` seconds; a
 server that hears nothing from a worker for ``worker_timeout`` seconds, or cannot answer it, logs it,
@@ -114,6 +121,45 @@ def _log(message: str) -> None:
     print(f"[distlearn ps] {message}", file=sys.stderr, flush=True)
 
 
+_PUSH_COMPRESSED = 1  # header flag of a push whose payload is a codec's packed bytes
+
+# codecs that need every rank in one collective, or that take over the optimizer's momentum
+_NOT_FOR_PUSHES = {
+    "powersgd": "PowerSGD allreduces its factors P and Q across all ranks at once, and pushes arrive one "
+    "at a time",
+    "randomk": "random-k relies on an index set drawn identically by all ranks in one step, which a server "
+    "that takes pushes from workers at different steps cannot rebuild",
+    "dgc": "DGC's momentum correction replaces the optimizer's momentum, which here lives on the server "
+    "(use topk: the same sparsification with residuals)",
+}
+
+
+def make_push_codec(name: str, options: dict[str, Any]) -> Any:
+    """The codec ``name`` for parameter-server pushes; ConfigError if it cannot serve them (and why)."""
+    if name in _NOT_FOR_PUSHES:
+        raise ConfigError(f"--compression {name} cannot serve --strategy ps: {_NOT_FOR_PUSHES[name]}")
+    from distlearn.comm.compression import create_compressor
+
+    return create_compressor(name, **options)
+
+
+def encode_push(codec: Any, key: str, flat: torch.Tensor) -> torch.Tensor:
+    """``flat`` encoded by ``codec`` (its residual for ``key`` updated) as one self-describing byte vector."""
+    from distlearn.comm.compression.base import payload_to_bytes
+
+    payload = codec.encode(key, flat, [flat.shape])
+    return payload_to_bytes([payload.tensors[n] for n in codec.payload_names], header=True)
+
+
+def decode_push(codec: Any, wire: torch.Tensor, numel: int) -> torch.Tensor:
+    """The dense gradient of ``numel`` elements that the bytes of :func:`encode_push` stand for."""
+    from distlearn.comm.compression.base import Payload, bytes_to_payload
+
+    tensors = bytes_to_payload(wire, codec.payload_dtypes, None)
+    payload = Payload(dict(zip(codec.payload_names, tensors, strict=True)))
+    return codec.decode(payload, numel, [(numel,)]).float()
+
+
 class ParameterServer(Strategy):
     """Downpour-style asynchronous SGD on parameter servers (see the module docstring for the algorithm).
 
@@ -135,6 +181,8 @@ class ParameterServer(Strategy):
         resume: the worker checkpoint the run resumes from; servers load their matching state.
         keep_checkpoints: server checkpoints kept on disk.
         gate: optional :class:`PushGate` called around each push (for deterministic schedules).
+        compression: a codec name of :data:`distlearn.comm.compression.COMPRESSORS` for the pushes, or
+            ``"none"``; ``compression_options`` its keyword options (e.g. ``{"density": 0.01}``).
     """
 
     name = "ps"
@@ -157,8 +205,19 @@ class ParameterServer(Strategy):
         resume: str | Path | None = None,
         keep_checkpoints: int = 2,
         gate: PushGate | None = None,
+        compression: str = "none",
+        compression_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.compression = compression
+        self.compression_options = dict(compression_options or {})
+        self.compressor: Any = None  # the worker's encoder (its residuals); servers build their own decoder
+        if compression != "none":
+            self.compressor = make_push_codec(compression, self.compression_options)
+        elif compression_options:
+            raise ConfigError(
+                f"compression options {sorted(compression_options)} given without --compression"
+            )
         for flag, value in (("--servers", servers), ("--softsync", softsync), ("--local-steps", local_steps)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{flag} must be an integer >= 1, got {value!r}")
@@ -211,8 +270,10 @@ class ParameterServer(Strategy):
 
     @classmethod
     def from_config(cls, config: Any) -> ParameterServer:
+        from distlearn.parallel.sync import compression_options_of
         from distlearn.train import needs_closure, parse_options
 
+        compression = getattr(config, "compression", "none")
         if needs_closure(config.optimizer):
             raise ConfigError(
                 f"--optimizer {config.optimizer} re-evaluates the loss inside its step, which a parameter "
@@ -233,6 +294,8 @@ class ParameterServer(Strategy):
             out=config.out,
             resume=config.resume,
             keep_checkpoints=config.keep_checkpoints,
+            compression=compression,
+            compression_options=compression_options_of(config) if compression != "none" else None,
         )
 
     # -- roles ----------------------------------------------------------------------------------------------
@@ -451,9 +514,12 @@ class ParameterServer(Strategy):
             payload = self._push_buffers[server]  # reused: the send completes before the next push
             if indices:
                 torch.cat([gradients[i].detach().reshape(-1).float() for i in indices], out=payload)
+            flag = 0
+            if self.compressor is not None and payload.numel():
+                payload, flag = encode_push(self.compressor, f"server{server}", payload), _PUSH_COMPRESSED
             header = Header(
                 Kind.PUSH, version=self._versions[server], step=step, length=payload.numel(), lr=lr,
-                sender=self.rank,
+                flag=flag, sender=self.rank,
             )  # fmt: skip
             pending += self.transport.isend(server, header, payload, tag=REQUEST)
         self.transport.finish(pending)
@@ -516,6 +582,8 @@ class ParameterServer(Strategy):
         }
         if self._accumulated is not None:
             state["accumulated"] = [t.clone() for t in self._accumulated]
+        if self.compressor is not None:
+            state["compression"] = self.compressor.state_dict()  # the residuals of this worker's pushes
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -523,6 +591,8 @@ class ParameterServer(Strategy):
             return
         self._local = int(state["local"])
         self._pushes = int(state["pushes"])
+        if self.compressor is not None and "compression" in state:
+            self.compressor.load_state_dict(state["compression"])
         if "accumulated" in state:
             self._accumulated = [t.clone() for t in state["accumulated"]]
         if self.role == "worker" and self.transport is not None and self._params:
@@ -591,6 +661,11 @@ class _ServerLoop:
         self.dropped: dict[int, int] = {}  # version -> late gradients dropped
         self.pushes = 0
         self.free: list[torch.Tensor] = []  # gradient buffers to reuse once their group is applied
+        self.decoder = (
+            make_push_codec(strategy.compression, strategy.compression_options)
+            if strategy.compression != "none"
+            else None
+        )
         self.started = time.monotonic()
         self.resumed_from: int | None = None
         self._restore()
@@ -788,11 +863,21 @@ class _ServerLoop:
             self._reply(peer, self._params_header(), self.flat)
             return
         if kind == Kind.PUSH:
-            gradient = self.free.pop() if self.free and self.free[-1].numel() == header.length else None
-            if gradient is None:
-                gradient = torch.empty(header.length, dtype=torch.float32)
-            self.transport.recv_payload(peer, gradient, tag=REQUEST, what="a gradient")
-            self.pushes += 1
+            if header.flag == _PUSH_COMPRESSED:
+                wire = torch.empty(header.length, dtype=torch.uint8)
+                self.transport.recv_payload(peer, wire, tag=REQUEST, what="a compressed gradient")
+                self.pushes += 1
+                if self.decoder is None or self.flat is None:
+                    self._reply(peer, Header(Kind.ERROR, flag=_ERROR_LAYOUT, sender=self.rank))
+                    return
+                gradient = decode_push(self.decoder, wire, self.flat.numel())
+                header = Header(header.kind, header.version, header.step, gradient.numel(), header.lr)
+            else:
+                gradient = self.free.pop() if self.free and self.free[-1].numel() == header.length else None
+                if gradient is None:
+                    gradient = torch.empty(header.length, dtype=torch.float32)
+                self.transport.recv_payload(peer, gradient, tag=REQUEST, what="a gradient")
+                self.pushes += 1
             if self.flat is None or header.length != self.flat.numel():
                 self._reply(peer, Header(Kind.ERROR, flag=_ERROR_LAYOUT, sender=self.rank))
                 return
