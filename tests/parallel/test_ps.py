@@ -329,14 +329,15 @@ def test_push_codecs_round_trip_and_codecs_that_need_every_rank_are_refused():
 
     gradient = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     worker, server = make_push_codec("topk", {"density": 0.1}), make_push_codec("topk", {"density": 0.1})
-    wire = encode_push(worker, "server0", gradient)
+    wire = encode_push(worker, "server0", gradient, [600, 400])
     assert wire.dtype == torch.uint8 and wire.numel() < 4 * 1000 // 4  # 100 values + 100 indices + header
-    sent = decode_push(server, wire, 1000)
+    sent = decode_push(server, wire, [600, 400])
     reference = create_compressor("topk", density=0.1)
-    expected = reference.decode(reference.encode("server0", gradient.clone(), [(1000,)]), 1000, [(1000,)])
+    shapes = [(600,), (400,)]
+    expected = reference.decode(reference.encode("server0", gradient.clone(), shapes), 1000, shapes)
     assert torch.equal(sent, expected) and int((sent != 0).sum()) == 100
     # what was not sent waits in the worker's residual and goes out with the next push
-    again = decode_push(server, encode_push(worker, "server0", torch.zeros(1000)), 1000)
+    again = decode_push(server, encode_push(worker, "server0", torch.zeros(1000), [600, 400]), [600, 400])
     assert float((sent + again + _residual(worker, "server0") - gradient).abs().max()) < 1e-6
     for name in ("powersgd", "randomk", "dgc"):
         with pytest.raises(ConfigError, match=f"--compression {name} cannot serve --strategy ps"):

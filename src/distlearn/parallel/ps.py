@@ -143,21 +143,22 @@ def make_push_codec(name: str, options: dict[str, Any]) -> Any:
     return create_compressor(name, **options)
 
 
-def encode_push(codec: Any, key: str, flat: torch.Tensor) -> torch.Tensor:
-    """``flat`` encoded by ``codec`` (its residual for ``key`` updated) as one self-describing byte vector."""
+def encode_push(codec: Any, key: str, flat: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """``flat`` (tensors of ``sizes`` elements back to back) encoded by ``codec`` -- its residual for ``key``
+    updated, per-tensor statistics (scales, norms) per tensor -- as one self-describing byte vector."""
     from distlearn.comm.compression.base import payload_to_bytes
 
-    payload = codec.encode(key, flat, [flat.shape])
+    payload = codec.encode(key, flat, [(n,) for n in sizes])
     return payload_to_bytes([payload.tensors[n] for n in codec.payload_names], header=True)
 
 
-def decode_push(codec: Any, wire: torch.Tensor, numel: int) -> torch.Tensor:
-    """The dense gradient of ``numel`` elements that the bytes of :func:`encode_push` stand for."""
+def decode_push(codec: Any, wire: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """The dense gradient (tensors of ``sizes`` elements) that the bytes of :func:`encode_push` stand for."""
     from distlearn.comm.compression.base import Payload, bytes_to_payload
 
     tensors = bytes_to_payload(wire, codec.payload_dtypes, None)
     payload = Payload(dict(zip(codec.payload_names, tensors, strict=True)))
-    return codec.decode(payload, numel, [(numel,)]).float()
+    return codec.decode(payload, sum(sizes), [(n,) for n in sizes]).float()
 
 
 class ParameterServer(Strategy):
@@ -516,7 +517,9 @@ class ParameterServer(Strategy):
                 torch.cat([gradients[i].detach().reshape(-1).float() for i in indices], out=payload)
             flag = 0
             if self.compressor is not None and payload.numel():
-                payload, flag = encode_push(self.compressor, f"server{server}", payload), _PUSH_COMPRESSED
+                sizes = [self._params[i].numel() for i in indices]
+                payload = encode_push(self.compressor, f"server{server}", payload, sizes)
+                flag = _PUSH_COMPRESSED
             header = Header(
                 Kind.PUSH, version=self._versions[server], step=step, length=payload.numel(), lr=lr,
                 flag=flag, sender=self.rank,
@@ -870,7 +873,7 @@ class _ServerLoop:
                 if self.decoder is None or self.flat is None:
                     self._reply(peer, Header(Kind.ERROR, flag=_ERROR_LAYOUT, sender=self.rank))
                     return
-                gradient = decode_push(self.decoder, wire, self.flat.numel())
+                gradient = decode_push(self.decoder, wire, self.sizes or [])
                 header = Header(header.kind, header.version, header.step, gradient.numel(), header.lr)
             else:
                 gradient = self.free.pop() if self.free and self.free[-1].numel() == header.length else None
