@@ -47,6 +47,7 @@ GROUPS = {  # each group is one torchrun job (< 15 min here) with its own dense 
     "quantisers": "dense,fp16,bf16,int8-linear,int8-tree,threshold,onebit,terngrad,qsgd-s4",
     "sparsifiers": "dense,topk-0.1%,randomk-1%,dgc-0.1%,powersgd-r2,powersgd-r2 (our DDP hook),"
     "powersgd-r2 (torch hook)",
+    "longer": "dense,onebit,threshold-0.02",  # with --epochs 2: do the error-feedback codecs catch up?
     "cifar": "dense,onebit,topk-0.1%,dgc-0.1%,powersgd-r2,powersgd-r2 (our DDP hook),"
     "powersgd-r2 (torch hook)",
 }
@@ -62,6 +63,7 @@ RUNS: list[tuple[str, str, dict[str, Any]]] = [
     ("int8-linear", "int8-linear", {}),
     ("int8-tree", "int8-tree", {}),
     ("threshold", "threshold", {"threshold": 5e-3}),
+    ("threshold-0.02", "threshold", {"threshold": 2e-2}),
     ("onebit", "onebit", {}),
     ("terngrad", "terngrad", {}),
     ("qsgd-s4", "qsgd", {"levels": 4}),
