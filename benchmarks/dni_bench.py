@@ -13,7 +13,7 @@ Claims (issue 9), measured in one run on this machine:
    utilisation of each stage (time computing / wall time), ``--trials`` runs each, interleaved.
 
     python benchmarks/dni_bench.py [--part all|accuracy|throughput] [--mnist-epochs 30] \\
-        [--fashion-epochs 3] [--trials 2] [--cnn]
+        [--fashion-epochs 3] [--trials 2] [--cnn | --part accuracy --cnn-only --cnn-epochs 2]
 
 Writes benchmarks/results/dni_bench.json (raw numbers, command, machine, versions) and
 docs/img/dni-accuracy.png, docs/img/dni-throughput.png. On this 2-core machine K = 3 or 4 processes share
@@ -43,7 +43,7 @@ IMG = ROOT / "docs" / "img"
 MNIST_ROOT = str(ROOT.parent / "shared" / "data")
 
 from distlearn.data import load_dataset  # noqa: E402
-from distlearn.dni import LocalDNI, build_model, split_model  # noqa: E402
+from distlearn.dni import LocalDNI, SyntheticGradient, build_model, fit_regression, split_model  # noqa: E402
 from distlearn.dni.cli import launch  # noqa: E402
 from distlearn.dni.pipeline import DNIConfig, batch_indices  # noqa: E402
 from distlearn.models.transforms import BatchTransform  # noqa: E402
@@ -125,7 +125,9 @@ def local_run(
 def accuracy_part(args: argparse.Namespace) -> list[dict]:
     rows = []
     plan = [("mnist", "mlp", args.mnist_epochs), ("fashion-mnist", "mlp", args.fashion_epochs)]
-    if args.cnn:
+    if args.cnn_only:
+        plan = []
+    if args.cnn or args.cnn_only:
         plan.append(("mnist", "lenet", args.cnn_epochs))
     for dataset, model, epochs in plan:
         for mode in ("backprop", "dni", "cdni"):
@@ -176,6 +178,59 @@ def throughput_part(args: argparse.Namespace) -> list[dict]:
                     flush=True,
                 )
     return rows
+
+
+def stage_times(stages: int, repeats: int = 30, batch: int = 256) -> dict:
+    """Per-step compute time of each stage in one process (one thread, no contention, no messages).
+
+    backprop: the stage's forward + backward + Adam step; dni: the same plus, below the top, the synthetic
+    gradient's prediction and one fit of it. Projection to one core per stage (communication ignored):
+    backprop's stages take turns, ``B / sum_k t_k``; DNI's run at the slowest stage's pace, ``B / max_k t_k``.
+    """
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    defaults = DNIConfig()
+    model = build_model("mlp", stages=stages)
+    x = torch.randn(batch, 1, 28, 28)
+    y = torch.randint(0, 10, (batch,))
+    pieces = split_model(model, stages, x[:2])
+    times: dict[str, list[float]] = {"backprop": [], "dni": []}
+    h = x
+    for k, piece in enumerate(pieces):
+        optimizer = torch.optim.Adam(piece.parameters(), lr=defaults.lr)
+        with torch.no_grad():
+            out_shape = piece(h[:2]).shape[1:]
+        synthetic = SyntheticGradient(out_shape, hidden=defaults.sg_widths)
+        sg_optimizer = torch.optim.Adam(synthetic.parameters(), lr=defaults.sg_lr)
+        for mode in ("backprop", "dni"):
+            samples = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                inp = h.detach().requires_grad_(k > 0)
+                optimizer.zero_grad()
+                out = piece(inp)
+                if k == stages - 1:
+                    nn.functional.cross_entropy(out, y).backward()
+                elif mode == "dni":
+                    with torch.no_grad():
+                        gradient = synthetic(out.detach()) / batch
+                    out.backward(gradient)
+                    fit_regression(synthetic, sg_optimizer, (out.detach(), y), torch.randn_like(out) * 1e-3)
+                else:
+                    out.backward(torch.randn_like(out) * 1e-3)
+                optimizer.step()
+                samples.append(time.perf_counter() - started)
+            times[mode].append(statistics.median(samples[repeats // 5 :]))
+        with torch.no_grad():
+            h = piece(h)
+    return {
+        "stages": stages,
+        "seconds_per_step": times,
+        "projected_samples_per_s": {
+            "backprop": batch / sum(times["backprop"]),
+            "dni": batch / max(times["dni"]),
+        },
+    }
 
 
 def summarise_throughput(rows: list[dict]) -> list[dict]:
@@ -258,28 +313,46 @@ def plot(results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["all", "accuracy", "throughput"], default="all")
+    parser.add_argument("--part", choices=["all", "accuracy", "throughput", "stage-times"], default="all")
     parser.add_argument("--mnist-epochs", type=int, default=30)
     parser.add_argument("--fashion-epochs", type=int, default=3)
     parser.add_argument("--cnn", action="store_true", help="add LeNet in 3 stages on MNIST")
     parser.add_argument("--cnn-epochs", type=int, default=3)
+    parser.add_argument(
+        "--cnn-only", action="store_true", help="run only the LeNet rows; keep the saved MLP rows beside them"
+    )
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--throughput-steps", type=int, default=150)
     args = parser.parse_args()
     results: dict = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     started = time.perf_counter()
     if args.part in ("all", "accuracy"):
-        results["accuracy"] = accuracy_part(args)
+        kept = [r for r in results.get("accuracy", []) if r["model"] != "lenet"] if args.cnn_only else []
+        results["accuracy"] = kept + accuracy_part(args)
     if args.part in ("all", "throughput"):
         results["throughput"] = throughput_part(args)
         results["throughput_table"] = summarise_throughput(results["throughput"])
-        for t in results["throughput_table"]:
+    if args.part in ("all", "throughput", "stage-times"):
+        results["stage_times"] = [stage_times(k) for k in (3, 4)]
+        for entry in results["stage_times"]:
+            projected = entry["projected_samples_per_s"]
+            print(
+                f"K={entry['stages']} one core per stage (projected): backprop {projected['backprop']:.0f}, "
+                f"dni {projected['dni']:.0f} samples/s"
+            )
+        for t in results.get("throughput_table", []):
             print(
                 f"K={t['stages']}: backprop {t['backprop']['median_samples_per_s']:.0f}, "
                 f"dni {t['dni']['median_samples_per_s']:.0f} samples/s (x{t['speedup']:.2f})"
             )
-    results["command"] = "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-    results["seconds"] = time.perf_counter() - started
+    command = "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    commands = results.setdefault("commands", {})
+    if "command" in results:  # the layout of the first run: one command for everything
+        commands["all"] = {"command": results.pop("command"), "seconds": results.pop("seconds", None)}
+    commands["cnn" if args.cnn_only else args.part] = {
+        "command": command, "seconds": time.perf_counter() - started,
+        "finished": time.strftime("%Y-%m-%d %H:%M"),
+    }  # fmt: skip
     results["machine"] = {
         "platform": platform.platform(),
         "cores": os.cpu_count(),
@@ -290,7 +363,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1))
     plot(results)
-    print(f"wrote {RESULTS} and {IMG}/dni-*.png in {results['seconds']:.0f} s")
+    print(f"wrote {RESULTS} and {IMG}/dni-*.png in {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":
