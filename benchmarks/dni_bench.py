@@ -260,7 +260,9 @@ def plot(results: dict) -> None:
     IMG.mkdir(parents=True, exist_ok=True)
     accuracy = results.get("accuracy") or []
     if accuracy:
-        groups = sorted({(r["dataset"], r["model"]) for r in accuracy}, key=lambda g: (g[1], g[0] != "mnist"))
+        groups = sorted(
+            {(r["dataset"], r["model"]) for r in accuracy}, key=lambda g: (g[1] != "mlp", g[0] != "mnist")
+        )
         fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.8), squeeze=False)
         for axis, (dataset, model) in zip(axes[0], groups, strict=True):
             for r in [r for r in accuracy if (r["dataset"], r["model"]) == (dataset, model)]:

@@ -498,7 +498,11 @@ def run_pipeline(config: DNIConfig, *, rank: int, world_size: int, group: Any = 
         max_lag=config.max_lag, record_messages=config.record_messages,
     )  # fmt: skip
     out = Path(config.out)
+    # Rank 0 writes eval and summary records, the top rank the training records; the middle ranks none.
     writer = MetricsWriter(out, rank=rank, world_size=world_size, role=f"stage{rank}", tensorboard="off")
+    if 0 < rank < world_size - 1:
+        writer.close()
+        writer.path.unlink(missing_ok=True)
     orders: dict[tuple[int, int], torch.Tensor] = {}
 
     def batch_of(t: int) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -1,0 +1,53 @@
+"""``--strategy dni`` in the trainer: the settings it takes from TrainConfig and the ones it refuses."""
+
+from __future__ import annotations
+
+import pytest
+
+from distlearn.errors import ConfigError
+from distlearn.parallel import create_strategy
+from distlearn.parallel.dni import DecoupledStages, dni_config_of, launch_stages
+from distlearn.train import TrainConfig
+
+
+def test_train_config_maps_onto_the_pipeline_config() -> None:
+    config = TrainConfig(
+        dataset="mnist", model="mlp", strategy="dni", stages=4, cdni=True, epochs=3, batch_size=64, lr=1e-3,
+        seed=5, train_samples=1000, test_samples=100, data_root="/data", out="/tmp/x", comm_timeout=12.0,
+    )  # fmt: skip
+    strategy = create_strategy("dni", config)
+    assert isinstance(strategy, DecoupledStages)
+    assert not strategy.trains and strategy.role == "stage"
+    dni = strategy.dni_config
+    assert (dni.stages, dni.cdni, dni.mode, dni.epochs, dni.batch_size, dni.lr) == (
+        4,
+        True,
+        "dni",
+        3,
+        64,
+        1e-3,
+    )
+    assert (dni.seed, dni.train_samples, dni.test_samples, dni.data_root) == (5, 1000, 100, "/data")
+    assert (dni.out, dni.timeout_s) == ("/tmp/x", 12.0)
+    assert "cDNI, 4 stages" in strategy.describe()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"stages": 0}, "--stages K"),
+        ({"optimizer": "sgd"}, "drop --optimizer sgd"),
+        ({"model": "resnet8"}, "not resnet8"),
+        ({"clip_grad_norm": 1.0}, "--clip-grad-norm"),
+        ({"schedule": "cosine"}, "--schedule"),
+    ],
+)
+def test_unsupported_settings_are_refused(changes: dict, message: str) -> None:
+    values = {"strategy": "dni", "stages": 3, **changes}
+    with pytest.raises(ConfigError, match=message):
+        dni_config_of(TrainConfig(**values))
+
+
+def test_workers_must_match_the_stages() -> None:
+    with pytest.raises(ConfigError, match="one process per stage"):
+        launch_stages(TrainConfig(strategy="dni", stages=3, workers=2))
