@@ -36,8 +36,7 @@ browser:
 	else echo "note: no apt as root here; install chromium for the live dashboard's browser test"; fi
 
 run: install
-	$(BIN)/distlearn train --dataset fashion-mnist --model lenet --epochs 1 --out runs/train
-	$(BIN)/distlearn toy --function rosenbrock --optimizers all --out runs/toy
+	$(BIN)/distlearn bench --suite quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

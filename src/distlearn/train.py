@@ -520,7 +520,14 @@ def _validate_compression(config: TrainConfig) -> None:
 
         make_push_codec(config.compression, compression_options_of(config))
     else:
-        create_compressor(config.compression, **compression_options_of(config))
+        codec = create_compressor(config.compression, **compression_options_of(config))
+        if codec.handles_momentum:  # say so now, before any worker starts
+            from distlearn.parallel.sync import check_no_optimizer_momentum
+
+            probe = [torch.zeros(1, requires_grad=True)]
+            options = parse_options(config.optimizer_option)
+            optimizer = create_optimizer(config.optimizer, probe, **options)
+            check_no_optimizer_momentum(config.compression, optimizer)
 
 
 # -- helpers -----------------------------------------------------------------------------------------------

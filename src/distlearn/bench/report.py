@@ -11,7 +11,8 @@ strategy's measured bytes per update, the time per epoch at ``R`` workers on a 1
 with ``allreduce_ring`` the alpha-beta cost of :mod:`distlearn.comm.cost_model` (alpha = 20 us per
 message) and ``n_R`` the payload that strategy reduces per update (measured bytes per update and worker,
 divided by the ring's ``2(R0-1)/R0`` factor at the measured ``R0``). It assumes perfect compute scaling
-and no stragglers: a bound to compare strategies by, not a prediction.
+and no stragglers: a bound to compare strategies by, not a prediction. Not projected: the single process,
+Hogwild (shared memory on one machine) and DNI (its processes are model stages, not data replicas).
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def project(result: dict, single: dict, workers: int, gbps: float, global_batch:
 
     if result.get("status") != "ok" or not single or not result.get("updates") or not single.get("updates"):
         return None
-    if result.get("strategy") == "single":  # one process does not scale with R
+    # one process does not scale with R; Hogwild shares memory on one machine by nature; DNI's R is its
+    # number of model stages, not data replicas: none of them is an allreduce over a network
+    if result.get("strategy") in ("single", "hogwild", "dni"):
         return None
     compute_per_example = single["train_seconds"] / (single["updates"] * global_batch)
     updates_per_epoch = single["train_examples"] // global_batch

@@ -42,6 +42,7 @@ class Suite:
     eval_every: int = 20
     timeout_s: float = 900.0
     data_root: str | None = None
+    threads: int = 1  # torch threads per process: R processes use R cores, the single process one
     entries: tuple[Entry, ...] = field(default_factory=tuple)
 
     def train_flags(self) -> list[str]:
@@ -64,6 +65,8 @@ class Suite:
             str(max(1, self.eval_every // 2)),
             "--seed",
             "0",
+            "--threads",
+            str(self.threads),
         ]
         if self.train_samples:
             flags += ["--train-samples", str(self.train_samples)]
@@ -95,6 +98,23 @@ def _strategy_entries(workers: int) -> tuple[Entry, ...]:
         *(
             Entry(f"sync + {c}, R={w}", "sync", w, ("--compression", c), (f"compression:{c}",))
             for c in codecs
+            if c != "dgc"
+        ),
+        Entry(  # DGC applies momentum itself (momentum correction): plain SGD outside it
+            f"sync + dgc (SGD, codec momentum 0.9), R={w}",
+            "sync",
+            w,
+            (
+                "--compression",
+                "dgc",
+                "--optimizer",
+                "sgd",
+                "--lr",
+                "0.1",
+                "--compression-option",
+                "momentum=0.9",
+            ),
+            ("compression:dgc",),
         ),
         Entry(f"parameter server (async), R={w}", "ps", w + 1, ps, ("strategy:ps",)),
         Entry(f"ps, staleness-aware, R={w}", "ps", w + 1, (*ps, "--staleness-aware"), ("strategy:ps",)),

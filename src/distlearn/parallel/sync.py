@@ -37,7 +37,25 @@ from distlearn.errors import CommError, ConfigError
 from distlearn.launch import DistContext, in_torchrun, init_distributed, shutdown
 from distlearn.parallel.base import Strategy, StrategyStats
 
-__all__ = ["SyncDataParallel", "check_same_model", "compression_options_of", "weights_checksum"]
+__all__ = [
+    "SyncDataParallel",
+    "check_no_optimizer_momentum",
+    "check_same_model",
+    "compression_options_of",
+    "weights_checksum",
+]
+
+
+def check_no_optimizer_momentum(codec: str, optimizer: torch.optim.Optimizer) -> None:
+    """ConfigError if ``optimizer`` keeps momentum or moment estimates (for a codec that applies momentum)."""
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) or "betas" in group or "decay" in group:
+            raise ConfigError(
+                f"--compression {codec} applies momentum itself (momentum correction, Lin et al. "
+                f"2018) to the gradient it sends; with {type(optimizer).__name__}'s own momentum or "
+                "moment estimates the update would apply it twice -- use --optimizer sgd (no "
+                "momentum) and set the codec's momentum (--compression-option momentum=0.9)"
+            )
 
 
 def compression_options_of(config: Any) -> dict[str, Any]:
@@ -227,14 +245,7 @@ class SyncDataParallel(Strategy):
                     "train in float32 or drop --compression"
                 )
         if self.compressor.handles_momentum:
-            for group in optimizer.param_groups:
-                if group.get("momentum", 0) or "betas" in group or "decay" in group:
-                    raise ConfigError(
-                        f"--compression {name} applies momentum itself (momentum correction, Lin et al. "
-                        f"2018) to the gradient it sends; with {type(optimizer).__name__}'s own momentum or "
-                        "moment estimates the update would apply it twice -- use --optimizer sgd (no "
-                        "momentum) and set the codec's momentum (--compression-option momentum=0.9)"
-                    )
+            check_no_optimizer_momentum(name, optimizer)
 
     # -- checkpoints --------------------------------------------------------------------------------------
 
