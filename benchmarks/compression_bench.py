@@ -166,6 +166,10 @@ def ddp_strategy(kind: str, options: dict[str, Any], n_parameters: list[int]) ->
                 model.register_comm_hook(self.state, powerSGD_hook.powerSGD_hook)
             return model, optimizer
 
+        def evaluation_model(self, model):  # type: ignore[no-untyped-def]
+            # only rank 0 evaluates: DDP's forward would broadcast BatchNorm buffers to a rank not there
+            return model.module
+
         def stats(self):  # type: ignore[no-untyped-def]
             if kind == "ddp-ours":
                 return {"bytes_sent": self.hook.exchange.bytes_sent}
