@@ -7,9 +7,15 @@ Method: LeNet on the first 12,800 Fashion-MNIST training images, batch 128, 100 
 normalise uint8 batches on the fly the same way and use the same optimizer (torch.optim.Adam); evaluation
 and checkpoints are outside the timed part of ours (they are excluded from its samples/s by design) and
 absent from the minimal loop. Trials alternate between the two loops; we report the median samples/s of
-each and their ratio.
+each and their ratio, and the ratio of the best trials (the least disturbed, as ``timeit`` reports: on a
+shared machine other work only ever slows a trial down, so the best trial is the closest to the loop's own
+cost).
 
-    python benchmarks/train_overhead.py [--trials 5] [--model lenet] [--threads 2]
+    python benchmarks/train_overhead.py [--trials 5] [--model lenet] [--threads 2] [--profile]
+
+``--profile`` also runs our loop once under cProfile and reports the share of the time spent in
+distlearn's own Python (the loop, metrics, hooks), which load on a shared machine does not distort the way
+it distorts wall-clock ratios.
 """
 
 from __future__ import annotations
@@ -61,12 +67,28 @@ def our_loop(model_name: str, train_set, test_set, seed: int, out: Path) -> floa
     return result.samples_per_s
 
 
+def _profiled_share(model_name: str, train_set, test_set, out: Path) -> float:
+    """Share of one run's profiled time spent in distlearn's own Python functions (not in torch)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    our_loop(model_name, train_set, test_set, 0, out)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    total = sum(entry[2] for entry in stats.values())
+    own = sum(entry[2] for key, entry in stats.items() if "/distlearn/" in key[0])
+    return own / total
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--model", default="lenet")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/train_overhead.json")
+    parser.add_argument("--profile", action="store_true", help="also profile one run of our loop")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     train_set, test_set = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
@@ -80,12 +102,19 @@ def main(argv: list[str] | None = None) -> int:
         for trial in range(args.trials):
             ours.append(our_loop(args.model, train_set, test_set, 0, Path(tmp) / f"t{trial}"))
             minimal.append(minimal_loop(args.model, images, labels, train_set.mean, train_set.std, 0))
+        own_share = (
+            _profiled_share(args.model, train_set, test_set, Path(tmp) / "profiled") if args.profile else None
+        )
     ratio = statistics.median(ours) / statistics.median(minimal)
+    best_ratio = max(ours) / max(minimal)
     print(f"{args.model}, {SAMPLES} samples, batch {BATCH}, {args.threads} threads, {args.trials} trials")
     for label, values in (("ours", ours), ("minimal", minimal)):
         trials = ", ".join(f"{v:.0f}" for v in values)
         print(f"{label:<8}{statistics.median(values):8.0f} samples/s  (trials {trials})")
-    print(f"ratio ours/minimal = {ratio:.3f}  (overhead {100 * (1 - ratio):+.1f}%; goal: overhead <= 3%)")
+    print(f"median ratio ours/minimal = {ratio:.3f}  (overhead {100 * (1 - ratio):+.1f}%; goal: <= 3%)")
+    print(f"best-trial ratio ours/minimal = {best_ratio:.3f}  (overhead {100 * (1 - best_ratio):+.1f}%)")
+    if own_share is not None:
+        print(f"profiled: distlearn's own Python is {100 * own_share:.2f}% of our loop's time")
     record = {
         "command": "python " + " ".join(sys.argv),
         "machine": {"platform": platform.platform(), "threads": args.threads},
@@ -93,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         "ours_samples_per_s": ours,
         "minimal_samples_per_s": minimal,
         "ratio": ratio,
+        "best_ratio": best_ratio,
+        "profiled_own_python_share": own_share,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
