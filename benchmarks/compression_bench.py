@@ -48,6 +48,7 @@ GROUPS = {  # each group is one torchrun job (< 15 min here) with its own dense 
     "sparsifiers": "dense,topk-0.1%,randomk-1%,dgc-0.1%,powersgd-r2,powersgd-r2 (our DDP hook),"
     "powersgd-r2 (torch hook)",
     "longer": "dense,onebit,threshold-0.02",  # with --epochs 2: do the error-feedback codecs catch up?
+    "lower-lr": "dense,onebit,threshold,randomk-1%",  # with --lr 0.01
     "cifar": "dense,onebit,topk-0.1%,dgc-0.1%,powersgd-r2,powersgd-r2 (our DDP hook),"
     "powersgd-r2 (torch hook)",
 }
