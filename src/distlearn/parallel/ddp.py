@@ -56,6 +56,11 @@ class TorchDDP(Strategy):
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         self._steps += 1
 
+    def evaluation_model(self, model: nn.Module) -> nn.Module:
+        """The module inside the DDP wrapper: only rank 0 evaluates, and DDP's forward is a collective
+        (it broadcasts buffers such as BatchNorm statistics), which would wait for the other ranks."""
+        return model.module if isinstance(model, DistributedDataParallel) else model
+
     def stats(self) -> StrategyStats:
         # DDP does not count its traffic; gloo's ring sends 2(R-1)/R of the gradient bytes per step.
         per_step = 2 * (self.world_size - 1) * self._parameters // max(1, self.world_size)

@@ -1,0 +1,29 @@
+"""torch DDP as a strategy: a model with BatchNorm trains and is evaluated on rank 0 alone.
+
+DDP's forward broadcasts buffers (BatchNorm statistics) from rank 0, a collective; evaluating through the
+wrapper on rank 0 only would wait for ranks that are not evaluating. The strategy evaluates the module
+inside the wrapper (TorchDDP.evaluation_model).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.timeout(240)
+def test_ddp_trains_and_evaluates_a_batchnorm_model(tmp_path):
+    command = [
+        sys.executable, "-m", "distlearn", "train", "--strategy", "ddp", "--workers", "2",
+        "--dataset", "fashion-mnist", "--model", "resnet8", "--train-samples", "512", "--test-samples", "256",
+        "--steps", "6", "--eval-every", "3", "--batch-size", "64", "--threads", "1",
+        "--out", str(tmp_path), "--progress", "off", "--no-checkpoints", "--quiet",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals][-2:] == [3, 6] and all(0 <= r["accuracy"] <= 1 for r in evals)
