@@ -87,7 +87,7 @@ def run_a3c(config: RLConfig, *, fail_worker: int | None = None) -> dict[str, An
     obs_dim, num_actions = probe.obs_dim, probe.num_actions
     probe.close()
     torch.manual_seed(config.seed)
-    model = ActorCritic(obs_dim, num_actions)
+    model = ActorCritic(obs_dim, num_actions, image_shape=probe.image_shape)
     model.share_memory()
     square_avgs = [s["square_avg_eps"] for s in shared_rmsprop(model, config.lr).state.values()]
     context = mp.get_context("spawn")
@@ -203,7 +203,7 @@ def _actor_learner(
     first_env = k * config.num_envs
     envs = EnvPool(config.env, config.num_envs, config.seed, first_index=first_env)
     generators = env_generators(config.seed, first_env, config.num_envs)
-    local = ActorCritic(envs.obs_dim, envs.num_actions)
+    local = ActorCritic(envs.obs_dim, envs.num_actions, image_shape=envs.image_shape)
     optimizer = shared_rmsprop(shared_model, config.lr, square_avgs)
     shared_params = list(shared_model.parameters())
     stats = EpisodeStats()

@@ -74,8 +74,10 @@ def _gymnasium():
     except ImportError as error:  # pragma: no cover - depends on the installation
         raise ConfigError("distlearn rl needs gymnasium: pip install gymnasium") from error
     if "MinAtar" not in " ".join(gymnasium.registry):
-        with contextlib.suppress(ImportError):  # MinAtar registers MinAtar/Breakout-v1 ... on import
-            import minatar  # noqa: F401
+        with contextlib.suppress(ImportError):  # the optional extra `distlearn[rl]`: MinAtar/Breakout-v1 ...
+            from minatar.gym import register_envs
+
+            register_envs()
     return gymnasium
 
 
@@ -110,8 +112,13 @@ class EnvPool:
     ``seed + first_index + i``, so the same global environment behaves the same in whichever process runs it.
 
     Attributes:
-        obs: current observations, float32 ``[num_envs, obs_dim]`` (image observations are flattened).
+        obs: current observations, float32 ``[num_envs, obs_dim]`` (image observations are flattened;
+            ``image_shape`` is their ``(height, width, channels)``, None for vector observations).
         finished_returns: returns of the episodes that ended in the last :meth:`step`.
+        terminated: float32 ``[num_envs]``, 1 where the last step ended its episode in a terminal state (not
+            by a time limit); ``dones`` from :meth:`step` counts both.
+        final_obs: ``[num_envs, obs_dim]``, the observation each environment reached in the last step, before
+            an ended episode's reset (``obs`` holds the next episode's first state there).
     """
 
     def __init__(self, env_id: str, num_envs: int, seed: int, *, first_index: int = 0) -> None:
@@ -119,12 +126,18 @@ class EnvPool:
             raise ConfigError(f"need at least one environment per worker, got --num-envs {num_envs}")
         self.env_id = env_id
         self.envs = [make_env(env_id, seed + first_index + i) for i in range(num_envs)]
-        self.obs_dim = int(np.prod(self.envs[0].observation_space.shape))
+        shape = tuple(int(n) for n in self.envs[0].observation_space.shape)
+        self.obs_dim = int(np.prod(shape))
+        # MinAtar's observations are images [height, width, channels]; the models see them flattened and
+        # unflatten them for a convolution (image_shape), the vector states of classic control have None
+        self.image_shape = shape if len(shape) == 3 else None
         self.num_actions = int(self.envs[0].action_space.n)
         first = [env.reset(seed=seed + first_index + i)[0] for i, env in enumerate(self.envs)]
         self.obs = torch.as_tensor(np.stack([np.asarray(o, np.float32).reshape(-1) for o in first]))
         self._returns = np.zeros(num_envs)
         self.finished_returns: list[float] = []
+        self.terminated = torch.zeros(num_envs)
+        self.final_obs = self.obs.clone()
 
     @property
     def num_envs(self) -> int:
@@ -138,10 +151,13 @@ class EnvPool:
             np.zeros(self.num_envs, np.float32),
         )
         self.finished_returns = []
+        terminal, finals = np.zeros(self.num_envs, np.float32), []
         for i, (env, action) in enumerate(zip(self.envs, actions.tolist(), strict=True)):
             observation, reward, terminated, truncated, _ = env.step(int(action))
             rewards[i] = reward
+            terminal[i] = float(terminated)
             self._returns[i] += reward
+            finals.append(np.asarray(observation, np.float32).reshape(-1))
             if terminated or truncated:
                 dones[i] = 1.0
                 self.finished_returns.append(float(self._returns[i]))
@@ -149,6 +165,7 @@ class EnvPool:
                 observation, _ = env.reset()
             observations.append(np.asarray(observation, np.float32).reshape(-1))
         self.obs = torch.as_tensor(np.stack(observations))
+        self.terminated, self.final_obs = torch.from_numpy(terminal), torch.as_tensor(np.stack(finals))
         return self.obs, torch.from_numpy(rewards), torch.from_numpy(dones)
 
     def close(self) -> None:
@@ -166,24 +183,59 @@ def _layer(inputs: int, outputs: int, gain: float = math.sqrt(2)) -> nn.Linear:
     return layer
 
 
+class ImageInput(nn.Module):
+    """Flat observations ``[B, H W C]`` back to images ``[B, C, H, W]`` for a convolution."""
+
+    def __init__(self, image_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs.reshape(obs.shape[0], *self.image_shape).permute(0, 3, 1, 2)
+
+
+def _torso(obs_dim: int, image_shape: tuple[int, int, int] | None, hidden: int, activation: type) -> list:
+    """First layers: ``Linear(obs_dim, hidden)`` for vector states; for images, MinAtar's network (Young and
+    Tian 2019): one 3x3 convolution with 16 filters, stride 1, ReLU, then ``Linear(., hidden)``."""
+    if image_shape is None:
+        return [_layer(obs_dim, hidden), activation()]
+    height, width, channels = image_shape
+    conv = nn.Conv2d(channels, 16, kernel_size=3, stride=1)
+    nn.init.orthogonal_(conv.weight, math.sqrt(2))
+    nn.init.zeros_(conv.bias)
+    flat = 16 * (height - 2) * (width - 2)
+    return [ImageInput(image_shape), conv, nn.ReLU(), nn.Flatten(), _layer(flat, hidden), activation()]
+
+
 class ActorCritic(nn.Module):
     """Policy ``pi(a|s; theta)`` and value ``V(s; theta_v)``: two MLPs (tanh), no shared layers.
 
     Sizes as CleanRL's PPO for classic control: ``hidden=64``, two hidden layers each. The policy's last
-    layer starts near zero (gain 0.01), so the first policy is almost uniform.
+    layer starts near zero (gain 0.01), so the first policy is almost uniform. With ``image_shape``
+    (MinAtar) each of the two starts with MinAtar's small convolution (see :func:`_torso`).
     """
 
     kind = "actor-critic"
 
-    def __init__(self, obs_dim: int, num_actions: int, hidden: int = 64) -> None:
+    def __init__(
+        self,
+        obs_dim: int,
+        num_actions: int,
+        hidden: int = 64,
+        *,
+        image_shape: tuple[int, int, int] | None = None,
+    ) -> None:
         super().__init__()
         self.obs_dim, self.num_actions, self.hidden = obs_dim, num_actions, hidden
+        self.image_shape = None if image_shape is None else tuple(image_shape)
         self.critic = nn.Sequential(
-            _layer(obs_dim, hidden), nn.Tanh(), _layer(hidden, hidden), nn.Tanh(), _layer(hidden, 1, 1.0)
+            *_torso(obs_dim, self.image_shape, hidden, nn.Tanh),
+            _layer(hidden, hidden),
+            nn.Tanh(),
+            _layer(hidden, 1, 1.0),
         )
         self.actor = nn.Sequential(
-            _layer(obs_dim, hidden),
-            nn.Tanh(),
+            *_torso(obs_dim, self.image_shape, hidden, nn.Tanh),
             _layer(hidden, hidden),
             nn.Tanh(),
             _layer(hidden, num_actions, 0.01),
@@ -199,16 +251,29 @@ class ActorCritic(nn.Module):
 
 
 class QNetwork(nn.Module):
-    """Action values ``Q(s, a; theta)`` for every action: an MLP (ReLU), DQN's network for vector states."""
+    """Action values ``Q(s, a; theta)`` for every action: an MLP (ReLU), DQN's network for vector states;
+    with ``image_shape`` (MinAtar) MinAtar's DQN network: one 16-filter 3x3 convolution, then the MLP."""
 
     kind = "q"
 
-    def __init__(self, obs_dim: int, num_actions: int, hidden: int = 128) -> None:
+    def __init__(
+        self,
+        obs_dim: int,
+        num_actions: int,
+        hidden: int = 128,
+        *,
+        image_shape: tuple[int, int, int] | None = None,
+    ) -> None:
         super().__init__()
         self.obs_dim, self.num_actions, self.hidden = obs_dim, num_actions, hidden
+        self.image_shape = None if image_shape is None else tuple(image_shape)
+        first = (
+            [nn.Linear(obs_dim, hidden), nn.ReLU()]
+            if self.image_shape is None
+            else _torso(obs_dim, self.image_shape, hidden, nn.ReLU)
+        )
         self.net = nn.Sequential(
-            nn.Linear(obs_dim, hidden),
-            nn.ReLU(),
+            *first,
             nn.Linear(hidden, hidden),
             nn.ReLU(),
             nn.Linear(hidden, num_actions),
@@ -532,6 +597,7 @@ def save_policy(path: str | Path, model: ActorCritic | QNetwork, env_id: str, **
         "obs_dim": model.obs_dim,
         "num_actions": model.num_actions,
         "hidden": model.hidden,
+        "image_shape": list(model.image_shape) if model.image_shape is not None else None,
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "info": info,
     }
@@ -549,7 +615,13 @@ def load_policy(path: str | Path) -> tuple[ActorCritic | QNetwork, str]:
     try:
         payload = torch.load(path, weights_only=True)
         cls = {"actor-critic": ActorCritic, "q": QNetwork}[payload["kind"]]
-        model = cls(payload["obs_dim"], payload["num_actions"], payload["hidden"])
+        image_shape = payload.get("image_shape")  # absent in policies saved before MinAtar support
+        model = cls(
+            payload["obs_dim"],
+            payload["num_actions"],
+            payload["hidden"],
+            image_shape=None if image_shape is None else tuple(image_shape),
+        )
         model.load_state_dict(payload["state_dict"])
     except (KeyError, RuntimeError, OSError) as error:
         raise CheckpointError(

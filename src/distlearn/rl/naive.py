@@ -79,7 +79,7 @@ def _run(config: RLConfig, rank: int, world_size: int, out: Path) -> dict[str, A
     obs_dim, num_actions = probe.obs_dim, probe.num_actions
     if envs is None:
         probe.close()
-    model = ActorCritic(obs_dim, num_actions)
+    model = ActorCritic(obs_dim, num_actions, image_shape=probe.image_shape)
     generators = env_generators(config.seed, (rank - 1) * n, n) if rank else []
     slots = steps * n + 1  # at most T N episodes end in a rollout; slot 0 counts them
     length = Rollout.empty(steps, n, obs_dim).flat().numel() + slots

@@ -83,7 +83,7 @@ def _train(config: RLConfig, rank: int, world_size: int, out: Path) -> dict[str,
     envs = EnvPool(config.env, config.num_envs, config.seed, first_index=first_env)
     generators = env_generators(config.seed, first_env, config.num_envs)
     minibatch_generator = torch.Generator().manual_seed(config.seed)  # same on every replica
-    model = ActorCritic(envs.obs_dim, envs.num_actions)
+    model = ActorCritic(envs.obs_dim, envs.num_actions, image_shape=envs.image_shape)
     # eps_hat=False is exactly torch.optim.Adam; eps 1e-5 as in CleanRL
     optimizer = Adam(model.parameters(), lr=config.lr, eps=1e-5, eps_hat=False)
     reducer = create_reducer(config.reducer, timeout_s=config.timeout) if world_size > 1 else None
