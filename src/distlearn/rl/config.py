@@ -56,14 +56,15 @@ class RLConfig:
         "ring", "sync-pg: allreduce algorithm (backend, ring, tree, rabenseifner, segmented-ring)"
     )
     # DQN / Gorila
-    buffer_size: int = _f(50_000, "gorila: replay capacity per shard")
-    batch_size: int = _f(64, "gorila: minibatch per learner update")
+    buffer_size: int = _f(100_000, "gorila: replay capacity per shard")
+    batch_size: int = _f(128, "gorila: minibatch per learner update")
     learning_starts: int = _f(1_000, "gorila: transitions in a shard before its learner starts")
     target_every: int = _f(250, "gorila: parameter-server updates between target-network refreshes")
     train_every: int = _f(2, "gorila: actor steps per learner update")
     eps_start: float = _f(1.0, "gorila: initial epsilon")
     eps_end: float = _f(0.01, "gorila: final epsilon")
     eps_decay_steps: int = _f(10_000, "gorila: actor steps over which epsilon decays linearly")
+    double_q: bool = _f(True, "gorila: double DQN targets (the online network picks the next action)")
 
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -76,7 +77,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "naive": {"num_envs": 4, "rollout_steps": 128, "lr": 2.5e-3, "gae_lambda": 0.95, "total_steps": 200_000},
     "a3c": {"num_envs": 4, "rollout_steps": 10, "lr": 2e-3, "gae_lambda": 1.0, "total_steps": 300_000},
-    "gorila": {"num_envs": 1, "rollout_steps": 1, "lr": 1e-3, "gae_lambda": 1.0, "total_steps": 200_000},
+    "gorila": {"num_envs": 1, "rollout_steps": 1, "lr": 2.5e-4, "gae_lambda": 1.0, "total_steps": 300_000},
 }
 
 
