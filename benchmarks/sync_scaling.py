@@ -39,7 +39,7 @@ def run(workers: int, args, out: Path) -> dict:
     if workers > 1:
         command += ["--strategy", "sync", "--workers", str(workers)]
     else:
-        command += ["--threads", str(os.cpu_count() or 1)]
+        command += ["--threads", str(args.single_threads or os.cpu_count() or 1)]
     started = time.perf_counter()
     subprocess.run(command, check=True, timeout=3600)
     wall = time.perf_counter() - started
@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--target", type=float, default=0.88)
+    parser.add_argument(
+        "--single-threads", type=int, default=None, help="torch threads of the R = 1 run (default: all cores)"
+    )
     parser.add_argument("--runs", default="runs/sync-scaling")
     parser.add_argument("--out", default="benchmarks/results/sync_scaling.json")
     parser.add_argument("--plot", default="docs/img/sync-scaling.png")
