@@ -51,14 +51,22 @@ def _env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", SDL_VIDEODRIVER="dummy", PYTHONUNBUFFERED="1")
 
 
-def run_ours(algorithm: str, workers: int, seed: int, out: Path, time_limit: float) -> dict:
+def run_ours(
+    algorithm: str,
+    workers: int,
+    seed: int,
+    out: Path,
+    time_limit: float,
+    env: str = "CartPole-v1",
+    extra: tuple[str, ...] = (),
+) -> dict:
     command = [
         sys.executable,
         "-m",
         "distlearn.rl.cli",
         algorithm,
         "--env",
-        "CartPole-v1",
+        env,
         "--workers",
         str(workers),
         "--seed",
@@ -68,6 +76,7 @@ def run_ours(algorithm: str, workers: int, seed: int, out: Path, time_limit: flo
         "--time-limit",
         str(time_limit),
         "--quiet",
+        *extra,
     ]
     start = time.perf_counter()
     process = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=time_limit + 180)
@@ -78,6 +87,7 @@ def run_ours(algorithm: str, workers: int, seed: int, out: Path, time_limit: flo
     curve = [(r["wall_time"], r["extra"]["episode_return"]) for r in records if r["kind"] == "train"]
     return {
         "algorithm": algorithm,
+        "env": env,
         "workers": workers,
         "seed": seed,
         "exit_code": process.returncode,
@@ -86,6 +96,7 @@ def run_ours(algorithm: str, workers: int, seed: int, out: Path, time_limit: flo
         "train_to_solved_s": summary["extra"]["solved_seconds"],
         "env_steps_to_solve": summary["extra"]["solved_env_steps"],
         "env_steps_per_s": summary["samples_per_s"] * (workers if algorithm == "sync-pg" else 1),
+        "env_steps": summary["extra"]["env_steps"],
         "final_return": summary["extra"]["episode_return"],
         "wall_s": wall,
         "curve": curve,
@@ -157,6 +168,12 @@ def main() -> None:
     parser.add_argument("--reference-script", default="/tmp/cleanrl/ppo.py")
     parser.add_argument("--runs", default="/tmp/rl-bench-runs", help="where the runs' directories go")
     parser.add_argument("--gif", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--env", default="CartPole-v1", help="gymnasium id, e.g. MinAtar/Breakout-v1")
+    parser.add_argument("--output", default="rl_bench.json", help="file name in benchmarks/results/")
+    parser.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--ours-args", default="", help="extra options for every distlearn run, e.g. '--buffer-size 20000'"
+    )
     args = parser.parse_args()
     runs = Path(args.runs)
     seeds = list(range(1, args.seeds + 1))
@@ -173,8 +190,10 @@ def main() -> None:
             print(json.dumps({k: v for k, v in trial.items() if k != "curve"}), flush=True)
         for algorithm in algorithms:
             for workers in worker_counts:
-                out = runs / f"{algorithm}-R{workers}-seed{seed}"
-                trial = run_ours(algorithm, workers, seed, out, args.time_limit)
+                out = runs / f"{args.env.replace('/', '-')}-{algorithm}-R{workers}-seed{seed}"
+                trial = run_ours(
+                    algorithm, workers, seed, out, args.time_limit, args.env, tuple(args.ours_args.split())
+                )
                 trials.append(trial)
                 print(json.dumps({k: v for k, v in trial.items() if k != "curve"}), flush=True)
     rows = []
@@ -184,7 +203,8 @@ def main() -> None:
     reference_median = statistics.median(reference) if reference else None
     print(
         "\n| algorithm | R | solved | launch to solved (s) | train to solved (s) | env steps to solve | "
-        "env steps/s | vs CleanRL PPO (median time) |\n|---|---|---|---|---|---|---|---|"
+        "env steps/s | final return (100) | vs CleanRL PPO (median time) |\n"
+        "|---|---|---|---|---|---|---|---|---|"
     )
     for algorithm, workers in groups:
         group = [t for t in trials if t["algorithm"] == algorithm and t["workers"] == workers]
@@ -201,12 +221,14 @@ def main() -> None:
             "train_to_solved_s": _mean_std([t["train_to_solved_s"] for t in group]),
             "env_steps_to_solve": _mean_std([t["env_steps_to_solve"] for t in group]),
             "env_steps_per_s": _mean_std([t["env_steps_per_s"] for t in group]),
+            "final_return": _mean_std([t["final_return"] for t in group]),
             "time_ratio_vs_reference": None if ratio is None else round(ratio, 2),
         }
         rows.append(row)
         print(
             f"| {algorithm} | {workers} | {row['solved']} | {row['launch_to_solved_s']} | "
             f"{row['train_to_solved_s']} | {row['env_steps_to_solve']} | {row['env_steps_per_s']} | "
+            f"{row['final_return']} | "
             f"{'-' if ratio is None else f'{ratio:.2f}x'} |"
         )
     versions = {"python": platform.python_version()}
@@ -228,12 +250,14 @@ def main() -> None:
             "note": "2 cores shared with other jobs while measured",
         },
         "versions": versions,
-        "threshold": THRESHOLD,
+        "env": args.env,
+        "threshold": THRESHOLD if args.env == "CartPole-v1" else None,
         "rows": rows,
         "trials": trials,
     }
-    (RESULTS / "rl_bench.json").write_text(json.dumps(result, indent=1))
-    _plot(trials, ROOT / "docs" / "img" / "rl-curves.png")
+    (RESULTS / args.output).write_text(json.dumps(result, indent=1))
+    if args.plot:
+        _plot(trials, ROOT / "docs" / "img" / "rl-curves.png")
     if args.gif:
         best = min(
             (t for t in trials if t["algorithm"] == "sync-pg" and t["solved"]),
@@ -243,7 +267,8 @@ def main() -> None:
         if best is not None:
             from distlearn.rl.play import play
 
-            policy = runs / f"sync-pg-R{best['workers']}-seed{best['seed']}" / "policy.pt"
+            name = f"{args.env.replace('/', '-')}-sync-pg-R{best['workers']}-seed{best['seed']}"
+            policy = runs / name / "policy.pt"
             returns = play(policy, episodes=5, gif=ROOT / "docs" / "img" / "rl-cartpole.gif", max_frames=300)
             print(f"GIF from {policy}; greedy returns {returns}")
 
