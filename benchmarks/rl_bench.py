@@ -160,6 +160,7 @@ def _mean_std(values: list[float | None]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=1, help="first seed of --seeds")
     parser.add_argument("--algorithms", default="sync-pg,a3c,naive,gorila")
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--time-limit", type=float, default=300.0, help="cap per run (seconds)")
@@ -176,7 +177,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     runs = Path(args.runs)
-    seeds = list(range(1, args.seeds + 1))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     algorithms = args.algorithms.split(",")
     worker_counts = [int(w) for w in args.workers.split(",")]
     load_before = os.getloadavg()
