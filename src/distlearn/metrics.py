@@ -23,7 +23,10 @@ key                type       meaning
 ``role``           str        ``"worker"``, ``"server"``, ... (see :mod:`distlearn.parallel.base`)
 ``bytes_sent``     int        payload bytes this process has sent so far (null if it does not communicate)
 ``staleness``      float      mean gradient staleness over the window, in parameter versions (async only)
-``extra``          object     free-form additions (summary: dataset, model, optimizer, best accuracy, ...)
+``extra``          object     free-form additions (summary: dataset, model, optimizer, best accuracy, ...;
+                             train: ``comm_s``, seconds of the window this rank was blocked in the
+                             strategy's step hooks -- waiting for communication not hidden behind
+                             backward -- and ``compute_s``, the rest of the window)
 =================  =========  ===========================================================================
 
 :class:`MetricsWriter` writes the file (line-buffered, so a crashed run keeps every line it wrote) and, when

@@ -898,9 +898,11 @@ def _train(
     window_correct = torch.zeros((), dtype=torch.int64)
     window_samples = 0
     window_started = time.perf_counter()
+    window_comm = 0.0  # seconds of the window spent blocked in the strategy's step hooks (communication)
     train_seconds = 0.0  # time in training steps only (evaluation and checkpoints excluded)
     segment_started = time.perf_counter()
     parameters = [p for p in model.parameters() if p.requires_grad]
+    hook_seconds = [0.0]  # the closure's time in strategy.before_step (closure optimizers call it inside)
     model.train()
     loss_fn = nn.functional.cross_entropy
 
@@ -926,26 +928,34 @@ def _train(
                         out = model(x)
                         value = loss_fn(out, y)
                         value.backward()
+                        blocked = time.perf_counter()
                         strategy.before_step(model, optimizer, at)
+                        hook_seconds[0] += time.perf_counter() - blocked
                         if config.clip_grad_norm is not None:
                             nn.utils.clip_grad_norm_(parameters, config.clip_grad_norm)
                         seen.append((value.detach(), out.detach()))
                         return value
 
                     optimizer.step(closure)
+                    window_comm += hook_seconds[0]
+                    hook_seconds[0] = 0.0
                     loss, logits = evaluations_in_step[0]
                 else:
                     optimizer.zero_grad(set_to_none=True)
                     logits = model(x)
                     loss = loss_fn(logits, y)
                     loss.backward()
+                    blocked = time.perf_counter()
                     strategy.before_step(model, optimizer, step)
+                    window_comm += time.perf_counter() - blocked
                     if config.clip_grad_norm is not None:
                         nn.utils.clip_grad_norm_(parameters, config.clip_grad_norm)
                     optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
+                blocked = time.perf_counter()
                 strategy.after_step(model, optimizer, step)
+                window_comm += time.perf_counter() - blocked
                 step += 1
                 step_in_epoch += 1
                 batch = len(y)
@@ -968,8 +978,10 @@ def _train(
                             samples_per_s=window_samples / elapsed if elapsed > 0 else None,
                             lr=lr_now(),
                             **stats_fields(),
+                            extra={"comm_s": window_comm, "compute_s": max(0.0, elapsed - window_comm)},
                         )  # fmt: skip
                     )
+                    window_comm = 0.0
                     progress.update(step, f"loss {mean_loss:.4f}")
                     window_loss.zero_()
                     window_correct.zero_()

@@ -83,6 +83,7 @@ def test_the_page_shows_runs_growing_reports_problems_and_switches_to_the_toy_vi
         wait_for_number(page, "#chart-bytes", "data-points", 0)
         wait_for_number(page, "#staleness", "data-bars", 0)  # rank 1 logs a staleness
         assert wait_for_number(page, "#timeline", "data-rows", 2) == 3  # two ranks of growing, one of broken
+        wait_for_number(page, "#timeline", "data-comm-windows", 0)  # compute / communication split drawn
         page.wait_for_timeout(400)  # let the last render settle before the picture
         page.screenshot(path=str(artifact_dir / "live-runs.png"), full_page=True)
 

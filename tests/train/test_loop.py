@@ -248,3 +248,29 @@ def test_adam_counting_epochs_sees_the_trainer_advance_p(tmp_path, synthetic):
     (optimizer,) = seen
     assert optimizer.param_groups[0]["count"] == "epoch"
     assert optimizer.param_groups[0]["epoch"] == 3  # p = 1 in epoch 1, 2 in epoch 2, then advanced once more
+
+
+class _WaitingStrategy(SingleProcess):
+    """One process whose step hook blocks 20 ms, as a strategy waiting for its allreduce would."""
+
+    def before_step(self, model, optimizer, step):
+        import time
+
+        time.sleep(0.02)
+
+
+def test_train_records_split_each_window_into_communication_and_compute(tmp_path, synthetic):
+    from distlearn.metrics import read_metrics
+
+    train_set, test_set = synthetic
+    runs = {}
+    for name, strategy in (("waiting", _WaitingStrategy()), ("plain", SingleProcess())):
+        cfg = config(tmp_path / name, epochs=1, augment=False, log_every=4)
+        train(cfg, strategy=strategy, train_data=train_set, test_data=test_set)
+        runs[name] = [r for r in read_metrics(tmp_path / name / "run" / "metrics.jsonl") if r.kind == "train"]
+    assert len(runs["waiting"]) == len(runs["plain"]) == (384 // 32) // 4
+    for record in runs["waiting"]:
+        assert 4 * 0.02 <= record.extra["comm_s"] < 4 * 0.02 + 0.5  # four steps of 20 ms blocked
+        assert record.extra["compute_s"] >= 0
+    for record in runs["plain"]:
+        assert record.extra["comm_s"] < 0.02 and record.extra["compute_s"] > 0

@@ -404,8 +404,10 @@
   }
 
   // Per-rank activity: for each process, its logging windows laid on its own clock (wall_time since that
-  // process started). Bar shade: samples/s relative to the row's best; band below: bytes sent per second
-  // relative to the fastest sender of the page; ticks: evaluations; a bar at the end: the run finished.
+  // process started). Bar shade: samples/s relative to the row's best; grey at a window's end: the share of
+  // the window blocked on communication (extra.comm_s), the coloured rest is compute; band below: bytes
+  // sent per second relative to the fastest sender of the page; ticks: evaluations; a bar at the end: the
+  // run finished.
   function drawTimeline() {
     const canvas = document.getElementById("timeline");
     const rows = [];
@@ -422,7 +424,9 @@
             rate = (r.bytes_sent - previous.bytes_sent) / duration;
             maxRate = Math.max(maxRate, rate);
           }
-          windows.push({ start, end: r.wall_time, speed: r.samples_per_s, rate });
+          const comm = r.extra && typeof r.extra.comm_s === "number" && duration > 0
+            ? Math.min(1, r.extra.comm_s / duration) : null;
+          windows.push({ start, end: r.wall_time, speed: r.samples_per_s, rate, comm });
           previous = r;
         }
         const times = [...entry.train, ...entry.eval].map((r) => r.wall_time);
@@ -445,6 +449,7 @@
     const left = Math.min(0.4 * width, 12 + Math.max(...rows.map((row) => context.measureText(rowLabel(row)).width)));
     const plotW = width - left - right;
     const xOf = (t) => left + (t / (maxTime || 1)) * plotW;
+    let commWindows = 0;
     rows.forEach((row, index) => {
       const y = top + index * rowH;
       const fastest = Math.max(1e-12, ...row.windows.map((w) => w.speed || 0));
@@ -458,6 +463,13 @@
         context.globalAlpha = 0.25 + 0.75 * ((w.speed || 0) / fastest);
         context.fillStyle = row.run.colour;
         context.fillRect(x0, y + 3, x1 - x0 - 0.5, rowH - 12);
+        if (w.comm !== null && w.comm > 0) {  // the window's share blocked on communication, at its end
+          const split = x1 - (x1 - x0) * w.comm;
+          context.globalAlpha = 0.9;
+          context.fillStyle = "#98a2b3";
+          context.fillRect(split, y + 3, x1 - split - 0.5, rowH - 12);
+          commWindows += 1;
+        }
         if (w.rate !== null && maxRate > 0) {
           context.globalAlpha = 0.15 + 0.85 * (w.rate / maxRate);
           context.fillStyle = "#101828";
@@ -472,6 +484,7 @@
         context.fillRect(xOf(row.entry.summary.wall_time) - 2, y + 1, 4, rowH - 2);
       }
     });
+    canvas.dataset.commWindows = String(commWindows);
     const axisY = top + rows.length * rowH + 4;
     context.strokeStyle = "#98a2b3";
     context.beginPath();
