@@ -22,9 +22,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -224,6 +226,9 @@ def launch_local(
     child_env["OMP_NUM_THREADS"] = str(threads)
     command = torchrun_command(program, nproc, port=port, module=module)
     process = subprocess.Popen(command, env=child_env, start_new_session=True)
+    # the job runs in its own session (so a stop can reach every process of it at once); a SIGTERM or
+    # SIGHUP to this launcher (`timeout`, `kill`, a closed terminal) must stop it too, not orphan it
+    previous = _raise_on_termination()
     try:
         return process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -232,9 +237,34 @@ def launch_local(
             f"the job of {nproc} workers did not finish within {timeout_s:g} s and was stopped; "
             "raise the time limit or shrink the run"
         ) from None
+    except _Terminated as stop:
+        _stop_group(process)
+        raise SystemExit(128 + stop.signum) from None
     except BaseException:
         _stop_group(process)
         raise
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived while a launched job was running."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_on_termination() -> dict[int, Any]:
+    """Turn SIGTERM and SIGHUP into :class:`_Terminated` (main thread only); returns the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated(signum)
+
+    return {number: signal.signal(number, handler) for number in (signal.SIGTERM, signal.SIGHUP)}
 
 
 def _stop_group(process: subprocess.Popen, grace_s: float = 5.0) -> None:

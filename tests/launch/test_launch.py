@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 import textwrap
 import time
@@ -62,7 +64,8 @@ def _alive(pid: int) -> bool:
 
 
 def _pids(out) -> list[int]:
-    return [int(p.read_text()) for p in out.glob("pid*")]
+    texts = [p.read_text().strip() for p in out.glob("pid*")]
+    return [int(text) for text in texts if text]  # a file being written may still be empty
 
 
 @pytest.mark.parametrize("nproc", [1, 3])
@@ -92,6 +95,28 @@ def test_deadline_stops_every_process(tmp_path, worker_script):
     time.sleep(0.5)
     pids = _pids(tmp_path)
     assert len(pids) == 2
+    assert all(not _alive(pid) for pid in pids)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_terminating_the_launcher_stops_every_process_of_the_job(tmp_path, worker_script, signum):
+    """`timeout`, `kill` or a closed terminal reach the launcher only; the job runs in its own session."""
+    parent = textwrap.dedent(
+        f"""
+        import sys
+        from distlearn.launch import launch_local
+        launch_local([{str(worker_script)!r}, "hang", {str(tmp_path)!r}], 2, module=False, timeout_s=300)
+        """
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", parent])
+    deadline = time.monotonic() + 120
+    while len(_pids(tmp_path)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pids = _pids(tmp_path)
+    assert len(pids) == 2, "the workers did not start"
+    launcher.send_signal(signum)
+    assert launcher.wait(timeout=60) == 128 + signum
+    time.sleep(0.5)
     assert all(not _alive(pid) for pid in pids)
 
 
