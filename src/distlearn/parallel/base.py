@@ -146,6 +146,24 @@ class Strategy:
     def setup(self, seed: int) -> None:
         """Join the job (process group, roles). Called once, before the model is built."""
 
+    def join_job(self, usage: str, timeout_s: float) -> bool:
+        """Join the torchrun job once: sets ``rank``, ``world_size``, ``_context`` and ``_owns_group``.
+
+        Returns False when this strategy has joined already. Outside torchrun, with no process group, a
+        ConfigError says ``"the <name> strategy <usage>"`` (how to start it).
+        """
+        from distlearn.launch import in_torchrun, init_distributed
+
+        if getattr(self, "_context", None) is not None:
+            return False
+        already = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not already and not in_torchrun():
+            raise ConfigError(f"the {self.name} strategy {usage}")
+        self._context = init_distributed(timeout_s=timeout_s)
+        self._owns_group = not already
+        self.rank, self.world_size = self._context.rank, self._context.world_size
+        return True
+
     def prepare(
         self, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> tuple[nn.Module, torch.optim.Optimizer]:

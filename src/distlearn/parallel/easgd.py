@@ -70,7 +70,7 @@ from torch import nn
 
 from distlearn.comm.p2p import HEADER_SIZE, REPLY, REQUEST, Header, Kind, Transport
 from distlearn.errors import CommError, ConfigError
-from distlearn.launch import DistContext, in_torchrun, init_distributed, shutdown
+from distlearn.launch import DistContext, shutdown
 from distlearn.parallel.base import Strategy, StrategyStats
 
 __all__ = ["ElasticAveraging", "lookahead_offset"]
@@ -209,17 +209,12 @@ class ElasticAveraging(Strategy):
     # -- life cycle ---------------------------------------------------------------------------------------
 
     def setup(self, seed: int) -> None:
-        if self._context is not None:
+        usage = (
+            "runs one process per worker (and a centre rank in async mode): use `distlearn "
+            "train --strategy easgd --workers N`, or start the job with torchrun"
+        )
+        if not self.join_job(usage, self.timeout_s):
             return
-        already = dist.is_available() and dist.is_initialized()
-        if not already and not in_torchrun():
-            raise ConfigError(
-                "the easgd strategy runs one process per worker (and a centre rank in async mode): use "
-                "`distlearn train --strategy easgd --workers N`, or start the job with torchrun"
-            )
-        self._context = init_distributed(timeout_s=self.timeout_s)
-        self._owns_group = not already
-        self.rank, self.world_size = self._context.rank, self._context.world_size
         if self.mode == "async":
             if self.world_size < 2:
                 raise ConfigError(

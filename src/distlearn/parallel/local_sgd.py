@@ -48,7 +48,7 @@ from torch import nn
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
 from distlearn.errors import CommError, ConfigError
-from distlearn.launch import DistContext, in_torchrun, init_distributed, shutdown
+from distlearn.launch import DistContext, shutdown
 from distlearn.parallel.base import Strategy, StrategyStats
 
 __all__ = ["LocalSGD"]
@@ -102,17 +102,12 @@ class LocalSGD(Strategy):
     # -- life cycle ---------------------------------------------------------------------------------------
 
     def setup(self, seed: int) -> None:
-        if self._context is not None:
+        usage = (
+            "runs one process per replica: use `distlearn train --strategy local-sgd "
+            "--workers N`, or start the job with torchrun"
+        )
+        if not self.join_job(usage, self.timeout_s):
             return
-        already = dist.is_available() and dist.is_initialized()
-        if not already and not in_torchrun():
-            raise ConfigError(
-                "the local-sgd strategy runs one process per replica: use `distlearn train --strategy "
-                "local-sgd --workers N`, or start the job with torchrun"
-            )
-        self._context = init_distributed(timeout_s=self.timeout_s)
-        self._owns_group = not already
-        self.rank, self.world_size = self._context.rank, self._context.world_size
 
     def prepare(
         self, model: nn.Module, optimizer: torch.optim.Optimizer

@@ -77,12 +77,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from distlearn.comm.p2p import HEADER_SIZE, REPLY, REQUEST, Header, Kind, Transport
 from distlearn.errors import CheckpointError, CommError, ConfigError
-from distlearn.launch import DistContext, in_torchrun, init_distributed, shutdown
+from distlearn.launch import DistContext, shutdown
 from distlearn.parallel.base import Strategy, StrategyStats, epoch_batches
 
 __all__ = ["ParameterServer", "PushGate", "shard_parameters"]
@@ -325,17 +324,12 @@ class ParameterServer(Strategy):
         return self.workers - self.backup_workers if self.backup_workers else self.softsync
 
     def setup(self, seed: int) -> None:
-        if self._context is not None:
+        usage = (
+            "runs one process per server and per worker: use `distlearn train --strategy ps "
+            "--workers N --servers S` (N counts both), or start the job with torchrun"
+        )
+        if not self.join_job(usage, self.timeout_s):
             return
-        already = dist.is_available() and dist.is_initialized()
-        if not already and not in_torchrun():
-            raise ConfigError(
-                "the ps strategy runs one process per server and per worker: use `distlearn train "
-                "--strategy ps --workers N --servers S` (N counts both), or start the job with torchrun"
-            )
-        self._context = init_distributed(timeout_s=self.timeout_s)
-        self._owns_group = not already
-        self.rank, self.world_size = self._context.rank, self._context.world_size
         if self.workers < 1:
             raise ConfigError(
                 f"{self.world_size} processes leave no worker after {self.servers} server(s); "
