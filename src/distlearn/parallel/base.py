@@ -164,6 +164,31 @@ class Strategy:
         self.rank, self.world_size = self._context.rank, self._context.world_size
         return True
 
+    def _wait(self, work: Any, what: str) -> None:
+        """Wait for ``work`` within ``self.timeout_s``, else a CommError naming the rank and ``what``."""
+        from datetime import timedelta
+
+        from distlearn.errors import CommError
+
+        timeout_s = self.timeout_s  # type: ignore[attr-defined]  # every joining strategy has one
+        try:
+            work.wait(timeout=timedelta(seconds=timeout_s))
+        except Exception as error:  # gloo raises RuntimeError on timeout or a closed connection
+            raise CommError(
+                f"rank {self.rank}: {what} did not complete within {timeout_s:.0f} s ({error}); "
+                "a peer may have died or be stuck"
+            ) from error
+
+    def start_from_rank0(self, model: nn.Module) -> None:
+        """Check that every rank built the same model, then give every rank rank 0's weights and buffers."""
+        from distlearn.parallel.sync import check_same_model
+
+        check_same_model(model, self.rank, self.world_size)
+        with torch.no_grad():
+            for tensor in list(model.parameters()) + list(model.buffers()):
+                work = torch.distributed.broadcast(tensor.data, src=0, async_op=True)
+                self._wait(work, "broadcast of rank 0's weights")
+
     def prepare(
         self, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> tuple[nn.Module, torch.optim.Optimizer]:

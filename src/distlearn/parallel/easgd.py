@@ -61,7 +61,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -231,14 +230,7 @@ class ElasticAveraging(Strategy):
         self._optimizer = optimizer
         flat = self._flat_params()
         if self.mode == "sync":
-            from distlearn.parallel.sync import check_same_model
-
-            check_same_model(model, self.rank, self.world_size)
-            with torch.no_grad():
-                for tensor in list(model.parameters()) + list(model.buffers()):
-                    self._wait(
-                        dist.broadcast(tensor.data, src=0, async_op=True), "broadcast of rank 0's weights"
-                    )
+            self.start_from_rank0(model)
             self.centre = self._flat_params()  # x~ = x^i at the start (Algorithm 1's initialisation)
         else:
             centre = self._request(Kind.INIT, flat)  # the first worker's weights become the centre
@@ -394,15 +386,6 @@ class ElasticAveraging(Strategy):
                 centre.add_(received - centre, alpha=header.lr)  # x~ <- x~ + alpha * (x - x~)
                 updates += 1
         self.server_report = {"updates": updates, "seconds": time.monotonic() - started}
-
-    def _wait(self, work: Any, what: str) -> None:
-        try:
-            work.wait(timeout=timedelta(seconds=self.timeout_s))
-        except Exception as error:
-            raise CommError(
-                f"rank {self.rank}: {what} did not complete within {self.timeout_s:.0f} s ({error}); "
-                "a peer may have died or be stuck"
-            ) from error
 
     # -- metrics and checkpoints --------------------------------------------------------------------------
 

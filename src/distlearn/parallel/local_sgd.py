@@ -39,7 +39,6 @@ steps (or one epoch) helps when the learning rate is large at the start.
 from __future__ import annotations
 
 import warnings
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -112,12 +111,7 @@ class LocalSGD(Strategy):
     def prepare(
         self, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        from distlearn.parallel.sync import check_same_model
-
-        check_same_model(model, self.rank, self.world_size)
-        with torch.no_grad():
-            for tensor in list(model.parameters()) + list(model.buffers()):
-                self._wait(dist.broadcast(tensor.data, src=0, async_op=True), "broadcast of rank 0's weights")
+        self.start_from_rank0(model)
         self._params = [p for p in model.parameters() if p.requires_grad]
         # torch warns that k = 1 is better served by DDP; here k = 1 is the equivalence test
         with warnings.catch_warnings():
@@ -176,15 +170,6 @@ class LocalSGD(Strategy):
             raise CommError(
                 f"rank {self.rank}: parameter averaging at step {step + 1} failed ({error}); "
                 "a peer may have died"
-            ) from error
-
-    def _wait(self, work: Any, what: str) -> None:
-        try:
-            work.wait(timeout=timedelta(seconds=self.timeout_s))
-        except Exception as error:
-            raise CommError(
-                f"rank {self.rank}: {what} did not complete within {self.timeout_s:.0f} s ({error}); "
-                "a peer may have died or be stuck"
             ) from error
 
     # -- metrics and checkpoints --------------------------------------------------------------------------

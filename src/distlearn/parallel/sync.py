@@ -25,7 +25,6 @@ Run it with ``distlearn train --strategy sync --workers 2`` (one machine) or und
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -210,10 +209,7 @@ class SyncDataParallel(Strategy):
     def prepare(
         self, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        check_same_model(model, self.rank, self.world_size)
-        with torch.no_grad():
-            for tensor in list(model.parameters()) + list(model.buffers()):
-                self._wait(dist.broadcast(tensor.data, src=0, async_op=True), "broadcast of rank 0's weights")
+        self.start_from_rank0(model)
         self.bucketer = GradientBucketer(
             model.parameters(),
             self.reducer,
@@ -299,15 +295,6 @@ class SyncDataParallel(Strategy):
                 f"{highest.tolist()} (rank {self.rank} has {mine.tolist()}); a non-deterministic op or a "
                 "rank-dependent code path changed the weights -- file a bug with the command you ran"
             )
-
-    def _wait(self, work: Any, what: str) -> None:
-        try:
-            work.wait(timeout=timedelta(seconds=self.timeout_s))
-        except Exception as error:  # gloo raises RuntimeError on timeout or a closed connection
-            raise CommError(
-                f"rank {self.rank}: {what} did not complete within {self.timeout_s:.0f} s ({error}); "
-                "a peer may have died or be stuck"
-            ) from error
 
     # -- reporting ----------------------------------------------------------------------------------------
 
