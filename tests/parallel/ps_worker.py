@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ps_cases import ps_config  # noqa: E402
+from ps_cases import STEPS, ps_config  # noqa: E402
 from sync_cases import synthetic_data  # noqa: E402
 
 from distlearn.launch import init_distributed, shutdown  # noqa: E402
@@ -72,19 +72,47 @@ def backup_schedule(takers: int, workers: int):
     return rules
 
 
-class KillAfter:
-    """A gate that ends this process abruptly before push ``push`` (a worker dying mid-run)."""
+class KillServerAfter:
+    """Worker of ``server-dies``: after its pull ``push`` it tells the server (through ``key``) to die now."""
 
-    def __init__(self, push: int, store: dist.Store | None = None, key: str = "") -> None:
+    def __init__(self, push: int, store: dist.Store, key: str) -> None:
         self.push, self.store, self.key = push, store, key
 
     def before_push(self, worker: int, push: int) -> None:
-        if push == self.push and self.store is None:
+        pass
+
+    def after_pull(self, worker: int, push: int) -> None:
+        if push == self.push:
+            self.store.set(self.key, "1")
+
+
+class DiesBeforePush:
+    """Rank 3 of ``worker-dies``: says on the store when its push ``push - 1`` is applied, then dies."""
+
+    def __init__(self, push: int, store: dist.Store, key: str) -> None:
+        self.push, self.store, self.key = push, store, key
+
+    def before_push(self, worker: int, push: int) -> None:
+        if push == self.push:
             os._exit(3)
 
     def after_pull(self, worker: int, push: int) -> None:
-        if push == self.push and self.store is not None:
-            self.store.set(self.key, "1")  # tell the server to die now
+        if push == self.push - 1:
+            self.store.set(self.key, "1")
+
+
+class WaitBeforePush:
+    """A survivor of ``worker-dies``: its push ``push`` waits for ``key`` (so it is applied last)."""
+
+    def __init__(self, push: int, store: dist.Store, key: str) -> None:
+        self.push, self.store, self.key = push, store, key
+
+    def before_push(self, worker: int, push: int) -> None:
+        if push == self.push:
+            self.store.wait([self.key], TIMEOUT)
+
+    def after_pull(self, worker: int, push: int) -> None:
+        pass
 
 
 def run_case(
@@ -165,8 +193,11 @@ def main() -> int:
             run_case("onebit", out, context, store, servers=2, softsync=2, optimizer="momentum",
                      compression="onebit")  # fmt: skip
         elif job == "worker-dies":  # S = 1, W = 3; worker rank 3 dies before its push 4
-            gate = KillAfter(4) if rank == 3 else None
-            run_case("dies", out, context, store, worker_timeout_s=2.0, gate=gate, barrier=False)
+            # the survivors' last pushes wait until rank 3's four pushes are applied, so the server's final
+            # state is the newest survivor's pull whatever the machine's load (rank 3 may start late)
+            key = "dies/rank3-pushed"
+            gate = DiesBeforePush(4, store, key) if rank == 3 else WaitBeforePush(STEPS - 1, store, key)
+            run_case("dies", out, context, store, worker_timeout_s=5.0, gate=gate, barrier=False)
         elif job == "server-dies":  # S = 1, W = 1; the server dies after the worker's push 3
             if rank == 0:
 
@@ -175,7 +206,7 @@ def main() -> int:
                     os._exit(4)
 
                 threading.Thread(target=die, daemon=True).start()
-            gate = KillAfter(3, store, "server-dies/now") if rank == 1 else None
+            gate = KillServerAfter(3, store, "server-dies/now") if rank == 1 else None
             try:
                 run_case("server-dies", out, context, store, gate=gate, barrier=False)
             except Exception as error:
