@@ -1,7 +1,7 @@
 """Every update rule against the overview's formula, worked here in plain Python on small tensors.
 
 The expected numbers come from scalar arithmetic written in this file (``math`` on Python floats), not
-from the code under test; both the readable per-tensor path and the batched foreach path must match.
+from the code under test; the readable per-tensor path, the batched foreach path and the flat path must match.
 """
 
 from __future__ import annotations
@@ -28,13 +28,17 @@ def initial(k: int, i: int) -> float:
     return 0.1 * (i + 1) * (-1) ** (i + k)
 
 
-def run_ours(name: str, foreach: bool, **hyper) -> list[list[float]]:
+def run_ours(name: str, foreach: bool | str, **hyper) -> list[list[float]]:
+    """``foreach`` is False, True, or "flat" (the batched path on one flat buffer per group)."""
     params = [
         torch.tensor([initial(k, i) for i in range(math.prod(s))], dtype=torch.float64).reshape(s)
         .requires_grad_(True)
         for k, s in enumerate(SHAPES)
     ]  # fmt: skip
-    opt = optim.create(name, params, foreach=foreach, **hyper)
+    if foreach == "flat":
+        opt = optim.create(name, params, flat=True, **hyper)
+    else:
+        opt = optim.create(name, params, foreach=foreach, **hyper)
     for t in range(1, STEPS + 1):
         for k, p in enumerate(params):
             p.grad = torch.tensor([gradient(t, k, i) for i in range(p.numel())], dtype=torch.float64).reshape(
@@ -144,7 +148,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["per-tensor", "foreach"])
+@pytest.mark.parametrize("foreach", [False, True, "flat"], ids=["per-tensor", "foreach", "flat"])
 @pytest.mark.parametrize(
     ("name", "hyper", "update", "state"), CASES, ids=[c[0] for c in CASES[:-1]] + ["adam-alg1"]
 )
@@ -158,7 +162,7 @@ def test_update_matches_hand_computation(name, hyper, update, state, foreach):
 def test_weight_decay_adds_l2_gradient():
     lr, wd = 0.1, 0.5
     expected = run_hand(lambda w, g, s, t: w - lr * (g + wd * w), {})
-    for foreach in (False, True):
+    for foreach in (False, True, "flat"):
         got = run_ours("sgd", foreach, lr=lr, weight_decay=wd)
         for row_got, row_expected in zip(got, expected, strict=True):
             assert row_got == pytest.approx(row_expected, rel=1e-12)
@@ -191,3 +195,30 @@ def test_parameters_without_gradient_are_left_alone():
     assert torch.equal(b.detach(), torch.ones(2))
     assert b not in opt.state
     assert not torch.equal(a.detach(), torch.ones(3))
+
+
+@pytest.mark.parametrize("name", ["momentum", "nesterov"])
+@pytest.mark.parametrize("path", [False, True, "flat"], ids=["per-tensor", "foreach", "flat"])
+def test_momentum_rules_under_a_changing_learning_rate(name, path):
+    """The stored velocity is a scale times a direction; under an lr schedule that starts at 0 (the scale
+    is 0 then) and jumps, the weights still follow v = mu*v + lr_t*g (Nesterov: v = mu*v - lr_t*g)."""
+    mu, lrs = 0.8, [0.0, 0.0, 0.1, 0.3, 0.05, 0.0, 0.2]
+    grads = [0.4, -1.1, 0.7, 0.25, -0.6, 0.9, 0.3]
+    w_hand, v = 0.5, 0.0
+    for lr, g in zip(lrs, grads, strict=True):
+        if name == "momentum":
+            v = mu * v + lr * g
+            w_hand -= v
+        else:
+            v_new = mu * v - lr * g
+            w_hand += -mu * v + (1 + mu) * v_new
+            v = v_new
+    w = torch.tensor([0.5, -0.25], dtype=torch.float64, requires_grad=True)
+    opt = optim.create(name, [w], momentum=mu, **({"flat": True} if path == "flat" else {"foreach": path}))
+    for lr, g in zip(lrs, grads, strict=True):
+        opt.param_groups[0]["lr"] = lr
+        w.grad = torch.tensor([g, 0.0], dtype=torch.float64)
+        opt.step()
+    assert w[0].item() == pytest.approx(w_hand, rel=1e-12)
+    assert w[1].item() == -0.25
+    assert opt.velocity(w)[0].item() == pytest.approx(v, rel=1e-12)

@@ -13,6 +13,11 @@ An optimizer here is three layers, as in ``torch.optim``:
 
 ``foreach=None`` (the default) picks the batched path whenever the parameters are dense tensors, on CPU
 too; ``torch.optim`` defaults to its per-tensor loop on CPU. ``foreach=False`` forces the readable path.
+
+``flat=True`` goes one step further (the layout of DeepSpeed's and Apex's flat optimizers, and of DDP's
+``gradient_as_bucket_view``): the parameters of each group, their gradients and every state buffer become
+views of one contiguous buffer per group, and the batched path runs each operation once on that buffer
+instead of once per list. See :class:`FlatGroup` for what that changes for the caller.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 
 from distlearn.errors import ConfigError
 
-__all__ = ["FirstOrderOptimizer", "check_nonnegative", "check_unit_interval"]
+__all__ = ["FirstOrderOptimizer", "FlatGroup", "check_nonnegative", "check_unit_interval"]
 
 
 def check_nonnegative(name: str, value: float, optimizer: str, hint: str) -> None:
@@ -43,21 +48,118 @@ def check_unit_interval(name: str, value: float, optimizer: str, hint: str) -> N
         raise ConfigError(f"{optimizer}: {name} must lie in [0, 1), got {value!r}; {hint}")
 
 
+class FlatGroup:
+    """One param group laid out flat: parameters, gradients and state buffers as views of flat buffers.
+
+    Building it rebinds each parameter's storage (``p.data``) and gradient (``p.grad``) to slices of
+    ``self.param`` and ``self.grad``, as DDP's ``gradient_as_bucket_view`` does for gradients. Autograd
+    then accumulates into the slices in place, and one kernel updates the whole group. What this asks of
+    the caller: every parameter takes part in every step (a parameter that got no gradient gets a zero
+    one; a group where no parameter has one is skipped); parameters must share dtype and device and must
+    not live in shared memory (Hogwild!'s model: rebinding would unshare it). :meth:`repair` puts back
+    any parameter or gradient that was replaced (``model.to(...)``, ``model.zero_grad(set_to_none=True)``),
+    at the cost of one copy.
+    """
+
+    def __init__(self, params: list[torch.Tensor], optimizer: str) -> None:
+        if not params:
+            raise ConfigError(f"{optimizer}(flat=True): a param group has no parameters")
+        first = params[0]
+        for p in params:
+            if p.is_sparse or p.layout != torch.strided:
+                raise ConfigError(f"{optimizer}(flat=True) needs dense parameters; use flat=False")
+            if p.dtype != first.dtype or p.device != first.device:
+                raise ConfigError(
+                    f"{optimizer}(flat=True): a param group mixes {first.dtype} on {first.device} with "
+                    f"{p.dtype} on {p.device}; put each dtype and device in its own param group"
+                )
+            if p.is_shared():
+                raise ConfigError(
+                    f"{optimizer}(flat=True) would move parameters out of shared memory (a Hogwild! model); "
+                    "use flat=False for shared-memory models"
+                )
+        self.params = params
+        self.numels = [p.numel() for p in params]
+        self.offsets = [0]
+        for n in self.numels:
+            self.offsets.append(self.offsets[-1] + n)
+        total = self.offsets[-1]
+        self.param = torch.empty(total, dtype=first.dtype, device=first.device)
+        self.grad = torch.zeros(total, dtype=first.dtype, device=first.device)
+        self.buffers: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                view = self.view(self.param, i)
+                view.copy_(p)
+                p.data = view
+                if p.grad is not None:
+                    self.view(self.grad, i).copy_(p.grad)
+                p.grad = self.view(self.grad, i)
+        self._param_ptrs = [p.data_ptr() for p in params]
+        self._grad_ptrs = [p.grad.data_ptr() for p in params]
+
+    def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        """Parameter ``i``'s slice of ``flat``, shaped like the parameter."""
+        return flat[self.offsets[i] : self.offsets[i + 1]].view(self.params[i].shape)
+
+    def buffer(self, name: str, i: int) -> torch.Tensor:
+        """Parameter ``i``'s slice of the flat state buffer ``name`` (created as zeros on first use)."""
+        flat = self.buffers.get(name)
+        if flat is None:
+            flat = self.buffers[name] = torch.zeros_like(self.param)
+        return self.view(flat, i)
+
+    @torch.no_grad()
+    def repair(self) -> None:
+        """Rebind any parameter or gradient that no longer is its slice (a copy for each that moved)."""
+        for i, p in enumerate(self.params):
+            if p.data_ptr() != self._param_ptrs[i]:
+                if p.is_shared():
+                    raise ConfigError(
+                        "a flat=True optimizer's parameters were moved into shared memory (a Hogwild! "
+                        "model); taking them back would unshare them: build the optimizer with flat=False"
+                    )
+                view = self.view(self.param, i)
+                view.copy_(p)
+                p.data = view
+            grad = p.grad
+            if grad is None:
+                view = self.view(self.grad, i)
+                view.zero_()
+                p.grad = view
+            elif grad.data_ptr() != self._grad_ptrs[i]:
+                view = self.view(self.grad, i)
+                view.copy_(grad)
+                p.grad = view
+
+    def adopt_state(self, state: dict[str, Any], names: tuple[str, ...], i: int) -> None:
+        """Move parameter ``i``'s state buffers (e.g. just loaded from a checkpoint) into the flat ones."""
+        for name in names:
+            value = state.get(name)
+            if isinstance(value, torch.Tensor):
+                view = self.buffer(name, i)
+                if value.data_ptr() != view.data_ptr():
+                    view.copy_(value)
+                    state[name] = view
+
+
 class FirstOrderOptimizer(torch.optim.Optimizer):
     """Base class of the first-order optimizers: one update per ``step()`` from the stored gradients.
 
     Subclasses set ``state_names`` (the per-parameter buffers, created as zeros) and implement
     ``_single(group, param, grad, state)`` and ``_foreach(group, params, grads, states)``.
     Every group takes ``lr``, ``weight_decay`` (L2: ``g <- g + weight_decay * W`` before the update) and
-    ``foreach``.
+    ``foreach``; the optimizer takes ``flat`` (see :class:`FlatGroup`).
     """
 
     state_names: tuple[str, ...] = ()
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, flat: bool = False) -> None:
         name = type(self).__name__
         check_nonnegative("lr", defaults["lr"], name, "use a positive learning rate such as lr=1e-3")
         check_nonnegative("weight_decay", defaults.get("weight_decay", 0.0), name, "use e.g. 5e-4 or 0")
+        self.flat = bool(flat)
+        self._flat_groups: list[FlatGroup] = []  # one per param group when flat
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._check_group(group)
@@ -72,6 +174,32 @@ class FirstOrderOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "defaults") and len(self.param_groups) > 1:
             self._check_group(self.param_groups[-1])
+        if self.flat:
+            self._flat_groups.append(FlatGroup(self.param_groups[-1]["params"], type(self).__name__))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients; with ``flat=True`` one fill of each flat gradient (they stay views)."""
+        if not self.flat:
+            super().zero_grad(set_to_none)
+            return
+        for flat in self._flat_groups:
+            flat.grad.zero_()
+            flat.repair()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._upgrade_state()
+        self._reflatten_state()
+
+    def _upgrade_state(self) -> None:
+        """Convert state saved by an older version of this optimizer (subclasses override)."""
+
+    def _reflatten_state(self) -> None:
+        """With ``flat=True``: state tensors that are not slices of the flat buffers are copied into them."""
+        for group, flat in zip(self.param_groups, self._flat_groups, strict=False):
+            for i, p in enumerate(group["params"]):
+                if p in self.state:
+                    flat.adopt_state(self.state[p], self.state_names, i)
 
     def _use_foreach(self, group: dict[str, Any], params: list[torch.Tensor]) -> bool:
         if group["foreach"] is not None:
@@ -85,11 +213,16 @@ class FirstOrderOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
+            flat = self._flat_groups[index] if self.flat else None
+            if flat is not None:
+                if all(p.grad is None for p in group["params"]):
+                    continue  # nothing to apply (e.g. a parameter-server worker whose server stepped)
+                flat.repair()
             params: list[torch.Tensor] = []
             grads: list[torch.Tensor] = []
             states: list[dict[str, Any]] = []
-            for p in group["params"]:
+            for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
@@ -101,13 +234,19 @@ class FirstOrderOptimizer(torch.optim.Optimizer):
                 if not state:
                     state["step"] = 0
                     for buffer in self.state_names:
-                        state[buffer] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state[buffer] = (
+                            flat.buffer(buffer, i)
+                            if flat is not None
+                            else torch.zeros_like(p, memory_format=torch.preserve_format)
+                        )
                     self._initial_state(group, p, state)
                 state["step"] += 1
                 params.append(p)
                 grads.append(p.grad)
                 states.append(state)
             if not params:
+                continue
+            if flat is not None and self._use_foreach(group, params) and self._flat_step(group, flat, states):
                 continue
             if group["weight_decay"]:
                 if self._use_foreach(group, params):
@@ -122,6 +261,36 @@ class FirstOrderOptimizer(torch.optim.Optimizer):
                 for p, g, state in zip(params, grads, states, strict=True):
                     self._single(group, p, g, state)
         return loss
+
+    def _flat_step(self, group: dict[str, Any], flat: FlatGroup, states: list[dict[str, Any]]) -> bool:
+        """The batched update on the group's flat buffers; False (nothing done) if they cannot be used.
+
+        The per-parameter numbers in the state (step counts, scales) must agree across the group, as
+        they do whenever every parameter has stepped together; the result is written back to each.
+        """
+        if len(states) != len(flat.params):
+            return False
+        first = states[0]
+        numbers = {k: v for k, v in first.items() if not isinstance(v, torch.Tensor)}
+        for state in states[1:]:
+            for key, value in numbers.items():
+                if state.get(key) != value:
+                    return False
+        merged: dict[str, Any] = dict(numbers)
+        for name in self.state_names:
+            buffer = flat.buffers.get(name)
+            if buffer is None:
+                return False
+            merged[name] = buffer
+        grads = [flat.grad]
+        if group["weight_decay"]:
+            grads = list(torch._foreach_add(grads, [flat.param], alpha=group["weight_decay"]))
+        self._foreach(group, [flat.param], grads, [merged])
+        changed = {k: merged[k] for k in numbers if merged[k] != numbers[k]}
+        if changed:
+            for state in states:
+                state.update(changed)
+        return True
 
     def _initial_state(self, group: dict[str, Any], param: torch.Tensor, state: dict) -> None:
         """Fill freshly created state buffers (they start as zeros)."""

@@ -34,8 +34,9 @@ class SGD(FirstOrderOptimizer):
         *,
         weight_decay: float = 0.0,
         foreach: bool | None = None,
+        flat: bool = False,
     ) -> None:
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "foreach": foreach})
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "foreach": foreach}, flat=flat)
 
     def _single(self, group, param, grad, state) -> None:
         param.add_(grad, alpha=-group["lr"])
@@ -44,17 +45,18 @@ class SGD(FirstOrderOptimizer):
         torch._foreach_add_(params, grads, alpha=-group["lr"])
 
 
-class Momentum(FirstOrderOptimizer):
-    """Classical (heavy-ball) momentum (Polyak, 1964; Rumelhart, Hinton & Williams, 1986).
+class _ScaledVelocity(FirstOrderOptimizer):
+    """Momentum and Nesterov keep the velocity as a scale times a direction, ``v = +-s * u``.
 
-    Update: ``v = mu * v + lr * g ;  W = W - v`` with ``v`` starting at zero.
-
-    ``torch.optim.SGD(lr, momentum=mu)`` keeps ``b = mu * b + g`` and steps ``W -= lr * b``: the same
-    trajectory while ``lr`` is constant (``v = lr * b``); under a changing ``lr`` ours keeps old steps at
-    their old size, torch rescales them. Tuning: ``mu`` 0.9, then ``lr`` about ``(1 - mu)`` times SGD's.
+    Both recurrences have the form ``s' * u' = mu * s * u + lr * g``; with ``s' = mu * s + lr`` that is
+    ``u' = lerp(u, g, lr / s')``: one pass over ``u`` and ``g`` where ``v = mu * v + lr * g`` takes two
+    (scale ``v``, then add ``g``). ``s`` is a number per parameter (``state["velocity_scale"]``), ``u`` a
+    tensor (``state["velocity_direction"]``); ``s`` tends to ``lr / (1 - mu)``, so neither grows.
+    :meth:`velocity` gives ``v``. Checkpoints of the older form (``state["velocity"]``) load as ``s = 1``.
     """
 
-    state_names = ("velocity",)
+    state_names = ("velocity_direction",)
+    sign = 1.0  # v = sign * s * u
 
     def __init__(
         self,
@@ -64,27 +66,79 @@ class Momentum(FirstOrderOptimizer):
         *,
         weight_decay: float = 0.0,
         foreach: bool | None = None,
+        flat: bool = False,
     ) -> None:
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "foreach": foreach}
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, flat=flat)
 
     def _check_group(self, group) -> None:
         super()._check_group(group)
         check_unit_interval("momentum", group["momentum"], type(self).__name__, "use e.g. momentum=0.9")
 
-    def _single(self, group, param, grad, state) -> None:
-        v = state["velocity"]
-        v.mul_(group["momentum"]).add_(grad, alpha=group["lr"])  # v = mu*v + lr*g
-        param.sub_(v)  # W = W - v
+    def _initial_state(self, group, param, state) -> None:
+        state["velocity_scale"] = 0.0  # v = 0
+
+    def velocity(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The velocity ``v`` of ``param`` (a new tensor, in the rule's convention); None before a step."""
+        state = self.state.get(param, {})
+        if "velocity_direction" not in state:
+            return None
+        return state["velocity_direction"] * (self.sign * state["velocity_scale"])
+
+    def _upgrade_state(self) -> None:
+        for state in self.state.values():  # the older form stored v itself
+            if "velocity" in state and "velocity_direction" not in state:
+                state["velocity_direction"] = state.pop("velocity") * self.sign
+                state["velocity_scale"] = 1.0
+
+    @staticmethod
+    def _next_scale(group, state) -> tuple[float, float]:
+        """``(s', lr / s')`` for one step; ``s' = 0`` only while ``lr`` has been 0 since the start."""
+        scale = group["momentum"] * state["velocity_scale"] + group["lr"]
+        return scale, (group["lr"] / scale if scale > 0 else 0.0)
 
     def _foreach(self, group, params, grads, states) -> None:
-        velocity = self._buffers(states, "velocity")
-        torch._foreach_mul_(velocity, group["momentum"])
-        torch._foreach_add_(velocity, grads, alpha=group["lr"])
-        torch._foreach_sub_(params, velocity)
+        scales = [state["velocity_scale"] for state in states]
+        if scales.count(scales[0]) == len(scales):  # the usual case: every parameter stepped together
+            self._foreach_same_scale(group, params, grads, states)
+            return
+        for scale in dict.fromkeys(scales):
+            chosen = [i for i, s in enumerate(scales) if s == scale]
+            self._foreach_same_scale(
+                group, [params[i] for i in chosen], [grads[i] for i in chosen], [states[i] for i in chosen]
+            )
 
 
-class Nesterov(FirstOrderOptimizer):
+class Momentum(_ScaledVelocity):
+    """Classical (heavy-ball) momentum (Polyak, 1964; Rumelhart, Hinton & Williams, 1986).
+
+    Update: ``v = mu * v + lr * g ;  W = W - v`` with ``v`` starting at zero.
+
+    ``torch.optim.SGD(lr, momentum=mu)`` keeps ``b = mu * b + g`` and steps ``W -= lr * b``: the same
+    trajectory while ``lr`` is constant (``v = lr * b``); under a changing ``lr`` ours keeps old steps at
+    their old size, torch rescales them. Tuning: ``mu`` 0.9, then ``lr`` about ``(1 - mu)`` times SGD's.
+
+    Stored as ``v = s * u`` (see :class:`_ScaledVelocity`): a step is ``s' = mu * s + lr ;
+    u = lerp(u, g, lr / s') ;  W = W - s' * u``, two passes over memory where the plain form takes three.
+    """
+
+    def _single(self, group, param, grad, state) -> None:
+        scale, weight = self._next_scale(group, state)
+        u = state["velocity_direction"]
+        u.lerp_(grad, weight)  # s'*u' = mu*s*u + lr*g, i.e. v = mu*v + lr*g
+        param.add_(u, alpha=-scale)  # W = W - v
+        state["velocity_scale"] = scale
+
+    def _foreach_same_scale(self, group, params, grads, states) -> None:
+        scale, weight = self._next_scale(group, states[0])
+        directions = self._buffers(states, "velocity_direction")
+        torch._foreach_lerp_(directions, grads, weight)
+        torch._foreach_add_(params, directions, alpha=-scale)
+        for state in states:
+            state["velocity_scale"] = scale
+
+
+class Nesterov(_ScaledVelocity):
     """Nesterov's accelerated gradient (Nesterov, 1983; Sutskever et al., 2013), in Bengio et al.'s form.
 
     Update: ``v_new = mu * v - lr * g ;  W = W - mu * v + (1 + mu) * v_new`` (``v`` starting at zero).
@@ -97,42 +151,28 @@ class Nesterov(FirstOrderOptimizer):
     velocity gives a different method. We store ``v_new``.
 
     ``torch.optim.SGD(lr, momentum=mu, nesterov=True)`` (``b = mu*b + g ; W -= lr*(g + mu*b)``) gives the
-    same trajectory for a constant ``lr`` (``v = -lr * b``). The fast path uses the algebraically equal
-    ``W += mu^2 * v - (1 + mu) * lr * g`` before updating ``v``, which saves a copy of ``v``.
+    same trajectory for a constant ``lr`` (``v = -lr * b``). Stored as ``v = -s * u`` (see
+    :class:`_ScaledVelocity`); substituting ``v_new`` gives the equal ``W = W + mu * v_new - lr * g``, so a
+    step is ``s' = mu * s + lr ;  u = lerp(u, g, lr / s') ;  W = W - mu * s' * u - lr * g``.
     """
 
-    state_names = ("velocity",)
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        *,
-        weight_decay: float = 0.0,
-        foreach: bool | None = None,
-    ) -> None:
-        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "foreach": foreach}
-        super().__init__(params, defaults)
-
-    def _check_group(self, group) -> None:
-        super()._check_group(group)
-        check_unit_interval("momentum", group["momentum"], type(self).__name__, "use e.g. momentum=0.9")
+    sign = -1.0
 
     def _single(self, group, param, grad, state) -> None:
-        mu, lr = group["momentum"], group["lr"]
-        v = state["velocity"]
-        v_new = v * mu - lr * grad  # v_new = mu*v - lr*g
-        param.add_(v, alpha=-mu).add_(v_new, alpha=1 + mu)  # W = W - mu*v + (1+mu)*v_new
-        v.copy_(v_new)
+        scale, weight = self._next_scale(group, state)
+        u = state["velocity_direction"]
+        u.lerp_(grad, weight)  # v_new = mu*v - lr*g with v = -s*u
+        param.add_(u, alpha=-group["momentum"] * scale).add_(grad, alpha=-group["lr"])  # W += mu*v_new - lr*g
+        state["velocity_scale"] = scale
 
-    def _foreach(self, group, params, grads, states) -> None:
-        mu, lr = group["momentum"], group["lr"]
-        velocity = self._buffers(states, "velocity")
-        torch._foreach_add_(params, velocity, alpha=mu * mu)
-        torch._foreach_add_(params, grads, alpha=-(1 + mu) * lr)
-        torch._foreach_mul_(velocity, mu)
-        torch._foreach_add_(velocity, grads, alpha=-lr)
+    def _foreach_same_scale(self, group, params, grads, states) -> None:
+        scale, weight = self._next_scale(group, states[0])
+        directions = self._buffers(states, "velocity_direction")
+        torch._foreach_lerp_(directions, grads, weight)
+        torch._foreach_add_(params, directions, alpha=-group["momentum"] * scale)
+        torch._foreach_add_(params, grads, alpha=-group["lr"])
+        for state in states:
+            state["velocity_scale"] = scale
 
 
 class Adagrad(FirstOrderOptimizer):
@@ -157,8 +197,11 @@ class Adagrad(FirstOrderOptimizer):
         *,
         weight_decay: float = 0.0,
         foreach: bool | None = None,
+        flat: bool = False,
     ) -> None:
-        super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay, "foreach": foreach})
+        super().__init__(
+            params, {"lr": lr, "eps": eps, "weight_decay": weight_decay, "foreach": foreach}, flat=flat
+        )
 
     def _check_group(self, group) -> None:
         super()._check_group(group)
@@ -206,9 +249,10 @@ class RMSProp(FirstOrderOptimizer):
         *,
         weight_decay: float = 0.0,
         foreach: bool | None = None,
+        flat: bool = False,
     ) -> None:
         defaults = {"lr": lr, "decay": decay, "eps": eps, "weight_decay": weight_decay, "foreach": foreach}
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, flat=flat)
 
     def _check_group(self, group) -> None:
         super()._check_group(group)
@@ -267,9 +311,10 @@ class Adadelta(FirstOrderOptimizer):
         *,
         weight_decay: float = 0.0,
         foreach: bool | None = None,
+        flat: bool = False,
     ) -> None:
         defaults = {"lr": lr, "decay": decay, "eps": eps, "weight_decay": weight_decay, "foreach": foreach}
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, flat=flat)
 
     def _check_group(self, group) -> None:
         super()._check_group(group)
@@ -326,6 +371,7 @@ class Adam(FirstOrderOptimizer):
         eps_hat: bool = True,
         weight_decay: float = 0.0,
         foreach: bool | None = None,
+        flat: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -337,7 +383,7 @@ class Adam(FirstOrderOptimizer):
             "weight_decay": weight_decay,
             "foreach": foreach,
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, flat=flat)
 
     def _check_group(self, group) -> None:
         super()._check_group(group)

@@ -80,15 +80,16 @@ _READ_ONLY = 1  # PUSH flag: send me the centre, do not move it (evaluation)
 def lookahead_offset(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor | None:
     """``x - y`` for a Nesterov optimizer that stores the look-ahead point ``y = x + delta * v``; else None.
 
-    distlearn's ``Nesterov`` keeps ``v`` as ``state["velocity"]``; ``torch.optim.SGD(nesterov=True)`` keeps
-    ``b`` with ``v = -eta * b``. Both give ``x - y = -delta * v``.
+    distlearn's ``Nesterov`` gives ``v`` from :meth:`~distlearn.optim.Nesterov.velocity`;
+    ``torch.optim.SGD(nesterov=True)`` keeps ``b`` with ``v = -eta * b``. Both give ``x - y = -delta * v``.
     """
     from distlearn.optim.first_order import Nesterov
 
     state = optimizer.state.get(param, {})
     group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
-    if isinstance(optimizer, Nesterov) and "velocity" in state:
-        return -group["momentum"] * state["velocity"]
+    if isinstance(optimizer, Nesterov):
+        velocity = optimizer.velocity(param)
+        return None if velocity is None else -group["momentum"] * velocity
     if isinstance(optimizer, torch.optim.SGD) and group.get("nesterov") and group["momentum"]:
         buffer = state.get("momentum_buffer")
         if buffer is not None:
