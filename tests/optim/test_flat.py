@@ -158,3 +158,18 @@ def test_parameters_moved_into_shared_memory_after_flat_raise_instead_of_unshari
     model(torch.ones(1, 3)).sum().backward()
     with pytest.raises(ConfigError, match="shared memory.*flat=False"):
         opt.step()
+
+
+@pytest.mark.parametrize("name", ["momentum", "adam"])
+def test_switching_a_flat_group_to_the_readable_path_mid_run_keeps_the_trajectory(name):
+    """After the first flat step the group's step counts and scales are kept once for the group; the
+    readable path (foreach=False) must find them in every parameter's state."""
+    results = []
+    for flat in (False, True):
+        model, x, y = model_and_data(seed=5)
+        opt = optim.create(name, model.parameters(), flat=flat)
+        train(model, opt, x[:160], y[:160], steps=10)
+        opt.param_groups[0]["foreach"] = False
+        results.append(train(model, opt, x[160:], y[160:], steps=10))
+        assert all(opt.state[p]["step"] == 20 for p in model.parameters())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-13)

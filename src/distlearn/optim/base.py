@@ -97,6 +97,9 @@ class FlatGroup:
                 p.grad = self.view(self.grad, i)
         self._param_ptrs = [p.data_ptr() for p in params]
         self._grad_ptrs = [p.grad.data_ptr() for p in params]
+        # The per-parameter numbers of the state (step count, scales) while every parameter steps
+        # together: the optimizer keeps them here and writes them to each parameter's state on demand.
+        self.live: dict[str, Any] | None = None
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         """Parameter ``i``'s slice of ``flat``, shaped like the parameter."""
@@ -110,10 +113,10 @@ class FlatGroup:
         return self.view(flat, i)
 
     @torch.no_grad()
-    def repair(self) -> None:
+    def repair(self, params: bool = True) -> None:
         """Rebind any parameter or gradient that no longer is its slice (a copy for each that moved)."""
         for i, p in enumerate(self.params):
-            if p.data_ptr() != self._param_ptrs[i]:
+            if params and p.data_ptr() != self._param_ptrs[i]:
                 if p.is_shared():
                     raise ConfigError(
                         "a flat=True optimizer's parameters were moved into shared memory (a Hogwild! "
@@ -184,12 +187,27 @@ class FirstOrderOptimizer(torch.optim.Optimizer):
             return
         for flat in self._flat_groups:
             flat.grad.zero_()
-            flat.repair()
+            flat.repair(params=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        self._sync_flat_numbers()
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for flat in self._flat_groups:
+            flat.live = None  # the loaded per-parameter state is the truth now
         super().load_state_dict(state_dict)
         self._upgrade_state()
         self._reflatten_state()
+
+    def _sync_flat_numbers(self, leave: bool = False) -> None:
+        """Write the flat groups' shared numbers (step counts, scales) into every parameter's state."""
+        for flat in self._flat_groups:
+            if flat.live is not None:
+                for p in flat.params:
+                    self.state[p].update(flat.live)
+                if leave:
+                    flat.live = None
 
     def _upgrade_state(self) -> None:
         """Convert state saved by an older version of this optimizer (subclasses override)."""
@@ -219,6 +237,12 @@ class FirstOrderOptimizer(torch.optim.Optimizer):
                 if all(p.grad is None for p in group["params"]):
                     continue  # nothing to apply (e.g. a parameter-server worker whose server stepped)
                 flat.repair()
+                if flat.live is not None:
+                    if group["foreach"] is not False:  # the usual step: no per-parameter work at all
+                        flat.live["step"] += 1
+                        self._flat_run(group, flat, flat.live)
+                        continue
+                    self._sync_flat_numbers(leave=True)
             params: list[torch.Tensor] = []
             grads: list[torch.Tensor] = []
             states: list[dict[str, Any]] = []
@@ -263,34 +287,33 @@ class FirstOrderOptimizer(torch.optim.Optimizer):
         return loss
 
     def _flat_step(self, group: dict[str, Any], flat: FlatGroup, states: list[dict[str, Any]]) -> bool:
-        """The batched update on the group's flat buffers; False (nothing done) if they cannot be used.
+        """The first batched update on the group's flat buffers; False (nothing done) if they cannot be used.
 
         The per-parameter numbers in the state (step counts, scales) must agree across the group, as
-        they do whenever every parameter has stepped together; the result is written back to each.
+        they do whenever every parameter has stepped together. From here on the group's numbers live in
+        ``flat.live`` and later steps skip the per-parameter loop (:meth:`_sync_flat_numbers` writes them
+        back for :meth:`state_dict`).
         """
-        if len(states) != len(flat.params):
+        if len(states) != len(flat.params) or any(name not in flat.buffers for name in self.state_names):
             return False
-        first = states[0]
-        numbers = {k: v for k, v in first.items() if not isinstance(v, torch.Tensor)}
+        numbers = {k: v for k, v in states[0].items() if not isinstance(v, torch.Tensor)}
         for state in states[1:]:
             for key, value in numbers.items():
                 if state.get(key) != value:
                     return False
-        merged: dict[str, Any] = dict(numbers)
-        for name in self.state_names:
-            buffer = flat.buffers.get(name)
-            if buffer is None:
-                return False
-            merged[name] = buffer
+        flat.live = numbers
+        self._flat_run(group, flat, numbers)
+        return True
+
+    def _flat_run(self, group: dict[str, Any], flat: FlatGroup, numbers: dict[str, Any]) -> None:
+        """``_foreach`` on one-element lists: the flat parameter, gradient and state buffers."""
+        merged: dict[str, Any] = {**numbers, **flat.buffers}
         grads = [flat.grad]
         if group["weight_decay"]:
             grads = list(torch._foreach_add(grads, [flat.param], alpha=group["weight_decay"]))
         self._foreach(group, [flat.param], grads, [merged])
-        changed = {k: merged[k] for k in numbers if merged[k] != numbers[k]}
-        if changed:
-            for state in states:
-                state.update(changed)
-        return True
+        for key in numbers:
+            numbers[key] = merged[key]
 
     def _initial_state(self, group: dict[str, Any], param: torch.Tensor, state: dict) -> None:
         """Fill freshly created state buffers (they start as zeros)."""

@@ -80,6 +80,7 @@ class _ScaledVelocity(FirstOrderOptimizer):
 
     def velocity(self, param: torch.Tensor) -> torch.Tensor | None:
         """The velocity ``v`` of ``param`` (a new tensor, in the rule's convention); None before a step."""
+        self._sync_flat_numbers()
         state = self.state.get(param, {})
         if "velocity_direction" not in state:
             return None
