@@ -11,7 +11,7 @@ median samples/s of each and their ratio, and the ratio of the best trials (the 
 ``timeit`` reports: on a shared machine other work only ever slows a trial down, so the best trial is the
 closest to the loop's own cost).
 
-    python benchmarks/train_overhead.py [--trials 5] [--model lenet] [--threads 2] [--profile]
+    python benchmarks/train_overhead.py [--trials 20] [--model lenet] [--threads 2] [--profile]
 
 ``--profile`` also runs our loop once under cProfile and reports the share of the time spent in
 distlearn's own Python (the loop, metrics, hooks), which load on a shared machine does not distort the way
@@ -84,7 +84,7 @@ def _profiled_share(model_name: str, train_set, test_set, out: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--trials", type=int, default=20, help="pairs of runs (10 do not resolve 3%%)")
     parser.add_argument("--model", default="lenet")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/train_overhead.json")
