@@ -46,7 +46,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed trials first")
     parser.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="message sizes in bytes")
     parser.add_argument("--algorithms", nargs="+", default=list(REDUCERS), choices=list(REDUCERS))
-    parser.add_argument("--segment-bytes", type=int, default=1 << 20, help="segmented ring's segment size")
+    parser.add_argument("--segment-bytes", type=int, default=4 << 20, help="segmented ring's segment size")
+    parser.add_argument(
+        "--tree-segment-bytes", type=int, default=4 << 20, help="the tree's segment size (0: unsegmented)"
+    )
     parser.add_argument("--out", default="benchmarks/results/allreduce_busbw.json")
     parser.add_argument("--timeout", type=float, default=300, help="deadline of the whole job (s)")
     return parser.parse_args(argv)
@@ -82,12 +85,11 @@ def memcpy_bandwidth(nbytes: int, trials: int = 5) -> float:
 def worker(args: argparse.Namespace) -> None:
     context = init_distributed(timeout_s=120)
     rank, world = context.rank, context.world_size
-    reducers = {
-        name: create_reducer(name, segment_bytes=args.segment_bytes)
-        if name == "segmented-ring"
-        else create_reducer(name)
-        for name in args.algorithms
+    options = {
+        "segmented-ring": {"segment_bytes": args.segment_bytes},
+        "tree": {"segment_bytes": args.tree_segment_bytes or None},
     }
+    reducers = {name: create_reducer(name, **options.get(name, {})) for name in args.algorithms}
     load_before = os.getloadavg()
     started = time.perf_counter()
     rows = []
@@ -148,6 +150,7 @@ def report(args, world, rows, copy, load_before, seconds) -> None:
         "trials": args.trials,
         "warmup": args.warmup,
         "segment_bytes": args.segment_bytes,
+        "tree_segment_bytes": args.tree_segment_bytes or None,
         "definition": "algbw = bytes / time; busbw = algbw * 2(R-1)/R (nccl-tests); time = slowest rank",
         "memcpy_GBps": copy / 1e9,
         "wall_seconds": seconds,

@@ -148,7 +148,12 @@ def main(argv: list[str] | None = None) -> int:
             if name == "all" or r["algorithm"] == name
         ]
         if len(points) >= 2:
-            fits[name] = fit(points, gamma=gamma, segment_bytes=busbw.get("segment_bytes", 1 << 20))
+            fits[name] = fit(
+                points,
+                gamma=gamma,
+                segment_bytes=busbw.get("segment_bytes", 1 << 20),
+                tree_segment_bytes=busbw.get("tree_segment_bytes"),  # absent: results of the unsegmented tree
+            )
     print(f"allreduce fits (R = {world}, gamma fixed):")
     for name, result in fits.items():
         print(
@@ -162,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         if model is None:
             continue
         predicted = project(
-            r["algorithm"], world, r["bytes"], model.network(), segment_bytes=busbw["segment_bytes"]
-        )
+            r["algorithm"], world, r["bytes"], model.network(), segment_bytes=busbw["segment_bytes"],
+            tree_segment_bytes=busbw.get("tree_segment_bytes"),
+        )  # fmt: skip
         table.append({**{k: r[k] for k in ("algorithm", "bytes", "median_s")}, "model_s": predicted})
 
     # 3. projection
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         for gbps, net in networks.items()
     }
     plot_projection(projection, ranks, alpha, gamma, Path(args.plot))
-    plot_busbw(rows, fits, world, busbw["segment_bytes"], Path(args.busbw_plot))
+    plot_busbw(rows, fits, world, busbw, Path(args.busbw_plot))
 
     record = {
         "benchmark": "cost_model_fit",
@@ -256,7 +262,7 @@ def plot_projection(projection: dict, ranks: list[int], alpha: float, gamma: flo
     plt.close(fig)
 
 
-def plot_busbw(rows: list[dict], fits: dict, world: int, segment_bytes: int, path: Path) -> None:
+def plot_busbw(rows: list[dict], fits: dict, world: int, busbw: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,7 +291,16 @@ def plot_busbw(rows: list[dict], fits: dict, world: int, segment_bytes: int, pat
             dense = [sizes[0] * 2 ** (i / 4) for i in range(int(4 * (len(sizes) - 1) * 2) + 1)]
             model = [
                 bus_bandwidth(
-                    n, project(name, world, n, fits[name].network(), segment_bytes=segment_bytes), world
+                    n,
+                    project(
+                        name,
+                        world,
+                        n,
+                        fits[name].network(),
+                        segment_bytes=busbw["segment_bytes"],
+                        tree_segment_bytes=busbw.get("tree_segment_bytes"),
+                    ),  # fmt: skip
+                    world,
                 )
                 / 1e9
                 for n in dense

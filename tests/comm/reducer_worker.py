@@ -37,8 +37,10 @@ def make_input(rank: int, case: int, n: int, dtype: torch.dtype, integer: bool) 
 def reducers_for(name: str) -> list:
     if name == "backend":
         return [create_reducer(name)]
-    if name == "segmented-ring":  # tiny segments: many segments per chunk, chunk sizes differing by one
+    if name in ("segmented-ring", "tree"):  # tiny segments: many per chunk (ring) or per vector (tree)
         instances = [create_reducer(name, segment_bytes=8), create_reducer(name, segment_bytes=4096)]
+        if name == "tree":
+            instances.append(create_reducer(name, segment_bytes=None))  # the textbook tree
     else:
         instances = [create_reducer(name)]
     return [*instances, create_reducer(name, duplex=False)]  # everything on one group (float32 only)
@@ -96,7 +98,9 @@ def check(rank: int, world: int, failures: list[str], results: dict) -> None:
         results["bytes"][name] = {}
         for n in (1000, 5, 1):
             reducer = (
-                create_reducer(name, segment_bytes=12) if name == "segmented-ring" else create_reducer(name)
+                create_reducer(name, segment_bytes=12)
+                if name in ("segmented-ring", "tree")
+                else create_reducer(name)
             )
             reducer.allreduce_(torch.ones(n))
             results["bytes"][name][str(n)] = reducer.bytes_sent

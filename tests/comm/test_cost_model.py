@@ -40,6 +40,15 @@ def test_tree_worked_by_hand():
     assert project("tree", 8, 1e6, NET) == pytest.approx(6 * (1e-5 + 1e-3) + 3e-4, rel=1e-12)
     # p = 5: ceil(lg 5) = 3 rounds, as for 8
     assert project("tree", 5, 1e6, NET) == project("tree", 8, 1e6, NET)
+    # pipelined: p = 2, n = 8 MiB in 1 MiB segments -> s = 8, L = 1: 9 (alpha + n/8 beta) + n/8 gamma
+    n = 8 * 2**20
+    expected = 9 * (1e-5 + n / 8 * 1e-9) + n / 8 * 1e-10
+    assert project("tree", 2, n, NET, tree_segment_bytes=2**20) == pytest.approx(expected, rel=1e-12)
+    # ... tends to the ring's n beta at p = 2 as segments multiply; unsegmented it is 2 n beta
+    assert coefficients("tree", 2, n, tree_segment_bytes=1024)[1] == pytest.approx(n, rel=1e-3)
+    assert coefficients("tree", 2, n, tree_segment_bytes=None)[1] == 2 * n
+    # p = 8: the root sends 3 copies of each of s = 8 segments: 3 (8 + 1) messages on the critical path
+    assert coefficients("tree", 8, n, tree_segment_bytes=2**20)[0] == 27
 
 
 def test_rabenseifner_worked_by_hand():

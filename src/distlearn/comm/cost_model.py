@@ -7,7 +7,11 @@ message, ``beta``: transfer time per byte = 1 / bandwidth); reducing ``n`` bytes
 With ``p`` processes (``lg`` = log2):
 
 * ring (reduce-scatter + all-gather):     ``2(p-1) alpha + 2(p-1)/p n beta + (p-1)/p n gamma``
-* binomial tree reduce + broadcast:        ``2 ceil(lg p) (alpha + n beta) + ceil(lg p) n gamma``
+* binomial tree reduce + broadcast:        ``2 ceil(lg p) (alpha + n beta) + ceil(lg p) n gamma``;
+  pipelined over ``s = ceil(n / m)`` segments of at most ``m`` bytes (our model, as :mod:`.reducers` runs
+  it): ``L (s + 1) (alpha + n/s beta) + L n/s gamma`` with ``L = ceil(lg p)``: the root sends (and
+  receives) ``L`` copies of each segment, one after another, while the reduce going up and the broadcast
+  going down share no direction of a link; ``s = 1`` is the formula above.
 * Rabenseifner (halving + doubling):      ``2 lg p alpha + 2(p-1)/p n beta + (p-1)/p n gamma`` for p a power
   of two; otherwise, with ``p'`` the largest power of two below p, the formula for ``p'`` plus the
   fold-in/fold-out steps ``2 (alpha + n beta) + n gamma`` (the variant :mod:`.reducers` implements).
@@ -55,7 +59,11 @@ __all__ = [
 ALGORITHMS = ("backend", "ring", "tree", "rabenseifner", "segmented-ring")
 """The algorithms the model knows (the names of :data:`distlearn.comm.reducers.REDUCERS`)."""
 
-DEFAULT_SEGMENT_BYTES = 1 << 20
+DEFAULT_SEGMENT_BYTES = 4 << 20
+"""The segmented ring's segment size (as :class:`distlearn.comm.reducers.SegmentedRingReducer`)."""
+
+DEFAULT_TREE_SEGMENT_BYTES = 4 << 20
+"""The tree's segment size (as :class:`distlearn.comm.reducers.TreeReducer`); None: unsegmented."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,12 @@ def link(gbps: float, *, alpha: float, gamma: float = 0.0, name: str | None = No
 
 
 def coefficients(
-    algorithm: str, p: int, nbytes: float, *, segment_bytes: int = DEFAULT_SEGMENT_BYTES
+    algorithm: str,
+    p: int,
+    nbytes: float,
+    *,
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    tree_segment_bytes: int | None = DEFAULT_TREE_SEGMENT_BYTES,
 ) -> tuple[float, float, float]:
     """``(a, b, c)`` with ``time = a alpha + b beta + c gamma`` for ``algorithm`` on ``p`` processes."""
     if algorithm not in ALGORITHMS:
@@ -121,7 +134,10 @@ def coefficients(
         return 2.0 * (p - 1), 2.0 * (p - 1) / p * n, (p - 1) / p * n
     if algorithm == "tree":
         steps = math.ceil(math.log2(p))
-        return 2.0 * steps, 2.0 * steps * n, steps * n
+        if tree_segment_bytes is not None and tree_segment_bytes <= 0:
+            raise ConfigError(f"tree_segment_bytes must be positive or None, got {tree_segment_bytes}")
+        segments = 1 if tree_segment_bytes is None else max(1, math.ceil(n / tree_segment_bytes))
+        return steps * (segments + 1.0), steps * (segments + 1.0) / segments * n, steps * n / segments
     if algorithm == "rabenseifner":
         active = 1 << (p.bit_length() - 1)
         a, b, c = 2.0 * math.log2(active), 2.0 * (active - 1) / active * n, (active - 1) / active * n
@@ -141,9 +157,12 @@ def project(
     network: Network,
     *,
     segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    tree_segment_bytes: int | None = DEFAULT_TREE_SEGMENT_BYTES,
 ) -> float:
     """Predicted seconds of one allreduce of ``nbytes`` bytes on ``p`` processes over ``network``."""
-    a, b, c = coefficients(algorithm, p, nbytes, segment_bytes=segment_bytes)
+    a, b, c = coefficients(
+        algorithm, p, nbytes, segment_bytes=segment_bytes, tree_segment_bytes=tree_segment_bytes
+    )
     return a * network.alpha + b * network.beta + c * network.gamma
 
 
@@ -160,6 +179,7 @@ def fit(
     gamma: float = 0.0,
     relative: bool = True,
     segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    tree_segment_bytes: int | None = DEFAULT_TREE_SEGMENT_BYTES,
 ) -> Fit:
     """Least-squares ``alpha``, ``beta`` (both >= 0) from measured allreduce times, ``gamma`` given.
 
@@ -174,7 +194,13 @@ def fit(
         m = item if isinstance(item, Measurement) else Measurement(*item)
         if m.seconds <= 0:
             raise ConfigError(f"measured seconds must be positive, got {m.seconds} for {m}")
-        a, b, c = coefficients(m.algorithm, int(m.p), m.nbytes, segment_bytes=segment_bytes)
+        a, b, c = coefficients(
+            m.algorithm,
+            int(m.p),
+            m.nbytes,
+            segment_bytes=segment_bytes,
+            tree_segment_bytes=tree_segment_bytes,
+        )
         if a == 0 and b == 0:
             continue  # p = 1 or an empty message: no communication to learn from
         weight = 1.0 / m.seconds if relative else 1.0
