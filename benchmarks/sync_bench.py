@@ -10,7 +10,8 @@ Claims (issue 5), measured side by side in one torchrun job of R processes on th
 
 Each configuration trains ``--steps`` steps from the same weights on the same random batches (throughput
 does not depend on the pixel values; the synthetic batches have the shape of the named model's data).
-Configurations are interleaved over ``--trials`` rounds and we report the median. On this 2-core machine
+Configurations are interleaved over ``--trials`` rounds, in an order rotated by one each round, and we
+report the median. On this 2-core machine
 R = 2 uses one core per process; larger R oversubscribes the cores and measures contention, not scaling.
 
     python benchmarks/sync_bench.py [--workers 2] [--model lenet] [--batch 256] [--steps 30] [--trials 5]
@@ -101,9 +102,11 @@ def worker(args) -> None:
         run()
     times: dict[str, list[float]] = {name: [] for name in configs}
     sent: dict[str, int] = {}
-    for _ in range(args.trials):
-        for name, run in configs.items():
-            seconds, nbytes = run()
+    names = list(configs)
+    for trial in range(args.trials):  # rotate the order so that no configuration always follows another
+        shift = trial % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds, nbytes = configs[name]()
             times[name].append(seconds)
             sent[name] = nbytes
     if context.rank == 0:

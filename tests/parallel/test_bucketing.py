@@ -71,10 +71,25 @@ def test_buckets_go_in_reverse_registration_order_and_gradients_come_back(overla
 
 
 def test_a_parameter_without_gradient_contributes_zeros():
-    a, b = tensors(3, 4)
+    a, b, c = tensors(3, 4, 5)
     reducer = SummingReducer()
-    bucketer = GradientBucketer([a, b], reducer, world_size=1, bucket_bytes=1 << 20, overlap=True)
-    (a * 2).sum().backward()  # b gets no gradient this step
-    assert reducer.calls == []  # the bucket is incomplete, nothing launched yet
+    bucketer = GradientBucketer([a, b, c], reducer, world_size=1, bucket_bytes=4 * 9, overlap=True)
+    assert bucketer.overlap and len(bucketer.buckets) == 2
+    (a * 2).sum().backward()  # b and c get no gradient this step
+    assert reducer.calls == []  # the buckets are incomplete, nothing launched yet
     bucketer.finish()
     assert torch.equal(a.grad, torch.full((3,), 2.0)) and torch.equal(b.grad, torch.zeros(4))
+    assert torch.equal(c.grad, torch.zeros(5))
+
+
+def test_one_bucket_registers_no_hooks_and_reduces_in_finish():
+    a, b = tensors(3, 4)
+    reducer = SummingReducer()
+    bucketer = GradientBucketer([a, b], reducer, world_size=2, bucket_bytes=1 << 20, overlap=True)
+    assert not bucketer.overlap and bucketer.requested_overlap and bucketer._handles == []
+    assert "overlap off (one bucket)" in bucketer.describe()
+    (a * 2).sum().backward()
+    assert reducer.calls == []
+    bucketer.finish()
+    assert len(reducer.calls) == 1
+    assert torch.equal(a.grad, torch.full((3,), 1.0)) and torch.equal(b.grad, torch.zeros(4))

