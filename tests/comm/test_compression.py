@@ -443,3 +443,24 @@ def test_two_ranks_exchange_compressed_buckets_and_train_to_identical_weights(tm
     assert dense_bytes / int(results["onebit"][1]) >= 25
     assert dense_bytes / int(results["topk"][1]) >= 40  # density 0.01 (8 bytes per value sent)
     assert dense_bytes / int(results["fp16"][1]) == pytest.approx(2.0, rel=0.01)
+
+
+def test_int8_tree_table_lookup_equals_searchsorted_everywhere_it_matters():
+    """The quantiser's 2**20-cell table must give exactly the binary search's code: on values spread over
+    eight decades, on every midpoint, on the floats right next to each midpoint, and on the code values."""
+    from distlearn.comm.compression.eightbit import DynamicTree8Bit
+
+    codec = DynamicTree8Bit()
+    generator = torch.Generator().manual_seed(0)
+    magnitudes = 10 ** torch.empty(100_000).uniform_(-8, 0, generator=generator)
+    cases = [
+        (torch.randn(100_000, generator=generator) * magnitudes).clamp(-1, 1),
+        codec.midpoints,
+        torch.nextafter(codec.midpoints, torch.tensor(2.0)),
+        torch.nextafter(codec.midpoints, torch.tensor(-2.0)),
+        codec.codebook,
+        torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30]),
+    ]
+    for x in cases:
+        expected = torch.searchsorted(codec.midpoints, x.contiguous()).to(torch.uint8)
+        assert torch.equal(codec._quantise(x.float()), expected)

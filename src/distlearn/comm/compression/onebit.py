@@ -47,26 +47,29 @@ class OneBitSGD(Compressor):
         residual = self.state.get(key, "residual", flat)
         v = flat + residual
         positive = v >= 0
-        levels = torch.zeros(len(shapes), 2, dtype=torch.float32)  # (tensors, [a+, a-])
-        for index, (a, b) in enumerate(parameter_spans(shapes)):
-            part, up = v[a:b], positive[a:b]
+        ones = positive.to(torch.float32)  # 1 where v_i >= 0: sums over a side are dot products
+        pairs = []  # (a+, a-) per tensor
+        for a, b in parameter_spans(shapes):
+            part, up = v[a:b], ones[a:b]
             ups = int(up.sum())
-            total, up_total = float(part.sum()), float(torch.where(up, part, 0).sum())
-            levels[index, 0] = up_total / ups if ups else 0.0  # a side with no elements gets 0
-            levels[index, 1] = (total - up_total) / (b - a - ups) if b - a - ups else 0.0
-        decoded = self._expand(positive, levels, shapes)
-        residual.copy_(v - decoded)
+            total, up_total = float(part.sum()), float(torch.dot(part, up))
+            plus = up_total / ups if ups else 0.0  # a side with no elements gets 0
+            minus = (total - up_total) / (b - a - ups) if b - a - ups else 0.0
+            pairs.append((plus, minus))
+        levels = torch.tensor(pairs, dtype=torch.float32).reshape(len(shapes), 2)
+        residual.copy_(v - self._expand(ones, levels, shapes))
         return Payload({"signs": pack_bits(positive, 1), "levels": levels.reshape(-1)})
 
     def decode(self, payload: Payload, numel: int, shapes: Shapes) -> torch.Tensor:
-        positive = unpack_bits(payload.tensors["signs"], 1, numel).bool()
-        return self._expand(positive, payload.tensors["levels"].view(-1, 2), shapes)
+        ones = unpack_bits(payload.tensors["signs"], 1, numel).to(torch.float32)
+        return self._expand(ones, payload.tensors["levels"].view(-1, 2), shapes)
 
     @staticmethod
-    def _expand(positive: torch.Tensor, levels: torch.Tensor, shapes: Shapes) -> torch.Tensor:
-        out = torch.empty(positive.numel(), dtype=torch.float32)
-        for index, (a, b) in enumerate(parameter_spans(shapes)):
-            torch.where(positive[a:b], levels[index, 0], levels[index, 1], out=out[a:b])
+    def _expand(ones: torch.Tensor, levels: torch.Tensor, shapes: Shapes) -> torch.Tensor:
+        """``a+`` where ``ones`` is 1, ``a-`` where it is 0, per tensor: ``a- + ones * (a+ - a-)``."""
+        out = torch.empty(ones.numel(), dtype=torch.float32)
+        for (a, b), (plus, minus) in zip(parameter_spans(shapes), levels.tolist(), strict=True):
+            torch.mul(ones[a:b], plus - minus, out=out[a:b]).add_(minus)
         return out
 
     def expected_nbytes(self, numel: int, shapes: Shapes) -> int:

@@ -51,16 +51,23 @@ class StromThreshold(Compressor):
         if flat.numel() >= 2**30:
             raise ValueError("threshold compression packs an index in 31 bits: bucket too large")
         v = flat + residual
-        indices = torch.nonzero(v.abs() >= self.threshold).reshape(-1)
-        negative = (v[indices] < 0).to(torch.int64)
-        words = ((indices << 1) | negative).to(torch.int32)
-        sent = torch.zeros_like(v)
-        sent[indices] = self.threshold * (1 - 2 * negative).to(v.dtype)
-        residual.copy_(v - sent)
+        chosen = v.abs() >= self.threshold
+        words = self._words(chosen, v)
+        # e' = v - sent, where sent is +-tau on the chosen elements (copysign keeps v's sign) and 0 elsewhere
+        sent = torch.copysign(chosen.to(v.dtype).mul_(self.threshold), v)
+        torch.sub(v, sent, out=residual)
         return Payload({"words": words})
 
+    def _words(self, chosen: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``index << 1 | (v < 0)`` for every chosen element, as int32, in index order."""
+        codes = self.__dict__.get("_codes")
+        if codes is None or codes.numel() < v.numel():  # 2i for every position, kept between calls
+            codes = self.__dict__["_codes"] = torch.arange(v.numel(), dtype=torch.int32) << 1
+        return torch.masked_select(codes[: v.numel()] | torch.signbit(v).to(torch.int32), chosen)
+
     def decode(self, payload: Payload, numel: int, shapes: Shapes) -> torch.Tensor:
-        words = payload.tensors["words"].to(torch.int64)
+        words = payload.tensors["words"]
+        values = (words & 1).to(torch.float32).mul_(-2 * self.threshold).add_(self.threshold)  # +-tau
         out = torch.zeros(numel, dtype=torch.float32)
-        out[words >> 1] = self.threshold * (1 - 2 * (words & 1)).to(torch.float32)
+        out.index_put_(((words >> 1).to(torch.int64),), values)
         return out
