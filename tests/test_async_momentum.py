@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from distlearn.async_momentum import (
+    CURVATURES,
     compensated_momentum,
     fit_momentum,
     measure,
+    real_async,
     simulate_async,
     simulate_sync_momentum,
 )
@@ -47,3 +49,22 @@ def test_compensation_and_bad_input():
         simulate_async(0, lr=0.1, steps=10)
     with pytest.raises(ConfigError, match="momentum"):
         simulate_async(2, lr=0.1, steps=10, explicit_momentum=1.5)
+
+
+@pytest.mark.timeout(120)
+def test_real_processes_race_and_every_update_used_the_weights_it_read():
+    """Two real processes: each logged update must be w_{t+1} = w_t - lr H w_{t - tau_t} with the measured
+    staleness tau_t (exact replay), the staleness must really vary, and one process is plain SGD."""
+    lr, steps, runs = 0.5, 20, 30
+    hessian = torch.tensor(CURVATURES, dtype=torch.float64)
+    trajectory, staleness = real_async(2, lr=lr, steps=steps, runs=runs, mean_compute_s=5e-4)
+    assert trajectory.shape == (steps + 1, runs, 2) and staleness.shape == (runs, steps)
+    assert staleness.min() >= 0 and staleness.max() >= 1 and (staleness == 0).any()
+    for run in range(runs):
+        path = trajectory[:, run]
+        for t in range(steps):
+            expected = path[t] - lr * (hessian * path[t - int(staleness[run, t])])
+            assert torch.equal(path[t + 1], expected), (run, t)
+    single, never_stale = real_async(1, lr=lr, steps=steps, runs=2, mean_compute_s=5e-4)
+    assert int(never_stale.max()) == 0
+    assert torch.allclose(single[:, 0], simulate_sync_momentum(lr=lr, momentum=0.0, steps=steps), atol=1e-12)

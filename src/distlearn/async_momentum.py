@@ -26,16 +26,27 @@ Momentum compensation (the paper's section 4): the explicit momentum that keeps 
 target ``mu*`` is ``mu_e = mu* - (1 - 1/M)``, negative when ``M`` is large. We run it and report the fitted
 total momentum and the loss curves beside synchronous SGD with explicit momentum ``mu*``.
 
+Real processes (:func:`real_async`, ``--real-runs N``): ``M`` operating-system processes share the
+weights in shared memory and really race. Each reads the weights (with the version it read), computes the
+gradient, waits an exponentially distributed "compute time" (so that the next writer is any of the ``M``,
+the paper's assumption), and applies its update; a lock makes each read and each write atomic (the
+paper's model: stale, never torn), nothing orders the workers. Every update's staleness is *measured*
+(versions written since the writer read). ``N`` such runs, one after another on the same processes, give
+the mean trajectory that is fitted as above.
+
 Run it::
 
     distlearn async-momentum --workers 1 2 4 8 16 --out benchmarks/results/async_momentum.json \\
         --plot docs/img/async-momentum.png
+    distlearn async-momentum --workers 2 --real-runs 400 --out benchmarks/results/async_momentum_real.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +60,8 @@ __all__ = [
     "add_arguments",
     "compensated_momentum",
     "fit_momentum",
+    "measure_real",
+    "real_async",
     "run",
     "simulate_async",
     "simulate_sync_momentum",
@@ -162,6 +175,108 @@ def measure(
     return fit, trajectory
 
 
+def _real_worker(
+    index: int, weights, log, staleness, counter, lock, start, done, lr: float, steps: int, runs: int,
+    mean_compute_s: float, seed: int, timeout_s: float,
+) -> None:  # fmt: skip
+    """One real asynchronous worker (a process): read, compute, wait Exp(mean), write; for every run."""
+    generator = random.Random(seed * 1000 + index)
+    hessian = _hessian()
+    for run in range(runs):
+        start.wait(timeout_s)  # the main process has reset the weights for this run
+        while True:
+            with lock:
+                snapshot, read_version = weights.clone(), counter.value
+            if read_version >= steps:
+                break
+            gradient = hessian * snapshot
+            time.sleep(generator.expovariate(1.0 / mean_compute_s))
+            with lock:
+                version = counter.value
+                if version >= steps:
+                    break
+                weights.sub_(lr * gradient)
+                log[run, version + 1] = weights
+                staleness[run, version] = version - read_version
+                counter.value = version + 1
+        done.wait(timeout_s)
+
+
+def real_async(
+    workers: int,
+    *,
+    lr: float,
+    steps: int,
+    runs: int,
+    mean_compute_s: float = 1e-3,
+    seed: int = 0,
+    timeout_s: float = 60.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``runs`` asynchronous SGD runs on the quadratic by ``workers`` real processes (module docstring).
+
+    Returns the trajectories ``(steps + 1, runs, d)`` and the measured staleness of every update
+    ``(runs, steps)``. Every process ends by itself: each wait has ``timeout_s``, and a worker that is
+    still alive afterwards is terminated.
+    """
+    import torch.multiprocessing as mp
+
+    if workers < 1 or steps < 2 or runs < 1 or lr <= 0 or mean_compute_s <= 0:
+        raise ConfigError("real_async needs workers >= 1, steps >= 2, runs >= 1, lr > 0, mean_compute_s > 0")
+    context = mp.get_context("spawn")
+    weights = torch.tensor(START, dtype=torch.float64).share_memory_()
+    log = torch.zeros(runs, steps + 1, len(START), dtype=torch.float64).share_memory_()
+    staleness = torch.zeros(runs, steps, dtype=torch.int64).share_memory_()
+    counter, lock = context.Value("i", 0, lock=False), context.Lock()
+    start, done = context.Barrier(workers + 1), context.Barrier(workers + 1)
+    processes = [
+        context.Process(
+            target=_real_worker,
+            args=(i, weights, log, staleness, counter, lock, start, done, lr, steps, runs, mean_compute_s,
+                  seed, timeout_s),
+            daemon=True,
+        )  # fmt: skip
+        for i in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        for run in range(runs):
+            with lock:
+                weights.copy_(torch.tensor(START, dtype=torch.float64))
+                counter.value = 0
+            log[run, 0] = weights
+            start.wait(timeout_s)
+            done.wait(timeout_s)
+    except Exception as error:  # a broken barrier: a worker died or hung
+        raise ConfigError(f"async-momentum: a real worker process failed or timed out ({error!r})") from error
+    finally:
+        for process in processes:
+            process.join(timeout=timeout_s if process.is_alive() else 0)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5)
+    return log.transpose(0, 1).clone(), staleness.clone()
+
+
+def measure_real(
+    workers: int, *, lr: float, steps: int, runs: int, mean_compute_s: float = 1e-3, seed: int = 0
+) -> tuple[MomentumFit, torch.Tensor, torch.Tensor]:
+    """:func:`real_async`, then the fit of its mean trajectory; also returns trajectories and staleness."""
+    trajectory, staleness = real_async(
+        workers, lr=lr, steps=steps, runs=runs, mean_compute_s=mean_compute_s, seed=seed
+    )
+    momentum, effective_lr, residual = fit_momentum(trajectory.mean(dim=1))
+    fit = MomentumFit(
+        workers=workers,
+        explicit_momentum=0.0,
+        momentum=momentum,
+        effective_lr=effective_lr,
+        predicted_momentum=1.0 - 1.0 / workers,
+        residual=residual,
+    )
+    return fit, trajectory, staleness
+
+
 def _loss(trajectory: torch.Tensor) -> torch.Tensor:
     """``f(w) = 1/2 sum_i h_i w_i^2`` of each row (the last dimension is the coordinate)."""
     return 0.5 * (trajectory**2 * _hessian()).sum(dim=-1)
@@ -179,6 +294,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON file for the fits and loss curves")
     parser.add_argument("--plot", default=None, help="PNG file for the loss curves")
+    parser.add_argument(
+        "--real-runs", type=int, default=0,
+        help="also measure with M real processes (shared memory, measured staleness) over this many runs",
+    )  # fmt: skip
+    parser.add_argument(
+        "--real-steps", type=int, default=60, help="updates per real run (each waits ~1 ms of 'compute')"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -230,6 +352,24 @@ def run(args: argparse.Namespace) -> int:
             target_sync = simulate_sync_momentum(lr=args.lr, momentum=args.target_momentum, steps=args.steps)
             curves["sync_target_momentum_loss"] = _loss(target_sync).tolist()
         results["curves"][str(workers)] = curves
+    if args.real_runs:
+        results["real"] = []
+        print(f"real processes, {args.real_runs} runs of {args.real_steps} updates:")
+        print(f"{'M':>3} {'fitted mu':>10} {'simulated':>10} {'1 - 1/M':>8} {'mean staleness':>15}")
+        for workers in args.workers:
+            fit, trajectory, staleness = measure_real(
+                workers, lr=args.lr, steps=args.real_steps, runs=args.real_runs, seed=args.seed
+            )
+            simulated, _ = measure(workers, lr=args.lr, steps=args.real_steps, runs=args.runs, seed=args.seed)
+            counts = torch.bincount(staleness.reshape(-1)).tolist()
+            results["real"].append(
+                {**asdict(fit), "simulated_momentum": simulated.momentum, "runs": args.real_runs,
+                 "steps": args.real_steps, "mean_staleness": float(staleness.double().mean()),
+                 "staleness_counts": counts, "mean_loss": _loss(trajectory).mean(dim=1).tolist()}
+            )  # fmt: skip
+            print(f"{workers:>3} {fit.momentum:>10.4f} {simulated.momentum:>10.4f} "
+                  f"{fit.predicted_momentum:>8.4f} {float(staleness.double().mean()):>15.3f}")  # fmt: skip
+        results["command"] += f" --real-runs {args.real_runs} --real-steps {args.real_steps}"
     for entry in results["compensated"]:
         print(f"M={entry['workers']}: explicit {entry['explicit']:+.3f} -> fitted total "
               f"{entry['fitted_total']:.3f} (naive explicit {entry['naive_explicit']:.2f} -> "
