@@ -50,6 +50,17 @@ HOGWILD = {
         "--batch-size",
         "128",
     ],
+    "buckwild 2 processes": [
+        "--strategy",
+        "hogwild",
+        "--buckwild",
+        "--workers",
+        "2",
+        "--threads",
+        "1",
+        "--batch-size",
+        "128",
+    ],
 }
 AVERAGING = {
     "sync": ["--strategy", "sync", "--workers", "2"],
@@ -113,7 +124,7 @@ def run_one(args: argparse.Namespace, name: str, flags: list[str], scratch: Path
     return result
 
 
-def plot(results: dict) -> None:
+def plot(results: dict, suffix: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,6 +135,8 @@ def plot(results: dict) -> None:
         ("averaging", "async-accuracy.png", "local SGD and EASGD vs sync (2 workers, B = 128)"),
     ):
         figure, axis = plt.subplots(figsize=(6.4, 4))
+        if not results[key]:
+            continue
         for name, run in results[key].items():
             axis.plot([e["wall_time"] for e in run["evals"]], [e["accuracy"] for e in run["evals"]],
                       marker=".", label=f"{name} ({run['samples_per_s']:,.0f} samples/s)")  # fmt: skip
@@ -131,7 +144,7 @@ def plot(results: dict) -> None:
         axis.set(xlabel="wall time (s, from process start)", ylabel="test accuracy", title=title)
         axis.legend(fontsize=8)
         figure.tight_layout()
-        figure.savefig(IMG / filename, dpi=110)
+        figure.savefig(IMG / filename.replace(".png", f"{suffix}.png"), dpi=110)
         plt.close(figure)
 
 
@@ -146,6 +159,8 @@ def main() -> int:
     parser.add_argument("--target", type=float, default=0.85)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--part", choices=["all", "hogwild", "averaging"], default="all")
+    parser.add_argument("--out", default=str(RESULTS), help="raw results (JSON); earlier ones are kept")
+    parser.add_argument("--plot-suffix", default="", help="appended to the plot names in docs/img")
     args = parser.parse_args()
     results: dict = {
         "argv": sys.argv,
@@ -175,10 +190,11 @@ def main() -> int:
         results["two_threads_speedup_over_1_thread"] = hogwild["single 2 threads"]["samples_per_s"] / base
         print(f"hogwild 2 processes: {results['hogwild_speedup_over_1_thread']:.2f}x the 1-thread process; "
               f"2 threads: {results['two_threads_speedup_over_1_thread']:.2f}x")  # fmt: skip
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
     IMG.mkdir(parents=True, exist_ok=True)
-    plot(results)
+    plot(results, args.plot_suffix)
     return 0
 
 

@@ -211,6 +211,10 @@ class TrainConfig:
         default=None, metadata={"help": "easgd: moving rate alpha itself (default 0.9 / workers)"}
     )
     elastic_tau: int = field(default=1, metadata={"help": "easgd: steps between elastic exchanges (tau)"})
+    buckwild: bool = field(
+        default=False,
+        metadata={"help": "hogwild: 8-bit shared weights with unbiased stochastic rounding (Buckwild!)"},
+    )
     comm_timeout: float = field(
         default=300.0, metadata={"help": "seconds before a stuck collective or dead peer ends the job"}
     )
@@ -442,6 +446,11 @@ def validate_config(config: TrainConfig, *, check_optimizer: bool = True) -> Non
     positive("elastic_rho", config.elastic_rho, allow_none=True, allow_zero=True)
     positive("moving_rate", config.moving_rate, allow_none=True, allow_zero=True)
     positive("elastic_tau", config.elastic_tau)
+    if config.buckwild and config.strategy != "hogwild":
+        raise ConfigError(
+            f"--buckwild (8-bit shared weights) belongs to --strategy hogwild, not {config.strategy!r}; "
+            "drop --buckwild or use --strategy hogwild"
+        )
     positive("epochs", config.epochs)
     positive("steps", config.steps, allow_none=True)
     positive("batch_size", config.batch_size)

@@ -19,7 +19,12 @@ from hogwild_cases import visibility  # noqa: E402
 
 from distlearn.errors import CommError, ConfigError  # noqa: E402
 from distlearn.parallel import create_strategy  # noqa: E402
-from distlearn.parallel.hogwild import Hogwild, HogwildChannel, launch_hogwild  # noqa: E402
+from distlearn.parallel.hogwild import (  # noqa: E402
+    Hogwild,
+    HogwildChannel,
+    launch_hogwild,
+    stochastic_round,
+)
 from distlearn.train import TrainConfig  # noqa: E402
 
 
@@ -95,3 +100,49 @@ def test_bad_settings_raise_config_error():
     with pytest.raises(ConfigError, match="torch.multiprocessing"):
         create_strategy("hogwild", TrainConfig(strategy="hogwild", workers=2))
     assert isinstance(create_strategy("hogwild", TrainConfig(strategy="hogwild")), Hogwild)
+
+
+@pytest.mark.timeout(150)
+def test_buckwild_two_processes_train_one_8bit_model(tmp_path):
+    config = TrainConfig(
+        dataset="fashion-mnist", model="mlp", optimizer="sgd", lr=0.05, batch_size=64, steps=40,
+        train_samples=2048, test_samples=1000, workers=2, strategy="hogwild", buckwild=True, threads=1,
+        checkpoints=False, progress="off", tensorboard="off", quiet=True, out=str(tmp_path),
+    )  # fmt: skip
+    summaries = launch_hogwild(config, timeout_s=120)
+    assert summaries[0]["weights_checksum"] == summaries[1]["weights_checksum"]  # both read the shared codes
+    assert summaries[0]["test_accuracy"] > 0.6  # chance is 0.1
+    with pytest.raises(ConfigError, match="--buckwild .* belongs to --strategy hogwild"):
+        from distlearn.train import validate_config
+
+        validate_config(TrainConfig(strategy="sync", buckwild=True))
+
+
+def test_stochastic_rounding_is_unbiased_and_buckwild_moves_by_the_update_in_expectation():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.full((20000,), 0.3, dtype=torch.float64)
+    rounded = stochastic_round(x, generator)
+    assert set(rounded.unique().tolist()) == {0.0, 1.0}
+    assert abs(float(rounded.mean()) - 0.3) < 5 * (0.3 * 0.7 / 20000) ** 0.5
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    strategy = Hogwild(buckwild=True)
+    strategy.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert strategy.shared is not None and strategy.shared.dtype == torch.int8 and strategy.scales is not None
+    weight_scale = float(strategy.scales[0])
+    read = model.weight.detach().clone()
+    assert torch.allclose(read / weight_scale, (read / weight_scale).round(), atol=1e-4)  # on the grid
+    codes_before = strategy.shared[:12].clone().to(torch.int64)
+    steps = 400
+    for step in range(steps):  # an update of 0.3 grid steps each time: the codes move 0.3 per step on average
+        with torch.no_grad():
+            model.weight.add_(0.3 * weight_scale)
+        strategy.after_step(model, None, step)  # type: ignore[arg-type]
+    moved = (strategy.shared[:12].to(torch.int64) - codes_before).double()
+    assert abs(float(moved.mean()) - 0.3 * steps) < 5 * (steps * 0.21 / 12) ** 0.5
+    assert torch.allclose(model.weight.detach(), strategy.shared[:12].float().view(3, 4) * weight_scale)
+    with torch.no_grad():  # far beyond the grid: clipped at 127 and counted
+        model.weight.add_(1000 * weight_scale)
+    strategy.after_step(model, None, steps)  # type: ignore[arg-type]
+    assert int(strategy.shared[:12].max()) == 127 and strategy.saturated >= 12

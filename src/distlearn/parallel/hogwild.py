@@ -29,7 +29,18 @@ terminates the rest when one fails, so no process outlives the run.
 
 *Where we differ:* the paper's processes sample single examples; ours take mini-batches of ``M = B / R``
 examples per update (``--batch-size`` is the global batch ``B``), and the update may be any optimizer, each
-process with its own state. No Buckwild! (low-precision shared weights) yet.
+process with its own state.
+
+**Buckwild!** (``--buckwild``; De Sa, Zhang, Olukotun & Re, "Taming the Wild: A Unified Analysis of
+Hogwild!-Style Algorithms", NeurIPS 2015): the shared weights are 8-bit fixed point, ``w = s_k * q`` with
+``q`` an ``int8`` in ``[-127, 127]`` and one fixed scale ``s_k`` per tensor (``s_k = max(4 max|w0_k|,
+0.05) / 127``, from the initial weights, so the grid covers four times their range). Each process keeps a
+float copy to compute with: it reads ``q`` into it, takes an optimizer step, and adds its update to the
+shared codes with *unbiased stochastic rounding*, ``q <- clip(q + floor(dw / s_k + u), -127, 127)`` with
+``u ~ U[0, 1)`` (so ``E[s_k * rounded] = dw``: updates smaller than one grid step still move the weights
+on average, the paper's point), lock-free like Hogwild!; then it reads ``q`` again for its next step.
+Shared memory per weight: 1 byte instead of 4. Saturated elements (the clip) are counted
+(``Hogwild.saturated``).
 
 Run it::
 
@@ -53,7 +64,17 @@ from torch import nn
 from distlearn.errors import CommError, ConfigError
 from distlearn.parallel.base import Strategy
 
-__all__ = ["Hogwild", "HogwildChannel", "launch_hogwild", "share_parameters"]
+__all__ = ["Hogwild", "HogwildChannel", "launch_hogwild", "share_parameters", "stochastic_round"]
+
+BUCKWILD_RANGE = 4.0
+"""Buckwild!'s grid covers this many times each tensor's largest initial magnitude."""
+BUCKWILD_MIN_RANGE = 0.05
+"""... and at least this much (a tensor initialised at 0, e.g. a bias, still gets a usable grid)."""
+
+
+def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``floor(x + u)``, ``u ~ U[0, 1)`` elementwise: an integer-valued tensor with ``E[result] = x``."""
+    return torch.floor(x + torch.rand(x.shape, generator=generator, dtype=x.dtype))
 
 
 @dataclass
@@ -105,6 +126,7 @@ class Hogwild(Strategy):
         world_size: int = 1,
         channel: HogwildChannel | None = None,
         timeout_s: float = 300.0,
+        buckwild: bool = False,
     ) -> None:
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
@@ -120,6 +142,13 @@ class Hogwild(Strategy):
         self.channel = channel
         self.timeout_s = timeout_s
         self.shared: torch.Tensor | None = None
+        self.buckwild = buckwild
+        self.scales: torch.Tensor | None = None  # Buckwild!: one per tensor (shared, fixed)
+        self._parameters: list[torch.Tensor] = []
+        self._scale_per_element: torch.Tensor | None = None
+        self._read: torch.Tensor | None = None  # Buckwild!: the float weights this process last read
+        self._generator = torch.Generator().manual_seed(1_000_003 * (rank + 1))
+        self.saturated = 0
 
     @classmethod
     def from_config(cls, config: Any) -> Hogwild:
@@ -128,12 +157,14 @@ class Hogwild(Strategy):
                 "hogwild processes share memory, so they are started by `distlearn train --strategy hogwild "
                 f"--workers {config.workers}` (torch.multiprocessing), not by torchrun or train() directly"
             )
-        return cls(timeout_s=config.comm_timeout)
+        return cls(timeout_s=config.comm_timeout, buckwild=getattr(config, "buckwild", False))
 
     def prepare(
         self, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         parameters = [p for p in model.parameters() if p.requires_grad]
+        if self.buckwild:
+            return self._prepare_buckwild(parameters, model, optimizer)
         if self.world_size == 1:
             self.shared = share_parameters(parameters)
             return model, optimizer
@@ -154,19 +185,84 @@ class Hogwild(Strategy):
         self.barrier()  # process 0 must stay alive until every peer has mapped the buffer
         return model, optimizer
 
-    def barrier(self) -> None:
-        if self.world_size == 1 or self.channel is None:
+    # -- Buckwild! ------------------------------------------------------------------------------------------
+
+    def _prepare_buckwild(
+        self, parameters: list[torch.Tensor], model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        self._parameters = parameters
+        sizes = torch.tensor([p.numel() for p in parameters])
+        if self.rank == 0:
+            with torch.no_grad():
+                ranges = torch.stack([p.detach().abs().max().float() for p in parameters])
+                scales = (ranges * BUCKWILD_RANGE).clamp_min(BUCKWILD_MIN_RANGE) / 127
+                flat = torch.cat([p.detach().reshape(-1).float() for p in parameters])
+                per_element = torch.repeat_interleave(scales, sizes)
+                codes = stochastic_round(flat / per_element, self._generator).clamp_(-127, 127)
+            self.shared = codes.to(torch.int8).share_memory_()
+            self.scales = scales.share_memory_()
+            if self.world_size > 1:
+                assert self.channel is not None
+                for _ in range(self.world_size - 1):
+                    self.channel.buffers.put((self.shared, self.scales))
+        else:
+            assert self.channel is not None
+            try:
+                self.shared, self.scales = self.channel.buffers.get(timeout=self.timeout_s)
+            except queue.Empty:
+                raise CommError(
+                    f"buckwild process {self.rank}: no shared weights from process 0 "
+                    f"within {self.timeout_s:g} s"
+                ) from None
+            if self.shared.numel() != int(sizes.sum()) or self.scales.numel() != len(parameters):
+                raise ConfigError(
+                    f"the shared 8-bit weights hold {self.shared.numel()} numbers in {self.scales.numel()} "
+                    f"tensors but this process's model has {int(sizes.sum())} in {len(parameters)}: every "
+                    "Hogwild process must build the same --model"
+                )
+        self._scale_per_element = torch.repeat_interleave(self.scales, sizes)
+        self._read_shared()
+        self.barrier()
+        return model, optimizer
+
+    @torch.no_grad()
+    def _read_shared(self) -> None:
+        """Copy ``s * q`` into this process's float parameters and remember what was read."""
+        assert self.shared is not None and self._scale_per_element is not None
+        self._read = self.shared.to(torch.float32).mul_(self._scale_per_element)
+        offset = 0
+        for p in self._parameters:
+            p.copy_(self._read[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Buckwild!: add this step's update to the shared codes (stochastic rounding), then read them."""
+        if not self.buckwild:
             return
-        try:
-            self.channel.barrier.wait(timeout=self.timeout_s)
-        except threading.BrokenBarrierError:
-            raise CommError(
-                f"hogwild process {self.rank}: the other processes did not reach the barrier within "
-                f"{self.timeout_s:g} s; one has probably died (see its error above)"
-            ) from None
+        assert self.shared is not None and self._read is not None and self._scale_per_element is not None
+        now = torch.cat([p.detach().reshape(-1).float() for p in self._parameters])
+        steps = stochastic_round(now.sub_(self._read).div_(self._scale_per_element), self._generator)
+        total = self.shared.to(torch.int16).add_(steps.to(torch.int16))  # a racy read-modify-write, by design
+        self.saturated += int((total.abs() > 127).sum())
+        self.shared.copy_(total.clamp_(-127, 127))
+        self._read_shared()
+
+    def barrier(self) -> None:
+        if self.world_size > 1 and self.channel is not None:
+            try:
+                self.channel.barrier.wait(timeout=self.timeout_s)
+            except threading.BrokenBarrierError:
+                raise CommError(
+                    f"hogwild process {self.rank}: the other processes did not reach the barrier within "
+                    f"{self.timeout_s:g} s; one has probably died (see its error above)"
+                ) from None
+        if self.buckwild and self._read is not None:
+            self._read_shared()  # after the last step every process ends with the shared 8-bit model
 
     def describe(self) -> str:
-        return f"hogwild ({self.world_size} processes sharing one copy of the weights; process {self.rank})"
+        weights = "8-bit weights, Buckwild!" if self.buckwild else "one copy of the weights"
+        return f"hogwild ({self.world_size} processes sharing {weights}; process {self.rank})"
 
 
 # -- the launcher -----------------------------------------------------------------------------------------
@@ -175,7 +271,10 @@ class Hogwild(Strategy):
 def _worker(config: Any, rank: int, world_size: int, channel: HogwildChannel, results: Any) -> None:
     from distlearn.train import train
 
-    strategy = Hogwild(rank=rank, world_size=world_size, channel=channel, timeout_s=config.comm_timeout)
+    strategy = Hogwild(
+        rank=rank, world_size=world_size, channel=channel, timeout_s=config.comm_timeout,
+        buckwild=getattr(config, "buckwild", False),
+    )  # fmt: skip
     try:
         result = train(config, strategy=strategy)
     except BaseException as error:
