@@ -124,6 +124,7 @@ def _strategy_entries(workers: int) -> tuple[Entry, ...]:
         ),
         Entry(f"ps, k=4 local steps, R={w}", "ps", w + 1, (*ps, "--local-steps", "4"), ("strategy:ps",)),
         Entry(f"hogwild, R={w}", "hogwild", w, (), ("strategy:hogwild",)),
+        Entry(f"Buckwild! (8-bit hogwild), R={w}", "hogwild", w, ("--buckwild",), ("strategy:hogwild",)),
         Entry(f"local SGD k=4, R={w}", "local-sgd", w, ("--average-every", "4"), ("strategy:local-sgd",)),
         Entry(f"EASGD tau=4, R={w}", "easgd", w, ("--elastic-tau", "4"), ("strategy:easgd",)),
         Entry("DNI, 2 stages", "dni", 2, ("--stages", "2"), ("strategy:dni",)),
