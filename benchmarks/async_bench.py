@@ -37,7 +37,7 @@ IMG = ROOT / "docs" / "img"
 DISTLEARN = str(Path(sys.executable).with_name("distlearn"))
 
 # name -> (extra flags); the common flags are added in `command`
-HOGWILD = {
+HOGWILD: dict[str, list[str]] = {
     "single 1 thread": ["--strategy", "single", "--threads", "1", "--batch-size", "64"],
     "single 2 threads": ["--strategy", "single", "--threads", "2", "--batch-size", "64"],
     "hogwild 2 processes": [
@@ -50,18 +50,8 @@ HOGWILD = {
         "--batch-size",
         "128",
     ],
-    "buckwild 2 processes": [
-        "--strategy",
-        "hogwild",
-        "--buckwild",
-        "--workers",
-        "2",
-        "--threads",
-        "1",
-        "--batch-size",
-        "128",
-    ],
 }
+HOGWILD["buckwild 2 processes"] = [*HOGWILD["hogwild 2 processes"], "--buckwild"]  # 8-bit shared weights
 AVERAGING = {
     "sync": ["--strategy", "sync", "--workers", "2"],
     "local-sgd k=4": ["--strategy", "local-sgd", "--workers", "2", "--average-every", "4"],

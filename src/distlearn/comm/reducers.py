@@ -457,6 +457,18 @@ class BackendReducer(Reducer):
         self.bytes_sent += (2 * (size - 1) * tensor.numel() // size) * tensor.element_size()
 
 
+def _check_segment_bytes(name: str, segment_bytes: int | None) -> int | None:
+    """``segment_bytes`` if it is None or a positive integer; otherwise a ConfigError naming the fix."""
+    if segment_bytes is not None and (
+        not isinstance(segment_bytes, int) or isinstance(segment_bytes, bool) or segment_bytes <= 0
+    ):
+        raise ConfigError(
+            f"{name}: segment_bytes must be a positive integer (e.g. 4194304 for 4 MiB), "
+            f"got {segment_bytes!r}"
+        )
+    return segment_bytes
+
+
 class SegmentedRingReducer(Reducer):
     """Ring allreduce, pipelined over segments of ``segment_bytes``.
 
@@ -489,14 +501,7 @@ class SegmentedRingReducer(Reducer):
         duplex: bool = True,
     ) -> None:
         super().__init__(timeout_s=timeout_s, tag=tag, duplex=duplex)
-        if segment_bytes is not None and (
-            not isinstance(segment_bytes, int) or isinstance(segment_bytes, bool) or segment_bytes <= 0
-        ):
-            raise ConfigError(
-                f"{self.name}: segment_bytes must be a positive integer (e.g. 4194304 for 4 MiB), "
-                f"got {segment_bytes!r}"
-            )
-        self.segment_bytes = segment_bytes
+        self.segment_bytes = _check_segment_bytes(self.name, segment_bytes)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(segment_bytes={self.segment_bytes}, timeout_s={self.timeout_s:g})"
@@ -643,14 +648,7 @@ class TreeReducer(Reducer):
         duplex: bool = True,
     ) -> None:
         super().__init__(timeout_s=timeout_s, tag=tag, duplex=duplex)
-        if segment_bytes is not None and (
-            not isinstance(segment_bytes, int) or isinstance(segment_bytes, bool) or segment_bytes <= 0
-        ):
-            raise ConfigError(
-                f"{self.name}: segment_bytes must be a positive integer (e.g. 4194304 for 4 MiB), "
-                f"got {segment_bytes!r}"
-            )
-        self.segment_bytes = segment_bytes
+        self.segment_bytes = _check_segment_bytes(self.name, segment_bytes)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(segment_bytes={self.segment_bytes}, timeout_s={self.timeout_s:g})"
