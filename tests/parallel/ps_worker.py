@@ -72,8 +72,8 @@ def backup_schedule(takers: int, workers: int):
     return rules
 
 
-class KillServerAfter:
-    """Worker of ``server-dies``: after its pull ``push`` it tells the server (through ``key``) to die now."""
+class _KeyGate:
+    """A push gate keyed on push ``push``, signalling through the store key ``key`` (hooks do nothing)."""
 
     def __init__(self, push: int, store: dist.Store, key: str) -> None:
         self.push, self.store, self.key = push, store, key
@@ -82,15 +82,19 @@ class KillServerAfter:
         pass
 
     def after_pull(self, worker: int, push: int) -> None:
+        pass
+
+
+class KillServerAfter(_KeyGate):
+    """Worker of ``server-dies``: after its pull ``push`` it tells the server (through ``key``) to die now."""
+
+    def after_pull(self, worker: int, push: int) -> None:
         if push == self.push:
             self.store.set(self.key, "1")
 
 
-class DiesBeforePush:
+class DiesBeforePush(_KeyGate):
     """Rank 3 of ``worker-dies``: says on the store when its push ``push - 1`` is applied, then dies."""
-
-    def __init__(self, push: int, store: dist.Store, key: str) -> None:
-        self.push, self.store, self.key = push, store, key
 
     def before_push(self, worker: int, push: int) -> None:
         if push == self.push:
@@ -101,18 +105,12 @@ class DiesBeforePush:
             self.store.set(self.key, "1")
 
 
-class WaitBeforePush:
+class WaitBeforePush(_KeyGate):
     """A survivor of ``worker-dies``: its push ``push`` waits for ``key`` (so it is applied last)."""
-
-    def __init__(self, push: int, store: dist.Store, key: str) -> None:
-        self.push, self.store, self.key = push, store, key
 
     def before_push(self, worker: int, push: int) -> None:
         if push == self.push:
             self.store.wait([self.key], TIMEOUT)
-
-    def after_pull(self, worker: int, push: int) -> None:
-        pass
 
 
 def run_case(

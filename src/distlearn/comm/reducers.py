@@ -457,19 +457,32 @@ class BackendReducer(Reducer):
         self.bytes_sent += (2 * (size - 1) * tensor.numel() // size) * tensor.element_size()
 
 
-def _check_segment_bytes(name: str, segment_bytes: int | None) -> int | None:
-    """``segment_bytes`` if it is None or a positive integer; otherwise a ConfigError naming the fix."""
-    if segment_bytes is not None and (
-        not isinstance(segment_bytes, int) or isinstance(segment_bytes, bool) or segment_bytes <= 0
-    ):
-        raise ConfigError(
-            f"{name}: segment_bytes must be a positive integer (e.g. 4194304 for 4 MiB), "
-            f"got {segment_bytes!r}"
-        )
-    return segment_bytes
+class _Segmented(Reducer):
+    """A reducer that pipelines ``segment_bytes`` segments (None: one segment, the unpipelined algorithm)."""
+
+    def __init__(
+        self,
+        *,
+        segment_bytes: int | None = 4 << 20,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        tag: int = DEFAULT_TAG,
+        duplex: bool = True,
+    ) -> None:
+        super().__init__(timeout_s=timeout_s, tag=tag, duplex=duplex)
+        if segment_bytes is not None and (
+            not isinstance(segment_bytes, int) or isinstance(segment_bytes, bool) or segment_bytes <= 0
+        ):
+            raise ConfigError(
+                f"{self.name}: segment_bytes must be a positive integer (e.g. 4194304 for 4 MiB), "
+                f"got {segment_bytes!r}"
+            )
+        self.segment_bytes = segment_bytes
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(segment_bytes={self.segment_bytes}, timeout_s={self.timeout_s:g})"
 
 
-class SegmentedRingReducer(Reducer):
+class SegmentedRingReducer(_Segmented):
     """Ring allreduce, pipelined over segments of ``segment_bytes``.
 
     Paper: Patarasuk & Yuan, "Bandwidth optimal all-reduce algorithms for clusters of workstations", JPDC
@@ -491,20 +504,6 @@ class SegmentedRingReducer(Reducer):
     """
 
     name = "segmented-ring"
-
-    def __init__(
-        self,
-        *,
-        segment_bytes: int | None = 4 << 20,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        tag: int = DEFAULT_TAG,
-        duplex: bool = True,
-    ) -> None:
-        super().__init__(timeout_s=timeout_s, tag=tag, duplex=duplex)
-        self.segment_bytes = _check_segment_bytes(self.name, segment_bytes)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(segment_bytes={self.segment_bytes}, timeout_s={self.timeout_s:g})"
 
     def _reduce(self, flat: torch.Tensor, channel: _Channel) -> None:
         size, rank = channel.size, channel.rank
@@ -617,7 +616,7 @@ class RingReducer(SegmentedRingReducer):
         return f"{type(self).__name__}(timeout_s={self.timeout_s:g})"
 
 
-class TreeReducer(Reducer):
+class TreeReducer(_Segmented):
     """Binomial-tree reduce to rank 0, then binomial-tree broadcast from rank 0, pipelined over segments.
 
     Paper: Thakur et al. (2005), sections 4.1 (broadcast) and 4.3 (reduce). Reduce: for mask = 1, 2, 4, ...,
@@ -638,20 +637,6 @@ class TreeReducer(Reducer):
     """
 
     name = "tree"
-
-    def __init__(
-        self,
-        *,
-        segment_bytes: int | None = 4 << 20,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        tag: int = DEFAULT_TAG,
-        duplex: bool = True,
-    ) -> None:
-        super().__init__(timeout_s=timeout_s, tag=tag, duplex=duplex)
-        self.segment_bytes = _check_segment_bytes(self.name, segment_bytes)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(segment_bytes={self.segment_bytes}, timeout_s={self.timeout_s:g})"
 
     def _reduce(self, flat: torch.Tensor, channel: _Channel) -> None:
         size, rank, n = channel.size, channel.rank, flat.numel()
