@@ -49,6 +49,8 @@ GROUPS = {  # each group is one torchrun job (< 15 min here) with its own dense 
     "powersgd-r2 (torch hook)",
     "longer": "dense,onebit,threshold-0.02",  # with --epochs 2: do the error-feedback codecs catch up?
     "lower-lr": "dense,onebit,threshold,randomk-1%",  # with --lr 0.01
+    # the goals with 3 seeds: --train-samples 60000 --epochs 2 --schedule cosine --seeds 0,1,2 --eval-every 235
+    "goals": "dense,onebit,onebit-m,topk-0.1%,dgc-0.1%,powersgd-r2,powersgd-r2 (torch hook)",
     "cifar": "dense,onebit,topk-0.1%,dgc-0.1%,powersgd-r2,powersgd-r2 (our DDP hook),"
     "powersgd-r2 (torch hook)",
 }
@@ -56,7 +58,8 @@ DATA = {"fashion-mnist": ("lenet", 1, 28), "cifar10": ("resnet8", 3, 32)}  # mod
 LINKS_GBPS = (1, 10, 100)
 START_ITER = 10  # PowerSGD: plain allreduces first (torch requires > 1 with error feedback / warm start)
 
-# (label, codec name or a DDP variant, codec options); DGC carries the momentum itself (optimizer: sgd)
+# (label, codec name or a DDP variant, codec options); DGC and onebit-m carry the momentum themselves
+# (optimizer: sgd)
 RUNS: list[tuple[str, str, dict[str, Any]]] = [
     ("dense", "none", {}),
     ("fp16", "fp16", {}),
@@ -66,6 +69,7 @@ RUNS: list[tuple[str, str, dict[str, Any]]] = [
     ("threshold", "threshold", {"threshold": 5e-3}),
     ("threshold-0.02", "threshold", {"threshold": 2e-2}),
     ("onebit", "onebit", {}),
+    ("onebit-m", "onebit", {"momentum": 0.9}),  # the momentum correction: the codec is the momentum
     ("terngrad", "terngrad", {}),
     ("qsgd-s4", "qsgd", {"levels": 4}),
     ("topk-0.1%", "topk", {"density": 0.001}),
@@ -185,6 +189,12 @@ def ddp_strategy(kind: str, options: dict[str, Any], n_parameters: list[int]) ->
     return HookedDDP(timeout_s=300)
 
 
+def run_dir(label: str, seed: int, seeds: list[int]) -> str:
+    """A run's directory under --out: the label in file-name form, with the seed when there are several."""
+    name = label.replace(" ", "_").replace("(", "").replace(")", "")
+    return name if len(seeds) == 1 else f"{name}-seed{seed}"
+
+
 def worker(args: argparse.Namespace) -> int:
     from distlearn.data import load_dataset
     from distlearn.parallel.sync import SyncDataParallel
@@ -200,10 +210,11 @@ def worker(args: argparse.Namespace) -> int:
     local_batch = args.batch // context.world_size
     rows = []
     try:
-        for label, name, options in RUNS:
-            if args.only and label not in args.only.split(","):
-                continue
+        for seed, (label, name, options) in (
+            (seed, run) for seed in args.seeds for run in RUNS if run[0] in args.only.split(",")
+        ):
             n_parameters: list[int] = []
+            own_momentum = name == "dgc" or bool(options.get("momentum"))  # the codec corrects the momentum
             if name.startswith("ddp-"):
                 strategy: Any = ddp_strategy(name, options, n_parameters)
                 strategy_name = "ddp"
@@ -216,16 +227,18 @@ def worker(args: argparse.Namespace) -> int:
                 dataset=args.dataset,
                 model=DATA[args.dataset][0],
                 test_samples=args.test_samples,
-                optimizer="sgd" if name == "dgc" else "momentum",
-                optimizer_option=() if name == "dgc" else ("momentum=0.9",),
+                optimizer="sgd" if own_momentum else "momentum",
+                optimizer_option=() if own_momentum else ("momentum=0.9",),
                 lr=args.lr,
                 warmup_steps=40,
+                schedule=args.schedule,
+                seed=seed,
                 epochs=args.epochs,
                 batch_size=args.batch,
                 train_samples=args.train_samples,
                 eval_every=args.eval_every,
                 strategy=strategy_name,
-                out=str(Path(args.out) / label.replace(" ", "_").replace("(", "").replace(")", "")),
+                out=str(Path(args.out) / run_dir(label, seed, args.seeds)),
                 checkpoints=False,
                 progress="off",
                 tensorboard="off",
@@ -237,6 +250,7 @@ def worker(args: argparse.Namespace) -> int:
             rows.append(
                 {
                     "label": label,
+                    "seed": seed,
                     "codec": name,
                     "options": options,
                     "test_accuracy": result.test_accuracy,
@@ -249,7 +263,7 @@ def worker(args: argparse.Namespace) -> int:
                 }
             )
             if context.rank == 0:  # saved after every run, so a stopped job keeps what it measured
-                print(f"[compression_bench] {label}: {rows[-1]['test_accuracy']:.4f}", flush=True)
+                print(f"[compression_bench] {label} seed {seed}: {rows[-1]['test_accuracy']:.4f}", flush=True)
                 Path(args.raw).write_text(json.dumps({"rows": rows, "timings": {}}, indent=1))
         timings = {"compute_s": compute_seconds(local_batch, args.dataset)}
         for label, name, options in RUNS:
@@ -269,14 +283,16 @@ def report(args: argparse.Namespace, raw: dict[str, Any], seconds: float) -> dic
     fit = json.loads((REPO / "benchmarks" / "results" / "cost_model_fit.json").read_text())
     alpha = fit["p2p_alpha_s"]
     rows, timings = raw["rows"], raw["timings"]
-    dense = next(r for r in rows if r["codec"] == "none")
+    dense = {r.get("seed", 0): r for r in rows if r["codec"] == "none"}  # each seed's own dense reference
+    first = dense[min(dense)]
     world = 2
     parameters = sum(math.prod(s) for s in model_shapes(args.dataset))
-    dense_step_bytes = dense["bytes_sent"] / dense["steps"]
-    target = math.floor((dense["test_accuracy"] - 0.02) * 100) / 100
+    dense_step_bytes = first["bytes_sent"] / first["steps"]
+    target = math.floor((statistics.fmean(r["test_accuracy"] for r in dense.values()) - 0.02) * 100) / 100
     for row in rows:
-        row["ratio"] = dense["bytes_sent"] / row["bytes_sent"] if row["bytes_sent"] else math.inf
-        row["accuracy_lost_points"] = 100 * (dense["test_accuracy"] - row["test_accuracy"])
+        reference = dense[row.get("seed", 0)]
+        row["ratio"] = reference["bytes_sent"] / row["bytes_sent"] if row["bytes_sent"] else math.inf
+        row["accuracy_lost_points"] = 100 * (reference["test_accuracy"] - row["test_accuracy"])
         row["codec_s"] = timings.get(row["label"], 0.0)
         steps_to_target = next((s for s, a in row["evaluations"] if a >= target), None)
         row["steps_to_target"] = steps_to_target
@@ -296,11 +312,13 @@ def report(args: argparse.Namespace, raw: dict[str, Any], seconds: float) -> dic
             step = timings["compute_s"] + row["codec_s"] + messages * net.alpha + per_step_bytes * net.beta
             row["projected_step_s"][gbps] = step
             row["projected_time_to_target_s"][gbps] = steps_to_target * step if steps_to_target else None
+    summary = summarise(rows)
     one_gbps = link(1, alpha=alpha)
     dense_allreduce_1g = 2 * (world - 1) * one_gbps.alpha + dense_step_bytes * one_gbps.beta
-    by_label = {r["label"]: r for r in rows}
+    by_label = {r["label"]: r for r in summary}
     goals = {
         "onebit >= 30x and <= 0.5 points lost": _goal(by_label.get("onebit"), 30, 0.5),
+        "onebit-m >= 30x and <= 0.5 points lost": _goal(by_label.get("onebit-m"), 30, 0.5),
         "topk 0.1% >= 250x and <= 1 point lost": _goal(by_label.get("topk-0.1%"), 250, 1.0),
         "dgc 0.1% >= 250x and <= 1 point lost": _goal(by_label.get("dgc-0.1%"), 250, 1.0),
         "every codec's encode+decode < dense allreduce at 1 Gb/s": {
@@ -311,7 +329,7 @@ def report(args: argparse.Namespace, raw: dict[str, Any], seconds: float) -> dic
     goals["every codec's encode+decode < dense allreduce at 1 Gb/s"]["met"] = not goals[
         "every codec's encode+decode < dense allreduce at 1 Gb/s"
     ]["slower"]
-    dgc = by_label.get("dgc-0.1%")
+    dgc = next((r for r in rows if r["label"] == "dgc-0.1%"), None)
     if dgc:  # bytes after the density warm-up, from the per-step counters in metrics.jsonl
         goals["dgc 0.1% >= 250x and <= 1 point lost"]["ratio_after_warmup"] = _ratio_after(
             args, dgc, dense_step_bytes, dgc["options"]["warmup_steps"]
@@ -329,8 +347,45 @@ def report(args: argparse.Namespace, raw: dict[str, Any], seconds: float) -> dic
         "compute_s_per_step": timings["compute_s"],
         "wall_seconds": seconds,
         "rows": rows,
+        "summary": summary,
         "goals": goals,
     }
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per run label over its seeds: means, the spread of the final accuracy and of the points lost
+    (each seed against its own dense run), and the projected time to target when every seed reached it."""
+    summary = []
+    for label in dict.fromkeys(r["label"] for r in rows):
+        runs = [r for r in rows if r["label"] == label]
+        accuracy = [100 * r["test_accuracy"] for r in runs]
+        lost = [r["accuracy_lost_points"] for r in runs]
+        reached = [r["steps_to_target"] for r in runs if r["steps_to_target"] is not None]
+        summary.append(
+            {
+                "label": label,
+                "seeds": [r.get("seed", 0) for r in runs],
+                "ratio": statistics.fmean(r["ratio"] for r in runs),
+                "bytes_sent": statistics.fmean(r["bytes_sent"] for r in runs),
+                "accuracy_mean": statistics.fmean(accuracy),
+                "accuracy_std": statistics.stdev(accuracy) if len(runs) > 1 else 0.0,
+                "accuracy_lost_points": statistics.fmean(lost),
+                "lost_std": statistics.stdev(lost) if len(runs) > 1 else 0.0,
+                "samples_per_s": statistics.fmean(r["job_samples_per_s"] for r in runs),
+                "codec_s": runs[0]["codec_s"],
+                "reached": len(reached),
+                "steps_to_target": statistics.fmean(reached) if len(reached) == len(runs) else None,
+                "projected_time_to_target_s": {
+                    gbps: (
+                        statistics.fmean(r["projected_time_to_target_s"][gbps] for r in runs)
+                        if len(reached) == len(runs)
+                        else None
+                    )
+                    for gbps in LINKS_GBPS
+                },  # fmt: skip
+            }
+        )
+    return summary
 
 
 def _goal(row: dict[str, Any] | None, ratio: float, points: float) -> dict[str, Any]:
@@ -344,7 +399,7 @@ def _goal(row: dict[str, Any] | None, ratio: float, points: float) -> dict[str, 
 
 
 def _ratio_after(args: argparse.Namespace, row: dict[str, Any], dense_step_bytes: float, after: int) -> float:
-    path = Path(args.out) / row["label"] / "metrics.jsonl"
+    path = Path(args.out) / run_dir(row["label"], row.get("seed", 0), args.seeds) / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()]
     points = [(r["step"], r["bytes_sent"]) for r in records if r.get("bytes_sent") is not None]
     start = next((p for p in points if p[0] >= after), None)
@@ -356,21 +411,28 @@ def _ratio_after(args: argparse.Namespace, row: dict[str, Any], dense_step_bytes
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        f"target accuracy {result['target_accuracy']:.2f} (dense final - 2 points); "
+        f"target accuracy {result['target_accuracy']:.2f} (dense final - 2 points, mean over seeds); "
         f"compute {1e3 * result['compute_s_per_step']:.1f} ms/step; alpha {1e6 * result['alpha_s']:.0f} us",
         "",
         "| codec | ratio | final acc. | lost (pts) | samples/s | codec ms | steps to target | "
         "time to target 1 / 10 / 100 Gb/s (s) |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in result["rows"]:
+    several = any(len(r["seeds"]) > 1 for r in result["summary"])
+    for r in result["summary"]:
         times = " / ".join(
             f"{t:.2f}" if t is not None else "--" for t in r["projected_time_to_target_s"].values()
         )
+        accuracy, lost = f"{r['accuracy_mean']:.2f}", f"{r['accuracy_lost_points']:+.2f}"
+        if several:
+            accuracy += f" ± {r['accuracy_std']:.2f}"
+            lost += f" ± {r['lost_std']:.2f}"
+        steps = f"{r['steps_to_target']:.0f}" if r["steps_to_target"] is not None else "not reached"
+        if several and r["reached"] < len(r["seeds"]):
+            steps = f"{r['reached']} of {len(r['seeds'])} reached"
         lines.append(
-            f"| {r['label']} | {r['ratio']:.1f}x | {100 * r['test_accuracy']:.2f} | "
-            f"{r['accuracy_lost_points']:+.2f} | {r['job_samples_per_s']:.0f} | {1e3 * r['codec_s']:.2f} | "
-            f"{r['steps_to_target'] if r['steps_to_target'] is not None else 'not reached'} | {times} |"
+            f"| {r['label']} | {r['ratio']:.1f}x | {accuracy} | {lost} | {r['samples_per_s']:.0f} | "
+            f"{1e3 * r['codec_s']:.2f} | {steps} | {times} |"
         )
     return "\n".join(lines)
 
@@ -382,15 +444,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for r in result["rows"]:
+    for r in result["summary"]:  # mean over the seeds, the bar one standard deviation
         megabytes = r["bytes_sent"] / 1e6
-        ax.scatter(megabytes, 100 * r["test_accuracy"], s=30)
-        ax.annotate(r["label"], (megabytes, 100 * r["test_accuracy"]), fontsize=7, xytext=(3, 3),
+        ax.errorbar(megabytes, r["accuracy_mean"], yerr=r["accuracy_std"], fmt="o", ms=5, capsize=3)
+        ax.annotate(r["label"], (megabytes, r["accuracy_mean"]), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("MB sent per rank over the whole run (log)")
-    ax.set_ylabel("final test accuracy (%)")
     settings = result["settings"]
+    seeds = len(settings["seeds"])
+    ax.set_ylabel("final test accuracy (%)" + (f", mean of {seeds} seeds" if seeds > 1 else ""))
     ax.set_title(
         f"{settings['dataset']} {DATA[settings['dataset']][0]}, R = 2, fixed global batch "
         f"({settings['group']})"
@@ -410,6 +473,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch", type=int, default=128, help="global batch B (M = B / 2 per rank)")
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                        help="learning-rate schedule after the 40-step warm-up")  # fmt: skip
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; each codec runs once per seed")
     parser.add_argument("--dataset", choices=sorted(DATA), default=None, help="default: by --group")
     parser.add_argument("--data-root", default=None, help="e.g. /work/shared/data/cifar10")
     parser.add_argument("--test-samples", type=int, default=None, help="evaluate on the first N test images")
@@ -418,8 +484,12 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="run directories (default runs/compression_bench/GROUP)")
     parser.add_argument("--raw", default=None, help="rank 0's raw results (default OUT/raw.json)")
     parser.add_argument("--timeout", type=float, default=1500)
+    parser.add_argument(
+        "--tag", default="", help="results file compression_bench-GROUP-TAG.json (keeps old ones)"
+    )
     args = parser.parse_args()
     args.only = args.only or GROUPS[args.group]
+    args.seeds = [int(s) for s in str(args.seeds).split(",")]
     args.dataset = args.dataset or ("cifar10" if args.group == "cifar" else "fashion-mnist")
     args.out = args.out or f"runs/compression_bench/{args.group}"
     args.raw = args.raw or f"{args.out}/raw.json"
@@ -434,8 +504,9 @@ def main() -> int:
         print(f"compression_bench: the job failed (exit {code})", file=sys.stderr)
         return code
     result = report(args, json.loads(Path(args.raw).read_text()), time.monotonic() - started)
-    (RESULTS / f"compression_bench-{args.group}.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, PLOT / f"compression-accuracy-bytes-{args.group}.png")
+    name = args.group + (f"-{args.tag}" if args.tag else "")
+    (RESULTS / f"compression_bench-{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, PLOT / f"compression-accuracy-bytes-{name}.png")
     print(markdown(result))
     print(json.dumps(result["goals"], indent=1))
     return 0

@@ -166,6 +166,37 @@ def test_onebit_by_hand_and_its_payload_is_one_bit_per_sign():
     assert 4 * numel / big.nbytes >= 30
 
 
+def test_onebit_momentum_correction_by_hand_and_where_it_cannot_serve():
+    codec = OneBitSGD(momentum=0.5)
+    assert codec.handles_momentum and not OneBitSGD().handles_momentum
+    shapes = [(4,)]
+    codec.decode(codec.encode("0", torch.tensor([1.0, 3.0, -2.0, -4.0]), shapes), 4, shapes)  # u = g
+    assert codec.state.get("0", "residual").tolist() == [-1.0, 1.0, 1.0, -1.0]  # as without momentum
+    payload = codec.encode("0", torch.tensor([1.0, 1.0, 1.0, 1.0]), shapes)
+    # u = 0.5 [1, 3, -2, -4] + 1 = [1.5, 2.5, 0, -1]; v = u + e = [0.5, 3.5, 1, -2]
+    assert codec.state.get("0", "momentum").tolist() == [1.5, 2.5, 0.0, -1.0]
+    assert payload.tensors["levels"].tolist() == pytest.approx([5 / 3, -2.0])
+    assert codec.decode(payload, 4, shapes).tolist() == pytest.approx([5 / 3, 5 / 3, 5 / 3, -2.0])
+    residual = [0.5 - 5 / 3, 3.5 - 5 / 3, 1 - 5 / 3, 0]
+    assert codec.state.get("0", "residual").tolist() == pytest.approx(residual)
+    for bad in (1.0, -0.1, True, "x"):
+        with pytest.raises(ConfigError, match=r"momentum must be a number in \[0, 1\)"):
+            OneBitSGD(momentum=bad)
+
+    from distlearn.train import TrainConfig, validate_config
+
+    def config(strategy: str, optimizer: str = "sgd") -> TrainConfig:
+        return TrainConfig(
+            strategy=strategy, compression="onebit", optimizer=optimizer, compression_option=("momentum=0.9",)
+        )
+
+    with pytest.raises(ConfigError, match="applies momentum itself"):  # the optimizer's momentum too
+        validate_config(config("sync", "momentum"))
+    validate_config(config("sync"))
+    with pytest.raises(ConfigError, match="with momentum cannot serve --strategy ps"):
+        validate_config(config("ps"))
+
+
 # -- TernGrad and QSGD -----------------------------------------------------------------------------
 
 

@@ -139,7 +139,14 @@ def make_push_codec(name: str, options: dict[str, Any]) -> Any:
         raise ConfigError(f"--compression {name} cannot serve --strategy ps: {_NOT_FOR_PUSHES[name]}")
     from distlearn.comm.compression import create_compressor
 
-    return create_compressor(name, **options)
+    codec = create_compressor(name, **options)
+    if codec.handles_momentum:
+        raise ConfigError(
+            f"--compression {name} with momentum cannot serve --strategy ps: its momentum correction "
+            "replaces the optimizer's momentum, which here lives on the server (drop the codec's momentum "
+            "option)"
+        )
+    return codec
 
 
 def encode_push(codec: Any, key: str, flat: torch.Tensor, sizes: list[int]) -> torch.Tensor:
