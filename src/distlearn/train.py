@@ -189,6 +189,13 @@ class TrainConfig:
     worker_timeout: float = field(
         default=60.0, metadata={"help": "ps: seconds of silence after which a server drops a worker"}
     )
+    ps_shared_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "ps: a worker and a server on the same machine move gradients and weights through "
+            "shared memory (/dev/shm), headers over the backend; --no-ps-shared-memory: all over the backend"
+        },
+    )
     stages: int = field(
         default=0, metadata={"help": "dni: cut the model into K stages, one process each (--workers = K)"}
     )

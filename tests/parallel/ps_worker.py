@@ -146,6 +146,7 @@ def run_case(
             "versions": torch.tensor(strategy._versions),
             "staleness_seen": torch.tensor(strategy.staleness_seen),
             "bytes_sent": strategy.stats().get("bytes_sent", 0),
+            "shared_bytes": strategy.transport.shared_bytes if strategy.transport is not None else 0,
             "steps": result.steps,
         }
         torch.save(saved, out / f"{case}-rank{context.rank}.pt")
@@ -181,6 +182,12 @@ def main() -> int:
             )
             run_case("softsync2", out, context, store, servers=2, softsync=2, optimizer="momentum",
                      checkpoint_every=6)  # fmt: skip
+            # the same run with every payload over the backend instead of the shared-memory blocks
+            run_case("softsync2-backend", out, context, store, servers=2, softsync=2, optimizer="momentum",
+                     shared_memory=False)  # fmt: skip
+            # the workers offer shared blocks, the servers do not map them (as on another machine)
+            run_case("softsync2-refused", out, context, store, servers=2, softsync=2, optimizer="momentum",
+                     shared_memory=rank >= 2)  # fmt: skip
             run_case(
                 "resumed", out, context, store, servers=2, softsync=2, optimizer="momentum",
                 resume=str(out / "softsync2" / "checkpoints" / "step-00000006.pt"),

@@ -230,8 +230,11 @@ def test_one_server_three_workers(tmp_path, single_process_weights):
 
 @pytest.mark.timeout(300)
 def test_two_servers_shard_staleness_softsync_and_resume(tmp_path, single_process_weights):
+    blocks_before = set(Path("/dev/shm").glob("distlearn-*"))
     codes = run_job("two-servers", 4, tmp_path)
     assert codes == [0, 0, 0, 0], logs(tmp_path)
+    # the shared-memory blocks of every case were unlinked (the kernel frees them with the processes)
+    assert set(Path("/dev/shm").glob("distlearn-*")) <= blocks_before
     expected_weights, expected_taus = reenact_async(2)
     for server in (0, 1):
         served = report(tmp_path, "async2", server)
@@ -243,6 +246,16 @@ def test_two_servers_shard_staleness_softsync_and_resume(tmp_path, single_proces
             (load(tmp_path, "softsync2", rank)["weights"] - single_process_weights).abs().max()
         )
         assert difference < 1e-5
+    # same host: the payloads went through shared memory, exactly every push's gradient and every reply's
+    # weights; over the backend the same run gives the same weights and moves nothing through shared memory
+    for rank in (2, 3):
+        shared, backend = load(tmp_path, "softsync2", rank), load(tmp_path, "softsync2-backend", rank)
+        refused = load(tmp_path, "softsync2-refused", rank)
+        numel = shared["weights"].numel()
+        assert shared["shared_bytes"] == 2 * STEPS * 4 * numel  # pushed and pulled, both servers' shards
+        assert backend["shared_bytes"] == 0 and refused["shared_bytes"] == 0
+        assert torch.equal(shared["weights"], backend["weights"])
+        assert torch.equal(shared["weights"], refused["weights"])
     # resumed from the step-6 checkpoint: the version count continues from 6 and ends where the run did
     for server in (0, 1):
         resumed = report(tmp_path, "resumed", server)

@@ -132,7 +132,15 @@ class Transport:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.messages_sent = 0
+        self.shared_bytes = 0  # payload bytes that went through shared memory (:mod:`distlearn.comm.shm`)
         self._lock = threading.Lock()
+
+    def count_shared(self, *, sent: int = 0, received: int = 0) -> None:
+        """Count a payload that went through a shared-memory block: in the byte totals, and separately."""
+        with self._lock:
+            self.bytes_sent += sent
+            self.bytes_received += received
+            self.shared_bytes += sent + received
 
     def _wait(self, work: Any, peer: int, what: str, timeout_s: float | None = None) -> None:
         deadline = self.timeout_s if timeout_s is None else timeout_s
@@ -147,7 +155,11 @@ class Transport:
             ) from error
 
     def isend(self, peer: int, header: Header, payload: torch.Tensor | None = None, *, tag: int) -> list[Any]:
-        """Start sending a message on channel ``tag``; returns the works to pass to :meth:`finish`."""
+        """Start sending a message on channel ``tag``; returns the works to pass to :meth:`finish`.
+
+        ``payload=None`` with ``header.length > 0`` sends the header alone: its payload went another way
+        (a shared-memory block the peer reads).
+        """
         head = header.to_tensor()
         if payload is not None and payload.numel() != header.length:
             raise ValueError(f"header says {header.length} numbers but the payload has {payload.numel()}")

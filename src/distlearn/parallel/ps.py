@@ -43,6 +43,14 @@ Variants (one flag each, all on the same code path):
   index set shared by all ranks) and DGC (its momentum correction replaces the optimizer's momentum, which
   here lives on the server).
 
+Transport: messages are a fixed header plus a payload over c10d point-to-point (:mod:`distlearn.comm.p2p`).
+When a worker and a server share a machine (found out at the first pull: the server can map the shared-memory
+blocks the worker created, :mod:`distlearn.comm.shm`), the payloads -- the pushed gradient and the weights
+of the reply -- go through two blocks both processes map, and only the header travels over the backend:
+one small message each way per push instead of a header and a payload each way through loopback TCP.
+Compressed pushes still send their packed bytes over the backend; ``shared_memory=False``
+(``--no-ps-shared-memory``) sends everything over the backend, as between machines.
+
 Fault handling: workers send heartbeats (a header without payload) every ``worker_timeout / 4`` seconds; a
 server that hears nothing from a worker for ``worker_timeout`` seconds, or cannot answer it, logs it,
 drops it from the live set (groups then close with the workers that are left) and continues. A worker
@@ -80,6 +88,7 @@ import torch
 from torch import nn
 
 from distlearn.comm.p2p import HEADER_SIZE, REPLY, REQUEST, Header, Kind, Transport
+from distlearn.comm.shm import SharedBlock, new_token
 from distlearn.errors import CheckpointError, CommError, ConfigError
 from distlearn.launch import DistContext, shutdown
 from distlearn.parallel.base import Strategy, StrategyStats, epoch_batches
@@ -121,6 +130,10 @@ def _log(message: str) -> None:
 
 
 _PUSH_COMPRESSED = 1  # header flag of a push whose payload is a codec's packed bytes
+_PUSH_SHARED = 2  # header flag of a push whose gradient lies in the worker's shared push block
+_DROPPED = 1  # PARAMS flag bits: the push was dropped as late (backup workers),
+_VIA_SHARED = 2  # the weights lie in the worker's shared reply block (no payload follows),
+_SHARED_ACCEPTED = 4  # the server mapped the worker's shared blocks (answer to INIT)
 
 # codecs that need every rank in one collective, or that take over the optimizer's momentum
 _NOT_FOR_PUSHES = {
@@ -190,6 +203,8 @@ class ParameterServer(Strategy):
         gate: optional :class:`PushGate` called around each push (for deterministic schedules).
         compression: a codec name of :data:`distlearn.comm.compression.COMPRESSORS` for the pushes, or
             ``"none"``; ``compression_options`` its keyword options (e.g. ``{"density": 0.01}``).
+        shared_memory: move payloads through shared memory when a worker and a server share a machine
+            (see "Transport" in the module docstring); False: always through the backend.
     """
 
     name = "ps"
@@ -214,8 +229,10 @@ class ParameterServer(Strategy):
         gate: PushGate | None = None,
         compression: str = "none",
         compression_options: dict[str, Any] | None = None,
+        shared_memory: bool = True,
     ) -> None:
         super().__init__()
+        self.shared_memory = shared_memory
         self.compression = compression
         self.compression_options = dict(compression_options or {})
         self.compressor: Any = None  # the worker's encoder (its residuals); servers build their own decoder
@@ -270,6 +287,8 @@ class ParameterServer(Strategy):
         """Per push, the staleness each server recorded for it (-1: dropped as late)."""
         self._reply_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._push_buffers: list[torch.Tensor] = []
+        self._shared: dict[int, tuple[int, SharedBlock, SharedBlock]] = {}  # server -> (token, push, reply)
+        self.shared_bytes = 0  # payload bytes moved through shared memory (also counted in bytes_sent)
         self._heartbeat: threading.Thread | None = None
         self._stop = threading.Event()
         self._heartbeat_error: BaseException | None = None
@@ -298,6 +317,7 @@ class ParameterServer(Strategy):
             timeout_s=config.comm_timeout,
             worker_timeout_s=getattr(config, "worker_timeout", 60.0),
             clip_grad_norm=config.clip_grad_norm,
+            shared_memory=getattr(config, "ps_shared_memory", True),
             out=config.out,
             resume=config.resume,
             keep_checkpoints=config.keep_checkpoints,
@@ -406,17 +426,49 @@ class ParameterServer(Strategy):
         return torch.cat([sizes, values])
 
     def _pull(self, initial: bool) -> None:
-        """Send INIT (our layout and initial values) to every server and load the weights they answer."""
+        """Send INIT (our layout and initial values) to every server and load the weights they answer.
+
+        At the first pull each INIT also offers two shared-memory blocks (their token in ``step``); a
+        server on this machine maps them and says so in its answer, and from then on the payloads of this
+        pair go through them (see "Transport" in the module docstring).
+        """
         assert self.transport is not None
+        offers = {s: self._offer(s) for s in range(self.servers) if s not in self._shared}
         replies = self._post_replies("the initial pull" if initial else "the pull after resuming")
         pending = []
         for server in range(self.servers):
             payload = self._shard_values(server)
-            header = Header(Kind.INIT, length=payload.numel(), flag=len(self._plan[server]), sender=self.rank)
+            offer = self._shared.get(server) or offers.get(server)
+            token = offer[0] if offer else 0
+            header = Header(
+                Kind.INIT, step=token, length=payload.numel(), flag=len(self._plan[server]), sender=self.rank
+            )
             pending += self.transport.isend(server, header, payload, tag=REQUEST)
         self.transport.finish(pending)
         for server, reply in enumerate(replies):
-            self._receive_params(server, reply)
+            header = self._receive_params(server, reply)
+            offer = offers.get(server)
+            if offer is not None:
+                offer[1].unlink()  # the server unlinked them when it mapped them; gone either way now
+                offer[2].unlink()
+                if header.flag & _SHARED_ACCEPTED:
+                    self._shared[server] = offer
+                    self._reply_buffers[server] = (self._reply_buffers[server][0], offer[2].tensor)
+                    self._push_buffers = []  # rebuilt on the next push, the shared ones in place
+
+    def _offer(self, server: int) -> tuple[int, SharedBlock, SharedBlock] | None:
+        """New push and reply blocks for ``server`` (None: shared memory off, an empty shard, or no room)."""
+        numel = sum(self._params[i].numel() for i in self._plan[server])
+        if not self.shared_memory or not numel:
+            return None
+        token = new_token()
+        push = SharedBlock.create(token, "push", numel)
+        reply = SharedBlock.create(token, "reply", numel) if push is not None else None
+        if push is None or reply is None:
+            if push is not None:
+                push.unlink()
+            return None
+        return token, push, reply
 
     def _post_replies(self, what: str) -> list[tuple[torch.Tensor, Any, torch.Tensor, Any]]:
         """Post every server's reply receives (header and parameters) before sending the requests."""
@@ -435,7 +487,7 @@ class ParameterServer(Strategy):
             head_work = self.transport.post_recv(server, head, tag=REPLY, what=f"{what} (reply header)")
             flat_work = (
                 self.transport.post_recv(server, flat, tag=REPLY + 1, what=f"{what} (parameters)")
-                if flat.numel()
+                if flat.numel() and server not in self._shared  # shared: the weights arrive in the block
                 else None
             )
             replies.append((head, head_work, flat, flat_work))
@@ -458,6 +510,13 @@ class ParameterServer(Strategy):
             )
         if flat_work is not None:
             self.transport.complete(flat_work, flat)
+        elif server in self._shared:
+            if not header.flag & _VIA_SHARED:
+                raise CommError(
+                    f"rank {self.rank}: server rank {server} answered without the shared block it accepted: "
+                    "the processes run different protocol versions"
+                )
+            self.transport.count_shared(received=flat.numel() * flat.element_size())
         offset = 0
         with torch.no_grad():
             for i in self._plan[server]:
@@ -505,9 +564,11 @@ class ParameterServer(Strategy):
         if self.gate is not None:
             self.gate.before_push(self.replica_index, self._pushes)
         replies = self._post_replies(f"the pull after push {self._pushes}")
-        if not self._push_buffers:
+        if not self._push_buffers:  # the shared push block where the server mapped one
             self._push_buffers = [
-                torch.empty(sum(self._params[i].numel() for i in self._plan[s]), dtype=torch.float32)
+                self._shared[s][1].tensor
+                if s in self._shared
+                else torch.empty(sum(self._params[i].numel() for i in self._plan[s]), dtype=torch.float32)
                 for s in range(self.servers)
             ]
         pending = []
@@ -521,16 +582,20 @@ class ParameterServer(Strategy):
                 sizes = [self._params[i].numel() for i in indices]
                 payload = encode_push(self.compressor, f"server{server}", payload, sizes)
                 flag = _PUSH_COMPRESSED
+            elif server in self._shared:
+                flag = _PUSH_SHARED  # the gradient is in the block already: send the header alone
+                self.transport.count_shared(sent=payload.numel() * payload.element_size())
             header = Header(
                 Kind.PUSH, version=self._versions[server], step=step, length=payload.numel(), lr=lr,
                 flag=flag, sender=self.rank,
             )  # fmt: skip
-            pending += self.transport.isend(server, header, payload, tag=REQUEST)
+            wire = None if flag == _PUSH_SHARED else payload
+            pending += self.transport.isend(server, header, wire, tag=REQUEST)
         self.transport.finish(pending)
         seen = []
         for server, reply in enumerate(replies):
             header = self._receive_params(server, reply)
-            staleness = int(header.staleness) if header.flag == 0 else -1
+            staleness = int(header.staleness) if not header.flag & _DROPPED else -1
             seen.append(staleness)
             if staleness >= 0:
                 self._staleness_window.append(staleness)
@@ -613,6 +678,11 @@ class ParameterServer(Strategy):
                     self.transport.send(
                         server, Header(Kind.DONE, sender=self.rank), tag=REQUEST, timeout_s=10
                     )
+        for _, push, reply in self._shared.values():
+            push.unlink()
+            reply.unlink()
+        self._shared.clear()
+        self._push_buffers, self._reply_buffers = [], []
         if self._owns_group:
             shutdown()
             self._owns_group = False
@@ -665,6 +735,7 @@ class _ServerLoop:
         self.dropped: dict[int, int] = {}  # version -> late gradients dropped
         self.pushes = 0
         self.free: list[torch.Tensor] = []  # gradient buffers to reuse once their group is applied
+        self.shared: dict[int, tuple[int, SharedBlock, SharedBlock]] = {}  # worker -> (token, push, reply)
         self.decoder = (
             make_push_codec(strategy.compression, strategy.compression_options)
             if strategy.compression != "none"
@@ -803,7 +874,7 @@ class _ServerLoop:
             self.last_heard[peer] = now
             if peer in self.live:
                 self._handle(peer, header)
-            elif header.kind in (Kind.PUSH, Kind.INIT) and header.length:
+            elif header.kind in (Kind.PUSH, Kind.INIT) and header.length and not self._shared_push(header):
                 # a worker we declared dead came back: drain its payload, do not answer
                 self.transport.recv_payload(peer, torch.empty(header.length, dtype=self._dtype(header)),
                                             tag=REQUEST, what="a late payload")  # fmt: skip
@@ -811,6 +882,10 @@ class _ServerLoop:
                 if now - self.last_heard[worker] > self.s.worker_timeout_s:
                     self._lose(worker, f"silent for {now - self.last_heard[worker]:.1f} s")
             self._maybe_apply()
+
+    @staticmethod
+    def _shared_push(header: Header) -> bool:
+        return header.kind == Kind.PUSH and bool(header.flag & _PUSH_SHARED)
 
     @staticmethod
     def _dtype(header: Header) -> torch.dtype:
@@ -827,17 +902,27 @@ class _ServerLoop:
             f"worker(s) at version {self.version}"
         )
 
-    def _reply(self, worker: int, header: Header, payload: torch.Tensor | None = None) -> None:
+    def _reply(
+        self, worker: int, header: Header, payload: torch.Tensor | None = None, *, shared: bool | None = None
+    ) -> None:
+        """Answer ``worker``; the payload goes through its shared reply block if it has one (``shared``
+        overrides: the answer to the INIT that offers the blocks still goes over the backend)."""
         assert self.transport is not None
+        if payload is not None and (worker in self.shared if shared is None else shared):
+            self.shared[worker][2].tensor.copy_(payload)
+            self.transport.count_shared(sent=payload.numel() * payload.element_size())
+            header.flag |= _VIA_SHARED
+            payload = None
         try:
             self.transport.send(worker, header, payload, tag=REPLY)
         except CommError as error:
             self._lose(worker, f"could not be answered ({str(error)[:160]})")
 
-    def _params_header(self, staleness: float = 0.0, dropped: bool = False) -> Header:
+    def _params_header(self, staleness: float = 0.0, dropped: bool = False, accepted: bool = False) -> Header:
         assert self.flat is not None
+        flag = (_DROPPED if dropped else 0) | (_SHARED_ACCEPTED if accepted else 0)
         return Header(Kind.PARAMS, version=self.version, length=self.flat.numel(), staleness=staleness,
-                      flag=int(dropped), sender=self.rank)  # fmt: skip
+                      flag=flag, sender=self.rank)  # fmt: skip
 
     def _handle(self, peer: int, header: Header) -> None:
         assert self.transport is not None
@@ -864,7 +949,12 @@ class _ServerLoop:
             if sizes != self.sizes:
                 self._reply(peer, Header(Kind.ERROR, flag=_ERROR_LAYOUT, sender=self.rank))
                 return
-            self._reply(peer, self._params_header(), self.flat)
+            token, known = header.step, self.shared.get(peer)
+            if known is not None and known[0] == token:  # a pull after resuming: the blocks are mapped
+                self._reply(peer, self._params_header(accepted=True), self.flat)
+                return
+            accepted = bool(token) and self.s.shared_memory and self._map_shared(peer, token)
+            self._reply(peer, self._params_header(accepted=accepted), self.flat, shared=False)
             return
         if kind == Kind.PUSH:
             if header.flag == _PUSH_COMPRESSED:
@@ -876,6 +966,16 @@ class _ServerLoop:
                     return
                 gradient = decode_push(self.decoder, wire, self.sizes or [])
                 header = Header(header.kind, header.version, header.step, gradient.numel(), header.lr)
+            elif header.flag & _PUSH_SHARED:
+                block = self.shared.get(peer)
+                if block is None or block[1].tensor.numel() != header.length:
+                    raise CommError(
+                        f"server rank {self.rank}: rank {peer} pushed through a shared block this server has "
+                        "not mapped: the processes run different protocol versions"
+                    )
+                gradient = block[1].tensor  # read in place: the worker waits for the reply before writing
+                self.transport.count_shared(received=gradient.numel() * gradient.element_size())
+                self.pushes += 1
             else:
                 gradient = self.free.pop() if self.free and self.free[-1].numel() == header.length else None
                 if gradient is None:
@@ -893,6 +993,20 @@ class _ServerLoop:
             self.pending.append((peer, header.version, float(staleness), gradient, header.lr))
             return
         raise CommError(f"server rank {self.rank}: unexpected {kind.name} from rank {peer}")
+
+    def _map_shared(self, worker: int, token: int) -> bool:
+        """Map ``worker``'s push and reply blocks (unlinking their names); False if not on this machine."""
+        assert self.flat is not None
+        numel = self.flat.numel()
+        push = SharedBlock.attach(token, "push", numel)
+        reply = SharedBlock.attach(token, "reply", numel)
+        if push is None or reply is None:
+            return False
+        self.shared[worker] = (token, push, reply)
+        return True
+
+    def _shared_push_block(self, tensor: torch.Tensor) -> bool:
+        return any(tensor is push.tensor for _, push, _ in self.shared.values())
 
     def _maybe_apply(self) -> None:
         if not self.pending:
@@ -915,7 +1029,8 @@ class _ServerLoop:
                 )
             else:
                 self.grad_flat.add_(gradient, alpha=scale)
-            self.free.append(gradient)
+            if not self._shared_push_block(gradient):
+                self.free.append(gradient)  # a worker's shared block is not ours to reuse
         if len(group) > 1:
             self.grad_flat.div_(len(group))
         lrs = [lr for *_, lr in group if lr > 0]
