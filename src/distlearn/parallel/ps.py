@@ -180,6 +180,12 @@ def decode_push(codec: Any, wire: torch.Tensor, sizes: list[int]) -> torch.Tenso
     return codec.decode(payload, sum(sizes), [(n,) for n in sizes]).float()
 
 
+def _can_live_in(parameter: torch.Tensor, view: torch.Tensor) -> bool:
+    """Whether a worker's parameter may be rebound to a view of its shared reply block (same dtype, CPU,
+    not itself shared: a Hogwild!-style shared parameter must stay where its other users see it)."""
+    return parameter.dtype == view.dtype and parameter.device == view.device and not parameter.is_shared()
+
+
 class ParameterServer(Strategy):
     """Downpour-style asynchronous SGD on parameter servers (see the module docstring for the algorithm).
 
@@ -517,12 +523,19 @@ class ParameterServer(Strategy):
                     "the processes run different protocol versions"
                 )
             self.transport.count_shared(received=flat.numel() * flat.element_size())
+        shared = server in self._shared
         offset = 0
         with torch.no_grad():
             for i in self._plan[server]:
                 p = self._params[i]
-                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                source = flat[offset : offset + p.numel()].view_as(p)
                 offset += p.numel()
+                if p.data_ptr() == source.data_ptr():
+                    continue  # the parameter lives in the shared reply block: the server wrote it there
+                if shared and _can_live_in(p, source):
+                    p.data = source  # from now on the pull costs no copy (the block is ours until we push)
+                else:
+                    p.copy_(source)
         self._versions[server] = header.version
         return header
 
@@ -725,6 +738,8 @@ class _ServerLoop:
         self.flat: torch.Tensor | None = None
         self.grad_flat: torch.Tensor | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.tensors: list[torch.Tensor] = []  # the optimizer's parameters: views of `flat`
+        self._grads_on: torch.Tensor | None = None  # what their gradients are views of
         self.pending: list[tuple[int, int, float, torch.Tensor, float]] = []
         worker_ranks = range(strategy.servers, strategy.world_size)
         self.live = set(worker_ranks)
@@ -795,6 +810,7 @@ class _ServerLoop:
             tensor.grad = self.grad_flat[offset : offset + n]
             tensors.append(tensor)
             offset += n
+        self.tensors, self._grads_on = tensors, self.grad_flat
         spec = self.s.optimizer_spec
         if callable(spec):
             self.optimizer = spec(tensors)
@@ -1005,6 +1021,21 @@ class _ServerLoop:
         self.shared[worker] = (token, push, reply)
         return True
 
+    def _grads_from(self, source: torch.Tensor) -> None:
+        """Make the optimizer's gradients views of ``source`` (a pushed gradient, or the group's mean).
+
+        Saves one copy of the shard per update when a single gradient is applied as it came (from a shared
+        block, or the receive buffer). An optimizer that keeps its own flat gradient (``flat=True``) copies
+        replaced gradients back in itself, so the result is the same either way.
+        """
+        if source is self._grads_on:
+            return
+        offset = 0
+        for tensor in self.tensors:
+            tensor.grad = source[offset : offset + tensor.numel()]
+            offset += tensor.numel()
+        self._grads_on = source
+
     def _shared_push_block(self, tensor: torch.Tensor) -> bool:
         return any(tensor is push.tensor for _, push, _ in self.shared.values())
 
@@ -1021,18 +1052,23 @@ class _ServerLoop:
 
     def _apply(self, group: list[tuple[int, int, float, torch.Tensor, float]]) -> None:
         assert self.optimizer is not None and self.grad_flat is not None and self.flat is not None
-        for index, (_, _, staleness, gradient, _) in enumerate(group):
-            scale = 1.0 / max(1.0, staleness) if self.s.staleness_aware else 1.0
-            if index == 0:
-                torch.mul(gradient, scale, out=self.grad_flat) if scale != 1.0 else self.grad_flat.copy_(
-                    gradient
-                )
-            else:
-                self.grad_flat.add_(gradient, alpha=scale)
+        scales = [1.0 / max(1.0, entry[2]) if self.s.staleness_aware else 1.0 for entry in group]
+        if len(group) == 1 and scales[0] == 1.0:
+            self._grads_from(group[0][3])  # one gradient as it is: the optimizer reads it where it lies
+        else:
+            self._grads_from(self.grad_flat)
+            for index, ((_, _, _, gradient, _), scale) in enumerate(zip(group, scales, strict=True)):
+                if index == 0:
+                    torch.mul(gradient, scale, out=self.grad_flat) if scale != 1.0 else self.grad_flat.copy_(
+                        gradient
+                    )
+                else:
+                    self.grad_flat.add_(gradient, alpha=scale)
+            if len(group) > 1:
+                self.grad_flat.div_(len(group))
+        for _, _, _, gradient, _ in group:
             if not self._shared_push_block(gradient):
                 self.free.append(gradient)  # a worker's shared block is not ours to reuse
-        if len(group) > 1:
-            self.grad_flat.div_(len(group))
         lrs = [lr for *_, lr in group if lr > 0]
         if lrs:
             lr = sum(lrs) / len(lrs)
