@@ -47,8 +47,11 @@ Transport: messages are a fixed header plus a payload over c10d point-to-point (
 When a worker and a server share a machine (found out at the first pull: the server can map the shared-memory
 blocks the worker created, :mod:`distlearn.comm.shm`), the payloads -- the pushed gradient and the weights
 of the reply -- go through two blocks both processes map, and only the header travels over the backend:
-one small message each way per push instead of a header and a payload each way through loopback TCP.
-Compressed pushes still send their packed bytes over the backend; ``shared_memory=False``
+one small message each way per push instead of a header and a payload each way through loopback TCP. The
+server's optimizer reads a single pushed gradient in the block, and the worker's parameters are rebound to
+views of its reply block at the first shared pull, so neither side copies the shard (a parameter that
+something else rebound since is copied into instead). Compressed pushes still send their packed bytes
+over the backend; ``shared_memory=False``
 (``--no-ps-shared-memory``) sends everything over the backend, as between machines.
 
 Fault handling: workers send heartbeats (a header without payload) every ``worker_timeout / 4`` seconds; a
