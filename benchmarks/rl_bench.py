@@ -51,6 +51,10 @@ def _env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", SDL_VIDEODRIVER="dummy", PYTHONUNBUFFERED="1")
 
 
+# labels of the benchmark that are an algorithm with options
+VARIANTS = {"a3c-ps": ("a3c", ("--servers", "1"))}  # A3C's shared model on a parameter-server rank
+
+
 def run_ours(
     algorithm: str,
     workers: int,
@@ -60,11 +64,13 @@ def run_ours(
     env: str = "CartPole-v1",
     extra: tuple[str, ...] = (),
 ) -> dict:
+    name, variant = VARIANTS.get(algorithm, (algorithm, ()))
     command = [
         sys.executable,
         "-m",
         "distlearn.rl.cli",
-        algorithm,
+        name,
+        *variant,
         "--env",
         env,
         "--workers",
@@ -161,7 +167,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=1, help="first seed of --seeds")
-    parser.add_argument("--algorithms", default="sync-pg,a3c,naive,gorila")
+    parser.add_argument("--algorithms", default="sync-pg,a3c,naive,gorila", help="also: a3c-ps")
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--time-limit", type=float, default=300.0, help="cap per run (seconds)")
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True)

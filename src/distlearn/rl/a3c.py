@@ -22,6 +22,18 @@ returns go to the parent process through a queue, and the parent decides when th
 learning rate decays linearly to 0 over ``--total-steps`` as in the paper. Tuning: ``--lr`` (2e-3 for
 CartPole), ``--rollout-steps`` (t_max, 5-20; 10 here), ``--entropy-coef`` 0.01.
 
+**Across machines** (``--servers S``, the issue's "the shared model lives on a parameter-server rank"):
+the job is ``S + R`` torchrun ranks; ranks ``0 .. S-1`` are distlearn's parameter servers
+(:class:`distlearn.parallel.ps.ParameterServer`, the same transport as ``--strategy ps``) holding ``theta``
+and the RMSProp statistics ``g`` (the server's optimizer *is* the shared RMSProp), and each of the ``R``
+actor-learner ranks loops: roll out ``t_max`` steps with the weights it last pulled, compute ``d theta``,
+push it and pull the new ``theta`` -- Algorithm S3 with the copy ``theta' <- theta`` done by the pull. The
+servers record each update's staleness (``ps-server<rank>.json``). Episode returns and the global step
+count go through the job's c10d store (an atomic counter and an append-only list), so the first
+actor-learner rank can decide "solved" over every worker's episodes and tell the others to stop. With one
+worker the run equals the shared-memory one with one worker (test), and on one machine the pair moves its
+payloads through shared memory anyway.
+
 Every process ends by itself: workers stop on the shared stop flag, at the step budget, or when the parent
 disappears; the parent joins them with a deadline, then terminates and kills stragglers. A worker that
 dies is reported and the others carry on.
@@ -40,7 +52,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from distlearn.errors import CommError
+from distlearn.errors import CommError, ConfigError
 from distlearn.optim import RMSProp
 from distlearn.rl.common import (
     ActorCritic,
@@ -62,14 +74,24 @@ RMSPROP_DECAY = 0.99  # the paper's alpha
 RMSPROP_EPS = 1e-5
 
 
-def shared_rmsprop(model: torch.nn.Module, lr: float, state: list[torch.Tensor] | None = None) -> RMSProp:
-    """distlearn's RMSProp on ``model`` with its statistics (``s + eps``) in shared memory.
+def shared_rmsprop(
+    model: torch.nn.Module | list[torch.Tensor],
+    lr: float,
+    state: list[torch.Tensor] | None = None,
+    *,
+    share: bool = True,
+) -> RMSProp:
+    """distlearn's RMSProp on ``model`` (or a list of tensors) with its statistics (``s + eps``) in shared
+    memory (``share=False``: in the process's own memory, as on a parameter server).
 
     Pass the ``state`` tensors of another process's optimizer to share them (the A3C workers do).
     """
-    optimizer = RMSProp(model.parameters(), lr=lr, decay=RMSPROP_DECAY, eps=RMSPROP_EPS)
-    params = list(model.parameters())
-    state = state or [torch.full_like(p, RMSPROP_EPS).share_memory_() for p in params]
+    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else list(model)
+    optimizer = RMSProp(params, lr=lr, decay=RMSPROP_DECAY, eps=RMSPROP_EPS)
+    state = state or [
+        torch.full_like(p, RMSPROP_EPS).share_memory_() if share else torch.full_like(p, RMSPROP_EPS)
+        for p in params
+    ]
     for param, square_avg_eps in zip(params, state, strict=True):
         optimizer.state[param] = {"step": 0, "square_avg_eps": square_avg_eps}
     return optimizer
@@ -83,6 +105,8 @@ def run_a3c(config: RLConfig, *, fail_worker: int | None = None) -> dict[str, An
     config = resolve(config, "a3c")
     torch.set_num_threads(1)
     out = Path(config.out or "runs/rl-a3c")
+    if config.servers:
+        return _run_on_servers(config, out, fail=fail_worker)
     probe = EnvPool(config.env, 1, config.seed)
     obs_dim, num_actions = probe.obs_dim, probe.num_actions
     probe.close()
@@ -247,3 +271,142 @@ def _actor_learner(
             results.join_thread()
             os._exit(3)
     envs.close()
+
+
+# -- across machines: the shared model on parameter-server ranks ------------------------------------------
+
+_STEPS, _RETURNS, _STOP = "distlearn/a3c/env_steps", "distlearn/a3c/returns", "distlearn/a3c/stop"
+_CHECK_EVERY_S = 0.25  # how often the first worker reads every worker's returns for the solved test
+
+
+def _run_on_servers(config: RLConfig, out: Path, *, fail: int | None = None) -> dict[str, Any]:
+    """This rank's part of an A3C job whose shared weights and RMSProp live on ``config.servers`` ranks."""
+    import torch.distributed as dist
+
+    from distlearn.launch import in_torchrun
+    from distlearn.parallel.ps import ParameterServer
+
+    if not in_torchrun() and not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError(
+            f"a3c --servers {config.servers} runs as a torchrun job of servers + workers ranks: use "
+            f"`distlearn rl a3c --servers {config.servers} --workers R`"
+        )
+    strategy = ParameterServer(
+        servers=config.servers,
+        optimizer=lambda tensors: shared_rmsprop(tensors, config.lr, share=False),
+        lr=config.lr,
+        timeout_s=config.timeout,
+        worker_timeout_s=config.timeout,
+        out=out,
+    )
+    strategy.setup(config.seed)
+    try:
+        if not strategy.trains:
+            strategy.serve()
+            return {"algorithm": "a3c", "rank": strategy.rank, "role": "server", "main": False}
+        return _remote_actor_learner(config, strategy, out, fail=fail == strategy.replica_index)
+    finally:
+        strategy.close()
+
+
+def _remote_actor_learner(config: RLConfig, strategy: Any, out: Path, *, fail: bool) -> dict[str, Any]:
+    """Worker ``k`` of ``--servers S``: roll out with the pulled theta, push d theta, pull; the first worker
+    also gathers everyone's returns from the store, logs, decides "solved" and saves the policy."""
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()  # the job's c10d store (torchrun's rendezvous)
+    k, main = strategy.replica_index, strategy.is_main
+    first_env = k * config.num_envs
+    envs = EnvPool(config.env, config.num_envs, config.seed, first_index=first_env)
+    generators = env_generators(config.seed, first_env, config.num_envs)
+    torch.manual_seed(config.seed)  # every rank builds the same initial theta (the first INIT sets it)
+    model = ActorCritic(envs.obs_dim, envs.num_actions, image_shape=envs.image_shape)
+    lr_carrier = torch.optim.SGD(model.parameters(), lr=config.lr)  # its lr travels with each push
+    strategy.prepare(model, lr_carrier)  # the first pull: theta' <- theta
+    own = EpisodeStats()
+    everyone = EpisodeStats(solved_threshold(config.env))
+    metrics = (
+        RLMetrics(out, role="a3c-worker", world_size=strategy.workers, algorithm="a3c", env_id=config.env,
+                  quiet=config.quiet)  # fmt: skip
+        if main
+        else None
+    )
+    start = last_log = last_check = time.perf_counter()
+    read, updates = 0, 0
+    while True:
+        steps_done = store.add(_STEPS, 0)
+        if steps_done >= config.total_steps or time.perf_counter() - start > config.time_limit:
+            break
+        if store.check([_STOP]):
+            break
+        if config.anneal_lr:  # the paper anneals eta linearly to 0 over the run; the server uses this lr
+            lr_carrier.param_groups[0]["lr"] = config.lr * max(0.0, 1.0 - steps_done / config.total_steps)
+        before = own.env_steps
+        rollout = collect_rollout(model, envs, config.rollout_steps, generators, own)
+        with torch.no_grad():
+            _, bootstrap = model(rollout.next_obs)
+        returns = n_step_returns(rollout.rewards, rollout.dones, bootstrap, config.gamma)
+        loss, _ = policy_gradient_loss(
+            model,
+            rollout.obs.reshape(-1, envs.obs_dim),
+            rollout.actions.reshape(-1),
+            (returns - rollout.values).reshape(-1),
+            returns.reshape(-1),
+            value_coef=config.value_coef,
+            entropy_coef=config.entropy_coef,
+        )
+        model.zero_grad()
+        loss.backward()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        strategy.before_step(model, lr_carrier, updates)  # push d theta; pull theta (the servers' RMSProp)
+        updates += 1
+        store.add(_STEPS, own.env_steps - before)
+        if own.recent:
+            store.append(_RETURNS, "".join(f"{value!r}," for value in own.recent))
+            own.recent.clear()
+        if fail:
+            os._exit(3)
+        if metrics is None:
+            continue
+        metrics.add_staleness(max(strategy.staleness_seen[-1]))
+        now = time.perf_counter()
+        if now - last_check >= _CHECK_EVERY_S:
+            last_check = now
+            read = _gather(store, everyone, read)
+            if everyone.solved and config.stop_when_solved:
+                store.set(_STOP, "solved")
+                break
+        if now - last_log >= config.log_every:
+            last_log = now
+            metrics.log(strategy._versions[0], everyone)
+    envs.close()
+    if metrics is None:
+        return {"algorithm": "a3c", "rank": strategy.rank, "role": "worker", "main": False, "pushes": updates}
+    store.set(_STOP, "done")  # the budget or the time limit: the other workers stop too
+    _gather(store, everyone, read)
+    summary = metrics.log(strategy._versions[0], everyone, kind="summary")
+    metrics.close()
+    save_policy(out / "policy.pt", model, config.env, algorithm="a3c", updates=strategy._versions[0])
+    return {
+        "algorithm": "a3c",
+        "workers": strategy.workers,
+        "servers": config.servers,
+        "rank": strategy.rank,
+        "main": True,
+        "env_steps": everyone.env_steps,
+        "updates": strategy._versions[0],
+        "seconds": time.perf_counter() - start,
+        "solved_env_steps": everyone.solved_at[0] if everyone.solved_at else None,
+        "solved_seconds": everyone.solved_at[1] if everyone.solved_at else None,
+        "final_return": everyone.mean_return,
+        "env_steps_per_s": summary.samples_per_s,
+    }
+
+
+def _gather(store: Any, stats: EpisodeStats, read: int) -> int:
+    """Add the returns appended to the store since byte ``read`` (and the steps since) to ``stats``."""
+    text = store.get(_RETURNS).decode() if store.check([_RETURNS]) else ""
+    new = [float(v) for v in text[read:].split(",") if v]
+    stats.add(new, int(store.add(_STEPS, 0)) - stats.env_steps)
+    return len(text)

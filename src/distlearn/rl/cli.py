@@ -2,13 +2,14 @@
 
     distlearn rl sync-pg --env CartPole-v1 --workers 2          # R replicas, gradients allreduced
     distlearn rl a3c --env CartPole-v1 --workers 2              # R actor-learners on shared memory
+    distlearn rl a3c --env CartPole-v1 --workers 2 --servers 1  # ... the shared model on a server rank
     distlearn rl naive --env CartPole-v1 --workers 2            # R rollout workers + 1 learner rank
     distlearn rl gorila --env CartPole-v1 --workers 2           # 1 parameter server + R actor/learner bundles
     distlearn rl play runs/rl-sync-pg/policy.pt --gif docs/img/rl-cartpole.gif
 
 ``--workers R`` on one machine starts torchrun on 127.0.0.1 (R ranks for sync-pg, R + 1 for naive and
-gorila); A3C uses ``torch.multiprocessing``. Every run writes ``OUT/metrics.jsonl`` (distlearn's metrics
-records) and ``OUT/policy.pt``.
+gorila, R + S for a3c with ``--servers S``); A3C without servers uses ``torch.multiprocessing``. Every
+run writes ``OUT/metrics.jsonl`` (distlearn's metrics records) and ``OUT/policy.pt``.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def to_argv(config: RLConfig) -> list[str]:
     return argv
 
 
-def _processes(name: str, workers: int) -> int:
-    return workers + 1 if name in ("naive", "gorila") else workers
+def _processes(name: str, workers: int, servers: int = 0) -> int:
+    return workers + 1 if name in ("naive", "gorila") else workers + servers
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_tools.from_args(RLConfig, args)
     if config.out is None:
         config = dataclasses.replace(config, out=f"runs/rl-{name}")
-    nproc = _processes(name, config.workers)
-    if name != "a3c" and not in_torchrun() and (nproc > 1 or name in ("naive", "gorila")):
+    nproc = _processes(name, config.workers, config.servers)
+    if (name != "a3c" or config.servers) and not in_torchrun() and (nproc > 1 or name in ("naive", "gorila")):
         if os.environ.get(ENV_LAUNCHED):
             raise RuntimeError("a launched worker tried to launch workers")  # never happens via the CLI
         # the workers run this module directly, so the same command works before and after registration
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             program, nproc, timeout_s=config.time_limit + 5 * config.timeout + 60, threads_per_worker=1
         )
     summary = run_algorithm(name, config)
-    if summary.get("rank", 0) == 0:
+    if summary.get("main", summary.get("rank", 0) == 0):  # one summary per job (a3c --servers: a worker's)
         print(json.dumps(summary), file=sys.stderr)
     return 0
 

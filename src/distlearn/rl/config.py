@@ -28,6 +28,9 @@ class RLConfig:
     workers: int = _f(
         1, "R: rollout workers (naive), actor-learners (a3c), bundles (gorila), replicas (sync-pg)"
     )
+    servers: int = _f(
+        0, "a3c: 0 = shared memory on one machine; S >= 1 = theta and RMSProp on S parameter-server ranks"
+    )
     seed: int = _f(1, "random seed; worker k's environments use seed + their global index")
     out: str | None = _f(None, "run directory: metrics.jsonl and policy.pt (default: runs/rl-<algorithm>)")
     total_steps: int | None = _f(None, "stop after this many environment steps (all workers together)")
@@ -102,6 +105,12 @@ def resolve(config: RLConfig, algorithm: str) -> RLConfig:
             "--minibatches must divide --rollout-steps (PPO splits the rollout's time steps)",
         ),
         ("timeout", config.timeout > 0, "use e.g. --timeout 60"),
+        (
+            "servers",
+            config.servers >= 0 and (config.servers == 0 or algorithm == "a3c"),
+            "--servers S >= 1 puts A3C's shared model on parameter-server ranks; the other algorithms "
+            "take no --servers (Gorila always has one server rank)",
+        ),
         ("total_steps", config.total_steps >= 1, "use e.g. --total-steps 200000"),
         (
             "batch_size",
