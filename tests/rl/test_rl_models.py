@@ -1,8 +1,9 @@
-"""Image observations (MinAtar) through the shared models, and EnvPool's terminal/truncation bookkeeping."""
+"""Image observations (MinAtar, Atari) through the shared models; EnvPool's end-of-episode bookkeeping."""
 
 from __future__ import annotations
 
 import gymnasium
+import numpy as np
 import pytest
 import torch
 
@@ -50,3 +51,26 @@ def test_minatar_breakout_gives_image_observations():
     assert pool.image_shape == (10, 10, 4) and pool.obs.shape == (2, 400) and pool.num_actions == 3
     q = QNetwork(pool.obs_dim, pool.num_actions, image_shape=pool.image_shape)
     assert q(pool.obs).shape == (2, 3)
+
+
+def test_atari_pong_gives_stacked_84x84_frames_and_the_nature_torso(tmp_path):
+    pytest.importorskip("ale_py")
+    pool = EnvPool("ALE/Pong-v5", 1, 0)
+    assert pool.image_shape == (84, 84, 4) and pool.obs.shape == (1, 84 * 84 * 4) and pool.num_actions == 6
+    frames = pool.obs.reshape(84, 84, 4)
+    assert float(frames.min()) >= 0 and float(frames.max()) <= 1
+    assert all(torch.equal(frames[..., 0], frames[..., c]) for c in range(4))  # reset: the frame 4 times
+    for _ in range(20):
+        pool.step(torch.tensor([0]))
+    frames = pool.obs.reshape(84, 84, 4)
+    assert not torch.equal(frames[..., 0], frames[..., 3])  # the stack moves: oldest first, newest last
+    env = pool.envs[0]
+    before = env._stacked()
+    env.step(0)
+    assert np.array_equal(env._stacked()[..., :3], before[..., 1:])  # one frame in, the oldest out
+    model = QNetwork(pool.obs_dim, pool.num_actions, image_shape=pool.image_shape)
+    assert [type(m).__name__ for m in model.net[:7]] == ["ImageInput", *["Conv2d", "ReLU"] * 3]
+    assert model(pool.obs).shape == (1, 6)
+    path = save_policy(tmp_path / "policy.pt", model, "ALE/Pong-v5")
+    restored, _ = load_policy(path)
+    assert torch.equal(restored(pool.obs), model(pool.obs))

@@ -1,7 +1,8 @@
 """What every distributed RL algorithm here shares, written once: environments, models, returns, metrics.
 
 * :func:`make_env` / :class:`EnvPool`: gymnasium environments (CartPole-v1, Acrobot-v1, MinAtar's
-  ``MinAtar/Breakout-v1`` ... when ``minatar`` is installed), each seeded, stepped together, reset in place
+  ``MinAtar/Breakout-v1`` ... when ``minatar`` is installed, Atari's ``ALE/Pong-v5`` ... when ``ale-py`` is:
+  84x84 grayscale frames, 4 stacked, :class:`AtariFrames`), each seeded, stepped together, reset in place
   when an episode ends, with the returns of finished episodes collected.
 * :class:`ActorCritic` (policy ``pi(a|s)`` and value ``V(s)``, two tanh MLPs as in CleanRL's PPO) and
   :class:`QNetwork` (``Q(s, .)`` for DQN/Gorila).
@@ -84,19 +85,74 @@ def _gymnasium():
 def make_env(env_id: str, seed: int, *, render_mode: str | None = None) -> Any:
     """A gymnasium environment ``env_id`` with discrete actions, reset with ``seed``.
 
-    Raises :class:`ConfigError` for an unknown id or a continuous action space.
+    Atari games (``ALE/...``, with ``ale-py``) come as :class:`AtariFrames`. Raises :class:`ConfigError` for
+    an unknown id or a continuous action space.
     """
     gymnasium = _gymnasium()
+    if env_id.startswith("ALE/") and env_id not in gymnasium.registry:
+        with contextlib.suppress(ImportError):  # the optional extra `distlearn[atari]`
+            import ale_py
+
+            gymnasium.register_envs(ale_py)
     if env_id not in gymnasium.registry:
-        hint = " (MinAtar games need `pip install minatar`)" if env_id.startswith("MinAtar") else ""
+        hint = ""
+        if env_id.startswith("MinAtar"):
+            hint = " (MinAtar games need `pip install minatar`)"
+        elif env_id.startswith("ALE/"):
+            hint = " (Atari games need `pip install ale-py`)"
         raise ConfigError(f"unknown environment {env_id!r}{hint}; try --env CartPole-v1 or Acrobot-v1")
-    env = gymnasium.make(env_id, render_mode=render_mode)
+    if env_id.startswith("ALE/"):  # v5: 4 frames per action, sticky actions 0.25 (Machado et al. 2018)
+        env = AtariFrames(gymnasium.make(env_id, obs_type="grayscale", render_mode=render_mode))
+    else:
+        env = gymnasium.make(env_id, render_mode=render_mode)
     if not isinstance(env.action_space, gymnasium.spaces.Discrete):
         env.close()
         raise ConfigError(f"{env_id} has {env.action_space} actions; distlearn rl needs discrete actions")
     env.reset(seed=seed)
     env.action_space.seed(seed)
     return env
+
+
+class AtariFrames:
+    """An Atari game as the DQN papers feed it (Mnih et al. 2015): the screen in grayscale, downsampled to
+    84 x 84 in [0, 1], the last 4 frames stacked as channels (``[84, 84, 4]``, channels last like MinAtar).
+
+    Where we differ: the downsampling is torch's area interpolation (no OpenCV dependency), and there is no
+    max over the last two raw frames (ALE v5's sticky actions and frame skip 4 are kept as they are).
+    """
+
+    def __init__(self, env: Any, size: int = 84, stack: int = 4) -> None:
+        import gymnasium
+
+        self.env, self.size = env, size
+        self.frames: deque[np.ndarray] = deque(maxlen=stack)
+        self.observation_space = gymnasium.spaces.Box(0.0, 1.0, (size, size, stack), np.float32)
+        self.action_space = env.action_space
+
+    def _frame(self, screen: np.ndarray) -> np.ndarray:
+        image = torch.as_tensor(np.asarray(screen), dtype=torch.float32)[None, None] / 255.0
+        return torch.nn.functional.interpolate(image, size=(self.size, self.size), mode="area")[0, 0].numpy()
+
+    def _stacked(self) -> np.ndarray:
+        return np.stack(self.frames, axis=-1)
+
+    def reset(self, **kwargs: Any) -> tuple[np.ndarray, dict]:
+        screen, info = self.env.reset(**kwargs)
+        frame = self._frame(screen)
+        for _ in range(self.frames.maxlen or 1):
+            self.frames.append(frame)
+        return self._stacked(), info
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        screen, reward, terminated, truncated, info = self.env.step(action)
+        self.frames.append(self._frame(screen))
+        return self._stacked(), reward, terminated, truncated, info
+
+    def render(self) -> Any:
+        return self.env.render()
+
+    def close(self) -> None:
+        self.env.close()
 
 
 def solved_threshold(env_id: str) -> float | None:
@@ -195,11 +251,23 @@ class ImageInput(nn.Module):
 
 
 def _torso(obs_dim: int, image_shape: tuple[int, int, int] | None, hidden: int, activation: type) -> list:
-    """First layers: ``Linear(obs_dim, hidden)`` for vector states; for images, MinAtar's network (Young and
-    Tian 2019): one 3x3 convolution with 16 filters, stride 1, ReLU, then ``Linear(., hidden)``."""
+    """First layers: ``Linear(obs_dim, hidden)`` for vector states; for small images, MinAtar's network
+    (Young and Tian 2019): one 3x3 convolution with 16 filters, stride 1, ReLU, then ``Linear(., hidden)``;
+    for Atari-sized images (32 pixels or more) the Nature DQN's three convolutions (Mnih et al. 2015:
+    32 8x8 stride 4, 64 4x4 stride 2, 64 3x3 stride 1, ReLUs), then ``Linear(., hidden)``."""
     if image_shape is None:
         return [_layer(obs_dim, hidden), activation()]
     height, width, channels = image_shape
+    if min(height, width) >= 32:
+        convs = [nn.Conv2d(channels, 32, 8, stride=4), nn.Conv2d(32, 64, 4, stride=2), nn.Conv2d(64, 64, 3)]
+        layers: list[nn.Module] = [ImageInput(image_shape)]
+        for conv in convs:
+            nn.init.orthogonal_(conv.weight, math.sqrt(2))
+            nn.init.zeros_(conv.bias)
+            layers += [conv, nn.ReLU()]
+        with torch.no_grad():
+            flat = nn.Sequential(*layers)(torch.zeros(1, obs_dim)).numel()
+        return [*layers, nn.Flatten(), _layer(flat, hidden), activation()]
     conv = nn.Conv2d(channels, 16, kernel_size=3, stride=1)
     nn.init.orthogonal_(conv.weight, math.sqrt(2))
     nn.init.zeros_(conv.bias)
