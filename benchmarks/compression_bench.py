@@ -49,7 +49,7 @@ GROUPS = {  # each group is one torchrun job (< 15 min here) with its own dense 
     "powersgd-r2 (torch hook)",
     "longer": "dense,onebit,threshold-0.02",  # with --epochs 2: do the error-feedback codecs catch up?
     "lower-lr": "dense,onebit,threshold,randomk-1%",  # with --lr 0.01
-    # the goals with 3 seeds: --train-samples 60000 --epochs 2 --schedule cosine --seeds 0,1,2 --eval-every 235
+    # the goals, 3 seeds: --train-samples 60000 --epochs 2 --schedule cosine --seeds 0,1,2 --eval-every 235
     "goals": "dense,onebit,onebit-m,topk-0.1%,dgc-0.1%,powersgd-r2,powersgd-r2 (torch hook)",
     "cifar": "dense,onebit,topk-0.1%,dgc-0.1%,powersgd-r2,powersgd-r2 (our DDP hook),"
     "powersgd-r2 (torch hook)",
