@@ -190,6 +190,29 @@ def run_a3c(config: RLConfig, *, fail_worker: int | None = None) -> dict[str, An
     }
 
 
+def _rollout_gradient(
+    model: ActorCritic, envs: EnvPool, generators: Any, stats: EpisodeStats, config: RLConfig
+) -> None:
+    """Run ``t_max`` steps with ``model`` and leave A3C's clipped gradient ``d theta`` in its ``.grad``."""
+    rollout = collect_rollout(model, envs, config.rollout_steps, generators, stats)
+    with torch.no_grad():
+        _, bootstrap = model(rollout.next_obs)
+    returns = n_step_returns(rollout.rewards, rollout.dones, bootstrap, config.gamma)
+    loss, _ = policy_gradient_loss(
+        model,
+        rollout.obs.reshape(-1, envs.obs_dim),
+        rollout.actions.reshape(-1),
+        (returns - rollout.values).reshape(-1),
+        returns.reshape(-1),
+        value_coef=config.value_coef,
+        entropy_coef=config.entropy_coef,
+    )
+    model.zero_grad()
+    loss.backward()
+    if config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+
+
 def _join_all(workers: list[Any], results: Any, record: Any, deadline_s: float) -> None:
     """Join every worker within ``deadline_s`` (recording what is still in the queue, so none blocks on a
     full pipe), then terminate, then kill what is left."""
@@ -240,23 +263,7 @@ def _actor_learner(
         local.load_state_dict(shared_model.state_dict())  # theta' <- theta
         version = counters[0]
         before = stats.env_steps
-        rollout = collect_rollout(local, envs, config.rollout_steps, generators, stats)
-        with torch.no_grad():
-            _, bootstrap = local(rollout.next_obs)
-        returns = n_step_returns(rollout.rewards, rollout.dones, bootstrap, config.gamma)
-        loss, _ = policy_gradient_loss(
-            local,
-            rollout.obs.reshape(-1, envs.obs_dim),
-            rollout.actions.reshape(-1),
-            (returns - rollout.values).reshape(-1),
-            returns.reshape(-1),
-            value_coef=config.value_coef,
-            entropy_coef=config.entropy_coef,
-        )
-        local.zero_grad()
-        loss.backward()
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(local.parameters(), config.max_grad_norm)
+        _rollout_gradient(local, envs, generators, stats, config)  # d theta in local's .grad
         for shared, own in zip(shared_params, local.parameters(), strict=True):
             shared.grad = own.grad
         optimizer.step()  # Hogwild!: no lock around the shared weights and statistics
@@ -326,8 +333,14 @@ def _remote_actor_learner(config: RLConfig, strategy: Any, out: Path, *, fail: b
     own = EpisodeStats()
     everyone = EpisodeStats(solved_threshold(config.env))
     metrics = (
-        RLMetrics(out, role="a3c-worker", world_size=strategy.workers, algorithm="a3c", env_id=config.env,
-                  quiet=config.quiet)  # fmt: skip
+        RLMetrics(
+            out,
+            role="a3c-worker",
+            world_size=strategy.workers,
+            algorithm="a3c",
+            env_id=config.env,
+            quiet=config.quiet,
+        )  # fmt: skip
         if main
         else None
     )
@@ -342,23 +355,7 @@ def _remote_actor_learner(config: RLConfig, strategy: Any, out: Path, *, fail: b
         if config.anneal_lr:  # the paper anneals eta linearly to 0 over the run; the server uses this lr
             lr_carrier.param_groups[0]["lr"] = config.lr * max(0.0, 1.0 - steps_done / config.total_steps)
         before = own.env_steps
-        rollout = collect_rollout(model, envs, config.rollout_steps, generators, own)
-        with torch.no_grad():
-            _, bootstrap = model(rollout.next_obs)
-        returns = n_step_returns(rollout.rewards, rollout.dones, bootstrap, config.gamma)
-        loss, _ = policy_gradient_loss(
-            model,
-            rollout.obs.reshape(-1, envs.obs_dim),
-            rollout.actions.reshape(-1),
-            (returns - rollout.values).reshape(-1),
-            returns.reshape(-1),
-            value_coef=config.value_coef,
-            entropy_coef=config.entropy_coef,
-        )
-        model.zero_grad()
-        loss.backward()
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        _rollout_gradient(model, envs, generators, own, config)  # d theta in model's .grad
         strategy.before_step(model, lr_carrier, updates)  # push d theta; pull theta (the servers' RMSProp)
         updates += 1
         store.add(_STEPS, own.env_steps - before)
