@@ -297,7 +297,6 @@ class ParameterServer(Strategy):
         self._reply_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._push_buffers: list[torch.Tensor] = []
         self._shared: dict[int, tuple[int, SharedBlock, SharedBlock]] = {}  # server -> (token, push, reply)
-        self.shared_bytes = 0  # payload bytes moved through shared memory (also counted in bytes_sent)
         self._heartbeat: threading.Thread | None = None
         self._stop = threading.Event()
         self._heartbeat_error: BaseException | None = None
@@ -443,27 +442,30 @@ class ParameterServer(Strategy):
         """
         assert self.transport is not None
         offers = {s: self._offer(s) for s in range(self.servers) if s not in self._shared}
-        replies = self._post_replies("the initial pull" if initial else "the pull after resuming")
-        pending = []
-        for server in range(self.servers):
-            payload = self._shard_values(server)
-            offer = self._shared.get(server) or offers.get(server)
-            token = offer[0] if offer else 0
-            header = Header(
-                Kind.INIT, step=token, length=payload.numel(), flag=len(self._plan[server]), sender=self.rank
-            )
-            pending += self.transport.isend(server, header, payload, tag=REQUEST)
-        self.transport.finish(pending)
-        for server, reply in enumerate(replies):
-            header = self._receive_params(server, reply)
-            offer = offers.get(server)
-            if offer is not None:
-                offer[1].unlink()  # the server unlinked them when it mapped them; gone either way now
-                offer[2].unlink()
-                if header.flag & _SHARED_ACCEPTED:
+        try:
+            replies = self._post_replies("the initial pull" if initial else "the pull after resuming")
+            pending = []
+            for server in range(self.servers):
+                payload = self._shard_values(server)
+                offer = self._shared.get(server) or offers.get(server)
+                header = Header(
+                    Kind.INIT, step=offer[0] if offer else 0, length=payload.numel(),
+                    flag=len(self._plan[server]), sender=self.rank,
+                )  # fmt: skip
+                pending += self.transport.isend(server, header, payload, tag=REQUEST)
+            self.transport.finish(pending)
+            for server, reply in enumerate(replies):
+                header = self._receive_params(server, reply)
+                offer = offers.get(server)
+                if offer is not None and header.flag & _SHARED_ACCEPTED:
                     self._shared[server] = offer
                     self._reply_buffers[server] = (self._reply_buffers[server][0], offer[2].tensor)
                     self._push_buffers = []  # rebuilt on the next push, the shared ones in place
+        finally:  # a server that mapped the blocks unlinked them; the rest go here, even after an error
+            for offer in offers.values():
+                if offer is not None:
+                    offer[1].unlink()
+                    offer[2].unlink()
 
     def _offer(self, server: int) -> tuple[int, SharedBlock, SharedBlock] | None:
         """New push and reply blocks for ``server`` (None: shared memory off, an empty shard, or no room)."""
@@ -694,10 +696,7 @@ class ParameterServer(Strategy):
                     self.transport.send(
                         server, Header(Kind.DONE, sender=self.rank), tag=REQUEST, timeout_s=10
                     )
-        for _, push, reply in self._shared.values():
-            push.unlink()
-            reply.unlink()
-        self._shared.clear()
+        self._shared.clear()  # names were unlinked at the pull; the mappings go with the tensors
         self._push_buffers, self._reply_buffers = [], []
         if self._owns_group:
             shutdown()
