@@ -105,13 +105,13 @@ def test_bad_settings_raise_config_error():
 @pytest.mark.timeout(150)
 def test_buckwild_two_processes_train_one_8bit_model(tmp_path):
     config = TrainConfig(
-        dataset="fashion-mnist", model="mlp", optimizer="sgd", lr=0.05, batch_size=64, steps=40,
+        dataset="fashion-mnist", model="mlp", optimizer="sgd", lr=0.05, batch_size=64, steps=100,
         train_samples=2048, test_samples=1000, workers=2, strategy="hogwild", buckwild=True, threads=1,
         checkpoints=False, progress="off", tensorboard="off", quiet=True, out=str(tmp_path),
     )  # fmt: skip
     summaries = launch_hogwild(config, timeout_s=120)
     assert summaries[0]["weights_checksum"] == summaries[1]["weights_checksum"]  # both read the shared codes
-    assert summaries[0]["test_accuracy"] > 0.6  # chance is 0.1
+    assert summaries[0]["test_accuracy"] > 0.6  # chance 0.1; 100 steps: 0.76-0.77 here (40: 0.59-0.70)
     with pytest.raises(ConfigError, match="--buckwild .* belongs to --strategy hogwild"):
         from distlearn.train import validate_config
 
