@@ -94,12 +94,22 @@ def test_synchronous_ranks_fail_within_the_timeout_when_a_peer_dies(tmp_path, na
 
 @pytest.mark.timeout(90)
 def test_gorila_server_goes_on_without_a_dead_bundle(tmp_path):
-    config = _config(tmp_path, learning_starts=64, batch_size=16, total_steps=3000, stop_when_solved=False)
+    config = _config(
+        tmp_path, learning_starts=64, batch_size=16, total_steps=3000, stop_when_solved=False, log_every=0.1
+    )
     results = _wait_all(_start_job("gorila", config, 3), deadline_s=75)
     assert results[1][0] == 3
     assert results[0][0] == 0 and results[2][0] == 0, results[0][1][-2000:] + results[2][1][-2000:]
     summary = json.loads(results[0][1].strip().splitlines()[-1])
     assert summary["env_steps"] >= 3000 and summary["updates"] > 0  # the surviving bundle did the work
+    # the server's learning rate decays linearly to 0 over --total-steps env steps (all bundles together)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert train, "the server logged no train record"
+    for record in train:
+        steps = record["extra"]["env_steps"]
+        assert record["lr"] == pytest.approx(2.5e-4 * max(0.0, 1 - steps / 3000), rel=1e-9, abs=1e-15)
+    assert records[-1]["kind"] == "summary" and records[-1]["lr"] == 0.0  # the last update used lr 0
 
 
 @pytest.mark.timeout(90)

@@ -608,7 +608,15 @@ class RLMetrics:
     def add_staleness(self, value: float) -> None:
         self._staleness.append(float(value))
 
-    def log(self, updates: int, stats: EpisodeStats, *, kind: str = "train", **extra: Any) -> MetricRecord:
+    def log(
+        self,
+        updates: int,
+        stats: EpisodeStats,
+        *,
+        kind: str = "train",
+        lr: float | None = None,
+        **extra: Any,
+    ) -> MetricRecord:
         now = time.perf_counter()
         last_time, last_steps, last_updates = self._last
         elapsed = max(now - last_time, 1e-9)
@@ -617,6 +625,7 @@ class RLMetrics:
             step=updates,
             epoch=0.0,
             wall_time=now - self.start,
+            lr=lr,
             samples_per_s=(stats.env_steps - last_steps) / elapsed
             if kind != "summary"
             else stats.env_steps / max(now - self.start, 1e-9),

@@ -27,12 +27,13 @@ gathers the bundles' episode returns, decides when the job is solved, and answer
 
 Wire format (float32): bundle -> server ``[kind, version, env_steps, n_returns, returns[32], gradient]``;
 server -> bundle ``[kind, version, theta]``. Where we differ: one server rank (the paper shards theta over
-many), Adam instead of AdaGrad, Huber loss, gradient-norm clipping at 10 x ``--max-grad-norm`` and double DQN
-as in later DQNs, and an epsilon schedule far shorter than the paper's Atari one. Defaults (measured on
-CartPole-v1 in docs/rl.md): ``--lr`` 2.5e-4 (CleanRL's), ``--batch-size`` 128, ``--buffer-size`` 100000
-per shard, ``--train-every`` 2, ``--target-every`` 250 server versions, epsilon 1 -> 0.01 over 10000 steps
-per actor. A smaller shard (CleanRL's 10000) forgets the failures once the policy is good and the returns
-collapse; a larger ``--lr`` (1e-3) oscillated between 150 and 450.
+many), Adam instead of AdaGrad, Huber loss, gradient-norm clipping at 10 x ``--max-grad-norm`` and double
+DQN as in later DQNs, and an epsilon schedule far shorter than the paper's Atari one. Defaults (measured on
+CartPole-v1 in docs/rl.md): ``--lr`` 2.5e-4 (CleanRL's), decayed linearly to 0 over ``--total-steps`` env
+steps of all bundles together (``--no-anneal-lr`` keeps it constant), ``--batch-size`` 128,
+``--buffer-size`` 100000 per shard, ``--train-every`` 2, ``--target-every`` 250 server versions, epsilon 1
+-> 0.01 over 10000 steps per actor. A smaller shard (CleanRL's 10000) forgets the failures once the policy
+is good and the returns collapse; a larger ``--lr`` (1e-3) oscillated between 150 and 450.
 
 Failure: a bundle that dies is simply no longer heard from; the server goes on with the others (a receive
 from any source) and stops when none has sent anything for ``--timeout`` seconds. A bundle whose server is
@@ -179,6 +180,7 @@ def _parameter_server(config: RLConfig, world_size: int, out: Path) -> dict[str,
         quiet=config.quiet,
     )
     version, start, last_log, bytes_sent = 0, time.perf_counter(), time.perf_counter(), 0
+    lr = config.lr  # of the last update
     lost: list[str] = []
     while active:
         # the next message from any bundle, in arrival order (gloo's receive-from-any-source)
@@ -196,6 +198,10 @@ def _parameter_server(config: RLConfig, world_size: int, out: Path) -> dict[str,
         if kind == DONE:
             active.discard(k)
             continue
+        if config.anneal_lr:  # eta decays linearly to 0 over --total-steps env steps (all bundles together)
+            lr = config.lr * max(0.0, 1.0 - stats.env_steps / config.total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         offset = HEADER  # apply the gradient: theta <- Adam(theta, g)
         for p in params:
             p.grad = inbox[offset : offset + p.numel()].view_as(p).clone()
@@ -227,8 +233,8 @@ def _parameter_server(config: RLConfig, world_size: int, out: Path) -> dict[str,
             active.discard(k)
         if time.perf_counter() - last_log >= config.log_every:
             last_log = time.perf_counter()
-            metrics.log(version, stats, bytes_sent=bytes_sent)
-    summary = metrics.log(version, stats, kind="summary", bytes_sent=bytes_sent, lost_bundles=lost)
+            metrics.log(version, stats, lr=lr, bytes_sent=bytes_sent)
+    summary = metrics.log(version, stats, kind="summary", lr=lr, bytes_sent=bytes_sent, lost_bundles=lost)
     metrics.close()
     save_policy(out / "policy.pt", model, config.env, algorithm="gorila", updates=version)
     return {
