@@ -209,9 +209,15 @@ def worker(args: argparse.Namespace) -> int:
     )
     local_batch = args.batch // context.world_size
     rows = []
+    if args.resume and Path(args.raw).exists():  # keep what a stopped job measured, run only the rest
+        rows = json.loads(Path(args.raw).read_text())["rows"]
+    done = {(row["label"], row["seed"]) for row in rows}
     try:
         for seed, (label, name, options) in (
-            (seed, run) for seed in args.seeds for run in RUNS if run[0] in args.only.split(",")
+            (seed, run)
+            for seed in args.seeds
+            for run in RUNS
+            if run[0] in args.only.split(",") and (run[0], seed) not in done
         ):
             n_parameters: list[int] = []
             own_momentum = name == "dgc" or bool(options.get("momentum"))  # the codec corrects the momentum
@@ -345,7 +351,8 @@ def report(args: argparse.Namespace, raw: dict[str, Any], seconds: float) -> dic
         "alpha_source": "benchmarks/results/cost_model_fit.json p2p_alpha_s (loopback ping-pong)",
         "target_accuracy": target,
         "compute_s_per_step": timings["compute_s"],
-        "wall_seconds": seconds,
+        "wall_seconds": seconds,  # of this invocation only when --resume ran part of the job before
+        "resumed": bool(args.resume),
         "rows": rows,
         "summary": summary,
         "goals": goals,
@@ -483,7 +490,14 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated run labels (default: the group's)")
     parser.add_argument("--out", default=None, help="run directories (default runs/compression_bench/GROUP)")
     parser.add_argument("--raw", default=None, help="rank 0's raw results (default OUT/raw.json)")
-    parser.add_argument("--timeout", type=float, default=1500)
+    parser.add_argument(
+        "--timeout", type=float, default=1500, help="seconds for the whole job, every run of it together"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already in --raw (a stopped job's) and run only the missing (codec, seed) pairs",
+    )
     parser.add_argument(
         "--tag", default="", help="results file compression_bench-GROUP-TAG.json (keeps old ones)"
     )
