@@ -80,7 +80,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "naive": {"num_envs": 4, "rollout_steps": 128, "lr": 2.5e-3, "gae_lambda": 0.95, "total_steps": 200_000},
     "a3c": {"num_envs": 4, "rollout_steps": 10, "lr": 2e-3, "gae_lambda": 1.0, "total_steps": 300_000},
-    "gorila": {"num_envs": 1, "rollout_steps": 1, "lr": 2.5e-4, "gae_lambda": 1.0, "total_steps": 1_000_000},
+    "gorila": {"num_envs": 1, "rollout_steps": 1, "lr": 2.5e-4, "gae_lambda": 1.0, "total_steps": 400_000},
 }
 
 
