@@ -119,3 +119,55 @@ def test_compare_shows_two_result_files(tmp_path):
     )
     assert done.returncode == 0
     assert "| single process | 50.00 | 50.00 | 100 | 150 | 1.50 |" in done.stdout
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "distlearn", "bench", "--suite", "quick", "--progress", "off", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+@pytest.mark.timeout(300)
+def test_resume_reads_back_finished_runs_and_runs_the_rest(tmp_path):
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    _bench("--only", "single", "--out", str(out), "--runs", str(runs))
+    (runs_dir,) = runs.iterdir()  # quick-<stamp>
+    single_metrics = runs_dir / "single-process" / "metrics.jsonl"
+    before = single_metrics.stat().st_mtime_ns
+
+    # a stopped invocation had finished "single process" and not started DDP
+    _bench("--only", "single,torch DDP", "--out", str(out), "--runs", str(runs), "--resume", str(runs_dir))
+    record = json.loads((out / f"bench-{runs_dir.name}.json").read_text())  # the same time stamp
+    results = {r["label"]: r for r in record["results"]}
+    assert results["single process"]["resumed"] is True and results["single process"]["status"] == "ok"
+    assert single_metrics.stat().st_mtime_ns == before  # read back, not run again
+    assert results["single process"]["final_accuracy"] == collect(runs_dir / "single-process", 0.8)[
+        "final_accuracy"
+    ]
+    ddp = results["torch DDP, R=2"]
+    assert ddp["status"] == "ok" and not ddp.get("resumed")
+    table = (out / f"bench-{runs_dir.name}.md").read_text()
+    assert "1 of 2 rows were read back" in table
+
+    # a run stopped before its summary is run again
+    ddp_metrics = runs_dir / "torch-ddp-r-2" / "metrics.jsonl"
+    lines = ddp_metrics.read_text().splitlines()
+    ddp_metrics.write_text("\n".join(x for x in lines if '"kind": "summary"' not in x) + "\n")
+    _bench("--only", "torch DDP", "--out", str(out), "--runs", str(runs), "--resume", str(runs_dir))
+    record = json.loads((out / f"bench-{runs_dir.name}.json").read_text())
+    (again,) = record["results"]
+    assert again["status"] == "ok" and not again.get("resumed")
+    assert '"kind": "summary"' in ddp_metrics.read_text()
+
+
+def test_resume_refuses_a_directory_of_another_suite(tmp_path):
+    other = tmp_path / "mnist-20261201-000000"
+    other.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "distlearn", "bench", "--suite", "quick", "--resume", str(other)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "not a runs directory of the quick suite" in done.stderr

@@ -49,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compare", nargs=2, metavar=("A.json", "B.json"), help="show two result files side by side"
     )
     parser.add_argument("--progress", choices=("on", "off"), default="on")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUNS_DIR",
+        help="continue a stopped invocation: read back the runs in RUNS_DIR (e.g. runs/bench/"
+        "fashion-mnist-20261201-012903) that finished, run the others; the results keep its time stamp",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,9 +75,19 @@ def run(args: argparse.Namespace) -> int:
 
         suite = replace(suite, data_root=args.data_root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    runs_dir = Path(args.runs) / f"{suite.name}-{stamp}"
+    if args.resume:
+        runs_dir = Path(args.resume)
+        if not runs_dir.is_dir() or not runs_dir.name.startswith(f"{suite.name}-"):
+            raise ConfigError(
+                f"--resume {args.resume}: not a runs directory of the {suite.name} suite; pass the "
+                f"directory a stopped `distlearn bench --suite {suite.name}` made, e.g. "
+                f"{args.runs}/{suite.name}-YYYYMMDD-HHMMSS"
+            )
+        stamp = runs_dir.name.removeprefix(f"{suite.name}-")
     only = [part.strip() for part in args.only.split(",")] if args.only else None
     results = run_suite(
-        suite, Path(args.runs) / f"{suite.name}-{stamp}", progress=args.progress == "on", only=only
+        suite, runs_dir, progress=args.progress == "on", only=only, resume=bool(args.resume)
     )
     env = environment()
     out = Path(args.out)

@@ -20,7 +20,7 @@ from typing import Any
 from distlearn.bench.suites import Entry, Suite
 from distlearn.metrics import read_metrics
 
-__all__ = ["available", "collect", "run_entry", "run_suite", "slug"]
+__all__ = ["available", "collect", "finished_entry", "run_entry", "run_suite", "slug"]
 
 
 def slug(label: str) -> str:
@@ -162,14 +162,34 @@ def collect(run_dir: str | Path, target: float) -> dict[str, Any]:
     }
 
 
+def finished_entry(suite: Suite, entry: Entry, runs_dir: Path) -> dict[str, Any] | None:
+    """The result of ``entry``'s run in ``runs_dir`` if that run finished (wrote its summary), else None."""
+    out = runs_dir / slug(entry.label)
+    try:
+        numbers = collect(out, suite.target)
+    except (ValueError, OSError):  # no run, or one that was stopped before its summary
+        return None
+    base = {"label": entry.label, "strategy": entry.strategy, "workers": entry.workers}
+    return {**base, "flags": list(entry.flags), "status": "ok", "out": str(out), "resumed": True, **numbers}
+
+
 def run_suite(
-    suite: Suite, runs_dir: Path, *, progress: bool = True, only: list[str] | None = None
+    suite: Suite,
+    runs_dir: Path,
+    *,
+    progress: bool = True,
+    only: list[str] | None = None,
+    resume: bool = False,
 ) -> list[dict]:
-    """Run every entry of ``suite`` (or those whose label contains one of ``only``), one after another."""
+    """Run every entry of ``suite`` (or those whose label contains one of ``only``), one after another.
+
+    With ``resume`` the entries whose run in ``runs_dir`` finished (a stopped invocation's) are read back
+    (marked ``"resumed": True``) and only the others run.
+    """
     entries = [e for e in suite.entries if not only or any(o.lower() in e.label.lower() for o in only)]
     runs_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    with open(runs_dir / "bench.log", "w") as log:
+    with open(runs_dir / "bench.log", "a" if resume else "w") as log:
         if progress:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -183,9 +203,11 @@ def run_suite(
                 task = bar.add_task(f"bench {suite.name}", total=len(entries))
                 for entry in entries:
                     bar.update(task, description=f"bench {suite.name}: {entry.label}")
-                    results.append(run_entry(suite, entry, runs_dir, log=log))
+                    done = finished_entry(suite, entry, runs_dir) if resume else None
+                    results.append(done or run_entry(suite, entry, runs_dir, log=log))
                     bar.advance(task)
         else:
             for entry in entries:
-                results.append(run_entry(suite, entry, runs_dir, log=log))
+                done = finished_entry(suite, entry, runs_dir) if resume else None
+                results.append(done or run_entry(suite, entry, runs_dir, log=log))
     return results

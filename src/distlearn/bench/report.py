@@ -134,6 +134,13 @@ def markdown(suite: Any, results: list[dict], env: dict[str, Any]) -> str:
             f"{_fmt(row['vs_single'], '.2f')}x | {_fmt(row['vs_ddp'], '.2f')}x | {row['updates']} | "
             f"{row['bytes_sent'] / 1e6:.1f} | {_fmt(row['mean_staleness'], '.2f')} |"
         )
+    resumed = sum(1 for r in results if r.get("resumed"))
+    if resumed:
+        lines += [
+            "",
+            f"{resumed} of {len(results)} rows were read back from the runs of an earlier, stopped "
+            "invocation in the same runs directory (`--resume`).",
+        ]
     projection_keys = [k for k in (rows[0] if rows else {}) if k.startswith("projected")]
     ok_rows = [r for r in rows if r["status"] == "ok"]
     if ok_rows:
