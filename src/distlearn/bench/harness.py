@@ -63,12 +63,7 @@ def run_entry(suite: Suite, entry: Entry, runs_dir: Path, *, log: Any = None) ->
     """Run one entry and return its raw result (see :func:`collect`); failures are results too."""
     out = runs_dir / slug(entry.label)
     reason = available(entry)
-    base = {
-        "label": entry.label,
-        "strategy": entry.strategy,
-        "workers": entry.workers,
-        "flags": list(entry.flags),
-    }
+    base = _identity(entry)
     if reason is not None:
         return {**base, "status": "not available", "reason": reason}
     command = [
@@ -169,8 +164,13 @@ def finished_entry(suite: Suite, entry: Entry, runs_dir: Path) -> dict[str, Any]
         numbers = collect(out, suite.target)
     except (ValueError, OSError):  # no run, or one that was stopped before its summary
         return None
-    base = {"label": entry.label, "strategy": entry.strategy, "workers": entry.workers}
-    return {**base, "flags": list(entry.flags), "status": "ok", "out": str(out), "resumed": True, **numbers}
+    return {**_identity(entry), "status": "ok", "out": str(out), "resumed": True, **numbers}
+
+
+def _identity(entry: Entry) -> dict[str, Any]:
+    """The fields that name a row in the results, whatever became of its run."""
+    flags = list(entry.flags)
+    return {"label": entry.label, "strategy": entry.strategy, "workers": entry.workers, "flags": flags}
 
 
 def run_suite(
@@ -189,6 +189,11 @@ def run_suite(
     entries = [e for e in suite.entries if not only or any(o.lower() in e.label.lower() for o in only)]
     runs_dir.mkdir(parents=True, exist_ok=True)
     results = []
+
+    def result(entry: Entry) -> dict[str, Any]:
+        done = finished_entry(suite, entry, runs_dir) if resume else None
+        return done or run_entry(suite, entry, runs_dir, log=log)
+
     with open(runs_dir / "bench.log", "a" if resume else "w") as log:
         if progress:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -203,11 +208,8 @@ def run_suite(
                 task = bar.add_task(f"bench {suite.name}", total=len(entries))
                 for entry in entries:
                     bar.update(task, description=f"bench {suite.name}: {entry.label}")
-                    done = finished_entry(suite, entry, runs_dir) if resume else None
-                    results.append(done or run_entry(suite, entry, runs_dir, log=log))
+                    results.append(result(entry))
                     bar.advance(task)
         else:
-            for entry in entries:
-                done = finished_entry(suite, entry, runs_dir) if resume else None
-                results.append(done or run_entry(suite, entry, runs_dir, log=log))
+            results = [result(entry) for entry in entries]
     return results
