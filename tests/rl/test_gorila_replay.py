@@ -56,3 +56,34 @@ def test_bad_replay_settings_are_rejected():
         ReplayShard(0, 3)
     with pytest.raises(ConfigError, match="empty replay"):
         ReplayShard(5, 3).sample(2)
+
+
+@pytest.mark.timeout(90)
+def test_with_one_bundle_every_gradient_is_computed_on_the_newest_theta(tmp_path):
+    """R = 1: the bundle reads the server's reply before it computes its next gradient, so no update lands
+    between the weights a gradient was computed on and its own update (staleness exactly 0 everywhere)."""
+    import json
+    from pathlib import Path
+
+    from distlearn.launch import launch_local
+
+    worker = str(Path(__file__).resolve().parent / "rl_worker.py")
+    config = {
+        "env": "CartPole-v1",
+        "out": str(tmp_path),
+        "timeout": 20.0,
+        "quiet": True,
+        "learning_starts": 64,
+        "batch_size": 16,
+        "total_steps": 1500,
+        "stop_when_solved": False,
+        "log_every": 0.05,
+    }
+    code = launch_local(
+        [worker, "gorila", json.dumps(config)], 2, module=False, timeout_s=80, threads_per_worker=1
+    )
+    assert code == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    measured = [r["staleness"] for r in records if r["staleness"] is not None]
+    assert measured and records[-1]["step"] > 100, records[-1]
+    assert all(value == 0.0 for value in measured), measured

@@ -11,9 +11,10 @@ memory is sharded, one shard per actor, and transitions never cross the network.
   the DQN gradient ``grad_theta sum_j huber(y_j - Q(s_j, a_j; theta))`` with the target
   ``y_j = r_j + gamma (1 - term_j) Q(s'_j, argmax_a' Q(s'_j, a'; theta); theta^-)`` (double DQN, van Hasselt
   et al. 2016; ``--no-double-q``: ``max_a' Q(s'_j, a'; theta^-)``) from its **target network** ``theta^-``;
-  sends it with the version of ``theta`` it used; the server's reply (newest ``theta``) is read only just
-  before the next gradient is sent, so acting and the next gradient overlap the round trip (one gradient in
-  flight per bundle: staleness >= 1 even with R = 1);
+  sends it with the version of ``theta`` it used; the server's reply (newest ``theta``) travels while the
+  actor takes its next ``--train-every`` steps and is read just before the next gradient is computed, so
+  acting overlaps the round trip and every gradient is computed on the newest ``theta`` the bundle has
+  (staleness 0 with R = 1; at R = 2 about 1, the other bundle's update landing in between);
 * refreshes ``theta^- <- theta`` whenever the server's version crosses a multiple of ``--target-every``
   (the paper's "every N updates the target network is updated from the parameter server").
 
@@ -286,7 +287,20 @@ def _bundle(config: RLConfig, rank: int, world_size: int, *, fail: bool) -> dict
         unsent_returns += envs.finished_returns
         if len(replay) < config.learning_starts or steps % config.train_every:
             continue
-        # learner: the DQN gradient on a minibatch of this bundle's shard
+        if pending is not None:  # the reply to the previous gradient (newest theta, maybe STOP) came in
+            # while the actor acted; read before the gradient is computed, so that gradient is fresh
+            _wait(pending, config.timeout, f"bundle {rank} receiving theta")
+            pending = None
+            version = int(reply[1])
+            # a copy: vector_to_parameters makes the parameters views of its input, and the next receive
+            # reuses `reply`, which would change the weights while a gradient is being computed
+            load_flat_parameters(online, reply[2:].clone())
+            if version // config.target_every != target_epoch:  # theta^- <- theta every target_every updates
+                target_epoch = version // config.target_every
+                target.load_state_dict(online.state_dict())
+            if reply[0] == STOP:
+                break
+        # learner: the DQN gradient on a minibatch of this bundle's shard, at the newest theta it has
         states, actions, rewards, next_states, dones = replay.sample(config.batch_size)
         with torch.no_grad():
             if config.double_q:  # van Hasselt et al. 2016: the online network picks a', the target rates it
@@ -306,18 +320,6 @@ def _bundle(config: RLConfig, rank: int, world_size: int, *, fail: bool) -> dict
         header[:4] = torch.tensor([GRADIENT, float(version), float(unsent_steps), float(len(sent_returns))])
         header[4 : 4 + len(sent_returns)] = torch.tensor(sent_returns)
         message = torch.cat([header, torch.cat([p.grad.reshape(-1) for p in online.parameters()])])
-        if pending is not None:  # the reply to the previous gradient: newest theta (and maybe STOP)
-            _wait(pending, config.timeout, f"bundle {rank} receiving theta")
-            pending = None
-            version = int(reply[1])
-            # a copy: vector_to_parameters makes the parameters views of its input, and the next receive
-            # reuses `reply`, which would change the weights while a gradient is being computed
-            load_flat_parameters(online, reply[2:].clone())
-            if version // config.target_every != target_epoch:  # theta^- <- theta every target_every updates
-                target_epoch = version // config.target_every
-                target.load_state_dict(online.state_dict())
-            if reply[0] == STOP:
-                break
         unsent_steps = 0
         _wait(
             dist.isend(message, dst=0, tag=TO_SERVER_TAG),
@@ -328,9 +330,8 @@ def _bundle(config: RLConfig, rank: int, world_size: int, *, fail: bool) -> dict
             import os
 
             os._exit(3)
-        # the actor goes on acting, and the learner computes its next gradient, while the server applies this
-        # one: the reply is read just before that next gradient is sent (so a bundle has one gradient in
-        # flight, and its gradients are one server version stale even with R = 1, as in asynchronous SGD)
+        # the actor goes on acting while the server applies this gradient; its reply is read before the next
+        # gradient is computed (one gradient in flight per bundle)
         pending = dist.irecv(reply, src=0, tag=TO_BUNDLE_TAG)
     envs.close()
     return {"algorithm": "gorila", "rank": rank, "workers": world_size - 1, "env_steps": steps}
