@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -36,11 +37,14 @@ from distlearn.errors import CommError, ConfigError
 __all__ = [
     "DistContext",
     "ENV_LAUNCHED",
+    "Terminated",
     "free_port",
     "in_torchrun",
     "init_distributed",
     "launch_local",
     "shutdown",
+    "stop_group",
+    "stop_signals_raise",
     "torchrun_command",
 ]
 
@@ -228,47 +232,61 @@ def launch_local(
     process = subprocess.Popen(command, env=child_env, start_new_session=True)
     # the job runs in its own session (so a stop can reach every process of it at once); a SIGTERM or
     # SIGHUP to this launcher (`timeout`, `kill`, a closed terminal) must stop it too, not orphan it
-    previous = _raise_on_termination()
-    try:
-        return process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _stop_group(process)
-        raise CommError(
-            f"the job of {nproc} workers did not finish within {timeout_s:g} s and was stopped; "
-            "raise the time limit or shrink the run"
-        ) from None
-    except _Terminated as stop:
-        _stop_group(process)
-        raise SystemExit(128 + stop.signum) from None
-    except BaseException:
-        _stop_group(process)
-        raise
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+    with stop_signals_raise():
+        try:
+            return process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            stop_group(process)
+            raise CommError(
+                f"the job of {nproc} workers did not finish within {timeout_s:g} s and was stopped; "
+                "raise the time limit or shrink the run"
+            ) from None
+        except Terminated as stop:
+            stop_group(process)
+            raise SystemExit(128 + stop.signum) from None
+        except BaseException:
+            stop_group(process)
+            raise
 
 
-class _Terminated(BaseException):
-    """SIGTERM or SIGHUP arrived while a launched job was running."""
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived inside :func:`stop_signals_raise`; ``signum`` says which."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
 
 
-def _raise_on_termination() -> dict[int, Any]:
-    """Turn SIGTERM and SIGHUP into :class:`_Terminated` (main thread only); returns the old handlers."""
+@contextlib.contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """Inside the block, SIGTERM and SIGHUP raise :class:`Terminated` instead of ending the process at once.
+
+    A process that started children in sessions of their own (so that one signal stops a whole job) must
+    stop them when it is itself stopped (`timeout`, `kill`, a closed terminal); with the default handlers it
+    would die and orphan them. The exception lets its ``except``/``finally`` blocks do that. Main thread
+    only (elsewhere the block changes nothing); the previous handlers come back on exit.
+    """
     if threading.current_thread() is not threading.main_thread():
-        return {}
+        yield
+        return
 
     def handler(signum: int, frame: Any) -> None:
-        raise _Terminated(signum)
+        raise Terminated(signum)
 
-    return {number: signal.signal(number, handler) for number in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
 
 
-def _stop_group(process: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """Terminate the launcher's whole process group, then kill what is left after ``grace_s``."""
+def stop_group(process: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """Terminate the process group that ``process`` leads, then kill what is left after ``grace_s``.
+
+    SIGTERM first, so that a member which launched a session of its own (``launch_local`` does) can stop
+    that one too before it goes; SIGKILL cannot be caught and would orphan it.
+    """
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -171,3 +175,52 @@ def test_resume_refuses_a_directory_of_another_suite(tmp_path):
         timeout=120,
     )
     assert done.returncode != 0 and "not a runs directory of the quick suite" in done.stderr
+
+
+def _descendants(root: int) -> set[int]:
+    """Every live process below ``root`` (children, grandchildren, ...), from /proc."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except OSError:  # it ended while we looked
+                continue
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if os.path.exists(f"/proc/{pid}")}
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
+@pytest.mark.timeout(180)
+def test_a_stopped_bench_stops_the_run_in_progress_too(tmp_path):
+    """Each run is a launcher in a session of its own whose torchrun workers are in another session below it:
+    SIGTERM to the bench must end every one of those processes, not orphan them."""
+    command = [sys.executable, "-m", "distlearn", "bench", "--suite", "quick", "--only", "torch DDP"]
+    command += ["--out", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"), "--progress", "off"]
+    bench = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    below: set[int] = set()
+    try:
+        deadline = time.monotonic() + 90
+        while len(below) < 4 and time.monotonic() < deadline:  # launcher, torchrun, 2 workers
+            below = _descendants(bench.pid)
+            time.sleep(0.2)
+        assert len(below) >= 4, f"the run's workers did not start within 90 s: {below}"
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 15
+        while _alive(below) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(below), f"processes of the stopped run still alive: {_alive(below)}"
+    finally:
+        for pid in _alive(below | {bench.pid}):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        bench.wait()
