@@ -46,6 +46,7 @@ __all__ = [
     "stop_group",
     "stop_signals_raise",
     "torchrun_command",
+    "wait_or_stop",
 ]
 
 ENV_LAUNCHED = "DISTLEARN_LAUNCHED"
@@ -230,21 +231,30 @@ def launch_local(
     child_env["OMP_NUM_THREADS"] = str(threads)
     command = torchrun_command(program, nproc, port=port, module=module)
     process = subprocess.Popen(command, env=child_env, start_new_session=True)
-    # the job runs in its own session (so a stop can reach every process of it at once); a SIGTERM or
-    # SIGHUP to this launcher (`timeout`, `kill`, a closed terminal) must stop it too, not orphan it
+    # the job runs in its own session (so a stop can reach every process of it at once)
+    try:
+        return wait_or_stop(process, timeout_s)
+    except subprocess.TimeoutExpired:
+        raise CommError(
+            f"the job of {nproc} workers did not finish within {timeout_s:g} s and was stopped; "
+            "raise the time limit or shrink the run"
+        ) from None
+
+
+def wait_or_stop(process: subprocess.Popen, timeout_s: float | None) -> int:
+    """Wait for ``process``, the leader of a process group of its own, and return its exit code.
+
+    If it is not done within ``timeout_s`` (``subprocess.TimeoutExpired`` is raised), or this process is
+    stopped meanwhile (SIGTERM/SIGHUP from `timeout`, `kill` or a closed terminal: ``SystemExit(128 +
+    signal)``; Ctrl-C), the whole group is stopped first (:func:`stop_group`), so nothing is orphaned.
+    """
     with stop_signals_raise():
         try:
             return process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            stop_group(process)
-            raise CommError(
-                f"the job of {nproc} workers did not finish within {timeout_s:g} s and was stopped; "
-                "raise the time limit or shrink the run"
-            ) from None
         except Terminated as stop:
             stop_group(process)
             raise SystemExit(128 + stop.signum) from None
-        except BaseException:
+        except BaseException:  # the timeout and Ctrl-C included
             stop_group(process)
             raise
 

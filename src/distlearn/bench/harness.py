@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from distlearn.bench.suites import Entry, Suite
-from distlearn.launch import Terminated, stop_group, stop_signals_raise
+from distlearn.launch import wait_or_stop
 from distlearn.metrics import read_metrics
 
 __all__ = ["available", "collect", "finished_entry", "run_entry", "run_suite", "slug"]
@@ -89,25 +89,16 @@ def run_entry(suite: Suite, entry: Entry, runs_dir: Path, *, log: Any = None) ->
     process = subprocess.Popen(
         command, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
     )
-    # the run is in a session of its own (its workers in another, under it); a SIGTERM/SIGHUP to the bench
-    # (or Ctrl-C) must stop them too: SIGTERM first, so the run's launcher can stop its workers' session
-    with stop_signals_raise():
-        try:
-            code = process.wait(timeout=suite.timeout_s)
-        except subprocess.TimeoutExpired:
-            stop_group(process)
-            return {
-                **base,
-                "status": "timed out",
-                "reason": f"no result within {suite.timeout_s:g} s",
-                "out": str(out),
-            }
-        except Terminated as stop:
-            stop_group(process)
-            raise SystemExit(128 + stop.signum) from None
-        except BaseException:
-            stop_group(process)
-            raise
+    # the run is in a session of its own (its workers in another, under it); stopping the bench stops it too
+    try:
+        code = wait_or_stop(process, suite.timeout_s)
+    except subprocess.TimeoutExpired:
+        return {
+            **base,
+            "status": "timed out",
+            "reason": f"no result within {suite.timeout_s:g} s",
+            "out": str(out),
+        }
     elapsed = time.perf_counter() - started
     if code != 0:
         return {
