@@ -6,13 +6,14 @@
   of 1 label byte and 3,072 pixel bytes;
 * a zip of one JPEG per image, ``train/<class>/NNNN.jpg`` and ``test/<class>/NNNN.jpg`` (the form in
   ``../shared/data/cifar10``). Decoding 60,000 JPEGs with Pillow takes a while, so each split is decoded
-  once and cached as ``.npz`` next to the zip (or in the cache directory when that is read-only), keyed by
-  the zip's size, modification time and SHA-256; the JPEGs are lossy re-encodings, so accuracies can differ
+  once and cached as ``.npz`` next to the zip (or in the cache directory when that is read-only), named
+  by the zip's SHA-256; the JPEGs are lossy re-encodings, so accuracies can differ
   slightly from the original batches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -95,27 +96,37 @@ def read_binary_batches(directory: Path, split: str) -> tuple[np.ndarray, np.nda
 def read_jpeg_zip(
     path: Path, split: str, cache_dir: Path, *, progress: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decode the ``split`` JPEGs of the zip once; later calls read the cached arrays."""
+    """Decode the ``split`` JPEGs of the zip once; later calls read the cached arrays.
+
+    The cache is named by the zip's SHA-256, not its modification time: a copy, a re-mount or a
+    ``touch`` of the same bytes finds the same cache. Several processes may build it at once (every rank
+    of a first run does): each writes its own partial file and renames it into place, and the rename is
+    atomic, so a reader sees either no cache or a whole one.
+    """
     from distlearn.data.download import file_digest
 
-    stat = path.stat()
-    key = f"{stat.st_size}-{int(stat.st_mtime)}"
-    name = f"{path.stem}-{split}-{key}.npz"
+    digest = file_digest(path)
+    name = f"{path.stem}-{split}-{digest[:16]}.npz"
     for candidate in (path.parent / name, cache_dir / name):
         if candidate.is_file():
             try:
                 with np.load(candidate) as cached:
-                    if str(cached["source_sha256"]) == file_digest(path):
+                    if str(cached["source_sha256"]) == digest:
                         return cached["images"], cached["labels"]
             except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-                candidate.unlink(missing_ok=True)  # a damaged cache is rebuilt, never trusted
+                pass
+            with contextlib.suppress(OSError):  # a damaged or foreign cache is rebuilt, never trusted
+                candidate.unlink(missing_ok=True)
     images, labels = _decode(path, split, progress)
     target_dir = path.parent if _writable(path.parent) else cache_dir
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / name
-    partial = target.with_name(target.name + ".part.npz")
-    np.savez(partial, images=images, labels=labels, source_sha256=np.array(file_digest(path)))
-    os.replace(partial, target)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.part.npz")  # one per process: no shared file
+    try:
+        np.savez(partial, images=images, labels=labels, source_sha256=np.array(digest))
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
     return images, labels
 
 
