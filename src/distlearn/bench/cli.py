@@ -6,6 +6,7 @@ Run manual::
     distlearn bench --suite fashion-mnist --only sync,ddp,single
     distlearn bench --suite toy                      # every optimizer on every toy problem
     distlearn bench --compare benchmarks/results/bench-quick-A.json benchmarks/results/bench-quick-B.json
+    distlearn bench --render benchmarks/results/bench-quick-A.json   # its table, with today's projection
 
 Each run writes ``OUT/bench-<suite>-<timestamp>.json`` (raw results with machine, cores, versions, git
 commit and command), ``.md`` (the table) and ``.png`` (accuracy against wall time, updates and bytes sent),
@@ -19,6 +20,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from distlearn.bench.harness import run_suite
@@ -48,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compare", nargs=2, metavar=("A.json", "B.json"), help="show two result files side by side"
     )
+    parser.add_argument(
+        "--render",
+        metavar="RESULTS.json",
+        default=None,
+        help="print the table of a result file again, computed from its raw results by this version "
+        "(e.g. after the projection changed); the file and its stored .md are left as they are",
+    )
     parser.add_argument("--progress", choices=("on", "off"), default="on")
     parser.add_argument(
         "--resume",
@@ -67,12 +76,13 @@ def run(args: argparse.Namespace) -> int:
                 )
         print(compare(Path(args.compare[0]), Path(args.compare[1])), end="")
         return 0
+    if args.render:
+        print(_render(Path(args.render)), end="")
+        return 0
     if args.suite in DELEGATED:
         return _delegated(args)
     suite = get_suite(args.suite)
     if args.data_root:
-        from dataclasses import replace
-
         suite = replace(suite, data_root=args.data_root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs_dir = Path(args.runs) / f"{suite.name}-{stamp}"
@@ -86,9 +96,7 @@ def run(args: argparse.Namespace) -> int:
             )
         stamp = runs_dir.name.removeprefix(f"{suite.name}-")
     only = [part.strip() for part in args.only.split(",")] if args.only else None
-    results = run_suite(
-        suite, runs_dir, progress=args.progress == "on", only=only, resume=bool(args.resume)
-    )
+    results = run_suite(suite, runs_dir, progress=args.progress == "on", only=only, resume=bool(args.resume))
     env = environment()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,6 +117,27 @@ def run(args: argparse.Namespace) -> int:
     json_path, md_path, png_path = (base.with_suffix(x) for x in (".json", ".md", ".png"))
     print(f"\nraw results {json_path}, table {md_path}, plot {png_path}")
     return 0 if any(r["status"] == "ok" for r in results) else 1
+
+
+def _render(path: Path) -> str:
+    try:
+        record = json.loads(path.read_text())
+        results, env = record["results"], record["environment"]
+        suite = replace(  # as the file says it was run, whatever the suite's definition is now
+            get_suite(record["suite"]),
+            global_batch=record["global_batch"],
+            target=record["target"],
+            description=record["description"],
+        )
+    except FileNotFoundError:
+        raise ConfigError(
+            f"--render: {path} does not exist; pass a file written by distlearn bench"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ConfigError(
+            f"--render: {path} is not a result file of distlearn bench ({type(error).__name__}: {error})"
+        ) from error
+    return markdown(suite, results, env)
 
 
 def _delegated(args: argparse.Namespace) -> int:

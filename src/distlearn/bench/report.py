@@ -3,16 +3,30 @@
 Every number in the table is computed here from the raw results (:func:`table_rows`), which are read from
 the runs' metrics files; ``tests/bench`` checks that the table agrees with the JSON.
 
-Projection (labelled as such): from the single-process run's compute time per example ``t_c`` and a
-strategy's measured bytes per update, the time per epoch at ``R`` workers on a 10 or 100 Gb/s network is
+Projection (labelled as such): seconds per epoch of ``N`` examples at ``R`` workers on a 10 or 100 Gb/s
+network, from the single process's measured compute time per example ``t_c`` and each run's measured bytes,
+with the alpha-beta costs of :mod:`distlearn.comm.cost_model` (alpha = 20 us per message, beta = 8 / link
+bits per second). ``M = B / R`` examples per worker and update; ``R > B`` is not projected (less than one
+example per worker at the fixed global batch).
 
-    T_epoch(R) = (N / B) * ( (B / R) * t_c + allreduce_ring(n_R) )
+* sync and DDP, dense or with a codec whose payloads add up (casts, random-k, PowerSGD: allreduced):
+  ``T = N/B * (M t_c + allreduce_A(R, n))`` with ``A`` the row's reducer (``--reducer``; gloo's ring for DDP
+  and the backend) and ``n`` the bytes one rank reduces per update, from the measured bytes per update of
+  all ranks, ``2 (R0 - 1) n`` at the measured ``R0`` (every algorithm of the model sends that many in all);
+* sync with a codec that all-gathers (sign bits, ternary, quantised, sparse index + value payloads): ring
+  all-gather of each rank's ``b`` bytes, ``T = N/B * (M t_c + (R - 1) (alpha + b beta))``, measured
+  ``R0 (R0 - 1) b``: what a rank receives grows with ``R``;
+* local SGD (``--average-every k``) and EASGD (``--elastic-tau k``): one allreduce of the parameters every
+  ``k`` updates, ``T = N/B * (M t_c + allreduce_backend(R, n) / k)``;
+* parameter server (``S`` servers, ``b`` backup workers, ``k`` local steps): every worker pulls and pushes
+  the ``n = 4 x parameters`` bytes of the fp32 model once per ``k`` steps, and the servers' links carry every
+  push of all ``R + b`` workers (each push in, its pull out: full duplex):
+  ``T = max(N/(B k) * (k M t_c + 2 (alpha + n beta)), N (R + b) / (B k S) * (alpha + n beta))``; the
+  second term, linear in ``R``, is the server bottleneck.
 
-with ``allreduce_ring`` the alpha-beta cost of :mod:`distlearn.comm.cost_model` (alpha = 20 us per
-message) and ``n_R`` the payload that strategy reduces per update (measured bytes per update and worker,
-divided by the ring's ``2(R0-1)/R0`` factor at the measured ``R0``). It assumes perfect compute scaling
-and no stragglers: a bound to compare strategies by, not a prediction. Not projected: the single process,
-Hogwild (shared memory on one machine) and DNI (its processes are model stages, not data replicas).
+Perfect compute scaling, no overlap of communication with computation, no contention, no stragglers: a
+bound to compare strategies by, not a prediction. Not projected: the single process, Hogwild! (shared
+memory on one machine) and DNI (its processes are model stages, not data replicas).
 """
 
 from __future__ import annotations
@@ -28,7 +42,7 @@ from typing import Any
 
 __all__ = ["PROJECTION_WORKERS", "compare", "environment", "markdown", "plot", "project", "table_rows"]
 
-PROJECTION_WORKERS = (8, 32, 256)
+PROJECTION_WORKERS = (8, 32, 128, 256)
 NETWORKS = {"10 Gb/s": 10.0, "100 Gb/s": 100.0}
 ALPHA_S = 20e-6
 
@@ -60,8 +74,14 @@ def _reference(results: list[dict], strategy: str) -> dict | None:
     return next((r for r in results if r.get("strategy") == strategy and r.get("status") == "ok"), None)
 
 
+def _flag(result: dict, name: str, default: str | None = None) -> str | None:
+    flags = list(result.get("flags") or ())
+    return flags[flags.index(name) + 1] if name in flags and flags.index(name) + 1 < len(flags) else default
+
+
 def project(result: dict, single: dict, workers: int, gbps: float, global_batch: int) -> float | None:
     """Projected seconds per epoch of ``result``'s strategy at ``workers`` workers (see the module doc)."""
+    from distlearn.comm.compression import COMPRESSORS
     from distlearn.comm.cost_model import link
     from distlearn.comm.cost_model import project as allreduce_time
 
@@ -69,17 +89,36 @@ def project(result: dict, single: dict, workers: int, gbps: float, global_batch:
         return None
     # one process does not scale with R; Hogwild shares memory on one machine by nature; DNI's R is its
     # number of model stages, not data replicas: none of them is an allreduce over a network
-    if result.get("strategy") in ("single", "hogwild", "dni"):
+    strategy = result.get("strategy")
+    if strategy in ("single", "hogwild", "dni") or workers > global_batch:
         return None
     compute_per_example = single["train_seconds"] / (single["updates"] * global_batch)
-    updates_per_epoch = single["train_examples"] // global_batch
-    measured_workers = max(1, result["workers"])
-    per_update_per_worker = result["bytes_sent"] / result["updates"] / measured_workers
-    ring_factor = 2 * (measured_workers - 1) / measured_workers
-    payload = per_update_per_worker / ring_factor if ring_factor > 0 else 0.0
+    examples = single["train_examples"]
+    compute = global_batch / workers * compute_per_example  # M t_c, one update of one worker
     network = link(gbps, alpha=ALPHA_S)
-    compute = global_batch / workers * compute_per_example
-    return updates_per_epoch * (compute + allreduce_time("ring", workers, payload, network))
+    if strategy == "ps":
+        if not result.get("parameters"):
+            return None
+        servers = int(_flag(result, "--servers", "1"))
+        backups = int(_flag(result, "--backup-workers", "0"))
+        local_steps = int(_flag(result, "--local-steps", "1"))
+        message = network.alpha + 4 * result["parameters"] * network.beta
+        worker = examples / (global_batch * local_steps) * (local_steps * compute + 2 * message)
+        server = examples * (workers + backups) / (global_batch * local_steps * servers) * message
+        return max(worker, server)
+    measured = max(2, result["workers"])
+    per_update = result["bytes_sent"] / result["updates"]  # all ranks together
+    updates_per_epoch = examples / global_batch
+    codec = _flag(result, "--compression")
+    if codec in COMPRESSORS and not COMPRESSORS[codec].linear:  # ring all-gather of each rank's payload
+        payload = per_update / (measured * (measured - 1))
+        exchange = (workers - 1) * (network.alpha + payload * network.beta)
+    else:
+        every = int(_flag(result, "--average-every") or _flag(result, "--elastic-tau") or 1)
+        payload = per_update * every / (2 * (measured - 1))
+        algorithm = _flag(result, "--reducer", "backend")
+        exchange = allreduce_time(algorithm, workers, payload, network) / every
+    return updates_per_epoch * (compute + exchange)
 
 
 def table_rows(results: list[dict], global_batch: int) -> list[dict[str, Any]]:
@@ -146,11 +185,17 @@ def markdown(suite: Any, results: list[dict], env: dict[str, Any]) -> str:
     ok_rows = [r for r in rows if r["status"] == "ok"]
     if ok_rows:
         keys = [k for k in ok_rows[0] if k.startswith("projected")] or projection_keys
-        lines += ["", "Projection (not a measurement; see distlearn.bench.report): seconds per epoch.", ""]
+        lines += [
+            "",
+            "Projection (not a measurement; see distlearn.bench.report): seconds per epoch at R workers, "
+            f"from the single process's compute time per example and each run's bytes; '-' where R exceeds "
+            f"the global batch of {suite.global_batch} (less than one example per worker).",
+            "",
+        ]
         lines.append("| strategy | " + " | ".join(k.removeprefix("projected_epoch_s") for k in keys) + " |")
         lines.append("|---|" + "---:|" * len(keys))
         for row in ok_rows:
-            lines.append(f"| {row['label']} | " + " | ".join(_fmt(row[k], ".1f") for k in keys) + " |")
+            lines.append(f"| {row['label']} | " + " | ".join(_fmt(row[k], ".3g") for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
