@@ -2,7 +2,7 @@
 
 * With every synthetic-gradient model replaced by an oracle that returns the true gradient, a DNI step is a
   backprop step: the weights after several steps equal those of plain backprop on the whole network to 1e-5
-  (fully connected and convolutional stages, SGD with momentum and Adam).
+  (fully connected and convolutional stages, residual blocks kept whole, SGD with momentum and Adam).
 * The zero-initialised synthetic gradient leaves the stages below untouched on the first step.
 * The synthetic-gradient loss decreases on a fixed problem (true gradients of a fixed network), for DNI and
   cDNI, and inside a DNI run on a small learnable problem (bootstrapped targets, synthetic inputs too).
@@ -25,8 +25,10 @@ from distlearn.dni import (
     cut_points,
     split_model,
 )
+from distlearn.dni.stages import _leaves, layer_costs
 from distlearn.errors import ConfigError
-from distlearn.models import LeNet
+from distlearn.models import LeNet, ResNet
+from distlearn.models.resnet import BasicBlock
 
 
 def _problem(
@@ -229,3 +231,65 @@ def test_split_model_balances_and_refuses_impossible_cuts() -> None:
 def test_synthetic_input_shape() -> None:
     model = SyntheticInput((1, 8, 8), (4, 3, 3), hidden=(16,))
     assert model(torch.randn(5, 1, 8, 8)).shape == (5, 4, 3, 3)
+
+
+def test_a_resnet_is_cut_between_its_residual_blocks_never_inside_one() -> None:
+    torch.manual_seed(0)
+    resnet = ResNet(8, in_channels=3, num_classes=10)
+    example = torch.randn(4, 3, 32, 32)
+    layers = _leaves(resnet)
+    blocks = [i for i, layer in enumerate(layers) if isinstance(layer, BasicBlock)]
+    assert len(blocks) == 3  # each block is one layer: its shortcut skips its inside
+    # the cuts: after the stem's ReLU and after each block but the last layer's
+    assert cut_points(layers) == [3, *[i + 1 for i in blocks]]
+    costs = layer_costs(layers, example)
+    # worked by hand: stem 3x3x3 -> 16 on 32x32; block 1 two 3x3 16 -> 16 on 32x32; blocks 2 and 3 halve
+    # the map, double the channels and add a 1x1 projection shortcut; the classifier 64 -> 10
+    assert costs[0] == 32 * 32 * 16 * 27
+    assert costs[blocks[0]] == 2 * 32 * 32 * 16 * 144
+    assert costs[blocks[1]] == 16 * 16 * 32 * (144 + 288 + 16)
+    assert costs[blocks[2]] == 8 * 8 * 64 * (288 + 576 + 32)
+    assert costs[-1] == 64 * 10
+    running = resnet.stem[1].running_mean.clone()
+    for stages in (2, 3, 5):
+        pieces = split_model(resnet, stages, example)
+        assert len(pieces) == stages
+        h = example
+        for piece in pieces:
+            piece.eval()
+            h = piece(h)
+        resnet.eval()
+        torch.testing.assert_close(h, resnet(example))
+        resnet.train()
+    torch.testing.assert_close(resnet.stem[1].running_mean, running)  # measuring moved no statistics
+    # two stages balance the largest: stem + block 1 (5.1M MACs) | blocks 2, 3 and the head (7.3M)
+    first, _ = split_model(resnet, 2, example)
+    assert sum(isinstance(layer, BasicBlock) for layer in first) == 1
+    with pytest.raises(ConfigError, match="at most 5 stages"):
+        split_model(resnet, 6, example)
+
+
+def test_oracle_gradients_give_backprop_updates_through_residual_blocks() -> None:
+    torch.manual_seed(2)
+    model = ResNet(8, in_channels=1, num_classes=4, width=4)
+    x, y = torch.randn(32, 1, 12, 12), torch.randint(0, 4, (32,))
+    reference = copy.deepcopy(model)
+    pieces = split_model(model, 3, x[:2])
+    dni = LocalDNI(
+        pieces,
+        example=x[:2],
+        num_classes=4,
+        optimizer=OPTIMIZERS["momentum"],
+        gradient_models=_oracles(pieces),
+    )
+    backprop = OPTIMIZERS["momentum"](reference.parameters())
+    for step in range(4):
+        batch = slice(8 * step, 8 * step + 8)
+        result = dni.step(x[batch], y[batch])
+        backprop.zero_grad()
+        loss = nn.functional.cross_entropy(reference(x[batch]), y[batch])
+        loss.backward()
+        backprop.step()
+        torch.testing.assert_close(result.loss, loss.detach(), atol=1e-5, rtol=0)
+    for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)

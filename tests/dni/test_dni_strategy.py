@@ -37,7 +37,7 @@ def test_train_config_maps_onto_the_pipeline_config() -> None:
     [
         ({"stages": 0}, "--stages K"),
         ({"optimizer": "sgd"}, "drop --optimizer sgd"),
-        ({"model": "resnet8"}, "not resnet8"),
+        ({"model": "resnet20"}, "not resnet20"),
         ({"clip_grad_norm": 1.0}, "--clip-grad-norm"),
         ({"schedule": "cosine"}, "--schedule"),
     ],

@@ -19,7 +19,7 @@ from distlearn.bench.suites import Entry, Suite
 from distlearn.launch import wait_or_stop
 from distlearn.metrics import read_metrics
 
-__all__ = ["available", "collect", "finished_entry", "run_entry", "run_suite", "slug"]
+__all__ = ["available", "collect", "finished_entry", "run_entry", "run_suite", "slug", "train_arguments"]
 
 
 def slug(label: str) -> str:
@@ -58,18 +58,9 @@ def available(entry: Entry) -> str | None:
     return None
 
 
-def run_entry(suite: Suite, entry: Entry, runs_dir: Path, *, log: Any = None) -> dict[str, Any]:
-    """Run one entry and return its raw result (see :func:`collect`); failures are results too."""
-    out = runs_dir / slug(entry.label)
-    reason = available(entry)
-    base = _identity(entry)
-    if reason is not None:
-        return {**base, "status": "not available", "reason": reason}
-    command = [
-        sys.executable,
-        "-m",
-        "distlearn",
-        "train",
+def train_arguments(suite: Suite, entry: Entry, out: Path) -> list[str]:
+    """The ``distlearn train`` arguments of one entry: the suite's shared work, then the entry's flags."""
+    arguments = [
         *suite.train_flags(),
         "--out",
         str(out),
@@ -84,7 +75,18 @@ def run_entry(suite: Suite, entry: Entry, runs_dir: Path, *, log: Any = None) ->
         *entry.flags,
     ]
     if entry.workers > 1 or entry.strategy != "single":
-        command += ["--workers", str(entry.workers)]
+        arguments += ["--workers", str(entry.workers)]
+    return arguments
+
+
+def run_entry(suite: Suite, entry: Entry, runs_dir: Path, *, log: Any = None) -> dict[str, Any]:
+    """Run one entry and return its raw result (see :func:`collect`); failures are results too."""
+    out = runs_dir / slug(entry.label)
+    reason = available(entry)
+    base = _identity(entry)
+    if reason is not None:
+        return {**base, "status": "not available", "reason": reason}
+    command = [sys.executable, "-m", "distlearn", "train", *train_arguments(suite, entry, out)]
     started = time.perf_counter()
     process = subprocess.Popen(
         command, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True

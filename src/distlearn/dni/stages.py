@@ -9,6 +9,10 @@ pace of its slowest stage.
 ``build_model("mlp", stages=K)`` is the paper's MNIST FCN (Jaderberg et al., 2016, section 3.1): ``K``
 hidden layers of 256 units with ReLU, one per stage, the classifier in the last stage. Other names are the
 networks of :mod:`distlearn.models` (``lenet`` cuts into up to 4 stages).
+
+A residual block (:class:`distlearn.models.resnet.BasicBlock`) is one layer here: its shortcut skips its
+inside, so no stage boundary may fall within it, and its output ``relu(F(x) + shortcut(x))`` is an
+activation, so a boundary may fall after it. ``resnet8`` (a stem and three blocks) cuts into up to 5 stages.
 """
 
 from __future__ import annotations
@@ -21,17 +25,21 @@ from torch import nn
 
 from distlearn.errors import ConfigError
 from distlearn.models import MLP, create_model
+from distlearn.models.resnet import BasicBlock
 
 __all__ = ["build_model", "cut_points", "layer_costs", "split_model"]
 
 _ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.ELU)
 _FOLLOWERS = (nn.MaxPool2d, nn.AvgPool2d, nn.Dropout, nn.Identity)
+_BLOCKS = (BasicBlock,)  # kept whole (a shortcut skips their inside); they end in an activation
 
 
 def _leaves(module: nn.Module) -> list[nn.Module]:
     """The module as a flat list of layers (nested ``nn.Sequential`` s opened up)."""
     if isinstance(module, nn.Sequential):
         return [leaf for child in module for leaf in _leaves(child)]
+    if isinstance(module, _BLOCKS):
+        return [module]
     children = list(module.children())
     if not children:
         return [module]
@@ -44,7 +52,7 @@ def cut_points(layers: Sequence[nn.Module]) -> list[int]:
     """Positions ``i`` (a stage ends before ``layers[i]``) right after an activation and its pool/dropout."""
     points = []
     for index, layer in enumerate(layers):
-        if isinstance(layer, _ACTIVATIONS):
+        if isinstance(layer, (*_ACTIVATIONS, *_BLOCKS)):
             end = index + 1
             while end < len(layers) and isinstance(layers[end], _FOLLOWERS):
                 end += 1
@@ -54,29 +62,41 @@ def cut_points(layers: Sequence[nn.Module]) -> list[int]:
 
 
 def layer_costs(layers: Sequence[nn.Module], example: torch.Tensor) -> list[float]:
-    """Multiply-accumulates per example of each layer (linear and convolution layers; others count 0)."""
-    costs = []
+    """Multiply-accumulates per example of each layer: of its linear and convolution layers, those inside a
+    residual block included; other layers count 0."""
+    costs: list[float] = []
     h = example
     with torch.no_grad():
         for layer in layers:
-            out = layer(h)
-            if isinstance(layer, nn.Linear):
-                costs.append(out[0].numel() * layer.in_features)
-            elif isinstance(layer, nn.Conv2d):
-                kh, kw = layer.kernel_size
-                costs.append(out[0].numel() * (layer.in_channels // layer.groups) * kh * kw)
-            else:
-                costs.append(0.0)
-            h = out
-    return [float(c) for c in costs]
+            counted = [0.0]
+
+            def count(module: nn.Module, _inputs: tuple, out: torch.Tensor, counted: list = counted) -> None:
+                if isinstance(module, nn.Linear):
+                    counted[0] += out[0].numel() * module.in_features
+                else:
+                    kh, kw = module.kernel_size
+                    counted[0] += out[0].numel() * (module.in_channels // module.groups) * kh * kw
+
+            hooks = [
+                m.register_forward_hook(count)
+                for m in layer.modules()
+                if isinstance(m, (nn.Linear, nn.Conv2d))
+            ]
+            try:
+                h = layer(h)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            costs.append(float(counted[0]))
+    return costs
 
 
 def split_model(model: nn.Module, stages: int, example: torch.Tensor) -> list[nn.Sequential]:
     """Cut ``model`` into ``stages`` sequential pieces sharing its parameters (the modules are not copied).
 
     Args:
-        model: a network whose layers run in order (nested ``nn.Sequential`` s, e.g. distlearn's MLP and
-            LeNet).
+        model: a network whose layers run in order (nested ``nn.Sequential`` s, e.g. distlearn's MLP,
+            LeNet and ResNet, whose residual blocks stay whole).
         stages: ``K >= 1``.
         example: one input batch, to measure costs and to check the pieces compose to the model.
     """
@@ -89,6 +109,8 @@ def split_model(model: nn.Module, stages: int, example: torch.Tensor) -> list[nn
             f"{type(model).__name__} can be cut into at most {len(points) + 1} stages (after each "
             f"non-linearity), not {stages}; lower --stages or use a deeper model"
         )
+    was_training = model.training
+    model.eval()  # measuring costs must not move batch-norm statistics
     costs = layer_costs(layers, example)
 
     def largest(cuts: tuple[int, ...]) -> float:
@@ -98,8 +120,6 @@ def split_model(model: nn.Module, stages: int, example: torch.Tensor) -> list[nn
     best = min(itertools.combinations(points, stages - 1), key=largest)  # min keeps the first of ties
     bounds = (0, *best, len(layers))
     pieces = [nn.Sequential(*layers[a:b]) for a, b in itertools.pairwise(bounds)]
-    was_training = model.training
-    model.eval()
     with torch.no_grad():
         h = example
         for piece in pieces:

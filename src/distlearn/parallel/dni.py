@@ -39,8 +39,8 @@ def dni_config_of(config: Any) -> Any:
             f"--strategy dni trains every stage and synthetic-gradient model with Adam (as the paper); "
             f"drop --optimizer {config.optimizer}"
         )
-    if config.model not in ("mlp", "lenet"):
-        raise ConfigError(f"--strategy dni cuts mlp or lenet into stages, not {config.model}")
+    if config.model not in ("mlp", "lenet", "resnet8"):
+        raise ConfigError(f"--strategy dni cuts mlp, lenet or resnet8 into stages, not {config.model}")
     if config.stages < 2:
         raise ConfigError("--strategy dni needs --stages K with K >= 2 (one process per stage)")
     for flag, bad in (
