@@ -27,6 +27,7 @@ from distlearn.errors import DataError
 __all__ = ["CLASSES", "read_binary_batches", "read_jpeg_zip", "read_python_batches"]
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+_UNREADABLE = (OSError, KeyError, ValueError, zipfile.BadZipFile)  # a damaged .npz cache raises one of these
 _FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 
 
@@ -109,12 +110,9 @@ def read_jpeg_zip(
     name = f"{path.stem}-{split}-{digest[:16]}.npz"
     for candidate in (path.parent / name, cache_dir / name):
         if candidate.is_file():
-            try:
-                with np.load(candidate) as cached:
-                    if str(cached["source_sha256"]) == digest:
-                        return cached["images"], cached["labels"]
-            except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-                pass
+            with contextlib.suppress(*_UNREADABLE), np.load(candidate) as cached:
+                if str(cached["source_sha256"]) == digest:
+                    return cached["images"], cached["labels"]
             with contextlib.suppress(OSError):  # a damaged or foreign cache is rebuilt, never trusted
                 candidate.unlink(missing_ok=True)
     images, labels = _decode(path, split, progress)
