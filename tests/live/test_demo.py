@@ -120,6 +120,8 @@ def test_ctrl_c_stops_the_server_and_every_process_of_the_demo(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # as a terminal's foreground job: SIGINT at its default even if pytest was started ignoring it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     tree: list[int] = []
     try:

@@ -198,6 +198,7 @@ class DemoLauncher:
                     stderr=subprocess.STDOUT,
                     env=environment,
                     start_new_session=True,  # its own process group: Ctrl-C in our terminal does not reach it
+                    preexec_fn=_default_sigint,  # so stop() can interrupt it even if we ignore SIGINT
                 )
             log.info("demo: started %s (pid %d): %s", run.name, run.process.pid, " ".join(run.command))
 
@@ -280,3 +281,9 @@ class DemoLauncher:
             if run.process is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     run.process.wait(timeout=5)
+
+
+def _default_sigint() -> None:
+    """In a run's child before exec: SIGINT back to its default, whatever this process inherited (a job
+    started in the background of a shell, or by a parent that ignores SIGINT, passes SIG_IGN on)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
