@@ -53,10 +53,11 @@ import torch
 from torch import nn
 
 from distlearn.checkpoint import load_checkpoint, save_checkpoint
+from distlearn.data.prepare import prepare_data
 from distlearn.errors import ConfigError
+from distlearn.evaluation import evaluate
 from distlearn.metrics import MetricRecord, MetricsWriter
 from distlearn.models import MODELS, count_parameters, create_model
-from distlearn.models.transforms import BatchTransform
 from distlearn.parallel import STRATEGIES, Strategy, create_strategy
 
 __all__ = [
@@ -589,54 +590,6 @@ def _set_rng_state(state: dict[str, Any], augment_generator: torch.Generator) ->
     augment_generator.set_state(state["augment"])
 
 
-def _load_data(config: TrainConfig) -> tuple[ImageDataset, ImageDataset]:
-    try:
-        from distlearn.data import load_dataset
-    except ImportError as error:  # pragma: no cover - only while the data package is being written
-        raise ConfigError(
-            f"distlearn.data is not available ({error}); pass train_data/test_data to train()"
-        ) from error
-    train_set = load_dataset(config.dataset, "train", root=config.data_root)
-    test_set = load_dataset(config.dataset, "test", root=config.data_root)
-    return train_set, test_set
-
-
-def _check_dataset(data: Any, what: str) -> None:
-    for attribute in ("images", "labels", "classes", "mean", "std"):
-        if not hasattr(data, attribute):
-            raise ConfigError(f"{what} has no {attribute!r}; pass a distlearn.data.ArrayDataset")
-    images, labels = data.images, data.labels
-    if images.ndim != 4 or images.shape[0] != labels.shape[0]:
-        raise ConfigError(
-            f"{what}: images must be (N, C, H, W) with one label each, got {tuple(images.shape)} and "
-            f"{tuple(labels.shape)} labels"
-        )
-
-
-def evaluate(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    transform: BatchTransform,
-    batch_size: int = 1000,
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``(images, labels)``, in eval mode, without grads."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.int64)
-    with torch.no_grad():
-        for start in range(0, len(labels), batch_size):
-            x = transform(images[start : start + batch_size])
-            y = labels[start : start + batch_size]
-            logits = model(x)
-            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").double()
-            correct += (logits.argmax(dim=1) == y).sum()
-    model.train(was_training)
-    n = max(1, len(labels))
-    return loss_sum.item() / n, correct.item() / n
-
-
 @contextlib.contextmanager
 def _torch_settings(config: TrainConfig) -> Iterator[None]:
     """Deterministic algorithms and the thread count for the run; the previous settings come back after."""
@@ -762,26 +715,22 @@ def _train(
 ) -> TrainResult:
     started = time.perf_counter()
     user_model, user_optimizer = model is not None, optimizer is not None
-    if train_data is None or test_data is None:
-        train_data, test_data = _load_data(config)
-    _check_dataset(train_data, "training set")
-    _check_dataset(test_data, "test set")
-
-    # The data: uint8 images stay uint8 in memory; each batch is scaled and normalised on the fly.
-    train_images, train_labels = train_data.images, train_data.labels
-    if config.train_samples is not None and config.train_samples < len(train_labels):
-        subset = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(config.seed))
-        subset = subset[: config.train_samples].sort().values
-        train_images, train_labels = train_images[subset], train_labels[subset]
-    test_images, test_labels = test_data.images, test_data.labels
-    if config.test_samples is not None:
-        test_images, test_labels = test_images[: config.test_samples], test_labels[: config.test_samples]
-    _, channels, height, width = train_images.shape
-    num_classes = len(train_data.classes)
-    augment = config.augment if config.augment is not None else config.dataset == "cifar10"
-    train_transform = BatchTransform(
-        train_data.mean, train_data.std, crop_padding=max(1, height // 8) if augment else 0, flip=augment
+    data = prepare_data(
+        config.dataset,
+        data_root=config.data_root,
+        train_samples=config.train_samples,
+        test_samples=config.test_samples,
+        seed=config.seed,
+        augment=config.augment,
+        train_data=train_data,
+        test_data=test_data,
     )
+    train_data = data.train
+    train_images, train_labels = data.train_images, data.train_labels
+    test_images, test_labels = data.test_images, data.test_labels
+    channels, height, _ = data.image_shape
+    num_classes = data.num_classes
+    augment, train_transform = data.augment, data.transform
     n_train = len(train_labels)
     global_batch = config.batch_size
     strategy.local_batch(global_batch)  # validates B against the number of replicas
