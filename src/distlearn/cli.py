@@ -1,7 +1,9 @@
 """``distlearn``: the command line.
 
-Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and ``run(args) -> int``.
-Only the chosen subcommand's module is imported, so ``distlearn --help`` stays fast.
+Each subcommand lives in its own module, which provides either ``command(argv) -> int`` (it parses its own
+arguments: ``train``, whose flags tyro generates from the config dataclasses) or ``add_arguments(parser)``
+and ``run(args) -> int``. Only the chosen subcommand's module is imported, so ``distlearn --help`` stays
+fast.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command in COMMANDS and argv[0] == command:
+        module = importlib.import_module(COMMANDS[command][0])
+        if hasattr(module, "command"):  # the subcommand parses its own arguments
+            return int(module.command(argv[1:]) or 0)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:

@@ -1,4 +1,13 @@
-"""Typed configuration: one dataclass serves the CLI, a TOML config file and the Python API.
+"""Typed configuration: one dataclass serves the CLI, a config file and the Python API.
+
+The one merge rule of every command: **defaults < config file < flags**. :func:`read_file` reads a TOML
+(or YAML) file into a mapping, :func:`from_dict` builds the dataclass from it (unknown keys and bad choices
+are refused with the known names), and :func:`parse_flags` applies the command line on top of that
+instance with `tyro <https://brentyi.github.io/tyro/>`_, which generates the flags (``--field-name``) and
+their help (the docstring under each field) from the dataclass itself. :func:`parse_options` reads
+``KEY=VALUE`` lists (``--optimizer-option momentum=0.9``).
+
+Older commands (toy, dni, rl) still build argparse options from ``field(metadata={"help": ...})``:
 
 A config is a plain ``@dataclass`` whose fields carry their help text in ``field(metadata={"help": ...})``.
 :func:`add_arguments` turns it into argparse options (``--field-name``), :func:`from_args` builds the
@@ -12,6 +21,7 @@ Supported field types: ``int``, ``float``, ``str``, ``bool`` (``--flag`` / ``--n
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import math
@@ -25,11 +35,16 @@ from distlearn.errors import ConfigError
 __all__ = [
     "ConfigError",
     "add_arguments",
+    "flag",
     "from_args",
     "from_dict",
     "help_of",
     "load_toml",
-    "parse",
+    "mapping_to_toml",
+    "parse_flags",
+    "parse_options",
+    "positive",
+    "read_file",
     "to_toml",
 ]
 
@@ -138,35 +153,104 @@ def from_args(cls: type[T], namespace: argparse.Namespace) -> T:
     return from_dict(cls, values, source="command line")
 
 
-def parse(cls: type[T], parser: argparse.ArgumentParser, argv: list[str] | None = None) -> T:
-    """Parse ``argv`` into ``cls``; a ``--config FILE`` (TOML) supplies defaults the flags override.
+def flag(name: str) -> str:
+    """The command-line flag of option ``name``: ``bucket_mb`` -> ``--bucket-mb``."""
+    return "--" + name.replace("_", "-")
 
-    ``parser`` must already have the fields (:func:`add_arguments`) and a ``--config`` option.
+
+def positive(
+    name: str,
+    value: float | None,
+    *,
+    allow_none: bool = False,
+    allow_zero: bool = False,
+    integer: bool = False,
+) -> None:
+    """ConfigError unless ``value`` is > 0 (>= 0 with ``allow_zero``; None allowed with ``allow_none``)."""
+    if value is None and allow_none:
+        return
+    bad_type = integer and (not isinstance(value, int) or isinstance(value, bool))
+    if bad_type or value is None or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        kind = "an integer " if integer else ""
+        raise ConfigError(f"{flag(name)} must be {kind}{bound}, got {value!r}")
+
+
+def parse_options(options: tuple[str, ...] | list[str], what: str = "optimizer") -> dict[str, Any]:
+    """``("momentum=0.9", "betas=0.9,0.99", "nesterov=true")`` -> ``{"momentum": 0.9, ...}``."""
+    parsed: dict[str, Any] = {}
+    for option in options:
+        key, sep, text = option.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"{what} option {option!r} is not KEY=VALUE; write e.g. momentum=0.9")
+        lowered = text.strip().lower()
+        if lowered in ("true", "false"):
+            parsed[key] = lowered == "true"
+            continue
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            raise ConfigError(
+                f"{what} option {option!r}: {text!r} is not a number, tuple or true/false"
+            ) from None
+        parsed[key] = value
+    return parsed
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping: TOML, or YAML (``.yaml``/``.yml``) when PyYAML is installed.
+
+    Keys are normalised to field names (``batch-size`` -> ``batch_size``), also inside tables (sections).
     """
-    namespace = parser.parse_args(argv)
-    config_path = getattr(namespace, "config", None)
-    if config_path:
-        base = load_toml(cls, config_path)
-        parser.set_defaults(**dataclasses.asdict(base))  # type: ignore[call-overload]
-        namespace = parser.parse_args(argv)
-    return from_args(cls, namespace)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing TOML or YAML file")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml  # type: ignore[import-untyped]
+        except ImportError:
+            raise ConfigError(
+                f"{path}: reading YAML needs PyYAML (pip install pyyaml); or write it as TOML"
+            ) from None
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+    else:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config file {path} is not valid TOML: {error}") from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option names to values")
+    return _normalise(values)
+
+
+def _normalise(values: dict[str, Any]) -> dict[str, Any]:
+    return {
+        str(key).replace("-", "_"): _normalise(value) if isinstance(value, dict) else value
+        for key, value in values.items()
+    }
+
+
+def parse_flags(cls: type[T], argv: list[str], *, default: T, prog: str, description: str = "") -> T:
+    """``default`` (defaults and file values) with the command line's flags applied, by tyro.
+
+    Bad flags exit with status 2 and tyro's message, as argparse does.
+    """
+    import tyro
+
+    return tyro.cli(cls, args=argv, default=default, prog=prog, description=description)
 
 
 def load_toml(cls: type[T], path: str | Path) -> T:
     """Read a config of type ``cls`` from a TOML file (top-level keys are the field names)."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass an existing TOML file")
-    try:
-        values = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"config file {path} is not valid TOML: {error}") from error
-    values = {key.replace("-", "_"): value for key, value in values.items()}
-    return from_dict(cls, values, source=str(path))
+    return from_dict(cls, read_file(path), source=str(path))
 
 
 def to_toml(instance: Any) -> str:
@@ -174,13 +258,23 @@ def to_toml(instance: Any) -> str:
 
     Fields whose value is None are left out (they take their default, which is None for such fields).
     """
-    lines = []
-    for f in dataclasses.fields(instance):
-        value = getattr(instance, f.name)
+    return mapping_to_toml({f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)})
+
+
+def mapping_to_toml(values: dict[str, Any]) -> str:
+    """``values`` as TOML: scalars and lists first, then each dataclass or mapping value as a ``[table]``."""
+    lines, tables = [], []
+    for name, value in values.items():
         if value is None:
             continue
-        lines.append(f"{f.name} = {_toml_value(value, f.name)}")
-    return "\n".join(lines) + "\n"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        if isinstance(value, dict):
+            body = mapping_to_toml(value)
+            tables.append(f"[{name}]\n{body}")
+            continue
+        lines.append(f"{name} = {_toml_value(value, name)}")
+    return "\n".join(lines) + "\n" + "".join(tables)
 
 
 def _toml_value(value: Any, name: str) -> str:

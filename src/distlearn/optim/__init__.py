@@ -11,6 +11,7 @@ and ``cg-hs``. See docs/optimizers.md for the formulas, papers and measured resu
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,9 @@ __all__ = [
     "TorchEquivalent",
     "create",
     "needs_closure",
+    "optimizer_names",
     "torch_equivalent",
+    "torch_optimizers",
 ]
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -54,24 +57,54 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
+def torch_optimizers() -> dict[str, type[torch.optim.Optimizer]]:
+    """``torch-<lowercased class name>`` -> each optimizer class of ``torch.optim`` (``torch-adamw``...)."""
+    found = {}
+    for attribute in dir(torch.optim):
+        value = getattr(torch.optim, attribute)
+        if (
+            inspect.isclass(value)
+            and issubclass(value, torch.optim.Optimizer)
+            and value is not torch.optim.Optimizer
+        ):
+            found["torch-" + attribute.lower()] = value
+    return found
+
+
+def optimizer_names() -> list[str]:
+    """Every accepted optimizer name: ours (:data:`OPTIMIZERS`), then ``torch-<name>`` in sorted order."""
+    return list(OPTIMIZERS) + sorted(torch_optimizers())
+
+
 def _check_name(name: str) -> type[torch.optim.Optimizer]:
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name]
+    if name in OPTIMIZERS:
+        return OPTIMIZERS[name]
+    torch_classes = torch_optimizers() if name.startswith("torch-") else {}
+    if name in torch_classes:
+        return torch_classes[name]
+    raise ConfigError(f"unknown optimizer {name!r}; choose one of: {', '.join(optimizer_names())}")
 
 
 def create(name: str, params: Iterable[Any], **hyperparameters: Any) -> torch.optim.Optimizer:
-    """Optimizer ``name`` over ``params``; unknown names and hyper-parameters raise ConfigError."""
+    """Optimizer ``name`` over ``params``; unknown names and hyper-parameters raise ConfigError.
+
+    ``name`` is one of ours (:data:`OPTIMIZERS`) or ``torch-<name>`` for the ``torch.optim`` class whose
+    lowercased name is ``<name>`` (``torch-sgd`` is ``torch.optim.SGD``, ``torch-adamw`` is ``AdamW``).
+    ``lr=None`` keeps the optimizer's default learning rate.
+    """
     cls = _check_name(name)
+    if hyperparameters.get("lr", 0) is None:
+        del hyperparameters["lr"]
     try:
         return cls(params, **hyperparameters)
     except TypeError as error:
-        raise ConfigError(f"optimizer {name}: {error}; see help(distlearn.optim.{cls.__name__})") from error
+        raise ConfigError(f"optimizer {name}: {error}; check --optimizer-option names") from error
 
 
 def needs_closure(name: str) -> bool:
-    """True when ``step()`` must be given a closure that re-evaluates the loss (CG's line search)."""
-    return issubclass(_check_name(name), ConjugateGradient)
+    """True when ``step()`` must be given a closure that re-evaluates the loss (CG, L-BFGS)."""
+    cls = _check_name(name)
+    return issubclass(cls, (ConjugateGradient, torch.optim.LBFGS))
 
 
 @dataclass(frozen=True)

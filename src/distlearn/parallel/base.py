@@ -40,15 +40,83 @@ hook is the identity, which is why the loop is the same code with or without dis
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from collections.abc import Iterator
-from typing import Any, TypedDict
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, ClassVar, TypedDict
 
 import torch
 from torch import nn
 
-from distlearn.errors import ConfigError
+from distlearn.comm.replicas import check_same_model
+from distlearn.config import positive
+from distlearn.errors import CommError, ConfigError
 
-__all__ = ["Strategy", "StrategyStats", "epoch_batches"]
+__all__ = ["Strategy", "StrategyOptions", "StrategyStats", "epoch_batches", "make_options", "option_names"]
+
+
+@dataclass
+class StrategyOptions:
+    """The options every strategy has; each strategy's own options dataclass derives from it.
+
+    Every field is a ``distlearn train --flag`` (underscores as dashes), a key of the strategy's section in a
+    config file (``[sync]``) and a keyword of :func:`distlearn.parallelize`, all generated from the
+    dataclass. Field checks run in :meth:`validate` (at construction, so before any process starts);
+    checks that need the run's other options (optimizer, workers) in :meth:`check`.
+    """
+
+    comm_timeout: float = 300.0
+    """seconds before a stuck collective or dead peer ends the job"""
+
+    aliases: ClassVar[dict[str, str]] = {"timeout_s": "comm_timeout"}
+    """Older keyword names (of the strategies' constructors and ``parallelize()``) -> field names."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """ConfigError for a field value that no run can use, naming the flag and the fix."""
+        positive("comm_timeout", self.comm_timeout)
+
+    def check(self, run: Any) -> None:
+        """ConfigError for a combination with the run's common options (``run``: a TrainConfig)."""
+
+
+def option_names(options_class: type) -> list[str]:
+    """The field names of an options dataclass (its flags without the dashes)."""
+    return [f.name for f in dataclasses.fields(options_class)]
+
+
+def make_options(options_class: type, options: Any = None, fields: dict[str, Any] | None = None) -> Any:
+    """An ``options_class`` instance from ``options`` (an instance or None) and keyword ``fields``.
+
+    Keywords may use the older names of :attr:`StrategyOptions.aliases`; a mapping given for a
+    ``tuple[str, ...]`` field becomes ``KEY=VALUE`` strings (``compression_options={"density": 0.01}``).
+    Unknown keywords raise ConfigError naming the known ones.
+    """
+    fields = dict(fields or {})
+    if options is not None and not isinstance(options, options_class):
+        raise ConfigError(
+            f"options of type {type(options).__name__} given where {options_class.__name__} is expected"
+        )
+    known = option_names(options_class)
+    aliases = getattr(options_class, "aliases", {})
+    hints = typing.get_type_hints(options_class)
+    values: dict[str, Any] = {}
+    for key, value in fields.items():
+        name = aliases.get(key, key)
+        if name not in known:
+            raise ConfigError(
+                f"unknown option {key!r} for {options_class.__name__}; known options: {', '.join(known)}"
+            )
+        if isinstance(value, dict) and typing.get_origin(hints[name]) is tuple:
+            value = tuple(f"{k}={v!r}" for k, v in value.items())
+        values[name] = value
+    if options is None:
+        return options_class(**values)
+    return dataclasses.replace(options, **values) if values else options
 
 
 class StrategyStats(TypedDict, total=False):
@@ -105,16 +173,36 @@ class Strategy:
     """
 
     name: str = "base"
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+    """The strategy's typed options (a :class:`StrategyOptions` dataclass declared beside it)."""
+    launcher: ClassVar[str] = "torchrun"
+    """How ``distlearn train`` starts the job's processes: ``"torchrun"`` (one process per rank, also on
+    many machines) or ``"pool"`` (a local process pool sharing memory: :meth:`launch`)."""
 
-    def __init__(self) -> None:
+    @classmethod
+    def processes(cls, options: StrategyOptions, run: Any) -> int:
+        """How many processes the job runs (default ``--workers``)."""
+        return int(run.workers)
+
+    @classmethod
+    def launch(cls, run: Any, train: Any) -> Any:
+        """Start a ``"pool"`` strategy's processes, each running ``train(run, strategy=...)``."""
+        raise NotImplementedError(f"strategy {cls.name!r} is started by torchrun, not by a process pool")
+
+    def __init__(self, options: StrategyOptions | None = None, /, *, run: Any = None, **fields: Any) -> None:
+        """``options`` (or keyword ``fields`` of :attr:`Options`); ``run``: the run's common options.
+
+        ``run`` is a :class:`distlearn.train.TrainConfig` when the trainer builds the strategy (the
+        parameter server reads the optimizer from it, DNI the data and model); None in a user's own loop.
+        """
+        self.options = make_options(type(self).Options, options, fields)
+        if run is not None:
+            self.options.check(run)
+        self.run = run
+        self.timeout_s = self.options.comm_timeout
         self.rank = 0
         self.world_size = 1
         self.role = "worker"
-
-    @classmethod
-    def from_config(cls, config: Any) -> Strategy:
-        """The strategy with its settings taken from a :class:`distlearn.train.TrainConfig`."""
-        return cls()
 
     # -- who am I ---------------------------------------------------------------------------------------
     @property
@@ -166,11 +254,7 @@ class Strategy:
 
     def _wait(self, work: Any, what: str) -> None:
         """Wait for ``work`` within ``self.timeout_s``, else a CommError naming the rank and ``what``."""
-        from datetime import timedelta
-
-        from distlearn.errors import CommError
-
-        timeout_s = self.timeout_s  # type: ignore[attr-defined]  # every joining strategy has one
+        timeout_s = self.timeout_s
         try:
             work.wait(timeout=timedelta(seconds=timeout_s))
         except Exception as error:  # gloo raises RuntimeError on timeout or a closed connection
@@ -181,8 +265,6 @@ class Strategy:
 
     def start_from_rank0(self, model: nn.Module) -> None:
         """Check that every rank built the same model, then give every rank rank 0's weights and buffers."""
-        from distlearn.parallel.sync import check_same_model
-
         check_same_model(model, self.rank, self.world_size)
         with torch.no_grad():
             for tensor in list(model.parameters()) + list(model.buffers()):

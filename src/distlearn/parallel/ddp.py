@@ -8,6 +8,7 @@ compares ``sync`` and DDP on exactly the same work. Nothing here is ours but the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,11 +16,24 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from distlearn.config import positive
 from distlearn.errors import ConfigError
 from distlearn.launch import in_torchrun, init_distributed, shutdown
-from distlearn.parallel.base import Strategy, StrategyStats
+from distlearn.parallel.base import Strategy, StrategyOptions, StrategyStats
 
-__all__ = ["TorchDDP"]
+__all__ = ["DDPOptions", "TorchDDP"]
+
+
+@dataclass
+class DDPOptions(StrategyOptions):
+    """Options of torch's DistributedDataParallel (``--strategy ddp``), the reference."""
+
+    bucket_mb: float = 25.0
+    """gradient bucket size in MiB (DDP's bucket_cap_mb; its default is 25)"""
+
+    def validate(self) -> None:
+        super().validate()
+        positive("bucket_mb", self.bucket_mb, allow_zero=True)
 
 
 class TorchDDP(Strategy):
@@ -27,16 +41,13 @@ class TorchDDP(Strategy):
 
     name = "ddp"
 
-    def __init__(self, *, bucket_mb: float = 25.0, timeout_s: float = 300.0) -> None:
-        super().__init__()
-        self.bucket_mb = bucket_mb
-        self.timeout_s = timeout_s
+    Options = DDPOptions
+
+    def __init__(self, options: DDPOptions | None = None, /, *, run: Any = None, **fields: Any) -> None:
+        super().__init__(options, run=run, **fields)
+        self.bucket_mb = self.options.bucket_mb
         self._owns_group = False
         self._parameters = 0
-
-    @classmethod
-    def from_config(cls, config: Any) -> TorchDDP:
-        return cls(bucket_mb=config.bucket_mb, timeout_s=config.comm_timeout)
 
     def setup(self, seed: int) -> None:
         already = dist.is_available() and dist.is_initialized()

@@ -21,19 +21,34 @@ other optimizers than Adam, checkpoints and resume, LR schedules, gradient clipp
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
+from distlearn.dni.pipeline import DNIConfig, run_pipeline
 from distlearn.errors import ConfigError
 from distlearn.launch import init_distributed, shutdown
-from distlearn.parallel.base import Strategy
+from distlearn.parallel.base import Strategy, StrategyOptions
 
-__all__ = ["DecoupledStages", "dni_config_of", "launch_stages"]
+__all__ = ["DNIOptions", "DecoupledStages", "dni_config_of"]
 
 
-def dni_config_of(config: Any) -> Any:
-    """The :class:`~distlearn.dni.pipeline.DNIConfig` of a :class:`~distlearn.train.TrainConfig`."""
-    from distlearn.dni.pipeline import DNIConfig
+@dataclass
+class DNIOptions(StrategyOptions):
+    """Options of decoupled neural interfaces across processes (``--strategy dni``)."""
 
+    stages: int = 0
+    """cut the model into K stages, one process each (--workers = K)"""
+    cdni: bool = False
+    """condition the synthetic gradients on the label (cDNI)"""
+
+    def check(self, run: Any) -> None:
+        super().check(run)
+        dni_config_of(run, self)
+
+
+def dni_config_of(config: Any, options: DNIOptions | None = None) -> DNIConfig:
+    """The :class:`~distlearn.dni.pipeline.DNIConfig` of a run's config and its DNI options."""
+    options = options if options is not None else config.options
     if config.optimizer != "adam":
         raise ConfigError(
             f"--strategy dni trains every stage and synthetic-gradient model with Adam (as the paper); "
@@ -41,22 +56,27 @@ def dni_config_of(config: Any) -> Any:
         )
     if config.model not in ("mlp", "lenet", "resnet8"):
         raise ConfigError(f"--strategy dni cuts mlp, lenet or resnet8 into stages, not {config.model}")
-    if config.stages < 2:
+    if options.stages < 2:
         raise ConfigError("--strategy dni needs --stages K with K >= 2 (one process per stage)")
-    for flag, bad in (
+    if config.workers not in (1, options.stages):
+        raise ConfigError(
+            f"--strategy dni runs one process per stage: --workers {config.workers} but --stages "
+            f"{options.stages}; drop --workers"
+        )
+    for name, bad in (
         ("resume", config.resume is not None),
         ("clip-grad-norm", config.clip_grad_norm is not None),
         ("schedule", config.schedule != "constant" or config.warmup_steps),
         ("augment", bool(config.augment)),
     ):
         if bad:
-            raise ConfigError(f"--strategy dni does not support --{flag}; drop it")
+            raise ConfigError(f"--strategy dni does not support --{name}; drop it")
     dni = DNIConfig(
-        dataset=config.dataset, model=config.model, stages=config.stages, mode="dni", cdni=config.cdni,
+        dataset=config.dataset, model=config.model, stages=options.stages, mode="dni", cdni=options.cdni,
         epochs=config.epochs, steps=config.steps, batch_size=config.batch_size,
         seed=config.seed, train_samples=config.train_samples, test_samples=config.test_samples,
         data_root=config.data_root, out=config.out, log_every=config.log_every,
-        timeout_s=config.comm_timeout, quiet=config.quiet, threads=config.threads or 1,
+        timeout_s=options.comm_timeout, quiet=config.quiet, threads=config.threads or 1,
     )  # fmt: skip
     if config.lr is not None:
         dni = dataclasses.replace(dni, lr=config.lr)
@@ -64,34 +84,28 @@ def dni_config_of(config: Any) -> Any:
     return dni
 
 
-def launch_stages(config: Any) -> int:
-    """Start one process per stage under torchrun on 127.0.0.1 (``--workers`` must be 1 or ``--stages``)."""
-    from distlearn.train_cli import launch_workers
-
-    dni_config_of(config)  # refuse bad settings before starting anything
-    if config.workers not in (1, config.stages):
-        raise ConfigError(
-            f"--strategy dni runs one process per stage: --workers {config.workers} but --stages "
-            f"{config.stages}; drop --workers"
-        )
-    return launch_workers(dataclasses.replace(config, workers=config.stages))
-
-
 class DecoupledStages(Strategy):
-    """Every rank runs one stage of a DNI pipeline (see the module docstring)."""
+    """Every rank runs one stage of a DNI pipeline (see the module docstring).
+
+    Options: :class:`DNIOptions`; ``run`` (the trainer's config) gives the data, model and budget.
+    """
 
     name = "dni"
+    Options = DNIOptions
 
-    def __init__(self, dni_config: Any) -> None:
-        super().__init__()
-        self.dni_config = dni_config
+    def __init__(self, options: DNIOptions | None = None, /, *, run: Any = None, **fields: Any) -> None:
+        super().__init__(options, run=run, **fields)
+        if run is None:
+            raise ConfigError("the dni strategy needs the run's config: create_strategy('dni', run=config)")
+        self.dni_config = dni_config_of(run, self.options)
         self.role = "stage"
         self.summary: dict[str, Any] = {}
         self._owns_group = False
 
     @classmethod
-    def from_config(cls, config: Any) -> DecoupledStages:
-        return cls(dni_config_of(config))
+    def processes(cls, options: DNIOptions, run: Any) -> int:
+        """One process per stage, whatever ``--workers`` says (1 or the number of stages)."""
+        return options.stages
 
     def setup(self, seed: int) -> None:
         import torch.distributed as dist
@@ -101,8 +115,6 @@ class DecoupledStages(Strategy):
         self.rank, self.world_size = context.rank, context.world_size
 
     def serve(self) -> None:
-        from distlearn.dni.pipeline import run_pipeline
-
         self.summary = run_pipeline(self.dni_config, rank=self.rank, world_size=self.world_size)
 
     def close(self) -> None:

@@ -61,7 +61,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -70,7 +71,7 @@ from torch import nn
 from distlearn.comm.p2p import HEADER_SIZE, REPLY, REQUEST, Header, Kind, Transport
 from distlearn.errors import CommError, ConfigError
 from distlearn.launch import DistContext, shutdown
-from distlearn.parallel.base import Strategy, StrategyStats
+from distlearn.parallel.base import Strategy, StrategyOptions, StrategyStats
 
 __all__ = ["ElasticAveraging", "lookahead_offset"]
 
@@ -108,32 +109,31 @@ def is_nesterov(optimizer: torch.optim.Optimizer) -> bool:
     )
 
 
-class ElasticAveraging(Strategy):
-    """EASGD / EAMSGD in the synchronous (allreduce) or asynchronous (centre on rank 0) form.
+@dataclass
+class EASGDOptions(StrategyOptions):
+    """Options of elastic averaging SGD (``--strategy easgd``)."""
 
-    Args:
-        mode: ``"sync"`` (every rank a worker, the centre replicated) or ``"async"`` (rank 0 holds the
-            centre, ranks ``1 .. p`` are workers).
-        rho: elastic coefficient; ``alpha = eta_t * rho`` with ``eta_t`` the optimizer's current rate.
-        moving_rate: ``alpha`` directly (exclusive with ``rho``); default ``0.9 / p`` (``beta = 0.9``).
-        tau: communication period (exchange when ``tau`` divides the worker's step count ``t``).
-        timeout_s: deadline of every collective or message (CommError on a dead peer).
-    """
+    easgd_mode: Literal["sync", "async"] = "sync"
+    """sync (allreduce, the centre replicated) or async (rank 0 holds the centre)"""
+    elastic_rho: float | None = None
+    """elastic coefficient rho; moving rate alpha = lr * rho"""
+    moving_rate: float | None = None
+    """the moving rate alpha itself (default 0.9 / workers)"""
+    elastic_tau: int = 1
+    """steps between elastic exchanges (tau)"""
 
-    name = "easgd"
+    aliases: ClassVar[dict[str, str]] = {
+        **StrategyOptions.aliases,
+        "mode": "easgd_mode",
+        "rho": "elastic_rho",
+        "tau": "elastic_tau",
+    }
 
-    def __init__(
-        self,
-        *,
-        mode: str = "sync",
-        rho: float | None = None,
-        moving_rate: float | None = None,
-        tau: int = 1,
-        timeout_s: float = 300.0,
-    ) -> None:
-        super().__init__()
-        if mode not in ("sync", "async"):
-            raise ConfigError(f"--easgd-mode must be sync or async, got {mode!r}")
+    def validate(self) -> None:
+        super().validate()
+        if self.easgd_mode not in ("sync", "async"):
+            raise ConfigError(f"--easgd-mode must be sync or async, got {self.easgd_mode!r}")
+        rho, moving_rate, tau = self.elastic_rho, self.moving_rate, self.elastic_tau
         if rho is not None and moving_rate is not None:
             raise ConfigError("give --elastic-rho (alpha = lr * rho) or --moving-rate (alpha), not both")
         if rho is not None and rho < 0:
@@ -142,13 +142,27 @@ class ElasticAveraging(Strategy):
             raise ConfigError(f"--moving-rate alpha must be in [0, 1), got {moving_rate}; try 0.9 / workers")
         if not isinstance(tau, int) or tau < 1:
             raise ConfigError(f"--elastic-tau must be an integer >= 1 (steps between exchanges), got {tau!r}")
-        if timeout_s <= 0:
-            raise ConfigError(f"--comm-timeout must be positive, got {timeout_s}")
-        self.mode = mode
-        self.rho = rho
-        self.moving_rate = moving_rate
-        self.tau = tau
-        self.timeout_s = timeout_s
+
+
+class ElasticAveraging(Strategy):
+    """EASGD / EAMSGD in the synchronous (allreduce) or asynchronous (centre on rank 0) form.
+
+    Options: :class:`EASGDOptions`: ``easgd_mode`` ``"sync"`` (every rank a worker, the centre
+    replicated) or ``"async"`` (rank 0 holds the centre, ranks ``1 .. p`` are workers); ``elastic_rho``
+    (``alpha = eta_t * rho`` with ``eta_t`` the optimizer's current rate) or ``moving_rate`` (``alpha``
+    directly; default ``0.9 / p``, i.e. ``beta = 0.9``); ``elastic_tau``, the communication period.
+    """
+
+    name = "easgd"
+
+    Options = EASGDOptions
+
+    def __init__(self, options: EASGDOptions | None = None, /, *, run: Any = None, **fields: Any) -> None:
+        super().__init__(options, run=run, **fields)
+        self.mode = self.options.easgd_mode
+        self.rho = self.options.elastic_rho
+        self.moving_rate = self.options.moving_rate
+        self.tau = self.options.elastic_tau
         self.transport: Transport | None = None
         self.centre: torch.Tensor | None = None  # sync: this rank's copy of x~ (flat float32)
         self.exchanges = 0
@@ -160,16 +174,6 @@ class ElasticAveraging(Strategy):
         self._context: DistContext | None = None
         self._owns_group = False
         self.server_report: dict[str, Any] = {}
-
-    @classmethod
-    def from_config(cls, config: Any) -> ElasticAveraging:
-        return cls(
-            mode=config.easgd_mode,
-            rho=config.elastic_rho,
-            moving_rate=config.moving_rate,
-            tau=config.elastic_tau,
-            timeout_s=config.comm_timeout,
-        )
 
     # -- roles --------------------------------------------------------------------------------------------
 

@@ -62,7 +62,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from distlearn.errors import CommError, ConfigError
-from distlearn.parallel.base import Strategy
+from distlearn.parallel.base import Strategy, StrategyOptions
 
 __all__ = ["Hogwild", "HogwildChannel", "launch_hogwild", "share_parameters", "stochastic_round"]
 
@@ -107,28 +107,48 @@ def share_parameters(parameters: list[torch.Tensor], flat: torch.Tensor | None =
     return flat
 
 
+@dataclass
+class HogwildOptions(StrategyOptions):
+    """Options of Hogwild! (``--strategy hogwild``): processes of one machine sharing the weights."""
+
+    buckwild: bool = False
+    """8-bit shared weights with unbiased stochastic rounding (Buckwild!)"""
+
+    def check(self, run: Any) -> None:
+        super().check(run)
+        if run.workers > 1:  # the launcher builds each process's strategy itself, without ``run``
+            raise ConfigError(
+                "hogwild processes share memory, so they are started by `distlearn train --strategy hogwild "
+                f"--workers {run.workers}` (torch.multiprocessing), not by torchrun or train() directly"
+            )
+
+
 class Hogwild(Strategy):
     """Lock-free shared-memory SGD (see the module docstring). One instance per process.
 
-    Args:
+    Options: :class:`HogwildOptions` (``buckwild``; ``comm_timeout`` bounds receiving the shared buffer
+    and each barrier). The launcher gives each process its place:
+
         rank: this process's index ``r`` in ``[0, R)``.
         world_size: ``R``, the number of processes sharing the weights.
         channel: the launcher's :class:`HogwildChannel` (needed when ``R > 1``).
-        timeout_s: deadline for receiving the shared buffer and for each barrier.
     """
 
     name = "hogwild"
+    Options = HogwildOptions
 
     def __init__(
         self,
+        options: HogwildOptions | None = None,
+        /,
         *,
+        run: Any = None,
         rank: int = 0,
         world_size: int = 1,
         channel: HogwildChannel | None = None,
-        timeout_s: float = 300.0,
-        buckwild: bool = False,
+        **fields: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(options, run=run, **fields)
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"hogwild process {rank} of {world_size} is not a valid place in the job")
         if world_size > 1 and channel is None:
@@ -136,28 +156,16 @@ class Hogwild(Strategy):
                 "hogwild with several processes needs the launcher's shared channel: run it with "
                 "`distlearn train --strategy hogwild --workers R` (or parallel.hogwild.launch_hogwild)"
             )
-        if timeout_s <= 0:
-            raise ConfigError(f"--comm-timeout must be positive, got {timeout_s}")
         self.rank, self.world_size = rank, world_size
         self.channel = channel
-        self.timeout_s = timeout_s
         self.shared: torch.Tensor | None = None
-        self.buckwild = buckwild
+        self.buckwild = self.options.buckwild
         self.scales: torch.Tensor | None = None  # Buckwild!: one per tensor (shared, fixed)
         self._parameters: list[torch.Tensor] = []
         self._scale_per_element: torch.Tensor | None = None
         self._read: torch.Tensor | None = None  # Buckwild!: the float weights this process last read
         self._generator = torch.Generator().manual_seed(1_000_003 * (rank + 1))
         self.saturated = 0
-
-    @classmethod
-    def from_config(cls, config: Any) -> Hogwild:
-        if config.workers > 1:
-            raise ConfigError(
-                "hogwild processes share memory, so they are started by `distlearn train --strategy hogwild "
-                f"--workers {config.workers}` (torch.multiprocessing), not by torchrun or train() directly"
-            )
-        return cls(timeout_s=config.comm_timeout, buckwild=getattr(config, "buckwild", False))
 
     def prepare(
         self, model: nn.Module, optimizer: torch.optim.Optimizer
@@ -271,10 +279,7 @@ class Hogwild(Strategy):
 def _worker(config: Any, rank: int, world_size: int, channel: HogwildChannel, results: Any) -> None:
     from distlearn.train import train
 
-    strategy = Hogwild(
-        rank=rank, world_size=world_size, channel=channel, timeout_s=config.comm_timeout,
-        buckwild=getattr(config, "buckwild", False),
-    )  # fmt: skip
+    strategy = Hogwild(config.options, rank=rank, world_size=world_size, channel=channel)
     try:
         result = train(config, strategy=strategy)
     except BaseException as error:

@@ -39,51 +39,63 @@ steps (or one epoch) helps when the learning rate is large at the start.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
-from distlearn.errors import CommError, ConfigError
+from distlearn.config import positive
+from distlearn.errors import CommError
 from distlearn.launch import DistContext, shutdown
-from distlearn.parallel.base import Strategy, StrategyStats
+from distlearn.parallel.base import Strategy, StrategyOptions, StrategyStats
 
 __all__ = ["LocalSGD"]
+
+
+@dataclass
+class LocalSGDOptions(StrategyOptions):
+    """Options of local SGD (``--strategy local-sgd``)."""
+
+    average_every: int = 4
+    """k, local steps between two parameter averages"""
+    post_local_warmup: int = 0
+    """synchronous steps before local SGD starts (post-local SGD)"""
+
+    aliases: ClassVar[dict[str, str]] = {
+        **StrategyOptions.aliases,
+        "period": "average_every",
+        "warmup_steps": "post_local_warmup",
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        positive("average_every", self.average_every, integer=True)
+        positive("post_local_warmup", self.post_local_warmup, allow_zero=True, integer=True)
 
 
 class LocalSGD(Strategy):
     """Local SGD with period ``k`` and an optional synchronous warm-up of ``W`` steps (post-local SGD).
 
-    Args:
-        period: ``k``, the number of local steps between two parameter averages (``k >= 1``).
-        warmup_steps: ``W``, synchronous-SGD steps (gradient allreduce) before local SGD starts.
-        timeout_s: deadline of every collective; a dead peer raises CommError.
+    Options: :class:`LocalSGDOptions`: ``average_every`` (``k >= 1``, local steps between two parameter
+    averages) and ``post_local_warmup`` (``W``, synchronous-SGD steps before local SGD starts).
 
     Example (in a torchrun worker)::
 
-        strategy = LocalSGD(period=4)
+        strategy = LocalSGD(average_every=4)
         result = train(TrainConfig(strategy="local-sgd", optimizer="sgd", lr=0.05), strategy=strategy)
     """
 
     name = "local-sgd"
 
-    def __init__(self, *, period: int = 4, warmup_steps: int = 0, timeout_s: float = 300.0) -> None:
-        super().__init__()
-        if not isinstance(period, int) or period < 1:
-            raise ConfigError(
-                f"--average-every must be an integer >= 1 (local steps between averages), got {period!r}"
-            )
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ConfigError(
-                f"--post-local-warmup must be an integer >= 0 (synchronous steps), got {warmup_steps!r}"
-            )
-        if timeout_s <= 0:
-            raise ConfigError(f"--comm-timeout must be positive, got {timeout_s}")
-        self.period = period
-        self.warmup_steps = warmup_steps
-        self.timeout_s = timeout_s
+    Options = LocalSGDOptions
+
+    def __init__(self, options: LocalSGDOptions | None = None, /, *, run: Any = None, **fields: Any) -> None:
+        super().__init__(options, run=run, **fields)
+        self.period = self.options.average_every
+        self.warmup_steps = self.options.post_local_warmup
         self.averager: PeriodicModelAverager | None = None
         self.bytes_sent = 0
         self.averages = 0
@@ -91,12 +103,6 @@ class LocalSGD(Strategy):
         self._context: DistContext | None = None
         self._owns_group = False
         self._restored_step: int | None = None
-
-    @classmethod
-    def from_config(cls, config: Any) -> LocalSGD:
-        return cls(
-            period=config.average_every, warmup_steps=config.post_local_warmup, timeout_s=config.comm_timeout
-        )
 
     # -- life cycle ---------------------------------------------------------------------------------------
 

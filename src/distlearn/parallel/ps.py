@@ -84,19 +84,23 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
+from distlearn import optim
 from distlearn.comm.p2p import HEADER_SIZE, REPLY, REQUEST, Header, Kind, Transport
 from distlearn.comm.shm import SharedBlock, new_token
+from distlearn.config import parse_options, positive
 from distlearn.errors import CheckpointError, CommError, ConfigError
 from distlearn.launch import DistContext, shutdown
 from distlearn.parallel.base import Strategy, StrategyStats, epoch_batches
+from distlearn.parallel.sync import CompressionOptions
 
-__all__ = ["ParameterServer", "PushGate", "shard_parameters"]
+__all__ = ["PSOptions", "ParameterServer", "PushGate", "shard_parameters"]
 
 OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
@@ -189,96 +193,123 @@ def _can_live_in(parameter: torch.Tensor, view: torch.Tensor) -> bool:
     return parameter.dtype == view.dtype and parameter.device == view.device and not parameter.is_shared()
 
 
+@dataclass
+class PSOptions(CompressionOptions):
+    """Options of the parameter server (``--strategy ps``); the codec, if any, compresses the pushes."""
+
+    servers: int = 1
+    """parameter-server ranks (the first S ranks); the rest are workers"""
+    softsync: int = 1
+    """apply gradients in groups of n (1: async, workers: synchronous)"""
+    backup_workers: int = 0
+    """b extra workers; each step uses the first R gradients, drops b"""
+    local_steps: int = 1
+    """pull and push every k local steps"""
+    staleness_aware: bool = False
+    """divide each gradient by its staleness (Zhang et al. 2016)"""
+    worker_timeout: float = 60.0
+    """seconds of silence after which a server drops a worker"""
+    ps_shared_memory: bool = True
+    """a worker and a server on the same machine move gradients and weights through shared memory
+    (/dev/shm), headers over the backend; --no-ps-shared-memory: all over the backend"""
+
+    aliases: ClassVar[dict[str, str]] = {
+        **CompressionOptions.aliases,
+        "worker_timeout_s": "worker_timeout",
+        "shared_memory": "ps_shared_memory",
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("servers", "softsync", "local_steps"):
+            positive(name, getattr(self, name), integer=True)
+        positive("backup_workers", self.backup_workers, allow_zero=True, integer=True)
+        positive("worker_timeout", self.worker_timeout)
+        if self.backup_workers and self.softsync != 1:
+            raise ConfigError(
+                "--backup-workers and --softsync both set the group size; backup workers already apply "
+                "each step on the first R gradients -- drop --softsync"
+            )
+
+    def check(self, run: Any) -> None:
+        super().check(run)
+        if optim.needs_closure(run.optimizer):
+            raise ConfigError(
+                f"--optimizer {run.optimizer} re-evaluates the loss inside its step, which a parameter "
+                "server cannot do; choose a first-order optimizer (sgd, momentum, adam, ...)"
+            )
+
+
 class ParameterServer(Strategy):
     """Downpour-style asynchronous SGD on parameter servers (see the module docstring for the algorithm).
 
-    Args:
-        servers: number of server ranks ``S`` (ranks ``0 .. S-1``); the other ranks are workers.
-        softsync: group size ``n``: apply the mean of every ``n`` gradients (1: async; R: synchronous).
-        backup_workers: ``b``: take each step on the first ``R = workers - b`` gradients, drop the rest.
-        local_steps: ``k``: push and pull every ``k`` steps, local optimizer steps in between.
-        staleness_aware: divide each gradient by ``max(1, staleness)`` (Zhang et al., 2016).
-        optimizer: the servers' optimizer: a name for :func:`distlearn.train.create_optimizer`, or a callable
+    Options: :class:`PSOptions` (servers ``S``, n-softsync, backup workers ``b``, ``k`` local steps,
+    staleness-aware scaling, the worker timeout, shared memory, and the pushes' codec). Keywords for what
+    the trainer otherwise takes from the run's config (``run``):
+
+        optimizer: the servers' optimizer: a name for :func:`distlearn.optim.create`, or a callable
             building an optimizer over a list of tensors.
         lr, optimizer_options: its learning rate (None: the optimizer's default) and hyper-parameters.
             The lr a worker's optimizer has at the push (its schedule) travels in the header and is used.
-        timeout_s: deadline of every message; a dead server raises CommError on the workers.
-        worker_timeout_s: silence after which a server declares a worker dead and goes on without it.
         clip_grad_norm: clip each pushed gradient's 2-norm on the worker (None: no clipping).
         out: run directory: servers write ``ps-server<rank>.json`` (updates, staleness, drops) there and
             their checkpoints under ``out/checkpoints``.
         resume: the worker checkpoint the run resumes from; servers load their matching state.
         keep_checkpoints: server checkpoints kept on disk.
         gate: optional :class:`PushGate` called around each push (for deterministic schedules).
-        compression: a codec name of :data:`distlearn.comm.compression.COMPRESSORS` for the pushes, or
-            ``"none"``; ``compression_options`` its keyword options (e.g. ``{"density": 0.01}``).
-        shared_memory: move payloads through shared memory when a worker and a server share a machine
-            (see "Transport" in the module docstring); False: always through the backend.
     """
 
     name = "ps"
+    Options = PSOptions
 
     def __init__(
         self,
+        options: PSOptions | None = None,
+        /,
         *,
-        servers: int = 1,
-        softsync: int = 1,
-        backup_workers: int = 0,
-        local_steps: int = 1,
-        staleness_aware: bool = False,
-        optimizer: str | OptimizerFactory = "sgd",
+        run: Any = None,
+        optimizer: str | OptimizerFactory | None = None,
         lr: float | None = None,
         optimizer_options: dict[str, Any] | None = None,
-        timeout_s: float = 300.0,
-        worker_timeout_s: float = 60.0,
         clip_grad_norm: float | None = None,
         out: str | Path | None = None,
         resume: str | Path | None = None,
-        keep_checkpoints: int = 2,
+        keep_checkpoints: int | None = None,
         gate: PushGate | None = None,
-        compression: str = "none",
-        compression_options: dict[str, Any] | None = None,
-        shared_memory: bool = True,
+        **fields: Any,
     ) -> None:
-        super().__init__()
-        self.shared_memory = shared_memory
-        self.compression = compression
-        self.compression_options = dict(compression_options or {})
+        super().__init__(options, run=run, **fields)
+        o = self.options
+        self.shared_memory = o.ps_shared_memory
+        self.compression = o.compression
+        self.compression_options = o.codec_options()
         self.compressor: Any = None  # the worker's encoder (its residuals); servers build their own decoder
-        if compression != "none":
-            self.compressor = make_push_codec(compression, self.compression_options)
-        elif compression_options:
-            raise ConfigError(
-                f"compression options {sorted(compression_options)} given without --compression"
-            )
-        for flag, value in (("--servers", servers), ("--softsync", softsync), ("--local-steps", local_steps)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{flag} must be an integer >= 1, got {value!r}")
-        if backup_workers < 0:
-            raise ConfigError(f"--backup-workers must be >= 0, got {backup_workers}")
-        if backup_workers and softsync != 1:
-            raise ConfigError(
-                "--backup-workers and --softsync both set the group size; backup workers already apply "
-                "each step on the first R gradients -- drop --softsync"
-            )
-        if timeout_s <= 0 or worker_timeout_s <= 0:
-            raise ConfigError("--comm-timeout and --worker-timeout must be positive")
-        if keep_checkpoints < 1:
-            raise ConfigError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
-        self.servers = servers
-        self.softsync = softsync
-        self.backup_workers = backup_workers
-        self.local_steps = local_steps
-        self.staleness_aware = staleness_aware
-        self.optimizer_spec = optimizer
-        self.lr = lr
-        self.optimizer_options = dict(optimizer_options or {})
-        self.timeout_s = timeout_s
-        self.worker_timeout_s = worker_timeout_s
-        self.clip_grad_norm = clip_grad_norm
+        if o.compression != "none":
+            self.compressor = make_push_codec(o.compression, self.compression_options)
+        self.servers = o.servers
+        self.softsync = o.softsync
+        self.backup_workers = o.backup_workers
+        self.local_steps = o.local_steps
+        self.staleness_aware = o.staleness_aware
+        self.worker_timeout_s = o.worker_timeout
+        # The servers' optimizer and the run's files: the run's settings, or the keywords in a user's loop.
+        self.optimizer_spec = optimizer if optimizer is not None else getattr(run, "optimizer", "sgd")
+        self.lr = lr if lr is not None else getattr(run, "lr", None)
+        self.optimizer_options = dict(
+            optimizer_options
+            if optimizer_options is not None
+            else parse_options(getattr(run, "optimizer_option", ()))
+        )
+        def of_run(value: Any, name: str, default: Any = None) -> Any:
+            return value if value is not None else getattr(run, name, default)
+
+        self.clip_grad_norm = of_run(clip_grad_norm, "clip_grad_norm")
+        out = of_run(out, "out")
         self.out = Path(out) if out is not None else None
-        self.resume = resume
-        self.keep_checkpoints = keep_checkpoints
+        self.resume = of_run(resume, "resume")
+        self.keep_checkpoints = of_run(keep_checkpoints, "keep_checkpoints", 2)
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         self.gate = gate
         self._context: DistContext | None = None
         self._owns_group = False
@@ -301,37 +332,6 @@ class ParameterServer(Strategy):
         self._stop = threading.Event()
         self._heartbeat_error: BaseException | None = None
         self.server_report: dict[str, Any] = {}
-
-    @classmethod
-    def from_config(cls, config: Any) -> ParameterServer:
-        from distlearn.parallel.sync import compression_options_of
-        from distlearn.train import needs_closure, parse_options
-
-        compression = getattr(config, "compression", "none")
-        if needs_closure(config.optimizer):
-            raise ConfigError(
-                f"--optimizer {config.optimizer} re-evaluates the loss inside its step, which a parameter "
-                "server cannot do; choose a first-order optimizer (sgd, momentum, adam, ...)"
-            )
-        return cls(
-            servers=getattr(config, "servers", 1),
-            softsync=getattr(config, "softsync", 1),
-            backup_workers=getattr(config, "backup_workers", 0),
-            local_steps=getattr(config, "local_steps", 1),
-            staleness_aware=getattr(config, "staleness_aware", False),
-            optimizer=config.optimizer,
-            lr=config.lr,
-            optimizer_options=parse_options(config.optimizer_option),
-            timeout_s=config.comm_timeout,
-            worker_timeout_s=getattr(config, "worker_timeout", 60.0),
-            clip_grad_norm=config.clip_grad_norm,
-            shared_memory=getattr(config, "ps_shared_memory", True),
-            out=config.out,
-            resume=config.resume,
-            keep_checkpoints=config.keep_checkpoints,
-            compression=compression,
-            compression_options=compression_options_of(config) if compression != "none" else None,
-        )
 
     # -- roles ----------------------------------------------------------------------------------------------
 
@@ -817,9 +817,7 @@ class _ServerLoop:
         if callable(spec):
             self.optimizer = spec(tensors)
         else:
-            from distlearn.train import create_optimizer
-
-            self.optimizer = create_optimizer(spec, tensors, lr=self.s.lr, **self.s.optimizer_options)
+            self.optimizer = optim.create(spec, tensors, lr=self.s.lr, **self.s.optimizer_options)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
 
     def state(self) -> dict[str, Any]:

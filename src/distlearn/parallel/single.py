@@ -6,9 +6,32 @@ distributed strategy uses; it is the reference the distributed strategies are me
 
 from __future__ import annotations
 
-from distlearn.parallel.base import Strategy
+import os
+from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["SingleProcess"]
+from distlearn.errors import ConfigError
+from distlearn.launch import in_torchrun
+from distlearn.parallel.base import Strategy, StrategyOptions
+
+__all__ = ["SingleOptions", "SingleProcess"]
+
+
+@dataclass
+class SingleOptions(StrategyOptions):
+    """One process has nothing to combine: only the common options."""
+
+    def check(self, run: Any) -> None:
+        super().check(run)
+        if run.workers != 1:
+            raise ConfigError(
+                f"--workers {run.workers} needs a distributed strategy; add e.g. --strategy sync"
+            )
+        if in_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(
+                "started by torchrun with several processes but --strategy single; every process would "
+                "train alone and write the same run directory -- pass e.g. --strategy sync"
+            )
 
 
 class SingleProcess(Strategy):
@@ -21,6 +44,7 @@ class SingleProcess(Strategy):
     """
 
     name = "single"
+    Options = SingleOptions
 
     def describe(self) -> str:
         return "single process"

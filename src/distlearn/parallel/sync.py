@@ -25,19 +25,27 @@ Run it with ``distlearn train --strategy sync --workers 2`` (one machine) or und
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from distlearn import optim
 from distlearn.comm.bucketing import GradientBucketer
+from distlearn.comm.compression import CompressedReducer, create_compressor
+from distlearn.comm.reducers import create_reducer
+from distlearn.comm.replicas import check_same_model, weights_checksum
+from distlearn.config import flag, parse_options, positive
 from distlearn.errors import CommError, ConfigError
 from distlearn.launch import DistContext, shutdown
-from distlearn.parallel.base import Strategy, StrategyStats
+from distlearn.parallel.base import Strategy, StrategyOptions, StrategyStats
 
 __all__ = [
+    "CompressionOptions",
     "SyncDataParallel",
+    "SyncOptions",
     "check_no_optimizer_momentum",
     "check_same_model",
     "compression_options_of",
@@ -57,137 +65,120 @@ def check_no_optimizer_momentum(codec: str, optimizer: torch.optim.Optimizer) ->
             )
 
 
-def compression_options_of(config: Any) -> dict[str, Any]:
-    """A TrainConfig's codec options: ``--compression-option KEY=VALUE``, ``--density``, ``--rank``."""
-    from distlearn.train import parse_options
+@dataclass
+class CompressionOptions(StrategyOptions):
+    """The gradient codec's options, shared by the strategies that send gradients (sync, ps)."""
 
-    options = parse_options(tuple(getattr(config, "compression_option", ()) or ()))
-    for name in ("density", "rank"):
-        value = getattr(config, name, None)
-        if value is not None:
-            if name in options and options[name] != value:
+    compression: str = "none"
+    """gradient codec: none, fp16, bf16, int8-linear, int8-tree, threshold, onebit, terngrad, qsgd, topk,
+    randomk, dgc, powersgd (distlearn.comm.compression)"""
+    compression_option: tuple[str, ...] = ()
+    """codec options as KEY=VALUE, e.g. threshold=0.01 levels=4 warmup_steps=200"""
+    density: float | None = None
+    """topk/randomk/dgc: fraction of gradient elements sent, (0, 1]"""
+    rank: int | None = None
+    """powersgd: approximation rank r >= 1"""
+
+    aliases: ClassVar[dict[str, str]] = {
+        **StrategyOptions.aliases,
+        "compression_options": "compression_option",
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        given = [name for name in ("density", "rank") if getattr(self, name) is not None]
+        if self.compression == "none":
+            if given or self.compression_option:
+                flags = [flag(name) for name in given]
+                flags += ["--compression-option"] * bool(self.compression_option)
                 raise ConfigError(
-                    f"--{name} {value} and --compression-option {name}={options[name]} disagree"
+                    f"{', '.join(flags)} only apply with --compression NAME (e.g. --compression topk)"
                 )
-            options[name] = value
-    return options
+            return
+        create_compressor(self.compression, **self.codec_options())  # the name and every option
+
+    def codec_options(self) -> dict[str, Any]:
+        """The codec's keyword options: ``--compression-option KEY=VALUE``, ``--density``, ``--rank``."""
+        options = parse_options(self.compression_option, "compression")
+        for name in ("density", "rank"):
+            value = getattr(self, name)
+            if value is not None:
+                if name in options and options[name] != value:
+                    raise ConfigError(
+                        f"--{name} {value} and --compression-option {name}={options[name]} disagree"
+                    )
+                options[name] = value
+        return options
+
+    def check(self, run: Any) -> None:
+        super().check(run)
+        if self.compression == "none" or run is None:
+            return
+        codec = create_compressor(self.compression, **self.codec_options())
+        if codec.handles_momentum:  # say so now, before any worker starts
+            probe = [torch.zeros(1, requires_grad=True)]
+            optimizer = optim.create(run.optimizer, probe, lr=run.lr, **parse_options(run.optimizer_option))
+            check_no_optimizer_momentum(self.compression, optimizer)
 
 
-def _describe_model(model: nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
-    return [(name, tuple(p.shape), str(p.dtype)) for name, p in model.named_parameters()]
+def compression_options_of(options: CompressionOptions) -> dict[str, Any]:
+    """The codec's keyword options of ``options`` (:meth:`CompressionOptions.codec_options`)."""
+    return options.codec_options()
 
 
-def check_same_model(model: nn.Module, rank: int, world_size: int) -> None:
-    """Raise ConfigError on every rank if any rank's parameters differ in names, shapes or dtypes."""
-    mine = _describe_model(model)
-    everyone: list[Any] = [None] * world_size
-    dist.all_gather_object(everyone, mine)
-    for other_rank, theirs in enumerate(everyone):
-        if theirs == mine:
-            continue
-        count = (len(mine), sum(torch.Size(s).numel() for _, s, _ in mine))
-        other = (len(theirs), sum(torch.Size(s).numel() for _, s, _ in theirs))
-        first = next(
-            (f"{a} vs {b}" for a, b in zip(mine, theirs, strict=False) if a != b),
-            "one model has extra parameters",
-        )
-        raise ConfigError(
-            f"rank {rank} and rank {other_rank} hold different models ({count[0]} tensors / {count[1]:,} "
-            f"parameters vs {other[0]} / {other[1]:,}; first difference: {first}); every worker must "
-            "build the same architecture -- check --model and the dataset's shape on every machine"
-        )
+@dataclass
+class SyncOptions(CompressionOptions):
+    """Options of synchronous data parallelism (``--strategy sync``)."""
 
+    reducer: str = "backend"
+    """allreduce algorithm: backend, ring, tree, rabenseifner, segmented-ring"""
+    bucket_mb: float = 25.0
+    """gradient bucket size in MiB (0: one message per tensor); DDP's default is 25"""
+    overlap: bool = True
+    """start each bucket's allreduce during backward"""
+    check_every: int = 0
+    """verify every N steps that replicas hold identical weights (0: never)"""
 
-def weights_checksum(model: nn.Module) -> torch.Tensor:
-    """Two float64 numbers that change if any weight changes: sum and a position-weighted sum."""
-    total = torch.zeros(2, dtype=torch.float64)
-    offset = 0
-    for p in model.parameters():
-        flat = p.detach().reshape(-1).double()
-        weights = torch.arange(offset + 1, offset + flat.numel() + 1, dtype=torch.float64)
-        total[0] += flat.sum()
-        total[1] += (flat * weights).sum()
-        offset += flat.numel()
-    return total
+    def validate(self) -> None:
+        super().validate()
+        positive("bucket_mb", self.bucket_mb, allow_zero=True)
+        positive("check_every", self.check_every, allow_zero=True, integer=True)
+        create_reducer(self.reducer)  # validates the name before any process group exists
+        if self.compression != "none" and self.reducer != "backend":
+            raise ConfigError(
+                f"--reducer {self.reducer} cannot be combined with --compression {self.compression}: a codec "
+                "chooses its own exchange (allreduce of linear payloads, all-gather of packed ones) and "
+                "replaces the allreduce algorithm; drop --reducer"
+            )
 
 
 class SyncDataParallel(Strategy):
     """Synchronous data parallelism with a fixed global batch, over ``torch.distributed``.
 
-    Args:
-        reducer: allreduce algorithm: ``"backend"`` (gloo's/NCCL's own), ``"ring"``, ``"tree"``,
-            ``"rabenseifner"`` or ``"segmented-ring"`` (:mod:`distlearn.comm.reducers`).
-        bucket_mb: bucket capacity in MiB (DDP's default 25); 0 sends one message per parameter.
-        overlap: start each bucket's allreduce during backward (default on).
-        check_every: every N steps, verify that all replicas hold identical weights (0: never).
-        timeout_s: deadline of every collective; a peer that dies or stalls raises CommError.
-        compression: a codec name of :data:`distlearn.comm.compression.COMPRESSORS`, or ``"none"``.
-        compression_options: the codec's keyword options (e.g. ``{"density": 0.001}``, ``{"rank": 2}``).
+    Options: :class:`SyncOptions` (the reducer, buckets, overlap, replica checks and the codec of
+    :class:`CompressionOptions`), e.g. ``SyncDataParallel(reducer="ring", bucket_mb=5)``.
 
     Rules: rank 0's initial weights are broadcast to every rank in :meth:`prepare`, after checking that
     all ranks built the same model; the global batch must be divisible by the world size.
     """
 
     name = "sync"
+    Options = SyncOptions
 
-    def __init__(
-        self,
-        *,
-        reducer: str = "backend",
-        bucket_mb: float = 25.0,
-        overlap: bool = True,
-        check_every: int = 0,
-        timeout_s: float = 300.0,
-        compression: str = "none",
-        compression_options: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__()
-        if bucket_mb < 0:
-            raise ConfigError(f"--bucket-mb must be >= 0, got {bucket_mb}; 25 is DDP's default")
-        if check_every < 0:
-            raise ConfigError(f"--check-every must be >= 0, got {check_every}")
-        if timeout_s <= 0:
-            raise ConfigError(f"--comm-timeout must be positive, got {timeout_s}")
-        from distlearn.comm.reducers import create_reducer
-
-        self.reducer_name = reducer
-        self._create_reducer = create_reducer
-        create_reducer(reducer)  # validates the name before any process group exists
-        self.bucket_bytes = int(bucket_mb * 2**20)
-        self.overlap = overlap
-        self.check_every = check_every
-        self.timeout_s = timeout_s
+    def __init__(self, options: SyncOptions | None = None, /, *, run: Any = None, **fields: Any) -> None:
+        super().__init__(options, run=run, **fields)
+        o = self.options
+        self.reducer_name = o.reducer
+        self.bucket_bytes = int(o.bucket_mb * 2**20)
+        self.overlap = o.overlap
+        self.check_every = o.check_every
         self.reducer: Any = None
         self.bucketer: GradientBucketer | None = None
         self._context: DistContext | None = None
         self._owns_group = False
         self.compressor: Any = None
-        if compression != "none":
-            from distlearn.comm.compression import create_compressor
-
-            if reducer != "backend":
-                raise ConfigError(
-                    f"--reducer {reducer} cannot be combined with --compression {compression}: a codec "
-                    "chooses its own exchange (allreduce of linear payloads, all-gather of packed ones) and "
-                    "replaces the allreduce algorithm; drop --reducer"
-                )
-            self.compressor = create_compressor(compression, **(compression_options or {}))
-        elif compression_options:
-            raise ConfigError(
-                f"compression options {sorted(compression_options)} given without --compression"
-            )
-
-    @classmethod
-    def from_config(cls, config: Any) -> SyncDataParallel:
-        return cls(
-            reducer=config.reducer,
-            bucket_mb=config.bucket_mb,
-            overlap=config.overlap,
-            check_every=config.check_every,
-            timeout_s=config.comm_timeout,
-            compression=getattr(config, "compression", "none"),
-            compression_options=compression_options_of(config),
-        )
+        if o.compression != "none":
+            self.compressor = create_compressor(o.compression, **o.codec_options())
 
     # -- life cycle ---------------------------------------------------------------------------------------
 
@@ -199,12 +190,10 @@ class SyncDataParallel(Strategy):
         if not self.join_job(usage, self.timeout_s):
             return
         if self.compressor is not None:
-            from distlearn.comm.compression import CompressedReducer
-
             self.compressor.bind(rank=self.rank, world_size=self.world_size, seed=seed)
             self.reducer = CompressedReducer(self.compressor, timeout_s=self.timeout_s)
         else:
-            self.reducer = self._create_reducer(self.reducer_name, timeout_s=self.timeout_s)
+            self.reducer = create_reducer(self.reducer_name, timeout_s=self.timeout_s)
 
     def prepare(
         self, model: nn.Module, optimizer: torch.optim.Optimizer

@@ -1,0 +1,35 @@
+"""The trainer: one loop for every strategy, and the run's config.
+
+    from distlearn.train import TrainConfig, train
+    result = train(TrainConfig(dataset="fashion-mnist", model="lenet", optimizer="adam", epochs=2))
+
+Modules: :mod:`~distlearn.train.config` (the common options composed with the strategy's),
+:mod:`~distlearn.train.loop` (the loop), :mod:`~distlearn.train.state` (the run's position, RNG states,
+what a checkpoint resumes), :mod:`~distlearn.train.schedule` (the learning-rate schedule),
+:mod:`~distlearn.train.report` (progress and summary). Evaluation is :func:`distlearn.evaluation.evaluate`
+and the data :func:`distlearn.data.prepare.prepare_data`, shared with the DNI pipeline.
+"""
+
+from distlearn.config import parse_options
+from distlearn.evaluation import evaluate
+from distlearn.optim import create as create_optimizer
+from distlearn.optim import needs_closure, optimizer_names
+from distlearn.train.config import TrainConfig, config_from_dict, load_config_file, validate_config
+from distlearn.train.loop import ImageDataset, TrainResult, train
+from distlearn.train.schedule import LRSchedule
+
+__all__ = [
+    "ImageDataset",
+    "LRSchedule",
+    "TrainConfig",
+    "TrainResult",
+    "config_from_dict",
+    "create_optimizer",
+    "evaluate",
+    "load_config_file",
+    "needs_closure",
+    "optimizer_names",
+    "parse_options",
+    "train",
+    "validate_config",
+]

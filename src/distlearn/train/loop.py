@@ -1,0 +1,499 @@
+"""The one trainer loop every strategy plugs into: data, forward, backward, combine, step, evaluate, save.
+
+Mini-batch stochastic gradient descent as in the overview (Arnold, 2016, section 2): at step ``t`` with
+a mini-batch ``B_t`` of the training set,
+
+    g_t = (1 / |B_t|) sum_{(x, y) in B_t} grad_w L(f(x; w_t), y),        w_{t+1} = w_t - eta_t * u(g_t)
+
+where ``L`` is the cross-entropy, ``u`` is the optimizer's update (plain SGD, momentum, Adam, ... from
+:mod:`distlearn.optim` or ``torch.optim``) and ``eta_t`` the learning-rate schedule. A
+:class:`distlearn.parallel.Strategy` decides which examples ``B_t`` this replica sees and how replicas
+combine ``g_t`` or ``w`` (the single-process strategy does nothing). The loop::
+
+    for epoch, for step:  x, y = batch(strategy)            # global batch B, this replica's M = B / R
+                          loss = L(model(x), y); loss.backward()
+                          strategy.before_step(...)          # e.g. allreduce the gradients
+                          clip_grad_norm_(...)               # optional, on the combined gradient
+                          optimizer.step(); scheduler.step(); strategy.after_step(...)
+                          every log_every steps: a metrics record; every eval_every: test accuracy;
+                          every checkpoint_every: an atomic checkpoint
+
+Reproducibility: ``seed`` fixes the weights' initialisation, the data order (a permutation per epoch that
+depends only on ``(seed, epoch)``), dropout and augmentation (a dedicated ``torch.Generator``), and
+deterministic algorithms are switched on, so two runs with one seed end with identical weights, and a run
+resumed from any checkpoint -- mid-epoch included -- ends with bit-identical weights to one that never
+stopped (the checkpoint holds the model, optimizer, scheduler, strategy state, the data position and every
+RNG state: :mod:`distlearn.train.state`).
+
+Python API::
+
+    from distlearn.train import TrainConfig, train
+    result = train(TrainConfig(dataset="fashion-mnist", model="lenet", optimizer="adam", epochs=2))
+    print(result.test_accuracy)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from distlearn import optim
+from distlearn.checkpoint import load_checkpoint, save_checkpoint
+from distlearn.config import parse_options
+from distlearn.data.prepare import RunData, prepare_data
+from distlearn.errors import ConfigError
+from distlearn.evaluation import evaluate
+from distlearn.metrics import MetricRecord, MetricsWriter
+from distlearn.models import count_parameters, create_model
+from distlearn.parallel import Strategy, create_strategy
+from distlearn.train.config import TrainConfig, validate_config
+from distlearn.train.report import Progress, TrainResult, Window, print_summary
+from distlearn.train.schedule import make_scheduler
+from distlearn.train.state import RunState, check_resume, rng_state, seed_everything, set_rng_state
+
+__all__ = ["ImageDataset", "TrainResult", "train"]
+
+
+class ImageDataset(Protocol):
+    """What the trainer needs from a dataset (:class:`distlearn.data.ArrayDataset` has it)."""
+
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    classes: Any  # one entry per class
+    mean: Any  # per-channel means of images / 255
+    std: Any  # per-channel standard deviations of images / 255
+
+
+def train(
+    config: TrainConfig,
+    *,
+    strategy: Strategy | None = None,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    train_data: ImageDataset | None = None,
+    test_data: ImageDataset | None = None,
+) -> TrainResult:
+    """Train ``config.model`` (or ``model``) on ``config.dataset`` (or ``train_data``) and return the result.
+
+    Args:
+        config: the run's settings (:class:`TrainConfig`).
+        strategy: how replicas combine their work; default ``create_strategy(config.strategy, run=config)``.
+        model: a ready model instead of ``config.model`` (the seed still fixes data order and dropout).
+        optimizer: a ready optimizer over ``model``'s parameters instead of ``config.optimizer``;
+            it may be any ``torch.optim.Optimizer``. Set ``optimizer.requires_closure = True`` on one whose
+            ``step`` needs a closure.
+        train_data, test_data: datasets (``images`` uint8 N x C x H x W, ``labels``, ``classes``, ``mean``,
+            ``std``) instead of loading ``config.dataset``.
+    """
+    validate_config(config, check_optimizer=optimizer is None)
+    if optimizer is not None and model is None:
+        raise ConfigError(
+            "an optimizer was passed without its model; pass model= too (the optimizer's parameters)"
+        )
+    if model is not None and optimizer is not None:
+        owned = {id(p) for p in model.parameters()}
+        if any(id(p) not in owned for group in optimizer.param_groups for p in group["params"]):
+            raise ConfigError(
+                "the optimizer holds parameters that are not the model's; build it on model.parameters()"
+            )
+    if (train_data is None) != (test_data is None):
+        raise ConfigError("pass both train_data and test_data, or neither (to load config.dataset)")
+    strategy = strategy if strategy is not None else create_strategy(config.strategy, run=config)
+    with _torch_settings(config):
+        strategy.setup(config.seed)
+        try:
+            if not strategy.trains:  # e.g. a parameter server: its whole life is serving the workers
+                strategy.serve()
+                return _served_result(strategy)
+            started = time.perf_counter()
+            data = prepare_data(
+                config.dataset,
+                data_root=config.data_root,
+                train_samples=config.train_samples,
+                test_samples=config.test_samples,
+                seed=config.seed,
+                augment=config.augment,
+                train_data=train_data,
+                test_data=test_data,
+            )
+            return _Run(config, strategy, data, model, optimizer, started=started).run()
+        finally:
+            strategy.close()
+
+
+def _served_result(strategy: Strategy) -> TrainResult:
+    return TrainResult(
+        model=nn.Identity(),
+        test_accuracy=math.nan,
+        test_loss=math.nan,
+        best_accuracy=math.nan,
+        steps=0,
+        epochs=0.0,
+        samples_per_s=0.0,
+        train_seconds=0.0,
+        wall_time=0.0,
+        seconds_per_epoch=[],
+        metrics_path=None,
+        checkpoint=None,
+        evaluations=[],
+        summary={"role": strategy.role, "strategy": strategy.describe()},
+    )
+
+
+@contextlib.contextmanager
+def _torch_settings(config: TrainConfig) -> Iterator[None]:
+    """Deterministic algorithms and the thread count for the run; the previous settings come back after."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(config.deterministic)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+
+
+class _Run:
+    """One training run on one replica: the model, optimizer, data and the state the loop advances."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        strategy: Strategy,
+        data: RunData,
+        model: nn.Module | None,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        started: float,
+    ) -> None:
+        self.started = started  # the run's clock starts before its data is loaded
+        self.config, self.strategy, self.data = config, strategy, data
+        self.user_model, self.user_optimizer = model is not None, optimizer is not None
+        self.n_train = len(data.train_labels)
+        self.global_batch = config.batch_size
+        strategy.local_batch(self.global_batch)  # validates B against the number of replicas
+        self.steps_per_epoch = strategy.steps_per_epoch(self.n_train, self.global_batch)
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"--batch-size {self.global_batch} exceeds the {self.n_train} training examples; lower it"
+            )
+        self.total_steps = config.steps if config.steps is not None else config.epochs * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self._build(model, optimizer)
+        self.state = RunState()
+        if config.resume is not None:
+            self._restore(config.resume)
+        self.writer = MetricsWriter(
+            Path(config.out),
+            run=config.name,
+            rank=strategy.rank,
+            world_size=strategy.world_size,
+            role=strategy.role,
+            tensorboard=config.tensorboard if strategy.is_main else "off",
+            append=config.resume is not None,
+        )
+        self.last_checkpoint: Path | None = None
+        self.evaluations: list[MetricRecord] = []
+        show = strategy.is_main and (
+            config.progress == "on" or (config.progress == "auto" and sys.stderr.isatty())
+        )
+        self.progress = Progress(show, self.total_steps, self.state.step)
+        self.progress_every = max(1, self.steps_per_epoch // 100)
+        self.window = Window()
+        self.train_seconds = 0.0  # time in training steps only (evaluation and checkpoints excluded)
+        self.hook_seconds = 0.0  # the closure's time in strategy.before_step (closure optimizers call it)
+        self.parameters: list[torch.Tensor] = []
+        self.loss_fn = nn.functional.cross_entropy
+
+    def _build(self, model: nn.Module | None, optimizer: torch.optim.Optimizer | None) -> None:
+        """Model, optimizer, schedule, augmentation RNG: one seed, so every replica builds the same."""
+        config = self.config
+        channels, height, _ = self.data.image_shape
+        seed_everything(config.seed)
+        if model is None:
+            model = create_model(
+                config.model, in_channels=channels, num_classes=self.data.num_classes, image_size=height
+            )
+        self.closure_needed = bool(getattr(optimizer, "requires_closure", False)) or isinstance(
+            optimizer, torch.optim.LBFGS
+        )
+        if optimizer is None:
+            options = parse_options(config.optimizer_option)
+            optimizer = optim.create(config.optimizer, model.parameters(), lr=config.lr, **options)
+            self.closure_needed = optim.needs_closure(config.optimizer)
+        self.model, self.optimizer = self.strategy.prepare(model, optimizer)
+        self.scheduler = make_scheduler(config, self.optimizer, self.total_steps)
+        self.augment_generator = torch.Generator().manual_seed(config.seed * 7919 + 17 + self.strategy.rank)
+
+    def _restore(self, path: str) -> None:
+        saved = load_checkpoint(path)
+        check_resume(self.config, saved["config"])
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scheduler is not None and saved["scheduler"] is not None:
+            self.scheduler.load_state_dict(saved["scheduler"])
+        self.strategy.load_state_dict(saved["strategy"])
+        self.state = RunState.from_position(saved["position"])
+        set_rng_state(saved["rng"], self.augment_generator)
+
+    # -- the loop -----------------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        state = self.state
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.model.train()
+        self.segment_started = time.perf_counter()
+        try:
+            while state.epoch < self.epochs and state.step < self.total_steps:
+                self._epoch()
+            self.strategy.barrier()
+        finally:
+            self.progress.close()
+        return self._finish()
+
+    def _epoch(self) -> None:
+        state, config = self.state, self.config
+        self.epoch_train_seconds = 0.0
+        batches = self.strategy.batches(
+            self.n_train,
+            global_batch=self.global_batch,
+            seed=config.seed,
+            epoch=state.epoch,
+            start_step=state.step_in_epoch,
+        )
+        for indices in batches:
+            generator = self.augment_generator if self.data.augment else None
+            x = self.data.transform(self.data.train_images[indices], generator)
+            y = self.data.train_labels[indices]
+            loss, logits = self._step_with_closure(x, y) if self.closure_needed else self._step(x, y)
+            if self.scheduler is not None:
+                self.scheduler.step()
+            blocked = time.perf_counter()
+            self.strategy.after_step(self.model, self.optimizer, state.step)
+            self.window.comm += time.perf_counter() - blocked
+            state.step += 1
+            state.step_in_epoch += 1
+            state.samples += len(y)
+            self.window.add(loss, logits, y)
+            self._after_step()
+            if state.step >= self.total_steps:
+                break
+        self._end_epoch()
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.model(x)
+        loss = self.loss_fn(logits, y)
+        loss.backward()
+        blocked = time.perf_counter()
+        self.strategy.before_step(self.model, self.optimizer, self.state.step)
+        self.window.comm += time.perf_counter() - blocked
+        if self.config.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self.parameters, self.config.clip_grad_norm)
+        self.optimizer.step()
+        return loss, logits
+
+    def _step_with_closure(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step of an optimizer that re-evaluates the loss (CG, L-BFGS); reports its first evaluation."""
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        at = self.state.step
+
+        def closure() -> torch.Tensor:
+            self.optimizer.zero_grad(set_to_none=True)
+            out = self.model(x)
+            value = self.loss_fn(out, y)
+            value.backward()
+            blocked = time.perf_counter()
+            self.strategy.before_step(self.model, self.optimizer, at)
+            self.hook_seconds += time.perf_counter() - blocked
+            if self.config.clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(self.parameters, self.config.clip_grad_norm)
+            seen.append((value.detach(), out.detach()))
+            return value
+
+        self.optimizer.step(closure)
+        self.window.comm += self.hook_seconds
+        self.hook_seconds = 0.0
+        return seen[0]
+
+    def _after_step(self) -> None:
+        """The record, evaluation and checkpoint due after this step; their time stays out of the figures."""
+        step, config = self.state.step, self.config
+        if step % config.log_every == 0:
+            self._write_window()
+        elif step % self.progress_every == 0:
+            self.progress.update(step)
+        pause = None
+        if config.eval_every and step % config.eval_every == 0 and self.strategy.evaluates:
+            pause = time.perf_counter()
+            record = self._evaluate()
+            self.progress.update(step, f"test acc {record.accuracy:.4f}")
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            pause = pause or time.perf_counter()
+            self._save(epoch_complete=self.state.step_in_epoch == self.steps_per_epoch)
+        if pause is not None:
+            self.window.started += time.perf_counter() - pause
+            self.train_seconds += pause - self.segment_started
+            self.epoch_train_seconds += pause - self.segment_started
+            self.segment_started = time.perf_counter()
+
+    def _end_epoch(self) -> None:
+        state, config = self.state, self.config
+        finished = time.perf_counter()
+        self.train_seconds += finished - self.segment_started
+        self.epoch_train_seconds += finished - self.segment_started
+        epoch_complete = state.step_in_epoch == self.steps_per_epoch
+        if epoch_complete:
+            state.seconds_per_epoch.append(self.epoch_train_seconds)
+            if hasattr(self.optimizer, "next_epoch"):  # e.g. Adam(count="epoch"): the overview's p
+                self.optimizer.next_epoch()
+        if self.strategy.evaluates and not (config.eval_every and state.step % config.eval_every == 0):
+            record = self._evaluate()
+            self.progress.update(state.step, f"test acc {record.accuracy:.4f}")
+        self._save(epoch_complete=epoch_complete)
+        if epoch_complete:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        self.segment_started = time.perf_counter()
+
+    # -- records, evaluation, checkpoints ----------------------------------------------------------------
+
+    def now(self) -> float:
+        """The run's wall clock: the time before a resume plus this process's."""
+        return self.state.wall_time + time.perf_counter() - self.started
+
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _stats(self) -> dict[str, Any]:
+        stats = self.strategy.stats()
+        return {"bytes_sent": stats.get("bytes_sent"), "staleness": stats.get("staleness")}
+
+    def _record(self, kind: str, **fields: Any) -> MetricRecord:
+        step = self.state.step
+        return MetricRecord(
+            kind=kind, step=step, epoch=step / self.steps_per_epoch, wall_time=self.now(), lr=self._lr(),
+            **self._stats(), **fields,
+        )  # fmt: skip
+
+    def _write_window(self) -> None:
+        window = self.window
+        elapsed = time.perf_counter() - window.started
+        mean_loss = window.loss.item() / window.samples
+        record = self._record(
+            "train",
+            loss=mean_loss,
+            accuracy=window.correct.item() / window.samples,
+            samples_per_s=window.samples / elapsed if elapsed > 0 else None,
+            extra={"comm_s": window.comm, "compute_s": max(0.0, elapsed - window.comm)},
+        )
+        self.writer.write(record)
+        self.progress.update(self.state.step, f"loss {mean_loss:.4f}")
+        window.reset()
+
+    def _evaluate(self) -> MetricRecord:
+        loss, accuracy = evaluate(
+            self.strategy.evaluation_model(self.model),
+            self.data.test_images,
+            self.data.test_labels,
+            self.data.transform,
+            self.config.eval_batch_size,
+        )
+        self.state.best_accuracy = max(self.state.best_accuracy, accuracy)
+        record = self._record("eval", loss=loss, accuracy=accuracy)
+        self.writer.write(record)
+        self.evaluations.append(record)
+        return record
+
+    def _save(self, epoch_complete: bool) -> None:
+        if not (self.config.checkpoints and self.strategy.is_main):
+            return
+        saved = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "position": self.state.position(self.now(), epoch_complete),
+            "rng": rng_state(self.augment_generator),
+            "config": asdict(self.config),
+            "versions": {"torch": str(torch.__version__)},
+        }
+        directory = Path(self.config.out) / "checkpoints"
+        keep = self.config.keep_checkpoints
+        self.last_checkpoint = save_checkpoint(saved, directory, self.state.step, keep=keep)
+
+    def _finish(self) -> TrainResult:
+        state, strategy = self.state, self.strategy
+        final = self.evaluations[-1] if self.evaluations else None
+        summary = self._summary(final)
+        samples_per_s = state.samples / self.train_seconds if self.train_seconds > 0 else 0.0
+        # The job's throughput: every replica trains on its own share of each global batch at the same pace.
+        summary["job_samples_per_s"] = samples_per_s * strategy.replicas
+        record = self._record(
+            "summary",
+            loss=final.loss if final else None,
+            accuracy=final.accuracy if final else None,
+            samples_per_s=samples_per_s,
+            extra=summary,
+        )
+        self.writer.write(record)
+        self.writer.close()
+        if strategy.is_main and not self.config.quiet:
+            print_summary(summary, samples_per_s, self.now(), self.writer.path)
+        best = state.best_accuracy if state.best_accuracy >= 0 else math.nan
+        return TrainResult(
+            model=self.model,
+            test_accuracy=final.accuracy if final else math.nan,
+            test_loss=final.loss if final else math.nan,
+            best_accuracy=best,
+            steps=state.step,
+            epochs=state.step / self.steps_per_epoch,
+            samples_per_s=samples_per_s,
+            train_seconds=self.train_seconds,
+            wall_time=self.now(),
+            seconds_per_epoch=state.seconds_per_epoch,
+            metrics_path=self.writer.path,
+            checkpoint=self.last_checkpoint,
+            evaluations=self.evaluations,
+            summary=summary,
+        )
+
+    def _summary(self, final: MetricRecord | None) -> dict[str, Any]:
+        config, state, data = self.config, self.state, self.data
+        return {
+            "dataset": getattr(data.train, "name", config.dataset),
+            "dataset_source": getattr(data.train, "source", None),
+            "dataset_note": getattr(data.train, "note", None),
+            "train_examples": self.n_train,
+            "test_examples": len(data.test_labels),
+            "model": type(self.model).__name__ if self.user_model else config.model,
+            "parameters": count_parameters(self.model),
+            "optimizer": type(self.optimizer).__name__ if self.user_optimizer else config.optimizer,
+            "optimizer_class": type(self.optimizer).__name__,
+            "lr": config.lr,
+            "schedule": config.schedule,
+            "global_batch": self.global_batch,
+            "strategy": self.strategy.describe(),
+            "augment": repr(data.transform) if data.augment else "none",
+            "steps": state.step,
+            "epochs": state.step / self.steps_per_epoch,
+            "test_accuracy": final.accuracy if final else None,
+            "test_loss": final.loss if final else None,
+            "best_accuracy": state.best_accuracy if state.best_accuracy >= 0 else None,
+            "train_seconds": self.train_seconds,
+            "seconds_per_epoch": state.seconds_per_epoch,
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "seed": config.seed,
+            "threads": torch.get_num_threads(),
+            "replicas": self.strategy.replicas,
+        }

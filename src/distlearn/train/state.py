@@ -1,0 +1,127 @@
+"""The run's state: its position (what a checkpoint resumes), every RNG state, and the checkpoint itself.
+
+A :class:`RunState` replaces the loop's loose counters: the epoch and step, the samples seen, the wall
+clock of the run so far, the best accuracy and each finished epoch's training seconds. A checkpoint holds
+it (``position``) beside the model, optimizer, scheduler and strategy states and every RNG state, so a run
+resumed from any checkpoint -- mid-epoch included -- ends with bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from distlearn.errors import ConfigError
+
+__all__ = ["RunState", "check_resume", "rng_state", "seed_everything", "set_rng_state"]
+
+
+@dataclass
+class RunState:
+    """Where the run is. ``wall_time`` is the run's clock before this process (resumed runs continue it)."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    step: int = 0
+    samples: int = 0
+    wall_time: float = 0.0
+    best_accuracy: float = -1.0
+    seconds_per_epoch: list[float] = field(default_factory=list)
+
+    def position(self, wall_time: float, epoch_complete: bool) -> dict[str, Any]:
+        """The checkpoint's ``position`` entry (the keys every earlier checkpoint has)."""
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "step": self.step,
+            "samples": self.samples,
+            "wall_time": wall_time,
+            "epoch_complete": epoch_complete,
+            "best_accuracy": self.best_accuracy,
+            "seconds_per_epoch": list(self.seconds_per_epoch),
+        }
+
+    @classmethod
+    def from_position(cls, position: dict[str, Any]) -> RunState:
+        state = cls(
+            epoch=position["epoch"],
+            step_in_epoch=position["step_in_epoch"],
+            step=position["step"],
+            samples=position["samples"],
+            wall_time=position["wall_time"],
+            best_accuracy=position["best_accuracy"],
+            seconds_per_epoch=list(position["seconds_per_epoch"]),
+        )
+        if position["epoch_complete"]:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        return state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state(augment_generator: torch.Generator) -> dict[str, Any]:
+    version, python_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": list(python_state), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "augment": augment_generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any], augment_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached"],
+        )
+    )
+    augment_generator.set_state(state["augment"])
+
+
+_MUST_MATCH = (
+    "dataset",
+    "model",
+    "optimizer",
+    "optimizer_option",
+    "batch_size",
+    "seed",
+    "strategy",
+    "train_samples",
+)
+
+
+def check_resume(config: Any, saved: dict[str, Any]) -> None:
+    """A checkpoint continues only the run it came from: the settings that shape the state must match."""
+    for key in _MUST_MATCH:
+        now, then = getattr(config, key), saved.get(key)
+        if isinstance(then, list):
+            then = tuple(then)
+        if now != then:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(
+                f"--resume: the checkpoint was written with {flag} {then!r} but this run has {now!r}; "
+                f"pass {flag} {then!r} to continue it, or drop --resume to start afresh"
+            )
