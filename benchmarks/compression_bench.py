@@ -229,7 +229,7 @@ def worker(args: argparse.Namespace) -> int:
                     compression=name, compression_options=options or None, timeout_s=300
                 )
                 strategy_name = "sync"
-            config = TrainConfig(
+            config = TrainConfig.build(
                 dataset=args.dataset,
                 model=DATA[args.dataset][0],
                 test_samples=args.test_samples,

@@ -62,7 +62,7 @@ def child_train(spec: dict) -> None:
 
     out = Path(spec["out"])
     steps_per_eval = spec["eval_every"]
-    config = TrainConfig(
+    config = TrainConfig.build(
         dataset="fashion-mnist", model="mlp", optimizer="sgd", lr=LR, batch_size=GLOBAL_BATCH, epochs=1,
         train_samples=spec["train_samples"], test_samples=2000, eval_every=steps_per_eval, log_every=10**6,
         checkpoints=False, progress="off", tensorboard="off", quiet=True, threads=1, out=str(out),

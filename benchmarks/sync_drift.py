@@ -42,7 +42,7 @@ def worker(dropout: float, steps: int, strategy: str, out: str) -> None:
     from distlearn.train import TrainConfig, train
 
     torch.manual_seed(0)  # the initial weights of the model passed in: the same in every process
-    config = TrainConfig(
+    config = TrainConfig.build(
         dataset="fashion-mnist",
         model="lenet",
         strategy=strategy,

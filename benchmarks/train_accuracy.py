@@ -15,7 +15,7 @@ import json
 import os
 import platform
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -23,14 +23,14 @@ import torch
 from distlearn.train import TrainConfig, train
 
 RUNS = {
-    "lenet-fashion-mnist": TrainConfig(
+    "lenet-fashion-mnist": TrainConfig.build(
         dataset="fashion-mnist", model="lenet", optimizer="adam", lr=2e-3, epochs=8, batch_size=128,
         schedule="cosine", warmup_steps=100,
     ),
-    "mlp-mnist": TrainConfig(
+    "mlp-mnist": TrainConfig.build(
         dataset="mnist", model="mlp", optimizer="adam", lr=1e-3, epochs=15, batch_size=128, schedule="cosine",
     ),
-    "resnet8-cifar10": TrainConfig(
+    "resnet8-cifar10": TrainConfig.build(
         dataset="cifar10", model="resnet8", optimizer="nesterov", lr=0.05, epochs=4, batch_size=128,
         optimizer_option=("momentum=0.9", "weight_decay=5e-4"), schedule="cosine", warmup_steps=200,
     ),
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         base = RUNS[name]
         root = None if base.dataset == "fashion-mnist" else args.data_root
         quiet = {"progress": "off", "tensorboard": "off", "checkpoints": False, "quiet": True}
-        config = TrainConfig(**{**asdict(base), "data_root": root, "out": f"runs/bench-{name}", **quiet})
+        config = replace(base, data_root=root, out=f"runs/bench-{name}", **quiet)
         result = train(config)
         row = {
             "run": name,

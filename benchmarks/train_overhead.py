@@ -58,7 +58,7 @@ def minimal_loop(model_name: str, images, labels, mean, std, seed: int) -> float
 
 
 def our_loop(model_name: str, train_set, test_set, seed: int, out: Path) -> float:
-    config = TrainConfig(
+    config = TrainConfig.build(
         dataset="fashion-mnist", model=model_name, optimizer="torch-adam", lr=1e-3, epochs=1,
         batch_size=BATCH, train_samples=SAMPLES, test_samples=1000, augment=False, out=str(out),
         checkpoints=False, progress="off", tensorboard="off", quiet=True, seed=seed, deterministic=False,

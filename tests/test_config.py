@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
 
-from distlearn.config import ConfigError, add_arguments, from_dict, load_toml, parse
+from distlearn.config import ConfigError, from_dict, load_toml
+from distlearn.config import parse as parse_config
 
 
 @dataclass
@@ -18,30 +18,37 @@ class Example:
     sizes: tuple[int, ...] = field(default=(1, 2), metadata={"help": "sizes"})
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config")
-    add_arguments(parser, Example)
-    return parser
+def parse(cls, argv):
+    return parse_config(cls, argv, prog="example")
 
 
 def test_defaults_and_flags_round_trip():
-    assert parse(Example, _parser(), []) == Example()
-    got = parse(Example, _parser(), ["--lr", "0.5", "--name", "b", "--verbose", "--sizes", "3", "4"])
+    assert parse(Example, []) == Example()
+    got = parse(Example, ["--lr", "0.5", "--name", "b", "--verbose", "--sizes", "3", "4"])
     assert got == Example(lr=0.5, name="b", verbose=True, sizes=(3, 4))
+    got = parse(Example, ["--no-verbose", "--sizes", "7"])
+    assert got == Example(verbose=False, sizes=(7,))
 
 
 def test_bad_choice_is_rejected(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        parse(Example, ["--name", "c"])
+    assert stopped.value.code == 2
+    assert "c" in capsys.readouterr().err
+
+
+def test_help_comes_from_the_fields_metadata(capsys):
     with pytest.raises(SystemExit):
-        parse(Example, _parser(), ["--name", "c"])
-    assert "invalid choice" in capsys.readouterr().err
+        parse(Example, ["--help"])
+    shown = capsys.readouterr().out
+    assert "learning rate" in shown and "which one" in shown and "--sizes" in shown
 
 
 def test_toml_supplies_defaults_that_flags_override(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('lr = 0.01\nsteps = 7\nname = "b"\n')
     assert load_toml(Example, path) == Example(lr=0.01, steps=7, name="b")
-    got = parse(Example, _parser(), ["--config", str(path), "--steps", "3"])
+    got = parse(Example, ["--config", str(path), "--steps", "3"])
     assert got == Example(lr=0.01, steps=3, name="b")
 
 

@@ -230,20 +230,16 @@ def test_a_stopped_bench_stops_the_run_in_progress_too(tmp_path):
 def test_every_entry_of_every_suite_is_a_valid_train_command(suite_name, tmp_path):
     """A row that cannot start fails only after the rows before it have run (the cifar10 suite's DNI rows
     once asked DNI for the suite's Nesterov): check each entry's arguments as distlearn train would."""
-    import argparse
-
     from distlearn.bench.harness import train_arguments
     from distlearn.parallel.dni import dni_config_of
     from distlearn.train import validate_config
-    from distlearn.train_cli import add_arguments, config_from_args
+    from distlearn.train_cli import parse_config
 
     suite = SUITES[suite_name]
     for entry in suite.entries:
         if available(entry) is not None:
             continue
-        parser = argparse.ArgumentParser()
-        add_arguments(parser)
-        config = config_from_args(parser.parse_args(train_arguments(suite, entry, tmp_path / "run")))
+        config = parse_config(train_arguments(suite, entry, tmp_path / "run"))
         validate_config(config)
         if config.strategy == "dni":
             dni_config_of(config)

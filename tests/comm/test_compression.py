@@ -186,7 +186,7 @@ def test_onebit_momentum_correction_by_hand_and_where_it_cannot_serve():
     from distlearn.train import TrainConfig, validate_config
 
     def config(strategy: str, optimizer: str = "sgd") -> TrainConfig:
-        return TrainConfig(
+        return TrainConfig.build(
             strategy=strategy, compression="onebit", optimizer=optimizer, compression_option=("momentum=0.9",)
         )
 
@@ -396,14 +396,14 @@ def test_codecs_that_cannot_serve_the_configuration_say_why():
     from distlearn.train import TrainConfig, validate_config
 
     with pytest.raises(ConfigError, match="serves --strategy sync"):
-        validate_config(TrainConfig(strategy="local-sgd", compression="onebit"))
+        validate_config(TrainConfig.build(strategy="local-sgd", compression="onebit"))
     with pytest.raises(ConfigError, match="cannot serve --strategy ps: PowerSGD"):
-        validate_config(TrainConfig(strategy="ps", compression="powersgd"))
-    validate_config(TrainConfig(strategy="ps", compression="onebit"))  # pushes go through the codec
+        validate_config(TrainConfig.build(strategy="ps", compression="powersgd"))
+    validate_config(TrainConfig.build(strategy="ps", compression="onebit"))  # pushes go through the codec
     with pytest.raises(ConfigError, match="only apply with --compression"):
-        validate_config(TrainConfig(strategy="sync", density=0.01))
+        validate_config(TrainConfig.build(strategy="sync", density=0.01))
     with pytest.raises(ConfigError, match=r"density must be in \(0, 1\]"):
-        validate_config(TrainConfig(strategy="sync", compression="topk", density=2.0))
+        validate_config(TrainConfig.build(strategy="sync", compression="topk", density=2.0))
     with pytest.raises(ConfigError, match="replaces the allreduce algorithm"):
         SyncDataParallel(reducer="ring", compression="onebit")
     strategy = SyncDataParallel(compression="dgc", compression_options={"density": 0.01})
@@ -421,20 +421,20 @@ def test_train_config_options_reach_the_codec_and_its_state_reaches_the_checkpoi
     from distlearn.parallel.sync import compression_options_of
     from distlearn.train import TrainConfig
 
-    config = TrainConfig(
+    config = TrainConfig.build(
         strategy="sync", compression="powersgd", rank=3, compression_option=("start_iter=5",)
     )
     assert compression_options_of(config) == {"rank": 3, "start_iter": 5}
-    strategy = create_strategy("sync", config)
+    strategy = create_strategy("sync", run=config)
     assert (strategy.compressor.rank_r, strategy.compressor.start_iter) == (3, 5)
     with pytest.raises(ConfigError, match="disagree"):
         compression_options_of(
-            TrainConfig(compression="topk", density=0.1, compression_option=("density=0.2",))
+            TrainConfig.build(compression="topk", density=0.1, compression_option=("density=0.2",))
         )
 
-    saving = create_strategy("sync", TrainConfig(strategy="sync", compression="topk", density=0.1))
+    saving = create_strategy("sync", run=TrainConfig.build(strategy="sync", compression="topk", density=0.1))
     saving.compressor.encode("0", gradient(), SHAPES)
-    resumed = create_strategy("sync", TrainConfig(strategy="sync", compression="topk", density=0.1))
+    resumed = create_strategy("sync", run=TrainConfig.build(strategy="sync", compression="topk", density=0.1))
     resumed.load_state_dict(saving.state_dict())
     assert torch.equal(
         resumed.compressor.state.get("0", "residual"), saving.compressor.state.get("0", "residual")

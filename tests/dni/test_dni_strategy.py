@@ -6,16 +6,16 @@ import pytest
 
 from distlearn.errors import ConfigError
 from distlearn.parallel import create_strategy
-from distlearn.parallel.dni import DecoupledStages, dni_config_of, launch_stages
-from distlearn.train import TrainConfig
+from distlearn.parallel.dni import DecoupledStages, dni_config_of
+from distlearn.train import TrainConfig, validate_config
 
 
 def test_train_config_maps_onto_the_pipeline_config() -> None:
-    config = TrainConfig(
+    config = TrainConfig.build(
         dataset="mnist", model="mlp", strategy="dni", stages=4, cdni=True, epochs=3, batch_size=64, lr=1e-3,
         seed=5, train_samples=1000, test_samples=100, data_root="/data", out="/tmp/x", comm_timeout=12.0,
     )  # fmt: skip
-    strategy = create_strategy("dni", config)
+    strategy = create_strategy("dni", run=config)
     assert isinstance(strategy, DecoupledStages)
     assert not strategy.trains and strategy.role == "stage"
     dni = strategy.dni_config
@@ -45,9 +45,9 @@ def test_train_config_maps_onto_the_pipeline_config() -> None:
 def test_unsupported_settings_are_refused(changes: dict, message: str) -> None:
     values = {"strategy": "dni", "stages": 3, **changes}
     with pytest.raises(ConfigError, match=message):
-        dni_config_of(TrainConfig(**values))
+        dni_config_of(TrainConfig.build(**values))
 
 
 def test_workers_must_match_the_stages() -> None:
     with pytest.raises(ConfigError, match="one process per stage"):
-        launch_stages(TrainConfig(strategy="dni", stages=3, workers=2))
+        validate_config(TrainConfig.build(strategy="dni", stages=3, workers=2))

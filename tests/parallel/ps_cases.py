@@ -12,7 +12,7 @@ LR = 0.05
 
 
 def ps_config(out: Path, *, optimizer: str = "sgd") -> TrainConfig:
-    return TrainConfig(
+    return TrainConfig.build(
         dataset="mnist",
         model="mlp",
         optimizer=optimizer,

@@ -35,7 +35,7 @@ def synthetic_data() -> tuple[Images, Images]:
 
 
 def config_for(out: Path) -> TrainConfig:
-    return TrainConfig(
+    return TrainConfig.build(
         dataset="mnist",
         model="mlp",
         optimizer="momentum",

@@ -118,5 +118,5 @@ def test_bad_settings_raise_config_error():
         strategy.alpha(0.1)
     with pytest.raises(ConfigError, match="torchrun"):
         ElasticAveraging().setup(seed=0)
-    built = create_strategy("easgd", TrainConfig(strategy="easgd", elastic_tau=3, elastic_rho=0.5))
+    built = create_strategy("easgd", run=TrainConfig.build(strategy="easgd", elastic_tau=3, elastic_rho=0.5))
     assert isinstance(built, ElasticAveraging) and built.tau == 3 and built.rho == 0.5

@@ -65,6 +65,6 @@ def test_bad_settings_raise_config_error():
     with pytest.raises(ConfigError, match="torchrun"):
         LocalSGD().setup(seed=0)
     built = create_strategy(
-        "local-sgd", TrainConfig(strategy="local-sgd", average_every=8, post_local_warmup=3)
+        "local-sgd", run=TrainConfig.build(strategy="local-sgd", average_every=8, post_local_warmup=3)
     )
     assert isinstance(built, LocalSGD) and built.period == 8 and built.warmup_steps == 3

@@ -377,14 +377,14 @@ def _flatten(state, prefix: str = ""):
 def test_settings_come_from_the_train_config(tmp_path):
     config = ps_config(tmp_path)
     config.clip_grad_norm = 1.5
-    strategy = ParameterServer.from_config(config)
+    strategy = ParameterServer(run=config)
     settings = (strategy.servers, strategy.softsync, strategy.backup_workers, strategy.local_steps)
     assert settings == (1, 1, 0, 1)
     assert strategy.optimizer_spec == "sgd" and strategy.lr == LR and strategy.clip_grad_norm == 1.5
     assert strategy.out == tmp_path
     config.optimizer = "cg-fr"
     with pytest.raises(ConfigError, match="first-order"):
-        ParameterServer.from_config(config)
+        ParameterServer(run=config)
 
 
 def test_headers_round_trip_exactly_and_unknown_kinds_are_refused():

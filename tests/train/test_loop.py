@@ -17,7 +17,7 @@ from distlearn.train import TrainConfig, create_optimizer, parse_options, train
 
 
 def config(tmp_path, **changes) -> TrainConfig:
-    base = TrainConfig(
+    base = TrainConfig.build(
         dataset="fashion-mnist",
         model="lenet",
         optimizer="torch-adam",

@@ -33,7 +33,7 @@ class CrashAfter(SingleProcess):
 def config(tmp_path, **changes) -> TrainConfig:
     # Everything that carries state across steps is switched on: Adam's moments, a warm-up + cosine
     # schedule, dropout (LeNet), augmentation (crop + flip generator) and clipping.
-    base = TrainConfig(
+    base = TrainConfig.build(
         model="lenet",
         optimizer="torch-adam",
         lr=3e-3,

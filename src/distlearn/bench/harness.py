@@ -7,7 +7,6 @@ is stopped. Everything in the results is read back from the run's metrics files:
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import subprocess
 import sys
@@ -28,12 +27,13 @@ def slug(label: str) -> str:
 
 def available(entry: Entry) -> str | None:
     """None when ``entry`` can run here, else the reason it cannot."""
-    from distlearn.parallel import STRATEGIES
-    from distlearn.train import TrainConfig
+    from distlearn.parallel import STRATEGIES, strategy_class
+    from distlearn.parallel.base import option_names
+    from distlearn.train.config import COMMON
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     if entry.strategy not in STRATEGIES:
         return f"strategy {entry.strategy!r} is not in this installation"
+    fields = set(COMMON) | set(option_names(strategy_class(entry.strategy).Options))
     for requirement in entry.requires:
         kind, _, name = requirement.partition(":")
         if kind == "reducer":
@@ -42,8 +42,6 @@ def available(entry: Entry) -> str | None:
             if name not in REDUCERS:
                 return f"reducer {name!r} is not available"
         elif kind == "compression":
-            if "compression" not in fields:
-                return "gradient compression is not wired into distlearn train yet"
             try:
                 from distlearn.comm.compression import COMPRESSORS
             except ImportError:

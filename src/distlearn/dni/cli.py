@@ -15,11 +15,10 @@ Rank 0 writes ``OUT/metrics.jsonl`` and ``OUT/summary.json``; the top rank ``OUT
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from distlearn.config import add_arguments, from_args, load_toml, to_toml
+from distlearn.config import parse, to_toml
 from distlearn.dni.pipeline import DNIConfig, run_pipeline
 from distlearn.errors import DistlearnError
 from distlearn.launch import in_torchrun, init_distributed, launch_local, shutdown
@@ -49,12 +48,9 @@ def launch(config: DNIConfig, *, timeout_s: float | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distlearn.dni.cli", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", metavar="FILE", help="TOML file of DNIConfig fields (flags are ignored)")
-    add_arguments(parser, DNIConfig)
-    args = parser.parse_args(argv)
     try:
-        config = load_toml(DNIConfig, args.config) if args.config else from_args(DNIConfig, args)
+        prog, description = "python -m distlearn.dni.cli", __doc__.splitlines()[0]
+        config = parse(DNIConfig, argv, prog=prog, description=description)
         if not in_torchrun():
             return launch(config)
         run_rank(config)

@@ -72,7 +72,4 @@ def create_strategy(name: str, options: Any = None, /, *, run: Any = None, **fie
     (the parameter server's optimizer, DNI's data and model); ``run.options`` are used when ``options`` is
     None.
     """
-    cls = strategy_class(name)
-    if options is None and run is not None:
-        options = getattr(run, "options", None)
-    return cls(options, run=run, **fields)
+    return strategy_class(name)(options, run=run, **fields)

@@ -195,6 +195,8 @@ class Strategy:
         ``run`` is a :class:`distlearn.train.TrainConfig` when the trainer builds the strategy (the
         parameter server reads the optimizer from it, DNI the data and model); None in a user's own loop.
         """
+        if options is None and isinstance(getattr(run, "options", None), type(self).Options):
+            options = run.options  # the run's config carries this strategy's options
         self.options = make_options(type(self).Options, options, fields)
         if run is not None:
             self.options.check(run)

@@ -14,40 +14,23 @@ prints each function's table: steps (and gradient evaluations) to reach f - f* <
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import math
+import sys
 
 from rich.console import Console
 from rich.table import Table
 
-from distlearn.config import add_arguments as add_config_arguments
-from distlearn.config import from_args, load_toml
+from distlearn.config import parse
+from distlearn.errors import DistlearnError
 from distlearn.toy.config import ToyConfig
 from distlearn.toy.experiment import ProblemResult, run_toy
 
-__all__ = ["add_arguments", "config_from_args", "run"]
+__all__ = ["command", "parse_config"]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``distlearn toy`` options: one per :class:`ToyConfig` field, plus ``--config FILE``."""
-    parser.add_argument("--config", metavar="FILE", help="TOML file with ToyConfig fields; flags override it")
-    add_config_arguments(parser, ToyConfig)
-
-
-def config_from_args(args: argparse.Namespace) -> ToyConfig:
-    """The config from parsed flags; with ``--config``, file values fill every flag left at its default."""
-    flags = from_args(ToyConfig, args)
-    if not getattr(args, "config", None):
-        return flags
-    base = load_toml(ToyConfig, args.config)
-    defaults = ToyConfig()
-    changed = {
-        f.name: getattr(flags, f.name)
-        for f in dataclasses.fields(ToyConfig)
-        if getattr(flags, f.name) != getattr(defaults, f.name)
-    }
-    return dataclasses.replace(base, **changed)
+def parse_config(argv: list[str]) -> ToyConfig:
+    """The config by the one merge rule: defaults < ``--config FILE`` (TOML or YAML) < the flags given."""
+    return parse(ToyConfig, argv, prog="distlearn toy", description=__doc__.splitlines()[0])
 
 
 def _table(result: ProblemResult, tolerance: float) -> Table:
@@ -63,11 +46,15 @@ def _table(result: ProblemResult, tolerance: float) -> Table:
     return table
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the toy benchmark from parsed arguments; returns the exit status."""
-    config = config_from_args(args)
-    console = Console(width=max(Console().width, 120))
-    for result in run_toy(config):
-        console.print(_table(result, config.tolerance))
-        console.print("wrote " + ", ".join(str(p) for p in result.files))
+def command(argv: list[str]) -> int:
+    """``distlearn toy ARGS``: run the toy benchmark; returns the exit status (bad input: 2)."""
+    try:
+        config = parse_config(argv)
+        console = Console(width=max(Console().width, 120))
+        for result in run_toy(config):
+            console.print(_table(result, config.tolerance))
+            console.print("wrote " + ", ".join(str(p) for p in result.files))
+    except DistlearnError as error:
+        print(f"distlearn toy: error: {error}", file=sys.stderr)
+        return 2
     return 0
