@@ -6,11 +6,13 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from distlearn.bench.report import markdown, project
+from distlearn.bench.report import markdown, project, table_rows
 from distlearn.bench.suites import SUITES
+from distlearn.errors import DataError
 
 ALPHA = 20e-6
 BETA_10 = 8 / 10e9  # seconds per byte at 10 Gb/s
@@ -19,6 +21,7 @@ N, B = 60_000, 128
 SINGLE = {"status": "ok", "updates": 1404, "train_seconds": 70.2, "train_examples": N}
 T_C = 70.2 / (1404 * 128)
 GRADIENT = 1_858_088  # bytes of a 464,522-parameter fp32 model
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
 def run(strategy: str, *flags: str, workers: int = 2, bytes_per_update: float, **extra) -> dict:
@@ -155,3 +158,68 @@ def test_render_prints_a_result_files_table_from_its_raw_results(tmp_path):
         timeout=120,
     )
     assert broken.returncode != 0 and "not a result file of distlearn bench" in broken.stderr
+
+
+def test_the_harness_writes_what_the_report_needs_to_know_about_each_run():
+    from distlearn.bench.harness import report_fields
+
+    assert report_fields("single", []) == {"reference": "one-process", "projection": None}
+    allreduce = {"model": "allreduce", "algorithm": "backend", "every": 1}
+    assert report_fields("ddp", []) == {"reference": "framework", "projection": allreduce}
+    assert report_fields("sync", ["--reducer", "ring"])["projection"] == {**allreduce, "algorithm": "ring"}
+    assert report_fields("local-sgd", ["--average-every", "4"])["projection"] == {**allreduce, "every": 4}
+    assert report_fields("easgd", ["--elastic-tau", "8"])["projection"] == {**allreduce, "every": 8}
+    assert report_fields("sync", ["--compression", "topk"])["projection"] == {"model": "all-gather"}
+    assert report_fields("sync", ["--compression", "fp16"])["projection"] == allreduce
+    flags = ["--servers", "2", "--backup-workers", "1", "--local-steps", "4"]
+    assert report_fields("ps", flags) == {
+        "reference": None,
+        "projection": {"model": "parameter-server", "servers": 2, "backup_workers": 1, "local_steps": 4},
+    }
+    for strategy in ("hogwild", "dni"):
+        assert report_fields(strategy, []) == {"reference": None, "projection": None}
+
+
+def test_every_row_the_harness_writes_carries_the_report_fields_even_when_its_run_cannot_run(tmp_path):
+    from distlearn.bench.harness import run_entry
+    from distlearn.bench.suites import Entry
+
+    row = run_entry(SUITES["quick"], Entry("x", "no-such-strategy", 2, ("--reducer", "tree")), tmp_path)
+    assert row["status"] == "not available" and row["reference"] is None
+    assert row["projection"] == {"model": "allreduce", "algorithm": "tree", "every": 1}
+
+
+def test_the_report_follows_the_rows_fields_not_the_strategys_name():
+    # the row of a strategy the report has never heard of, carrying a ring allreduce: projected as one
+    ring = run("sync", "--reducer", "ring", bytes_per_update=2 * GRADIENT)
+    renamed = {
+        **run("someday", bytes_per_update=2 * GRADIENT),
+        "reference": None,
+        "projection": {"model": "allreduce", "algorithm": "ring", "every": 1},
+    }
+    assert project(renamed, SINGLE, 8, 10.0, B) == pytest.approx(project(ring, SINGLE, 8, 10.0, B), rel=0)
+    assert project({**ring, "reference": None, "projection": None}, SINGLE, 8, 10.0, B) is None
+    with pytest.raises(DataError, match="unknown projection model 'gossip'"):
+        project({**ring, "reference": None, "projection": {"model": "gossip"}}, SINGLE, 8, 10.0, B)
+    # the reference is whichever finished row says it is: ratios divide by its samples/s
+    numbers = {"final_accuracy": 0.9, "time_to_target_s": None, "mean_staleness": None, "train_examples": N}
+    base = {**SINGLE, **numbers, "label": "base", "strategy": "sync", "workers": 2, "flags": []}
+    rows = [
+        {**base, "samples_per_s": 1000.0, "bytes_sent": 0, "reference": None, "projection": None},
+        {**base, "samples_per_s": 500.0, "bytes_sent": 0, "reference": "one-process", "projection": None},
+        {**renamed, **numbers, "label": "other", "samples_per_s": 2000.0, "train_seconds": 1.0},
+    ]
+    table = {row["label"]: row for row in table_rows(rows, B)}
+    assert table["other"]["vs_single"] == 4.0 and table["other"]["vs_ddp"] is None
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RESULTS.glob("bench-*.json")))
+def test_a_stored_result_file_reads_the_same_with_the_fields_the_harness_writes_now(name):
+    from distlearn.bench.harness import report_fields
+
+    record = json.loads((RESULTS / name).read_text())
+    now = [{**r, **report_fields(r["strategy"], r["flags"])} for r in record["results"]]
+    assert all("projection" not in r for r in record["results"])  # written before the fields existed
+    suite = replace(SUITES["quick"], global_batch=record["global_batch"], target=record["target"])
+    env = record["environment"]
+    assert markdown(suite, now, env) == markdown(suite, record["results"], env)

@@ -141,3 +141,12 @@ def test_stop_ends_open_event_streams(tmp_path, writer_factory):
                     events.next()
     finally:
         server.stop()
+
+
+def test_an_event_is_its_name_line_its_compact_json_line_and_a_blank_line():
+    from distlearn.live.sse import sse_message
+
+    expected = 'event: step\ndata: {"t":3,"losses":[0.5,1]}\n\n'
+    assert sse_message("step", {"t": 3, "losses": [0.5, 1]}) == expected
+    with pytest.raises(ValueError):  # the browser's JSON.parse rejects NaN: never send it
+        sse_message("records", {"loss": float("nan")})

@@ -74,3 +74,17 @@ def test_atari_pong_gives_stacked_84x84_frames_and_the_nature_torso(tmp_path):
     path = save_policy(tmp_path / "policy.pt", model, "ALE/Pong-v5")
     restored, _ = load_policy(path)
     assert torch.equal(restored(pool.obs), model(pool.obs))
+
+
+def test_common_gathers_every_public_name_of_the_shared_modules():
+    import importlib
+
+    from distlearn.rl import common
+
+    names = set()
+    for concern in ("envs", "models", "rollout", "returns", "policy_gradient", "metrics"):
+        module = importlib.import_module(f"distlearn.rl.{concern}")
+        for name in module.__all__:
+            assert getattr(common, name) is getattr(module, name), f"{concern}.{name}"
+        names.update(module.__all__)
+    assert set(common.__all__) == names

@@ -3,6 +3,10 @@
 Each entry runs in fresh processes (``python -m distlearn train ... --out RUNS/<slug>``; distributed
 strategies start their own torchrun job underneath), with a deadline after which the whole process group
 is stopped. Everything in the results is read back from the run's metrics files: no number is typed in.
+
+Besides its numbers, every row says what the report needs to know about its run (:func:`report_fields`):
+which reference it is, if any, and how its communication is projected to more workers. The report reads
+these fields and never a strategy's name.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +23,22 @@ from distlearn.bench.suites import Entry, Suite
 from distlearn.launch import wait_or_stop
 from distlearn.metrics import read_metrics
 
-__all__ = ["available", "collect", "finished_entry", "run_entry", "run_suite", "slug", "train_arguments"]
+__all__ = [
+    "REFERENCES",
+    "available",
+    "collect",
+    "finished_entry",
+    "report_fields",
+    "run_entry",
+    "run_suite",
+    "slug",
+    "train_arguments",
+]
+
+REFERENCES = ("one-process", "framework")
+"""The values of a row's ``reference``: the one-process run (the table's "vs single" divides by its samples/s,
+the projection takes its compute time per example) and the framework's own data parallelism, torch DDP
+("vs DDP")."""
 
 
 def slug(label: str) -> str:
@@ -162,9 +182,67 @@ def finished_entry(suite: Suite, entry: Entry, runs_dir: Path) -> dict[str, Any]
 
 
 def _identity(entry: Entry) -> dict[str, Any]:
-    """The fields that name a row in the results, whatever became of its run."""
+    """The fields that name a row in the results, whatever became of its run, and its report fields."""
     flags = list(entry.flags)
-    return {"label": entry.label, "strategy": entry.strategy, "workers": entry.workers, "flags": flags}
+    return {
+        "label": entry.label,
+        "strategy": entry.strategy,
+        "workers": entry.workers,
+        "flags": flags,
+        **report_fields(entry.strategy, flags),
+    }
+
+
+def _flag(flags: Sequence[str], name: str, default: str | None = None) -> str | None:
+    """The value after ``name`` in ``flags`` (the last ``distlearn train`` arguments of an entry)."""
+    flags = list(flags)
+    return flags[flags.index(name) + 1] if name in flags and flags.index(name) + 1 < len(flags) else default
+
+
+def report_fields(strategy: str, flags: Sequence[str]) -> dict[str, Any]:
+    """What the report needs to know about a run of ``strategy`` with ``flags`` beyond its measured numbers.
+
+    * ``reference``: one of :data:`REFERENCES`, or None.
+    * ``projection``: how the run's communication grows with the number of workers ``R`` (the formulas are
+      in :mod:`distlearn.bench.report`), or None where ``R`` is not a number of data replicas over a network
+      (the single process; Hogwild!, which shares memory on one machine; DNI, whose processes are model
+      stages). Else a dict with ``model``:
+
+      - ``"allreduce"``: ``algorithm`` (the ``--reducer``, ``"backend"`` for the backend's own, which DDP
+        uses too) once every ``every`` updates (local SGD's ``--average-every``, EASGD's ``--elastic-tau``);
+      - ``"all-gather"``: a codec whose payloads do not add up (sign bits, sparse indices ...): a ring
+        all-gather of every rank's payload;
+      - ``"parameter-server"``: ``servers``, ``backup_workers`` and ``local_steps``; each worker pulls and
+        pushes the whole model.
+
+    Rows written before these fields existed get them from this function when the report reads them.
+    """
+    reference = {"single": "one-process", "ddp": "framework"}.get(strategy)
+    projection: dict[str, Any] | None
+    if strategy in ("single", "hogwild", "dni"):
+        projection = None
+    elif strategy == "ps":
+        projection = {
+            "model": "parameter-server",
+            "servers": int(_flag(flags, "--servers", "1")),
+            "backup_workers": int(_flag(flags, "--backup-workers", "0")),
+            "local_steps": int(_flag(flags, "--local-steps", "1")),
+        }
+    elif (codec := _flag(flags, "--compression")) is not None and not _allreducible(codec):
+        projection = {"model": "all-gather"}
+    else:
+        every = int(_flag(flags, "--average-every") or _flag(flags, "--elastic-tau") or 1)
+        algorithm = _flag(flags, "--reducer", "backend")
+        projection = {"model": "allreduce", "algorithm": algorithm, "every": every}
+    return {"reference": reference, "projection": projection}
+
+
+def _allreducible(codec: str) -> bool:
+    """False for a codec whose payloads do not add up (it all-gathers); True for the others and for a codec
+    this installation does not have (its entry is "not available" and never projected)."""
+    from distlearn.comm.compression import COMPRESSORS
+
+    return codec not in COMPRESSORS or COMPRESSORS[codec].linear
 
 
 def run_suite(

@@ -27,6 +27,10 @@ example per worker at the fixed global batch).
 Perfect compute scaling, no overlap of communication with computation, no contention, no stragglers: a
 bound to compare strategies by, not a prediction. Not projected: the single process, Hogwild! (shared
 memory on one machine) and DNI (its processes are model stages, not data replicas).
+
+Which formula applies to a row, and which rows are the references of the ratio columns, the row itself says
+(its ``projection`` and ``reference``, written by :func:`distlearn.bench.harness.report_fields`): the
+report never reads a strategy's name.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from distlearn.bench.harness import report_fields
+from distlearn.errors import DataError
 
 __all__ = ["PROJECTION_WORKERS", "compare", "environment", "markdown", "plot", "project", "table_rows"]
 
@@ -70,38 +77,40 @@ def environment() -> dict[str, Any]:
     }
 
 
-def _reference(results: list[dict], strategy: str) -> dict | None:
-    return next((r for r in results if r.get("strategy") == strategy and r.get("status") == "ok"), None)
+def _with_report_fields(result: dict) -> dict:
+    """``result`` with its ``reference`` and ``projection``; rows written before the harness recorded them
+    (the result files of earlier versions) get them as the harness would write them now."""
+    if "reference" in result and "projection" in result:
+        return result
+    return {**report_fields(result.get("strategy", ""), result.get("flags") or ()), **result}
 
 
-def _flag(result: dict, name: str, default: str | None = None) -> str | None:
-    flags = list(result.get("flags") or ())
-    return flags[flags.index(name) + 1] if name in flags and flags.index(name) + 1 < len(flags) else default
+def _reference(results: list[dict], reference: str) -> dict | None:
+    """The first finished row that is ``reference`` (one of :data:`distlearn.bench.harness.REFERENCES`)."""
+    rows = (_with_report_fields(r) for r in results)
+    return next((r for r in rows if r["reference"] == reference and r.get("status") == "ok"), None)
 
 
 def project(result: dict, single: dict, workers: int, gbps: float, global_batch: int) -> float | None:
     """Projected seconds per epoch of ``result``'s strategy at ``workers`` workers (see the module doc)."""
-    from distlearn.comm.compression import COMPRESSORS
     from distlearn.comm.cost_model import link
     from distlearn.comm.cost_model import project as allreduce_time
 
     if result.get("status") != "ok" or not single or not result.get("updates") or not single.get("updates"):
         return None
-    # one process does not scale with R; Hogwild shares memory on one machine by nature; DNI's R is its
-    # number of model stages, not data replicas: none of them is an allreduce over a network
-    strategy = result.get("strategy")
-    if strategy in ("single", "hogwild", "dni") or workers > global_batch:
+    # None: R is not a number of data replicas over a network (see distlearn.bench.harness.report_fields)
+    projection = _with_report_fields(result)["projection"]
+    if projection is None or workers > global_batch:
         return None
     compute_per_example = single["train_seconds"] / (single["updates"] * global_batch)
     examples = single["train_examples"]
     compute = global_batch / workers * compute_per_example  # M t_c, one update of one worker
     network = link(gbps, alpha=ALPHA_S)
-    if strategy == "ps":
+    if projection["model"] == "parameter-server":
         if not result.get("parameters"):
             return None
-        servers = int(_flag(result, "--servers", "1"))
-        backups = int(_flag(result, "--backup-workers", "0"))
-        local_steps = int(_flag(result, "--local-steps", "1"))
+        servers, backups = projection["servers"], projection["backup_workers"]
+        local_steps = projection["local_steps"]
         message = network.alpha + 4 * result["parameters"] * network.beta
         worker = examples / (global_batch * local_steps) * (local_steps * compute + 2 * message)
         server = examples * (workers + backups) / (global_batch * local_steps * servers) * message
@@ -109,21 +118,24 @@ def project(result: dict, single: dict, workers: int, gbps: float, global_batch:
     measured = max(2, result["workers"])
     per_update = result["bytes_sent"] / result["updates"]  # all ranks together
     updates_per_epoch = examples / global_batch
-    codec = _flag(result, "--compression")
-    if codec in COMPRESSORS and not COMPRESSORS[codec].linear:  # ring all-gather of each rank's payload
+    if projection["model"] == "all-gather":  # ring all-gather of each rank's payload
         payload = per_update / (measured * (measured - 1))
         exchange = (workers - 1) * (network.alpha + payload * network.beta)
-    else:
-        every = int(_flag(result, "--average-every") or _flag(result, "--elastic-tau") or 1)
+    elif projection["model"] == "allreduce":
+        every = projection["every"]
         payload = per_update * every / (2 * (measured - 1))
-        algorithm = _flag(result, "--reducer", "backend")
-        exchange = allreduce_time(algorithm, workers, payload, network) / every
+        exchange = allreduce_time(projection["algorithm"], workers, payload, network) / every
+    else:
+        raise DataError(
+            f"{result.get('label')}: unknown projection model {projection['model']!r}; "
+            "render this result file with the distlearn version that wrote it"
+        )
     return updates_per_epoch * (compute + exchange)
 
 
 def table_rows(results: list[dict], global_batch: int) -> list[dict[str, Any]]:
     """One dict per entry with every column of the table, computed from the raw results only."""
-    single, ddp = _reference(results, "single"), _reference(results, "ddp")
+    single, ddp = _reference(results, "one-process"), _reference(results, "framework")
     rows = []
     for r in results:
         row: dict[str, Any] = {"label": r["label"], "status": r["status"]}

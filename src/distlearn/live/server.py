@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 import threading
@@ -49,12 +48,14 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from distlearn.errors import ConfigError
+from distlearn.live.sse import sse_message
 from distlearn.live.tail import Event, RunDiscovery, RunTail
+from distlearn.live.toy import toy_routes
 
 if TYPE_CHECKING:
     from distlearn.live.demo import DemoLauncher
 
-__all__ = ["HOST", "LiveServer", "LiveState", "RunInfo", "create_app", "sse_message", "static_dir"]
+__all__ = ["HOST", "LiveServer", "LiveState", "RunInfo", "create_app", "static_dir"]
 
 log = logging.getLogger("distlearn.live")
 
@@ -68,11 +69,6 @@ DISCOVERY_SECONDS = 1.0
 def static_dir() -> Path:
     """The directory of the page's files, shipped inside the package."""
     return Path(str(resources.files("distlearn.live") / "static"))
-
-
-def sse_message(event: str, data: Any) -> str:
-    """One server-sent event: ``event: NAME`` and ``data: JSON`` lines and a blank line."""
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'), allow_nan=False)}\n\n"
 
 
 @dataclass
@@ -246,7 +242,6 @@ async def _index(request: Request) -> Response:
 
 def create_app(state: LiveState) -> Starlette:
     """The Starlette application serving the page, the event streams and the toy view for ``state``."""
-    from distlearn.live.toy import toy_routes
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from distlearn.errors import ConfigError
+from distlearn.live.sse import sse_message
 
 __all__ = ["MAX_STEPS", "contour_surface", "parse_run_request", "toy_options", "toy_routes", "trajectories"]
 
@@ -159,12 +160,6 @@ def trajectories(function: str, optimizers: list[str], lr: float | None, steps: 
     return [run_optimizer(problem, name, steps=steps, lr=lr).to_dict() for name in optimizers]
 
 
-def _message(event: str, data: Any) -> str:
-    from distlearn.live.server import sse_message
-
-    return sse_message(event, data)
-
-
 async def _options(request: Request) -> Response:
     return JSONResponse(await anyio.to_thread.run_sync(toy_options))
 
@@ -188,9 +183,9 @@ async def _run(request: Request) -> Response:
                 trajectories, spec["function"], spec["optimizers"], spec["lr"], spec["steps"]
             )
         except ConfigError as error:
-            yield _message("problem", {"type": "problem", "message": str(error)})
+            yield sse_message("problem", {"type": "problem", "message": str(error)})
             return
-        yield _message(
+        yield sse_message(
             "start",
             {
                 "function": spec["function"],
@@ -212,7 +207,7 @@ async def _run(request: Request) -> Response:
                 return
             points = {r["optimizer"]: r["points"][t] for r in runs if t < len(r["points"])}
             losses = {r["optimizer"]: r["losses"][t] for r in runs if t < len(r["losses"])}
-            yield _message("step", {"t": t, "points": points, "losses": losses})
+            yield sse_message("step", {"t": t, "points": points, "losses": losses})
             if spec["delay"]:
                 await asyncio.sleep(spec["delay"])
         final = {
@@ -224,7 +219,7 @@ async def _run(request: Request) -> Response:
             }
             for r in runs
         }
-        yield _message("done", {"final": final})
+        yield sse_message("done", {"final": final})
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

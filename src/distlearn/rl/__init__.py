@@ -1,7 +1,9 @@
 """Distributed reinforcement learning: naive parallel rollouts, A3C, Gorila and synchronous policy gradients.
 
-One file per algorithm (``naive.py``, ``a3c.py``, ``gorila.py``, ``sync_pg.py``) on shared environment, model,
-return and metric code (``common.py``); ``cli.py`` is ``distlearn rl``; docs/rl.md: formulas and results.
+One file per algorithm (``naive.py``, ``a3c.py``, ``gorila.py``, ``sync_pg.py``) on shared code, one module
+per concern (``envs.py``, ``models.py``, ``rollout.py``, ``returns.py``, ``policy_gradient.py``,
+``metrics.py``; all gathered in ``common.py``); ``cli.py`` is ``distlearn rl``; docs/rl.md: formulas and
+results.
 """
 
 from distlearn.rl.config import ALGORITHMS, RLConfig
