@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -64,6 +65,29 @@ def _refuse_foreign_flags(argv: list[str], strategy: str, options_class: type) -
             )
 
 
+def _optional_switches(argv: list[str], *classes: type) -> list[str]:
+    """``--augment`` / ``--no-augment`` for a ``bool | None`` field, as argparse's switches took them.
+
+    tyro spells such a field ``--augment {None,True,False}``; a bare switch becomes that form.
+    """
+    switches = set()
+    for cls in classes:
+        hints = typing.get_type_hints(cls, include_extras=False)
+        for f in dataclasses.fields(cls):
+            if hints[f.name] == (bool | None):
+                switches.add("--" + f.name.replace("_", "-"))
+    out: list[str] = []
+    for i, word in enumerate(argv):
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if word in switches and following not in ("True", "False", "None"):
+            out += [word, "True"]
+        elif word.startswith("--no-") and "--" + word[5:] in switches:
+            out += ["--" + word[5:], "False"]
+        else:
+            out.append(word)
+    return out
+
+
 def parse_config(argv: list[str]) -> TrainConfig:
     """The run's config from the command line: defaults < the ``--config`` file < the flags given."""
     first = argparse.ArgumentParser(add_help=False)
@@ -74,6 +98,7 @@ def parse_config(argv: list[str]) -> TrainConfig:
     strategy = known.strategy or values.get("strategy", "single")
     values["strategy"] = strategy
     cls = strategy_class(strategy)
+    rest = _optional_switches(rest, TrainConfig, cls.Options)
     _refuse_foreign_flags(rest, strategy, cls.Options)
     base = config_from_dict(values, source=known.config or "defaults")
 

@@ -240,10 +240,10 @@ def test_adam_counting_epochs_sees_the_trainer_advance_p(tmp_path, synthetic):
         seen.append(original(*args, **kwargs))
         return seen[-1]
 
-    import distlearn.train as trainer
+    import distlearn.optim as optim_registry
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer, "create_optimizer", recording)
+        patch.setattr(optim_registry, "create", recording)  # the trainer builds its optimizer through it
         train(cfg, train_data=train_set, test_data=test_set)
     (optimizer,) = seen
     assert optimizer.param_groups[0]["count"] == "epoch"

@@ -225,6 +225,8 @@ class PSOptions(CompressionOptions):
             positive(name, getattr(self, name), integer=True)
         positive("backup_workers", self.backup_workers, allow_zero=True, integer=True)
         positive("worker_timeout", self.worker_timeout)
+        if self.compression != "none":
+            make_push_codec(self.compression, self.codec_options())  # refuses codecs a push cannot use
         if self.backup_workers and self.softsync != 1:
             raise ConfigError(
                 "--backup-workers and --softsync both set the group size; backup workers already apply "

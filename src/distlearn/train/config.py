@@ -181,10 +181,14 @@ COMMON = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "options"
 """The common options' names (every field but ``options``)."""
 
 
-def validate_config(config: TrainConfig, *, check_optimizer: bool = True) -> None:
+def validate_config(
+    config: TrainConfig, *, check_optimizer: bool = True, check_strategy: bool = True
+) -> None:
     """Check what needs the whole run: the optimizer, the resume path, and the strategy's combinations.
 
-    ``check_optimizer=False`` skips the optimizer (the Python API was given an optimizer object).
+    ``check_optimizer=False`` skips the optimizer (the Python API was given an optimizer object);
+    ``check_strategy=False`` skips the strategy options' ``check`` (a strategy object was given, or it is
+    about to be built with ``run=config``, which checks them).
     """
     if check_optimizer and config.optimizer not in optim.optimizer_names():
         names = ", ".join(optim.optimizer_names())
@@ -193,7 +197,7 @@ def validate_config(config: TrainConfig, *, check_optimizer: bool = True) -> Non
         raise ConfigError(
             f"--resume {config.resume}: no such file or directory; pass a checkpoint written by a run"
         )
-    if check_optimizer:
+    if check_optimizer and check_strategy:
         config.options.check(config)
 
 

@@ -94,7 +94,7 @@ def train(
         train_data, test_data: datasets (``images`` uint8 N x C x H x W, ``labels``, ``classes``, ``mean``,
             ``std``) instead of loading ``config.dataset``.
     """
-    validate_config(config, check_optimizer=optimizer is None)
+    validate_config(config, check_optimizer=optimizer is None, check_strategy=False)
     if optimizer is not None and model is None:
         raise ConfigError(
             "an optimizer was passed without its model; pass model= too (the optimizer's parameters)"
