@@ -81,7 +81,7 @@ def _flag(result: dict, name: str, default: str | None = None) -> str | None:
 
 def project(result: dict, single: dict, workers: int, gbps: float, global_batch: int) -> float | None:
     """Projected seconds per epoch of ``result``'s strategy at ``workers`` workers (see the module doc)."""
-    from distlearn.comm.compression import COMPRESSORS
+    from distlearn.comm.compression import COMPRESSORS, create_compressor
     from distlearn.comm.cost_model import link
     from distlearn.comm.cost_model import project as allreduce_time
 
@@ -110,7 +110,7 @@ def project(result: dict, single: dict, workers: int, gbps: float, global_batch:
     per_update = result["bytes_sent"] / result["updates"]  # all ranks together
     updates_per_epoch = examples / global_batch
     codec = _flag(result, "--compression")
-    if codec in COMPRESSORS and not COMPRESSORS[codec].linear:  # ring all-gather of each rank's payload
+    if codec in COMPRESSORS and not create_compressor(codec).summable:  # ring all-gather of each payload
         payload = per_update / (measured * (measured - 1))
         exchange = (workers - 1) * (network.alpha + payload * network.beta)
     else:

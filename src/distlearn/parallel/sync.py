@@ -46,15 +46,12 @@ __all__ = [
 
 
 def check_no_optimizer_momentum(codec: str, optimizer: torch.optim.Optimizer) -> None:
-    """ConfigError if ``optimizer`` keeps momentum or moment estimates (for a codec that applies momentum)."""
-    for group in optimizer.param_groups:
-        if group.get("momentum", 0) or "betas" in group or "decay" in group:
-            raise ConfigError(
-                f"--compression {codec} applies momentum itself (momentum correction, Lin et al. "
-                f"2018) to the gradient it sends; with {type(optimizer).__name__}'s own momentum or "
-                "moment estimates the update would apply it twice -- use --optimizer sgd (no "
-                "momentum) and set the codec's momentum (--compression-option momentum=0.9)"
-            )
+    """Deprecated, for train.py's validation until it calls :func:`distlearn.comm.compression.check_optimizer`
+    (the one check, given the codec object): ConfigError if ``optimizer`` keeps momentum or moment
+    estimates, for the codec named ``codec`` that applies momentum."""
+    from distlearn.comm.compression.memory import refuse_optimizer_momentum
+
+    refuse_optimizer_momentum(codec, optimizer)
 
 
 def compression_options_of(config: Any) -> dict[str, Any]:
@@ -201,8 +198,7 @@ class SyncDataParallel(Strategy):
         if self.compressor is not None:
             from distlearn.comm.compression import CompressedReducer
 
-            self.compressor.bind(rank=self.rank, world_size=self.world_size, seed=seed)
-            self.reducer = CompressedReducer(self.compressor, timeout_s=self.timeout_s)
+            self.reducer = CompressedReducer(self.compressor, seed=seed, timeout_s=self.timeout_s)
         else:
             self.reducer = self._create_reducer(self.reducer_name, timeout_s=self.timeout_s)
 
@@ -235,8 +231,9 @@ class SyncDataParallel(Strategy):
                     f"{bucket.buffer.dtype}; "
                     "train in float32 or drop --compression"
                 )
-        if self.compressor.handles_momentum:
-            check_no_optimizer_momentum(name, optimizer)
+        from distlearn.comm.compression import check_optimizer
+
+        check_optimizer(self.compressor, optimizer)
 
     # -- checkpoints --------------------------------------------------------------------------------------
 
