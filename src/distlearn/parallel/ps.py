@@ -138,6 +138,7 @@ _DROPPED = 1  # PARAMS flag bits: the push was dropped as late (backup workers),
 _VIA_SHARED = 2  # the weights lie in the worker's shared reply block (no payload follows),
 _SHARED_ACCEPTED = 4  # the server mapped the worker's shared blocks (answer to INIT)
 
+
 def make_push_codec(name: str, options: dict[str, Any]) -> Any:
     """The codec ``name`` for parameter-server pushes; ConfigError if it cannot serve them (and why)."""
     from distlearn.comm.compression.push import create_push_codec
