@@ -46,14 +46,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from distlearn.errors import ConfigError
-
-if TYPE_CHECKING:
-    from distlearn.comm.compression.exchange import Exchange
 
 __all__ = [
     "BucketContext",
@@ -265,8 +262,9 @@ class Codec:
 class CollectiveCodec(Codec):
     """A codec that needs more than one exchange (PowerSGD): :meth:`reduce` replaces encode and decode."""
 
-    def reduce(self, tensor: torch.Tensor, context: BucketContext, exchange: Exchange) -> torch.Tensor:
-        """Replace ``tensor`` by the sum over the ranks of what they stand for (in place) and return it."""
+    def reduce(self, tensor: torch.Tensor, context: BucketContext, exchange: Any) -> torch.Tensor:
+        """Replace ``tensor`` by the sum over the ranks of what they stand for (in place) and return it;
+        ``exchange`` is an :class:`~.exchange.Exchange` (its collectives count the bytes)."""
         raise NotImplementedError
 
     def encode(self, tensor: torch.Tensor, context: BucketContext) -> Payload:
