@@ -221,3 +221,18 @@ def test_push_codecs_that_need_every_rank_or_apply_momentum_are_refused():
     with pytest.raises(ConfigError, match="with momentum cannot serve --strategy ps"):
         create_push_codec("onebit", {"momentum": 0.9})
     assert create_push_codec("onebit", {}).name == "onebit"
+
+
+def test_a_checkpoint_written_before_the_memory_wrappers_still_resumes():
+    """The former layout (one "state" entry: tensors[key][name], counters) is converted on loading."""
+    residual, velocity = torch.tensor([0.5, -1.0]), torch.tensor([0.25, 0.0])
+    old = {
+        "name": "dgc",
+        "state": {"tensors": {"0": {"residual": residual, "momentum": velocity}}, "counters": {"0": 7}},
+    }
+    codec = create_compressor("dgc", density=0.5)
+    codec.load_state_dict(old)
+    assert torch.equal(codec.codec.state.residuals["0"], residual) and codec.codec.state.steps == {"0": 7}
+    assert torch.equal(codec.state.velocities["0"], velocity)
+    with pytest.raises(ConfigError, match="compression state is for 'dgc'"):
+        create_compressor("topk").load_state_dict(old)

@@ -37,6 +37,7 @@ __all__ = [
     "applies_momentum",
     "check_optimizer",
     "refuse_optimizer_momentum",
+    "upgrade_state_dict",
 ]
 
 
@@ -55,6 +56,29 @@ def _zeros_for(store: dict[str, torch.Tensor], key: str, like: torch.Tensor, wha
 
 def _tensors(state: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
     return {str(k): t.clone() for k, t in state.get(name, {}).items()}
+
+
+def upgrade_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+    """A codec ``state_dict`` in this version's layout; a checkpoint written before the memory wrappers (one
+    ``"state"`` entry with ``tensors[key][name]`` and ``counters``) is converted, so it still resumes."""
+    if "state" not in state:
+        return state
+    old, tensors = state["state"], state["state"].get("tensors", {})
+    steps = {str(k): int(v) for k, v in old.get("counters", {}).items()}
+
+    def named(name: str) -> dict[str, torch.Tensor]:
+        return {k: v[name] for k, v in tensors.items() if name in v}
+
+    qs = {k: {int(n[1:]): t for n, t in v.items() if n.startswith("q")} for k, v in tensors.items()}
+    new: dict[str, Any] = {
+        "name": state.get("name"),
+        "error_feedback": {"residuals": named("residual"), "steps": steps},
+        "momentum": {"velocities": named("momentum")},
+        "powersgd": {"residuals": named("residual"), "steps": steps, "qs": qs},
+    }
+    if "generator" in state:
+        new["random_stream"] = {"generator": state["generator"], "seeded": True}
+    return new
 
 
 # -- states ------------------------------------------------------------------------------------------------
@@ -163,6 +187,7 @@ class CodecWrapper(Codec):
         return {**self.codec.state_dict(), self.state_key: self.state.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = upgrade_state_dict(state)
         self.codec.load_state_dict(state)
         if self.state_key not in state:
             raise ConfigError(

@@ -42,7 +42,7 @@ import torch
 
 from distlearn.comm.compression.base import BucketContext, CollectiveCodec, Shapes, parameter_spans
 from distlearn.comm.compression.exchange import Exchange
-from distlearn.comm.compression.memory import ErrorFeedbackState
+from distlearn.comm.compression.memory import ErrorFeedbackState, upgrade_state_dict
 from distlearn.errors import ConfigError
 
 __all__ = ["PowerSGD", "PowerSGDState"]
@@ -113,6 +113,7 @@ class PowerSGD(CollectiveCodec):
         return {**super().state_dict(), "powersgd": self.state.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = upgrade_state_dict(state)
         super().load_state_dict(state)
         self.state.load_state_dict(state["powersgd"])
 
