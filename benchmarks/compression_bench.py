@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from distlearn.comm.compression import COMPRESSORS, Exchange, create_compressor
+from distlearn.comm.compression import COMPRESSORS, BucketContext, Exchange, create_compressor
 from distlearn.comm.compression.base import payload_to_bytes
 from distlearn.comm.cost_model import link
 from distlearn.launch import in_torchrun, init_distributed, launch_local, shutdown
@@ -104,7 +104,7 @@ def codec_seconds(
     shapes = model_shapes(dataset)
     numel = sum(math.prod(s) for s in shapes)
     codec = create_compressor(name, **options)
-    codec.bind(rank=0, world_size=world_size, seed=0)
+    context = BucketContext("0", shapes, world_size=world_size)
     gradient = torch.randn(numel, generator=torch.Generator().manual_seed(0)) * 1e-2
     times = []
     for _ in range(reps + 2):
@@ -112,12 +112,12 @@ def codec_seconds(
         start = time.perf_counter()
         if name == "powersgd":
             codec.start_iter = 0
-            codec.reduce("0", flat, shapes, _LocalExchange())
+            codec.reduce(flat, context, _LocalExchange())
         else:
-            payload = codec.encode("0", flat, shapes)
-            payload_to_bytes([payload.tensors[n] for n in codec.payload_names], header=not codec.fixed_size)
+            payload = codec.encode(flat, context)
+            payload_to_bytes([payload.tensors[n] for n in codec.wire.names], header=not codec.wire.same_size)
             for _ in range(world_size):
-                codec.decode(payload, numel, shapes)
+                codec.decode(payload, context)
         times.append(time.perf_counter() - start)
     return statistics.median(times[2:])
 

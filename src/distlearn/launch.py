@@ -134,9 +134,9 @@ def shutdown() -> None:
     """Leave the job (destroy the default process group) if this process joined one."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    from distlearn.comm.reducers import release_twin_groups
+    from distlearn.comm.groups import release_groups
 
-    release_twin_groups()
+    release_groups()  # the communication layer's cached side groups go before the groups they mirror
     dist.destroy_process_group()
     # free the groups' C++ objects (and their threads) now, while the interpreter is whole, not at exit
     gc.collect()

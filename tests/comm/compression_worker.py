@@ -3,7 +3,7 @@
 For "none" and every codec: (1) train a small MLP for a few steps with the sync strategy and that codec,
 check that both ranks end with identical weights and record the bytes sent; (2) reduce one bucket through
 the codec's real exchange (allreduce or all-gather) and compare it with a local re-enactment: each rank's
-payload encoded by a fresh codec bound to that rank, decoded and summed (PowerSGD: its two power-iteration
+payload encoded by a fresh codec in that rank's context, decoded and summed (PowerSGD: its two power-iteration
 allreduces written out). Rank 0 writes OUT/result.txt: ``name equal|differ bytes_sent exchange_error``.
 
     python -m torch.distributed.run --nproc-per-node 2 tests/comm/compression_worker.py OUT
@@ -22,7 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
 
 from sync_cases import config_for, synthetic_data  # noqa: E402
 
-from distlearn.comm.compression import COMPRESSORS, CompressedReducer, create_compressor  # noqa: E402
+from distlearn.comm.compression import (  # noqa: E402
+    COMPRESSORS,
+    BucketContext,
+    CompressedReducer,
+    create_compressor,
+    stream_seed,
+)
 from distlearn.comm.compression.powersgd import _orthogonalise  # noqa: E402
 from distlearn.launch import init_distributed, shutdown  # noqa: E402
 from distlearn.parallel.sync import SyncDataParallel  # noqa: E402
@@ -49,7 +55,7 @@ def reenact(name: str, inputs: list[torch.Tensor]) -> torch.Tensor:
                 total[start:stop] = sum(x[start:stop] for x in inputs)
             else:
                 n, m, r = entry
-                q = probe._initial_q("0", index, 0, m, r)
+                q = probe.initial_q(0, "0", index, 0, m, r)
                 p = _orthogonalise(sum(x[start:stop].view(n, m) @ q for x in inputs))
                 q_sum = sum(x[start:stop].view(n, m).T @ p for x in inputs)
                 total[start:stop] = (p @ q_sum.T).reshape(-1)
@@ -58,8 +64,8 @@ def reenact(name: str, inputs: list[torch.Tensor]) -> torch.Tensor:
     total = torch.zeros(NUMEL)
     for rank, x in enumerate(inputs):
         codec = create_compressor(name, **OPTIONS.get(name, {}))
-        codec.bind(rank=rank, world_size=len(inputs), seed=0)
-        total += codec.decode(codec.encode("0", x.clone(), SHAPES), NUMEL, SHAPES)
+        context = BucketContext("0", SHAPES, world_size=len(inputs), seed=0, stream_seed=stream_seed(0, rank))
+        total += codec.decode(codec.encode(x.clone(), context), context)
     return total
 
 
@@ -117,8 +123,7 @@ def main() -> int:
             error = 0.0
             if name != "none":
                 codec = create_compressor(name, **options)
-                codec.bind(rank=context.rank, world_size=context.world_size, seed=0)
-                reducer = CompressedReducer(codec, timeout_s=60)
+                reducer = CompressedReducer(codec, seed=0, timeout_s=60)
                 mine = bucket_of(context.rank)
                 reducer.register(mine, "0", SHAPES)
                 received = reducer.allreduce_async(mine).wait()

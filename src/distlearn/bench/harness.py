@@ -63,7 +63,7 @@ def available(entry: Entry) -> str | None:
                 return f"reducer {name!r} is not available"
         elif kind == "compression":
             try:
-                from distlearn.comm.compression import COMPRESSORS
+                from distlearn.comm.compression import COMPRESSORS, create_compressor
             except ImportError:
                 return "distlearn.comm.compression is not installed"
             if name not in COMPRESSORS:
@@ -240,9 +240,9 @@ def report_fields(strategy: str, flags: Sequence[str]) -> dict[str, Any]:
 def _allreducible(codec: str) -> bool:
     """False for a codec whose payloads do not add up (it all-gathers); True for the others and for a codec
     this installation does not have (its entry is "not available" and never projected)."""
-    from distlearn.comm.compression import COMPRESSORS
+    from distlearn.comm.compression import COMPRESSORS, create_compressor
 
-    return codec not in COMPRESSORS or COMPRESSORS[codec].linear
+    return codec not in COMPRESSORS or create_compressor(codec).summable
 
 
 def run_suite(

@@ -46,35 +46,43 @@ def as_ddp_comm_hook(reducer: Any, group: Any = None) -> Callable[[Any, Any], to
 
 
 def compression_ddp_comm_hook(
-    compressor: Any, group: Any = None, *, seed: int = 0, timeout_s: float = 300.0
+    codec: Any, group: Any = None, *, seed: int = 0, timeout_s: float = 300.0
 ) -> Callable[[Any, Any], torch.futures.Future]:
-    """A DDP comm hook that averages each bucket through ``compressor`` (a :class:`Compressor`).
+    """DDP's adapter for a codec: a comm hook that averages each bucket through ``codec`` (a
+    :class:`distlearn.comm.compression.Codec`, e.g. from ``create_compressor``).
 
-    The exchange runs synchronously inside the hook (no overlap with the rest of backward, unlike DDP's
-    own allreduce) and the returned future is already complete. State is keyed by DDP's bucket index and
-    length: DDP rebuilds its buckets after the first iteration, and the residuals of the first iteration's
-    buckets are then left behind (torch's ``powerSGD_hook`` starts with plain allreduces for this reason;
-    use the codec's ``start_iter`` likewise). ``hook.exchange.bytes_sent`` counts this rank's bytes.
+    Each bucket goes through :func:`distlearn.comm.compression.reduce_bucket` with the context of DDP's
+    bucket: its key (DDP's bucket index and length), its gradients' shapes, the group's size, ``seed``
+    (the same on every rank) and this rank's random stream seed. The exchange runs synchronously inside the
+    hook (no overlap with the rest of backward, unlike DDP's own allreduce) and the returned future is
+    already complete. DDP rebuilds its buckets after the first iteration, and the memory (residuals) of the
+    first iteration's buckets is then left behind (torch's ``powerSGD_hook`` starts with plain allreduces for
+    this reason; use the codec's ``start_iter`` likewise). ``hook.exchange.bytes_sent`` counts this rank's
+    bytes; ``hook.codec`` is the codec (its ``state_dict`` goes into a checkpoint).
     """
-    from distlearn.comm.compression import Exchange
+    from distlearn.comm.compression import BucketContext, Exchange, reduce_bucket, stream_seed
 
     exchange = Exchange(group, timeout_s=timeout_s)
-    bound: list[bool] = []
 
     def hook(state, bucket):  # type: ignore[no-untyped-def]
-        if not bound:
-            compressor.bind(rank=dist.get_rank(group), world_size=dist.get_world_size(group), seed=seed)
-            bound.append(True)
         flat = bucket.buffer()
-        shapes = [tuple(gradient.shape) for gradient in bucket.gradients()]
+        world_size = dist.get_world_size(group)
+        context = BucketContext(
+            f"{bucket.index()}:{flat.numel()}",
+            tuple(tuple(gradient.shape) for gradient in bucket.gradients()),
+            world_size=world_size,
+            seed=seed,
+            stream_seed=stream_seed(seed, dist.get_rank(group)),
+        )
         with torch.no_grad():
-            compressor.reduce(f"{bucket.index()}:{flat.numel()}", flat, shapes, exchange)
-            flat.div_(dist.get_world_size(group))
+            reduce_bucket(codec, flat, context, exchange)
+            flat.div_(world_size)
         future: torch.futures.Future = torch.futures.Future()
         future.set_result(flat)
         return future
 
-    hook.__name__ = f"distlearn_{compressor.name}_hook"
+    hook.__name__ = f"distlearn_{codec.name}_hook"
     hook.exchange = exchange  # type: ignore[attr-defined]
-    hook.compressor = compressor  # type: ignore[attr-defined]
+    hook.codec = codec  # type: ignore[attr-defined]
+    hook.compressor = codec  # type: ignore[attr-defined]  # its former name
     return hook

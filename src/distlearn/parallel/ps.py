@@ -142,49 +142,26 @@ _DROPPED = 1  # PARAMS flag bits: the push was dropped as late (backup workers),
 _VIA_SHARED = 2  # the weights lie in the worker's shared reply block (no payload follows),
 _SHARED_ACCEPTED = 4  # the server mapped the worker's shared blocks (answer to INIT)
 
-# codecs that need every rank in one collective, or that take over the optimizer's momentum
-_NOT_FOR_PUSHES = {
-    "powersgd": "PowerSGD allreduces its factors P and Q across all ranks at once, and pushes arrive one "
-    "at a time",
-    "randomk": "random-k relies on an index set drawn identically by all ranks in one step, which a server "
-    "that takes pushes from workers at different steps cannot rebuild",
-    "dgc": "DGC's momentum correction replaces the optimizer's momentum, which here lives on the server "
-    "(use topk: the same sparsification with residuals)",
-}
-
 
 def make_push_codec(name: str, options: dict[str, Any]) -> Any:
     """The codec ``name`` for parameter-server pushes; ConfigError if it cannot serve them (and why)."""
-    if name in _NOT_FOR_PUSHES:
-        raise ConfigError(f"--compression {name} cannot serve --strategy ps: {_NOT_FOR_PUSHES[name]}")
-    from distlearn.comm.compression import create_compressor
+    from distlearn.comm.compression.push import create_push_codec
 
-    codec = create_compressor(name, **options)
-    if codec.handles_momentum:
-        raise ConfigError(
-            f"--compression {name} with momentum cannot serve --strategy ps: its momentum correction "
-            "replaces the optimizer's momentum, which here lives on the server (drop the codec's momentum "
-            "option)"
-        )
-    return codec
+    return create_push_codec(name, options)
 
 
 def encode_push(codec: Any, key: str, flat: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """``flat`` (tensors of ``sizes`` elements back to back) encoded by ``codec`` -- its residual for ``key``
-    updated, per-tensor statistics (scales, norms) per tensor -- as one self-describing byte vector."""
-    from distlearn.comm.compression.base import payload_to_bytes
+    """The worker's side of the push adapter: :func:`distlearn.comm.compression.push.encode_push`."""
+    from distlearn.comm.compression.push import encode_push as encode
 
-    payload = codec.encode(key, flat, [(n,) for n in sizes])
-    return payload_to_bytes([payload.tensors[n] for n in codec.payload_names], header=True)
+    return encode(codec, key, flat, sizes)
 
 
 def decode_push(codec: Any, wire: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """The dense gradient (tensors of ``sizes`` elements) that the bytes of :func:`encode_push` stand for."""
-    from distlearn.comm.compression.base import Payload, bytes_to_payload
+    """The server's side of the push adapter: :func:`distlearn.comm.compression.push.decode_push`."""
+    from distlearn.comm.compression.push import decode_push as decode
 
-    tensors = bytes_to_payload(wire, codec.payload_dtypes, None)
-    payload = Payload(dict(zip(codec.payload_names, tensors, strict=True)))
-    return codec.decode(payload, sum(sizes), [(n,) for n in sizes]).float()
+    return decode(codec, wire, sizes)
 
 
 def _can_live_in(parameter: torch.Tensor, view: torch.Tensor) -> bool:

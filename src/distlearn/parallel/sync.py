@@ -34,7 +34,7 @@ from torch import nn
 
 from distlearn import optim
 from distlearn.comm.bucketing import GradientBucketer
-from distlearn.comm.compression import CompressedReducer, create_compressor
+from distlearn.comm.compression import CompressedReducer, check_optimizer, create_compressor
 from distlearn.comm.reducers import create_reducer
 from distlearn.comm.replicas import check_same_model, weights_checksum
 from distlearn.config import flag, parse_options, positive
@@ -46,23 +46,10 @@ __all__ = [
     "CompressionOptions",
     "SyncDataParallel",
     "SyncOptions",
-    "check_no_optimizer_momentum",
     "check_same_model",
     "compression_options_of",
     "weights_checksum",
 ]
-
-
-def check_no_optimizer_momentum(codec: str, optimizer: torch.optim.Optimizer) -> None:
-    """ConfigError if ``optimizer`` keeps momentum or moment estimates (for a codec that applies momentum)."""
-    for group in optimizer.param_groups:
-        if group.get("momentum", 0) or "betas" in group or "decay" in group:
-            raise ConfigError(
-                f"--compression {codec} applies momentum itself (momentum correction, Lin et al. "
-                f"2018) to the gradient it sends; with {type(optimizer).__name__}'s own momentum or "
-                "moment estimates the update would apply it twice -- use --optimizer sgd (no "
-                "momentum) and set the codec's momentum (--compression-option momentum=0.9)"
-            )
 
 
 @dataclass
@@ -114,11 +101,10 @@ class CompressionOptions(StrategyOptions):
         super().check(run)
         if self.compression == "none" or run is None:
             return
-        codec = create_compressor(self.compression, **self.codec_options())
-        if codec.handles_momentum:  # say so now, before any worker starts
-            probe = [torch.zeros(1, requires_grad=True)]
-            optimizer = optim.create(run.optimizer, probe, lr=run.lr, **parse_options(run.optimizer_option))
-            check_no_optimizer_momentum(self.compression, optimizer)
+        # A codec that applies momentum refuses an optimizer with its own: say so now, before any worker starts.
+        probe = [torch.zeros(1, requires_grad=True)]
+        optimizer = optim.create(run.optimizer, probe, lr=run.lr, **parse_options(run.optimizer_option))
+        check_optimizer(create_compressor(self.compression, **self.codec_options()), optimizer)
 
 
 def compression_options_of(options: CompressionOptions) -> dict[str, Any]:
@@ -190,8 +176,7 @@ class SyncDataParallel(Strategy):
         if not self.join_job(usage, self.timeout_s):
             return
         if self.compressor is not None:
-            self.compressor.bind(rank=self.rank, world_size=self.world_size, seed=seed)
-            self.reducer = CompressedReducer(self.compressor, timeout_s=self.timeout_s)
+            self.reducer = CompressedReducer(self.compressor, seed=seed, timeout_s=self.timeout_s)
         else:
             self.reducer = create_reducer(self.reducer_name, timeout_s=self.timeout_s)
 
@@ -224,8 +209,7 @@ class SyncDataParallel(Strategy):
                     f"{bucket.buffer.dtype}; "
                     "train in float32 or drop --compression"
                 )
-        if self.compressor.handles_momentum:
-            check_no_optimizer_momentum(name, optimizer)
+        check_optimizer(self.compressor, optimizer)
 
     # -- checkpoints --------------------------------------------------------------------------------------
 

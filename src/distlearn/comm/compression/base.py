@@ -1,32 +1,43 @@
-"""The Compressor contract, its residual state, bit packing, and the exchange that counts bytes on the wire.
+"""The codec contract: a pure :class:`Codec`, the context it is told, payloads and their bytes.
 
-A *codec* turns one gradient bucket (a flat float32 vector holding several parameters' gradients back to
-back) into a small *payload* and back. Every codec here implements :class:`Compressor`:
+**Codec** -- ``encode(tensor, context) -> Payload`` and ``decode(payload, context) -> tensor``, *pure*:
+neither changes any state, so any holder of the same codec and context decodes a payload (a peer, a parameter
+server). ``tensor`` is one flat float32 bucket (several parameters' gradients back to back). Everything a
+codec needs beyond the tensor is explicit: its settings at construction (``density``, ``threshold``), the
+rest in the :class:`BucketContext` the caller passes -- the bucket's ``key`` and parameter ``shapes``
+(per-tensor scales, PowerSGD's matrices), ``world_size`` (the casts divide by ``R``), ``seed`` (shared by
+every rank: random-k's index sets, PowerSGD's first ``Q``), ``step`` (random-k's draw, DGC's warm-up) and
+``generator`` (this rank's random stream for stochastic rounding). One property says how payloads travel:
+``summable`` -- payloads of different ranks add element-wise, so they are allreduced in compressed form
+and decoded once -- otherwise every rank's packed payload is all-gathered and each is decoded and added
+(:data:`Codec.wire` gives the byte format). :class:`CollectiveCodec` is the one other kind: a codec that
+needs more than one exchange (PowerSGD: allreduces of ``P`` and ``Q``) provides
+``reduce(tensor, context, exchange)`` instead of ``encode``/``decode``.
 
-* :meth:`Compressor.encode` ``(key, flat, shapes) -> Payload``: compress this rank's bucket ``key``; codecs
-  with error feedback first add the bucket's residual ``e`` and keep ``e' = (g + e) - decode(payload)``,
-  exactly what was not sent, for the next step;
-* :meth:`Compressor.decode` ``(payload, numel, shapes) -> Tensor``: the dense vector a payload stands for;
-* :meth:`Compressor.reduce` ``(key, flat, shapes, exchange)``: replace ``flat`` in place by the *sum* over
-  the ranks of what they sent (the caller divides by ``R``, as for every :mod:`distlearn.comm.reducers`
-  reducer). The default implementation picks the exchange that fits the codec:
+**Memory as wrappers** (:mod:`.memory`), each a Codec around a Codec with its state in a class of its own,
+updated by ``encode`` (``decode`` stays the inner codec's, pure):
 
-  - ``linear = True`` (the casts, random-k with a shared index set): payloads of different ranks can be
-    added element-wise, so they are **allreduced** in their compressed form and decoded once;
-  - otherwise (sign bits, ternary or quantised codes, indices + values) every rank's packed payload is
-    **all-gathered** as one byte vector and each is decoded and added locally.
+* :class:`~.memory.ErrorFeedback` (:class:`~.memory.ErrorFeedbackState`: residual and step count per
+  bucket): ``v = g + e``, send ``encode(v)``, keep ``e' = v - decode(encode(v))``;
+* :class:`~.memory.MomentumCorrection` (:class:`~.memory.MomentumState`: velocity per bucket): encode
+  ``u <- m u + g`` instead of ``g`` (DGC, 1-bit with momentum); the optimizer must then have no momentum
+  of its own: :func:`~.memory.check_optimizer` says so, before any process starts;
+* :class:`~.memory.RandomStream` (:class:`~.memory.RandomStreamState`: this rank's generator): hands the
+  stochastic codecs (TernGrad, QSGD) their draws through ``context.generator``.
 
-  PowerSGD overrides it (two allreduces, of ``P`` and of ``Q``).
+PowerSGD keeps its residuals and ``Q`` in its own :class:`~.powersgd.PowerSGDState`. Every state's
+``state_dict`` holds only tensors and plain values (a ``weights_only`` checkpoint); the stack's
+``state_dict`` gathers them. :func:`distlearn.comm.compression.create_compressor` builds the stack of a
+name (e.g. ``"dgc"``: ``MomentumCorrection(ErrorFeedback(DGCSparsifier))``).
 
-State (residuals, momentum, PowerSGD's ``Q``, random generators, step counters) lives in a
-:class:`CompressorState` keyed by bucket; :meth:`Compressor.state_dict` holds only tensors and plain values,
-so it goes into a ``weights_only`` checkpoint.
+**Adapters**: ONE codec object serves all three (each builds the context from what it knows):
 
-Bytes on the wire: :class:`Exchange` counts, at each collective, the payload bytes *this rank sends*: for an
-allreduce of ``n`` bytes on ``R`` ranks the ``2 (R - 1) / R n`` of gloo's ring (the same convention as
-:class:`distlearn.comm.reducers.BackendReducer`), for an all-gather of a ``b``-byte payload the ``(R - 1) b``
-of a ring all-gather (including padding to the largest payload and the small length exchange of codecs
-with variable-size payloads). Counted from the tensors actually handed to ``torch.distributed``.
+* the gradient bucketer: :class:`~.reducer.CompressedReducer`, a :class:`distlearn.comm.reducers.Reducer`
+  over :func:`~.exchange.reduce_bucket` (allreduce or all-gather, bytes counted by
+  :class:`~.exchange.Exchange`);
+* the parameter-server push: :func:`~.push.encode_push` on the worker, :func:`~.push.decode_push` on the
+  server (:func:`~.push.create_push_codec` refuses codecs that need every rank at once);
+* DDP comm hooks: :func:`distlearn.comm.ddp_hooks.compression_ddp_comm_hook`.
 """
 
 from __future__ import annotations
@@ -34,23 +45,25 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 
-from distlearn.errors import CommError, ConfigError
+from distlearn.errors import ConfigError
 
 __all__ = [
+    "BucketContext",
+    "Codec",
+    "CollectiveCodec",
     "Compressor",
-    "CompressorState",
-    "Exchange",
     "Payload",
-    "pack_bits",
-    "unpack_bits",
-    "payload_to_bytes",
+    "WireFormat",
     "bytes_to_payload",
+    "pack_bits",
+    "payload_to_bytes",
+    "stream_seed",
+    "unpack_bits",
 ]
 
 Shapes = Sequence[torch.Size | tuple[int, ...]]
@@ -142,157 +155,83 @@ def bytes_to_payload(
     return tensors
 
 
-# -- state ------------------------------------------------------------------------------------------------
+# -- what a codec is told --------------------------------------------------------------------------------
 
 
-class CompressorState:
-    """Per-bucket memory of a codec: ``tensors[key][name]`` (residuals, momentum, ``Q``) and ``counters``.
+def stream_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank`` 's random stream for stochastic rounding: independent draws per rank,
+    the same draws when a run is repeated with ``seed``."""
+    return 1_000_003 * seed + 7919 * rank + 11
 
-    ``key`` is the bucket's index in the strategy's bucket plan (or a DDP bucket's index), so a checkpoint
-    restores each residual to the bucket it came from.
+
+@dataclass(frozen=True)
+class BucketContext:
+    """What a codec is told about a bucket besides its values (see the module docstring).
+
+    Adapters set ``key``, ``shapes``, ``world_size``, ``seed`` and ``stream_seed``; the memory wrappers set
+    ``step`` (:class:`~.memory.ErrorFeedback`) and ``generator`` (:class:`~.memory.RandomStream`).
+
+    Attributes:
+        key: the bucket's name, stable across steps and ranks (its index in the bucket plan).
+        shapes: the shapes of the parameters laid out back to back in the flat tensor.
+        world_size: ``R``, the ranks whose payloads are summed.
+        seed: the run's seed, the same on every rank.
+        stream_seed: the seed of this rank's random stream (:func:`stream_seed`).
+        step: how many times this bucket has been encoded before.
+        generator: this rank's random stream, for codecs that round stochastically.
     """
 
-    def __init__(self) -> None:
-        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
-        self.counters: dict[str, int] = {}
+    key: str
+    shapes: tuple[tuple[int, ...], ...]
+    world_size: int = 1
+    seed: int = 0
+    stream_seed: int = 0
+    step: int = 0
+    generator: torch.Generator | None = field(default=None, compare=False)
 
-    def get(self, key: str, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor ``name`` of bucket ``key``; created as zeros shaped like ``like`` on first use."""
-        bucket = self.tensors.setdefault(key, {})
-        tensor = bucket.get(name)
-        if tensor is None:
-            if like is None:
-                raise KeyError(f"no {name!r} state for bucket {key!r}")
-            tensor = bucket[name] = torch.zeros_like(like)
-        elif like is not None and tensor.shape != like.shape:
-            raise ConfigError(
-                f"compressor state {name!r} of bucket {key!r} has shape {tuple(tensor.shape)} but the bucket "
-                f"now has {tuple(like.shape)}: the checkpoint belongs to a different model or bucket size"
-            )
-        return tensor
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shapes", tuple(tuple(int(n) for n in s) for s in self.shapes))
 
-    def put(self, key: str, name: str, tensor: torch.Tensor) -> None:
-        self.tensors.setdefault(key, {})[name] = tensor
-
-    def has(self, key: str, name: str) -> bool:
-        return name in self.tensors.get(key, {})
-
-    def step(self, key: str) -> int:
-        """How many times bucket ``key`` has been encoded before (then counts this one)."""
-        count = self.counters.get(key, 0)
-        self.counters[key] = count + 1
-        return count
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "tensors": {k: {n: t.clone() for n, t in v.items()} for k, v in self.tensors.items()},
-            "counters": dict(self.counters),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.tensors = {k: {n: t.clone() for n, t in v.items()} for k, v in state.get("tensors", {}).items()}
-        self.counters = {str(k): int(v) for k, v in state.get("counters", {}).items()}
+    @cached_property
+    def numel(self) -> int:
+        """Elements of the flat bucket."""
+        return sum(math.prod(shape) for shape in self.shapes)
 
 
-# -- exchange ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WireFormat:
+    """How a payload becomes bytes: its tensors' ``names`` and ``dtypes`` in order, and whether every rank's
+    payload for one bucket and step has the same size (``same_size``: no length exchange, no header)."""
 
-
-class Exchange:
-    """Collectives on ``group`` with a deadline, counting the bytes this rank sends (see the module doc)."""
-
-    def __init__(self, group: Any = None, *, timeout_s: float = 300.0) -> None:
-        self.group = group
-        self.timeout_s = timeout_s
-        self.bytes_sent = 0
-        self.messages = 0  # point-to-point messages of a ring implementation (alpha terms of the cost model)
-
-    @property
-    def world_size(self) -> int:
-        return dist.get_world_size(self.group) if dist.is_initialized() else 1
-
-    @property
-    def rank(self) -> int:
-        return dist.get_rank(self.group) if dist.is_initialized() else 0
-
-    def allreduce_(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
-        """Sum ``tensor`` over the group, in place."""
-        size = self.world_size
-        if size == 1 or tensor.numel() == 0:
-            return tensor
-        self.bytes_sent += (2 * (size - 1) * tensor.numel() // size) * tensor.element_size()
-        self.messages += 2 * (size - 1)
-        self._wait(dist.all_reduce(tensor, group=self.group, async_op=True), f"allreduce of {what}")
-        return tensor
-
-    def all_gather_bytes(self, payload: torch.Tensor, what: str, *, same_size: bool) -> list[torch.Tensor]:
-        """Every rank's ``uint8`` payload (this rank's included), in rank order.
-
-        ``same_size=False`` first all-gathers the lengths and pads every payload to the largest.
-        """
-        size = self.world_size
-        if size == 1:
-            return [payload]
-        lengths = [payload.numel()] * size
-        if not same_size:
-            mine = torch.tensor([payload.numel()], dtype=torch.int64)
-            gathered = [torch.empty_like(mine) for _ in range(size)]
-            self.bytes_sent += (size - 1) * mine.numel() * mine.element_size()
-            self.messages += size - 1
-            self._wait(dist.all_gather(gathered, mine, group=self.group, async_op=True), f"lengths of {what}")
-            lengths = [int(t) for t in gathered]
-            longest = max(lengths)
-            if payload.numel() < longest:
-                payload = torch.cat([payload, payload.new_zeros(longest - payload.numel())])
-        outputs = [torch.empty_like(payload) for _ in range(size)]
-        self.bytes_sent += (size - 1) * payload.numel()
-        self.messages += size - 1
-        self._wait(
-            dist.all_gather(outputs, payload, group=self.group, async_op=True), f"all-gather of {what}"
-        )
-        return [out[:length] for out, length in zip(outputs, lengths, strict=True)]
-
-    def _wait(self, work: Any, what: str) -> None:
-        try:
-            work.wait(timeout=timedelta(seconds=self.timeout_s))
-        except Exception as error:  # gloo raises RuntimeError on a timeout or a closed connection
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise CommError(
-                f"rank {self.rank}: compressed gradient exchange ({what}) did not complete within "
-                f"{self.timeout_s:g} s: {first}; a peer may have died or be stuck"
-            ) from error
+    names: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    same_size: bool = True
 
 
 # -- the contract -----------------------------------------------------------------------------------------
 
 
-class Compressor:
-    """Base class and contract of a gradient codec (see the module docstring).
+class Codec:
+    """Base class and contract of a gradient codec (see the module docstring): pure encode and decode.
 
-    Subclasses set ``name``, ``linear`` (payloads can be summed: exchanged by allreduce),
-    ``fixed_size`` (payload size depends only on the bucket's length) and ``payload_dtypes`` (the dtypes of
-    :meth:`encode`'s tensors, in order, for the byte format), and implement :meth:`encode` and
-    :meth:`decode`. ``error_feedback`` says whether the codec keeps a residual; ``handles_momentum`` that it
-    applies momentum itself (DGC), so the optimizer must not.
+    Subclasses set ``name``, ``summable`` and ``wire`` and implement :meth:`encode` and :meth:`decode`.
     """
 
-    name: ClassVar[str] = "base"
-    linear: ClassVar[bool] = False
-    fixed_size: ClassVar[bool] = True
-    error_feedback: ClassVar[bool] = False
-    handles_momentum: ClassVar[bool] = False
-    payload_names: ClassVar[tuple[str, ...]] = ()
-    payload_dtypes: ClassVar[tuple[torch.dtype, ...]] = ()
+    name: ClassVar[str] = "codec"
+    summable: ClassVar[bool] = False
+    wire: ClassVar[WireFormat] = WireFormat((), ())
 
-    def __init__(self) -> None:
-        self.state = CompressorState()
-        self.seed = 0
-        self.rank = 0
-        self.world_size = 1
+    def encode(self, tensor: torch.Tensor, context: BucketContext) -> Payload:
+        """The payload standing for ``tensor`` (a flat float32 bucket laid out as ``context.shapes``)."""
+        raise NotImplementedError
 
-    # -- configuration -------------------------------------------------------------------------------------
-    def bind(self, *, rank: int, world_size: int, seed: int = 0) -> None:
-        """Tell the codec where it runs (random codecs seed per rank, DGC scales its clipping by ``R``)."""
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+    def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:
+        """The dense flat tensor (``context.numel`` elements) that ``payload`` stands for."""
+        raise NotImplementedError
+
+    def expected_nbytes(self, context: BucketContext) -> int | None:
+        """Payload bytes for a bucket laid out as ``context.shapes`` (``None`` when it varies)."""
+        return None
 
     def options(self) -> dict[str, Any]:
         """The codec's settings, for summaries and benchmark tables."""
@@ -302,54 +241,44 @@ class Compressor:
         settings = ", ".join(f"{k}={v}" for k, v in self.options().items())
         return f"{self.name}({settings})" if settings else self.name
 
-    # -- the codec -------------------------------------------------------------------------------------
-    def encode(self, key: str, flat: torch.Tensor, shapes: Shapes) -> Payload:
-        raise NotImplementedError
+    @property
+    def handles_momentum(self) -> bool:
+        """Deprecated (train.py's validation until it calls :func:`~.memory.check_optimizer`): whether the
+        stack applies momentum itself (holds a :class:`~.memory.MomentumCorrection`)."""
+        return False
 
-    def decode(self, payload: Payload, numel: int, shapes: Shapes) -> torch.Tensor:
-        raise NotImplementedError
-
-    def expected_nbytes(self, numel: int, shapes: Shapes) -> int | None:
-        """Payload bytes for a bucket of ``numel`` elements (``None`` when it varies)."""
-        return None
-
-    # -- the exchange ------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def reduce(self, key: str, flat: torch.Tensor, shapes: Shapes, exchange: Exchange) -> torch.Tensor:
-        """Replace ``flat`` by the sum over ranks of the decoded payloads (in place) and return it."""
-        payload = self.encode(key, flat, shapes)
-        if self.linear:
-            for name in self.payload_names:
-                exchange.allreduce_(payload.tensors[name], f"{self.name} {name}")
-            flat.copy_(self.decode(payload, flat.numel(), shapes))
-            return flat
-        wire = payload_to_bytes([payload.tensors[n] for n in self.payload_names], header=not self.fixed_size)
-        received = exchange.all_gather_bytes(wire, f"{self.name} payload", same_size=self.fixed_size)
-        counts = None if not self.fixed_size else self._counts(payload)
-        total = torch.zeros_like(flat)
-        for buffer in received:
-            tensors = bytes_to_payload(buffer, self.payload_dtypes, counts)
-            other = Payload(dict(zip(self.payload_names, tensors, strict=True)), dict(payload.meta))
-            total += self.decode(other, flat.numel(), shapes)
-        flat.copy_(total)
-        return flat
-
-    @staticmethod
-    def _counts(payload: Payload) -> list[int]:
-        return [t.numel() for t in payload.tensors.values()]
-
-    # -- checkpoints ---------------------------------------------------------------------------------------
+    # -- checkpoints: a pure codec has no state, only its name (a wrapper adds its state) --------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "state": self.state.state_dict()}
+        return {"name": self.name}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("name") != self.name:
             raise ConfigError(
                 f"the checkpoint's compression state is for {state.get('name')!r}, this run uses "
-                f"{self.name!r}; "
-                "resume with the same --compression"
+                f"{self.name!r}; resume with the same --compression"
             )
-        self.state.load_state_dict(state["state"])
+
+
+class CollectiveCodec(Codec):
+    """A codec that needs more than one exchange (PowerSGD): :meth:`reduce` replaces encode and decode."""
+
+    def reduce(self, tensor: torch.Tensor, context: BucketContext, exchange: Any) -> torch.Tensor:
+        """Replace ``tensor`` by the sum over the ranks of what they stand for (in place) and return it;
+        ``exchange`` is an :class:`~.exchange.Exchange` (its collectives count the bytes)."""
+        raise NotImplementedError
+
+    def encode(self, tensor: torch.Tensor, context: BucketContext) -> Payload:
+        raise NotImplementedError(f"{self.name} needs several exchanges; use reduce()")
+
+    def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name} needs several exchanges; use reduce()")
+
+
+Compressor = Codec
+"""The contract's former name, kept for callers that annotate with it."""
+
+
+# -- option checks ------------------------------------------------------------------------------------------
 
 
 def check_fraction(name: str, value: float, what: str) -> float:

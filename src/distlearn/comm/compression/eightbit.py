@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from distlearn.comm.compression.base import Compressor, Payload, Shapes, parameter_spans
+from distlearn.comm.compression.base import BucketContext, Codec, Payload, WireFormat, parameter_spans
 
 __all__ = ["DynamicTree8Bit", "Linear8Bit", "dynamic_tree_codebook"]
 
@@ -39,9 +39,8 @@ def dynamic_tree_codebook() -> torch.Tensor:
     return torch.cat([-positive.flip(0)[:-1], positive]).to(torch.float32)  # (255,)
 
 
-class _EightBit(Compressor):
-    payload_names = ("codes", "scales")
-    payload_dtypes = (torch.uint8, torch.float32)
+class _EightBit(Codec):
+    wire = WireFormat(("codes", "scales"), (torch.uint8, torch.float32))
 
     def _quantise(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -49,8 +48,9 @@ class _EightBit(Compressor):
     def _dequantise(self, codes: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def encode(self, key: str, flat: torch.Tensor, shapes: Shapes) -> Payload:
-        spans = parameter_spans(shapes)
+    def encode(self, tensor: torch.Tensor, context: BucketContext) -> Payload:
+        flat = tensor
+        spans = parameter_spans(context.shapes)
         maxima = [float(flat[a:b].abs().max()) if b > a else 0.0 for a, b in spans]
         x = torch.empty(flat.numel(), dtype=torch.float32)
         for (a, b), scale in zip(spans, maxima, strict=True):  # x = g / s per tensor (s = 0: x = g = 0)
@@ -58,14 +58,15 @@ class _EightBit(Compressor):
         scales = torch.tensor(maxima, dtype=torch.float32)
         return Payload({"codes": self._quantise(x), "scales": scales})
 
-    def decode(self, payload: Payload, numel: int, shapes: Shapes) -> torch.Tensor:
+    def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:
         out = self._dequantise(payload.tensors["codes"])
-        for (a, b), scale in zip(parameter_spans(shapes), payload.tensors["scales"].tolist(), strict=True):
+        scales = payload.tensors["scales"].tolist()
+        for (a, b), scale in zip(parameter_spans(context.shapes), scales, strict=True):
             out[a:b].mul_(scale)
         return out
 
-    def expected_nbytes(self, numel: int, shapes: Shapes) -> int:
-        return numel + 4 * len(shapes)
+    def expected_nbytes(self, context: BucketContext) -> int:
+        return context.numel + 4 * len(context.shapes)
 
 
 class Linear8Bit(_EightBit):
@@ -86,7 +87,6 @@ class DynamicTree8Bit(_EightBit):
     name = "int8-tree"
 
     def __init__(self) -> None:
-        super().__init__()
         self.codebook = dynamic_tree_codebook()
         self.midpoints = (self.codebook[1:] + self.codebook[:-1]) / 2
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -28,6 +28,10 @@ docs/compression.md), this closes most of the gap that plain 1-bit error feedbac
 momentum leaves: the residual then holds withheld *update* mass rather than gradient mass that the momentum
 would replay for ~1/(1-m) steps.
 
+Composition: :class:`OneBitSGD` quantises ``v``; the residual is :class:`~.memory.ErrorFeedback` and the
+velocity :class:`~.memory.MomentumCorrection` around it (``create_compressor("onebit", momentum=0.9)``
+builds ``MomentumCorrection(ErrorFeedback(OneBitSGD()))``).
+
 Where we differ: Seide et al. reconstruct per *column* of each weight matrix; we use one pair per tensor
 (per-row pairs for LeNet would add ~25% to the payload and cost the 30x goal; per-row and per-column pairs
 measured no better than per-tensor with the momentum correction).
@@ -35,52 +39,30 @@ measured no better than per-tensor with the momentum correction).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from distlearn.comm.compression.base import (
-    Compressor,
+    BucketContext,
+    Codec,
     Payload,
     Shapes,
+    WireFormat,
     pack_bits,
     parameter_spans,
     unpack_bits,
 )
-from distlearn.errors import ConfigError
 
 __all__ = ["OneBitSGD"]
 
 
-class OneBitSGD(Compressor):
-    """Signs packed 1 bit each, two reconstruction values per tensor, error feedback.
-
-    Args:
-        momentum: ``m`` of the momentum correction, in [0, 1); 0 (default) quantises the gradient itself
-            (Seide et al.), ``m > 0`` the velocity ``u <- m u + g`` (use the optimizer without momentum).
-    """
+class OneBitSGD(Codec):
+    """Signs packed 1 bit each, two reconstruction values ``a+``, ``a-`` per tensor (no memory of its own)."""
 
     name = "onebit"
-    error_feedback = True
-    payload_names = ("signs", "levels")
-    payload_dtypes = (torch.uint8, torch.float32)
+    wire = WireFormat(("signs", "levels"), (torch.uint8, torch.float32))
 
-    def __init__(self, *, momentum: float = 0.0) -> None:
-        super().__init__()
-        if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 <= momentum < 1:
-            raise ConfigError(f"onebit: momentum must be a number in [0, 1), got {momentum!r}")
-        self.momentum = float(momentum)
-        self.handles_momentum = self.momentum > 0  # type: ignore[misc]  # per instance: the option decides
-
-    def options(self) -> dict[str, Any]:
-        return {"momentum": self.momentum} if self.momentum else {}
-
-    def encode(self, key: str, flat: torch.Tensor, shapes: Shapes) -> Payload:
-        residual = self.state.get(key, "residual", flat)
-        if self.momentum:
-            velocity = self.state.get(key, "momentum", flat)  # u
-            flat = velocity.mul_(self.momentum).add_(flat)
-        v = flat + residual
+    def encode(self, tensor: torch.Tensor, context: BucketContext) -> Payload:
+        v, shapes = tensor, context.shapes
         positive = v >= 0
         ones = positive.to(torch.float32)  # 1 where v_i >= 0: sums over a side are dot products
         pairs = []  # (a+, a-) per tensor
@@ -92,12 +74,11 @@ class OneBitSGD(Compressor):
             minus = (total - up_total) / (b - a - ups) if b - a - ups else 0.0
             pairs.append((plus, minus))
         levels = torch.tensor(pairs, dtype=torch.float32).reshape(len(shapes), 2)
-        residual.copy_(v - self._expand(ones, levels, shapes))
         return Payload({"signs": pack_bits(positive, 1), "levels": levels.reshape(-1)})
 
-    def decode(self, payload: Payload, numel: int, shapes: Shapes) -> torch.Tensor:
-        ones = unpack_bits(payload.tensors["signs"], 1, numel).to(torch.float32)
-        return self._expand(ones, payload.tensors["levels"].view(-1, 2), shapes)
+    def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:
+        ones = unpack_bits(payload.tensors["signs"], 1, context.numel).to(torch.float32)
+        return self._expand(ones, payload.tensors["levels"].view(-1, 2), context.shapes)
 
     @staticmethod
     def _expand(ones: torch.Tensor, levels: torch.Tensor, shapes: Shapes) -> torch.Tensor:
@@ -107,5 +88,5 @@ class OneBitSGD(Compressor):
             torch.mul(ones[a:b], plus - minus, out=out[a:b]).add_(minus)
         return out
 
-    def expected_nbytes(self, numel: int, shapes: Shapes) -> int:
-        return (numel + 7) // 8 + 8 * len(shapes)
+    def expected_nbytes(self, context: BucketContext) -> int:
+        return (context.numel + 7) // 8 + 8 * len(context.shapes)

@@ -24,6 +24,10 @@ Where we differ from torch's ``powerSGD_hook``: the uncompressed tensors travel 
 ``P`` matrices (one message fewer per bucket); their residual is zero (torch keeps ``local - average`` for
 them, which sums to zero over ranks); orthogonalisation is ``torch.linalg.qr`` instead of Gram-Schmidt.
 
+State: :class:`PowerSGDState` keeps, per bucket, the residual ``e_w``, the ``Q`` of every compressed tensor
+and the step count -- apart from the codec, as torch's ``PowerSGDState`` is apart from its hook; PowerSGD
+is a :class:`~.base.CollectiveCodec` (two exchanges: :meth:`PowerSGD.reduce`).
+
 Tuning: ``rank`` 1-4 for small CNNs (rank 2 is the paper's default for ResNet-18 on CIFAR-10); raise it if
 accuracy lags.
 """
@@ -36,10 +40,12 @@ from typing import Any
 
 import torch
 
-from distlearn.comm.compression.base import Compressor, Exchange, Payload, Shapes, parameter_spans
+from distlearn.comm.compression.base import BucketContext, CollectiveCodec, Shapes, parameter_spans
+from distlearn.comm.compression.exchange import Exchange
+from distlearn.comm.compression.memory import ErrorFeedbackState, upgrade_state_dict
 from distlearn.errors import ConfigError
 
-__all__ = ["PowerSGD"]
+__all__ = ["PowerSGD", "PowerSGDState"]
 
 
 def _orthogonalise(matrix: torch.Tensor) -> torch.Tensor:
@@ -47,7 +53,25 @@ def _orthogonalise(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(matrix, mode="reduced").Q
 
 
-class PowerSGD(Compressor):
+class PowerSGDState(ErrorFeedbackState):
+    """Per bucket ``key``: the residual and step count (as :class:`~.memory.ErrorFeedbackState`) and the
+    ``Q`` of each compressed tensor (``qs[key][index]``, ``m x r``), reused as the next step's warm start."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qs: dict[str, dict[int, torch.Tensor]] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["qs"] = {k: {str(i): q.clone() for i, q in v.items()} for k, v in self.qs.items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.qs = {str(k): {int(i): q.clone() for i, q in v.items()} for k, v in state.get("qs", {}).items()}
+
+
+class PowerSGD(CollectiveCodec):
     """Rank-``rank`` PowerSGD with warm start and error feedback.
 
     Args:
@@ -58,8 +82,7 @@ class PowerSGD(Compressor):
     """
 
     name = "powersgd"
-    linear = True
-    error_feedback = True
+    summable = True
 
     def __init__(
         self,
@@ -69,7 +92,6 @@ class PowerSGD(Compressor):
         warm_start: bool = True,
         min_compression_rate: float = 2.0,
     ) -> None:
-        super().__init__()
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ConfigError(f"powersgd: rank must be an integer >= 1, got {rank!r}; 1-4 is typical")
         if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
@@ -82,9 +104,18 @@ class PowerSGD(Compressor):
         self.start_iter = start_iter
         self.warm_start = warm_start
         self.min_compression_rate = float(min_compression_rate)
+        self.state = PowerSGDState()
 
     def options(self) -> dict[str, Any]:
         return {"rank": self.rank_r, "start_iter": self.start_iter, "warm_start": self.warm_start}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "powersgd": self.state.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = upgrade_state_dict(state)
+        super().load_state_dict(state)
+        self.state.load_state_dict(state["powersgd"])
 
     def plan(self, shapes: Shapes) -> list[tuple[int, int, int] | None]:
         """Per tensor: ``(n, m, r)`` if it is compressed, else None."""
@@ -98,23 +129,27 @@ class PowerSGD(Compressor):
             plan.append((n, m, r) if (n + m) * r * self.min_compression_rate < n * m else None)
         return plan
 
-    def expected_nbytes(self, numel: int, shapes: Shapes) -> int:
+    def expected_nbytes(self, context: BucketContext) -> int:
         total = 0
-        for shape, entry in zip(shapes, self.plan(shapes), strict=True):
+        for shape, entry in zip(context.shapes, self.plan(context.shapes), strict=True):
             total += 4 * (math.prod(shape) if entry is None else (entry[0] + entry[1]) * entry[2])
         return total
 
-    def _initial_q(self, key: str, index: int, step: int, m: int, r: int) -> torch.Tensor:
+    @staticmethod
+    def initial_q(seed: int, key: str, index: int, step: int, m: int, r: int) -> torch.Tensor:
+        """A fresh orthonormal ``Q`` (``m x r``) for tensor ``index`` of bucket ``key`` at ``step``."""
         # the same seed on every rank: Q must be identical everywhere for P = sum_w M_w Q to mean anything
-        seed = zlib.crc32(f"{self.seed}:{key}:{index}:{step}".encode())
-        return _orthogonalise(torch.randn(m, r, generator=torch.Generator().manual_seed(seed)))
+        mixed = zlib.crc32(f"{seed}:{key}:{index}:{step}".encode())
+        return _orthogonalise(torch.randn(m, r, generator=torch.Generator().manual_seed(mixed)))
 
     @torch.no_grad()
-    def reduce(self, key: str, flat: torch.Tensor, shapes: Shapes, exchange: Exchange) -> torch.Tensor:
-        step = self.state.step(key)
+    def reduce(self, tensor: torch.Tensor, context: BucketContext, exchange: Exchange) -> torch.Tensor:
+        flat, key, shapes = tensor, context.key, context.shapes
+        step = self.state.next_step(key)
         if step < self.start_iter:
             return exchange.allreduce_(flat, "powersgd warm-up (uncompressed)")
-        residual = self.state.get(key, "residual", flat)
+        residual = self.state.residual(key, flat)
+        kept = self.state.qs.setdefault(key, {})
         v = flat + residual
         spans, plan = parameter_spans(shapes), self.plan(shapes)
         dense = [v[a:b] for (a, b), entry in zip(spans, plan, strict=True) if entry is None]
@@ -124,11 +159,10 @@ class PowerSGD(Compressor):
                 continue
             n, m, r = entry
             matrices.append((index, v[a:b].view(n, m)))
-            name = f"q{index}"
-            if self.warm_start and self.state.has(key, name):
-                qs.append(_orthogonalise(self.state.get(key, name)))
+            if self.warm_start and index in kept:
+                qs.append(_orthogonalise(kept[index]))
             else:
-                qs.append(self._initial_q(key, index, step, m, r))
+                qs.append(self.initial_q(context.seed, key, index, step, m, r))
         # exchange 1: the uncompressed tensors and every P = M Q, in one allreduce
         ps = [matrix @ q for (_, matrix), q in zip(matrices, qs, strict=True)]  # (n, r) each
         first = torch.cat([t.reshape(-1) for t in dense + ps]) if dense or ps else v.new_zeros(0)
@@ -156,13 +190,7 @@ class PowerSGD(Compressor):
             approximation = p @ summed_q.T  # sum over ranks of the rank-r approximations, (n, m)
             out[a:b] = approximation.reshape(-1)
             new_residual[a:b] = (matrix - approximation / exchange.world_size).reshape(-1)
-            self.state.put(key, f"q{index}", summed_q.clone())
+            kept[index] = summed_q.clone()
         residual.copy_(new_residual)
         flat.copy_(out)
         return flat
-
-    def encode(self, key: str, flat: torch.Tensor, shapes: Shapes) -> Payload:
-        raise NotImplementedError("PowerSGD needs two exchanges; use reduce()")
-
-    def decode(self, payload: Payload, numel: int, shapes: Shapes) -> torch.Tensor:
-        raise NotImplementedError("PowerSGD needs two exchanges; use reduce()")

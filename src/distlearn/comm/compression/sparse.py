@@ -16,6 +16,9 @@ bucket and keeps the others for later:
   linear. It is unbiased only with a ``n / k`` rescale; with memory (as here) the rescale is not needed
   and not applied (Stich et al.).
 
+The codecs choose and send; the residual is :class:`~.memory.ErrorFeedback` around them, which also counts
+the steps random-k draws with (``create_compressor("topk")`` builds ``ErrorFeedback(TopK(...))``).
+
 Tuning: ``density`` in ``(0, 1]``; 0.001-0.01 with memory usually trains, with a learning-rate warm-up
 helping at the lower end (see :mod:`.dgc` for the other tricks that make 0.1% work).
 """
@@ -28,9 +31,9 @@ from typing import Any
 
 import torch
 
-from distlearn.comm.compression.base import Compressor, Payload, Shapes, check_fraction
+from distlearn.comm.compression.base import BucketContext, Codec, Payload, WireFormat, check_fraction
 
-__all__ = ["RandomK", "TopK", "keep_count"]
+__all__ = ["RandomK", "TopK", "keep_count", "scatter_indexed"]
 
 
 def keep_count(numel: int, density: float) -> int:
@@ -38,75 +41,67 @@ def keep_count(numel: int, density: float) -> int:
     return min(numel, max(1, math.ceil(density * numel))) if numel else 0
 
 
-class TopK(Compressor):
-    """Send the ``density`` fraction of largest ``|g + e|`` as (index, value) pairs; keep the rest."""
+def scatter_indexed(payload: Payload, numel: int) -> torch.Tensor:
+    """The dense vector of an (``indices``, ``values``) payload: zeros elsewhere (repeated indices add)."""
+    out = torch.zeros(numel, dtype=torch.float32)
+    out.index_put_((payload.tensors["indices"].long(),), payload.tensors["values"], accumulate=True)
+    return out
+
+
+class TopK(Codec):
+    """Send the ``density`` fraction of largest ``|v|`` as (index, value) pairs (``v = g + e`` under error
+    feedback)."""
 
     name = "topk"
-    error_feedback = True
-    payload_names = ("indices", "values")
-    payload_dtypes = (torch.int32, torch.float32)
+    wire = WireFormat(("indices", "values"), (torch.int32, torch.float32))
 
     def __init__(self, *, density: float = 0.01) -> None:
-        super().__init__()
         self.density = check_fraction("density", density, "topk")
 
     def options(self) -> dict[str, Any]:
         return {"density": self.density}
 
-    def encode(self, key: str, flat: torch.Tensor, shapes: Shapes) -> Payload:
-        residual = self.state.get(key, "residual", flat)
-        v = flat + residual
-        indices = torch.topk(v.abs(), keep_count(v.numel(), self.density), sorted=False).indices
-        values = v[indices]
-        v[indices] = 0
-        residual.copy_(v)
+    def encode(self, tensor: torch.Tensor, context: BucketContext) -> Payload:
+        indices = torch.topk(tensor.abs(), keep_count(tensor.numel(), self.density), sorted=False).indices
+        values = tensor[indices]
         return Payload({"indices": indices.to(torch.int32), "values": values.to(torch.float32)})
 
-    def decode(self, payload: Payload, numel: int, shapes: Shapes) -> torch.Tensor:
-        out = torch.zeros(numel, dtype=torch.float32)
-        out.index_put_((payload.tensors["indices"].long(),), payload.tensors["values"], accumulate=True)
-        return out
+    def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:
+        return scatter_indexed(payload, context.numel)
 
-    def expected_nbytes(self, numel: int, shapes: Shapes) -> int:
-        return 8 * keep_count(numel, self.density)
+    def expected_nbytes(self, context: BucketContext) -> int:
+        return 8 * keep_count(context.numel, self.density)
 
 
-class RandomK(Compressor):
-    """Send ``density`` of the elements, the same random index set on every rank (allreduced values)."""
+class RandomK(Codec):
+    """Send ``density`` of the elements, the same random index set on every rank (allreduced values): drawn
+    from ``(context.seed, context.key, context.step)``."""
 
     name = "randomk"
-    linear = True
-    error_feedback = True
-    payload_names = ("values",)
-    payload_dtypes = (torch.float32,)
+    summable = True
+    wire = WireFormat(("values",), (torch.float32,))
 
     def __init__(self, *, density: float = 0.01) -> None:
-        super().__init__()
         self.density = check_fraction("density", density, "randomk")
 
     def options(self) -> dict[str, Any]:
         return {"density": self.density}
 
-    def indices(self, key: str, step: int, numel: int) -> torch.Tensor:
+    def indices(self, seed: int, key: str, step: int, numel: int) -> torch.Tensor:
         """The index set of bucket ``key`` at ``step``: identical on every rank (a shared seed)."""
         # zlib.crc32, not hash(): Python salts str hashes per process, and every rank must draw the same set
-        mixed = zlib.crc32(f"{self.seed}:{key}:{step}".encode())
+        mixed = zlib.crc32(f"{seed}:{key}:{step}".encode())
         generator = torch.Generator().manual_seed(mixed)
         return torch.randperm(numel, generator=generator)[: keep_count(numel, self.density)]
 
-    def encode(self, key: str, flat: torch.Tensor, shapes: Shapes) -> Payload:
-        residual = self.state.get(key, "residual", flat)
-        indices = self.indices(key, self.state.step(key), flat.numel())
-        v = flat + residual
-        values = v[indices].clone()
-        v[indices] = 0
-        residual.copy_(v)
-        return Payload({"values": values}, {"indices": indices})
+    def encode(self, tensor: torch.Tensor, context: BucketContext) -> Payload:
+        indices = self.indices(context.seed, context.key, context.step, tensor.numel())
+        return Payload({"values": tensor[indices].clone()}, {"indices": indices})
 
-    def decode(self, payload: Payload, numel: int, shapes: Shapes) -> torch.Tensor:
-        out = torch.zeros(numel, dtype=torch.float32)
+    def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:
+        out = torch.zeros(context.numel, dtype=torch.float32)
         out[payload.meta["indices"]] = payload.tensors["values"]
         return out
 
-    def expected_nbytes(self, numel: int, shapes: Shapes) -> int:
-        return 4 * keep_count(numel, self.density)
+    def expected_nbytes(self, context: BucketContext) -> int:
+        return 4 * keep_count(context.numel, self.density)

@@ -22,8 +22,10 @@ so ``|Q_s(v)_i - v_i| <= ||v|| / s`` and ``E ||Q_s(v) - v||^2 <= min(n / s^2, sq
 <= 127) plus one float32 norm per chunk. Where we differ: the paper's Elias coding of the levels (its
 ``s = sqrt(n)`` regime) is not done; fixed-width codes keep the payload size known in advance.
 
-Random draws come from a ``torch.Generator`` per rank, seeded from ``(seed, rank)`` and saved in checkpoints,
-so the ranks' draws are independent and a resumed run repeats the same draws.
+Random draws come from ``context.generator``: this rank's ``torch.Generator``, which
+:class:`~.memory.RandomStream` keeps (seeded from ``(seed, rank)``, saved in checkpoints), so the ranks'
+draws are independent and a resumed run repeats the same draws (``create_compressor("qsgd")`` builds
+``RandomStream(QSGD())``).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from typing import Any
 import torch
 
 from distlearn.comm.compression.base import (
-    Compressor,
+    BucketContext,
+    Codec,
     Payload,
-    Shapes,
+    WireFormat,
     check_positive,
     pack_bits,
     parameter_spans,
@@ -47,31 +50,16 @@ from distlearn.errors import ConfigError
 __all__ = ["QSGD", "TernGrad"]
 
 
-class _Random(Compressor):
-    """A codec with its own per-rank random generator (state saved in checkpoints)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.generator = torch.Generator().manual_seed(0)
-
-    def bind(self, *, rank: int, world_size: int, seed: int = 0) -> None:
-        super().bind(rank=rank, world_size=world_size, seed=seed)
-        self.generator.manual_seed(1_000_003 * seed + 7919 * rank + 11)
-
-    def uniform(self, n: int) -> torch.Tensor:
-        return torch.rand(n, generator=self.generator)
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["generator"] = self.generator.get_state()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.generator.set_state(state["generator"])
+def _generator(context: BucketContext, name: str) -> torch.Generator:
+    if context.generator is None:
+        raise ConfigError(
+            f"{name} rounds stochastically and needs this rank's random stream in context.generator: wrap it "
+            "in distlearn.comm.compression.memory.RandomStream (create_compressor does)"
+        )
+    return context.generator
 
 
-class TernGrad(_Random):
+class TernGrad(Codec):
     """Ternary ``{-s, 0, s}`` per tensor, ``s = max|g|``, unbiased stochastic rounding.
 
     Args:
@@ -79,11 +67,9 @@ class TernGrad(_Random):
     """
 
     name = "terngrad"
-    payload_names = ("codes", "scales")
-    payload_dtypes = (torch.uint8, torch.float32)
+    wire = WireFormat(("codes", "scales"), (torch.uint8, torch.float32))
 
     def __init__(self, *, clip_sigma: float | None = 2.5) -> None:
-        super().__init__()
         if clip_sigma is not None:
             check_positive("clip_sigma", clip_sigma, "terngrad")
         self.clip_sigma = clip_sigma
@@ -91,9 +77,9 @@ class TernGrad(_Random):
     def options(self) -> dict[str, Any]:
         return {"clip_sigma": self.clip_sigma}
 
-    def encode(self, key: str, flat: torch.Tensor, shapes: Shapes) -> Payload:
-        spans = parameter_spans(shapes)
-        g = flat.clone()
+    def encode(self, tensor: torch.Tensor, context: BucketContext) -> Payload:
+        spans = parameter_spans(context.shapes)
+        g = tensor.clone()
         scales = torch.zeros(len(spans), dtype=torch.float32)
         for index, (a, b) in enumerate(spans):
             part = g[a:b]
@@ -106,20 +92,20 @@ class TernGrad(_Random):
         probability = torch.where(
             per_element > 0, g.abs() / per_element.clamp_min(1e-30), torch.zeros_like(g)
         )
-        keep = self.uniform(g.numel()) < probability
+        keep = torch.rand(g.numel(), generator=_generator(context, self.name)) < probability
         ternary = torch.sign(g) * keep  # -1, 0, 1
         return Payload({"codes": pack_bits((ternary + 1).to(torch.uint8), 2), "scales": scales})
 
-    def decode(self, payload: Payload, numel: int, shapes: Shapes) -> torch.Tensor:
-        ternary = unpack_bits(payload.tensors["codes"], 2, numel).to(torch.float32) - 1
-        lengths = torch.tensor([math.prod(s) for s in shapes])
+    def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:
+        ternary = unpack_bits(payload.tensors["codes"], 2, context.numel).to(torch.float32) - 1
+        lengths = torch.tensor([math.prod(s) for s in context.shapes])
         return ternary * torch.repeat_interleave(payload.tensors["scales"], lengths)
 
-    def expected_nbytes(self, numel: int, shapes: Shapes) -> int:
-        return (numel + 3) // 4 + 4 * len(shapes)
+    def expected_nbytes(self, context: BucketContext) -> int:
+        return (context.numel + 3) // 4 + 4 * len(context.shapes)
 
 
-class QSGD(_Random):
+class QSGD(Codec):
     """QSGD with ``levels`` = ``s`` quantisation levels per sign and a 2-norm per chunk of ``chunk``.
 
     Args:
@@ -128,11 +114,9 @@ class QSGD(_Random):
     """
 
     name = "qsgd"
-    payload_names = ("codes", "norms")
-    payload_dtypes = (torch.uint8, torch.float32)
+    wire = WireFormat(("codes", "norms"), (torch.uint8, torch.float32))
 
     def __init__(self, *, levels: int = 4, chunk: int = 512) -> None:
-        super().__init__()
         if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= 127:
             raise ConfigError(f"qsgd: levels (s) must be an integer in 1..127, got {levels!r}")
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
@@ -149,22 +133,24 @@ class QSGD(_Random):
         padding = (-v.numel()) % self.chunk
         return torch.cat([v, v.new_zeros(padding)]).view(-1, self.chunk)  # (chunks, chunk)
 
-    def encode(self, key: str, flat: torch.Tensor, shapes: Shapes) -> Payload:
+    def encode(self, tensor: torch.Tensor, context: BucketContext) -> Payload:
+        flat = tensor
         chunks = self._chunks(flat)
         norms = chunks.norm(dim=1).to(torch.float32)  # (chunks,)
         scaled = chunks.abs() / norms.clamp_min(1e-30).unsqueeze(1) * self.levels  # in [0, s]
         lower = scaled.floor()
-        up = torch.rand(scaled.shape, generator=self.generator) < (scaled - lower)
+        up = torch.rand(scaled.shape, generator=_generator(context, self.name)) < (scaled - lower)
         level = (lower + up).clamp_max(self.levels)
         signed = (torch.sign(chunks) * level).reshape(-1)[: flat.numel()]
         codes = (signed + self.levels).to(torch.uint8)  # 0 .. 2s
         return Payload({"codes": pack_bits(codes, self.bits), "norms": norms})
 
-    def decode(self, payload: Payload, numel: int, shapes: Shapes) -> torch.Tensor:
+    def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:
+        numel = context.numel
         signed = unpack_bits(payload.tensors["codes"], self.bits, numel).to(torch.float32) - self.levels
         padded = self._chunks(signed)
         out = padded * payload.tensors["norms"].unsqueeze(1) / self.levels
         return out.reshape(-1)[:numel]
 
-    def expected_nbytes(self, numel: int, shapes: Shapes) -> int:
-        return (numel * self.bits + 7) // 8 + 4 * math.ceil(numel / self.chunk)
+    def expected_nbytes(self, context: BucketContext) -> int:
+        return (context.numel * self.bits + 7) // 8 + 4 * math.ceil(context.numel / self.chunk)

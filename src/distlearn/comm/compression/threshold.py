@@ -13,6 +13,9 @@ Payload: Strom's 32-bit word per sent element, the index shifted left by one wit
 bit (``index << 1 | (v_i < 0)``), so its size varies from step to step; ranks first all-gather their
 lengths, then the words (padded to the longest).
 
+The codec sends ``+-tau`` for ``v``; the residual is :class:`~.memory.ErrorFeedback` around it
+(``create_compressor("threshold")`` builds both).
+
 Tuning: ``tau`` sets the compression directly; too small sends most of the gradient, too large delays
 everything. Strom tuned it per model; a value near the typical gradient magnitude times 2-5 is a start.
 """
@@ -21,53 +24,43 @@ from __future__ import annotations
 
 import torch
 
-from distlearn.comm.compression.base import Compressor, Payload, Shapes, check_positive
+from distlearn.comm.compression.base import BucketContext, Codec, Payload, WireFormat, check_positive
 
 __all__ = ["StromThreshold"]
 
 
-class StromThreshold(Compressor):
-    """Send ``+-tau`` where ``|g + e| >= tau``, keep the rest in the residual ``e``.
+class StromThreshold(Codec):
+    """Send ``+-tau`` where ``|v| >= tau`` (``v = g + e`` under error feedback), nothing elsewhere.
 
     Args:
         threshold: ``tau`` > 0.
     """
 
     name = "threshold"
-    fixed_size = False
-    error_feedback = True
-    payload_names = ("words",)
-    payload_dtypes = (torch.int32,)
+    wire = WireFormat(("words",), (torch.int32,), same_size=False)
 
     def __init__(self, *, threshold: float = 1e-3) -> None:
-        super().__init__()
         self.threshold = float(check_positive("threshold", threshold, "threshold compression"))
 
     def options(self) -> dict[str, float]:
         return {"threshold": self.threshold}
 
-    def encode(self, key: str, flat: torch.Tensor, shapes: Shapes) -> Payload:
-        residual = self.state.get(key, "residual", flat)
-        if flat.numel() >= 2**30:
+    def encode(self, tensor: torch.Tensor, context: BucketContext) -> Payload:
+        if tensor.numel() >= 2**30:
             raise ValueError("threshold compression packs an index in 31 bits: bucket too large")
-        v = flat + residual
-        chosen = v.abs() >= self.threshold
-        words = self._words(chosen, v)
-        # e' = v - sent, where sent is +-tau on the chosen elements (copysign keeps v's sign) and 0 elsewhere
-        sent = torch.copysign(chosen.to(v.dtype).mul_(self.threshold), v)
-        torch.sub(v, sent, out=residual)
-        return Payload({"words": words})
+        chosen = tensor.abs() >= self.threshold
+        return Payload({"words": self._words(chosen, tensor)})
 
     def _words(self, chosen: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``index << 1 | (v < 0)`` for every chosen element, as int32, in index order."""
-        codes = self.__dict__.get("_codes")
-        if codes is None or codes.numel() < v.numel():  # 2i for every position, kept between calls
+        codes = self.__dict__.get("_codes")  # 2i for every position: a cache of constants, not state
+        if codes is None or codes.numel() < v.numel():
             codes = self.__dict__["_codes"] = torch.arange(v.numel(), dtype=torch.int32) << 1
         return torch.masked_select(codes[: v.numel()] | torch.signbit(v).to(torch.int32), chosen)
 
-    def decode(self, payload: Payload, numel: int, shapes: Shapes) -> torch.Tensor:
+    def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:
         words = payload.tensors["words"]
         values = (words & 1).to(torch.float32).mul_(-2 * self.threshold).add_(self.threshold)  # +-tau
-        out = torch.zeros(numel, dtype=torch.float32)
+        out = torch.zeros(context.numel, dtype=torch.float32)
         out.index_put_(((words >> 1).to(torch.int64),), values)
         return out

@@ -1,0 +1,51 @@
+"""Process groups that the communication layer creates on the side, and their life cycle.
+
+The reducers' full-duplex exchanges (:mod:`distlearn.comm.reducers`) send messages to lower ranks over a
+*twin* of the caller's group: a second process group with the same ranks, its own sockets and I/O thread.
+gloo serialises the send and the receive of one connection under one lock, so an exchange between two
+ranks on one group is half duplex; on its twin, the other direction runs at the same time.
+
+A twin is created collectively on the group's first duplex allreduce (every member makes that call at the
+same point of its program) and cached for the process, shared by every reducer. Its life cycle is public:
+
+* :func:`twin_group` ``(group, timeout_s)``: the twin of ``group``, created on first use;
+* :func:`release_groups`: forget every cached group. Call it before destroying the default process group
+  (:func:`distlearn.launch.shutdown` does): a group still referenced from here at interpreter exit would
+  be torn down during finalization, where gloo's threads can abort the process ("terminate called
+  without an active exception").
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+__all__ = ["release_groups", "twin_group"]
+
+_TWINS: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
+_LOCK = threading.Lock()
+
+
+def twin_group(group: Any, timeout_s: float) -> Any:
+    """A second process group with the ranks of ``group`` (None: the default group), created once
+    (collectively, by every member at the same point of its program) and cached until
+    :func:`release_groups`."""
+    world = dist.group.WORLD
+    key = (id(group), id(world))
+    with _LOCK:
+        entry = _TWINS.get(key)
+        if entry is None:
+            ranks = dist.get_process_group_ranks(world if group is None else group)
+            twin = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s), use_local_synchronization=True)
+            entry = _TWINS[key] = (group, world, twin)  # holding group and world keeps their ids unique
+    return entry[2]
+
+
+def release_groups() -> None:
+    """Forget every cached twin group (and the groups they were keyed on); the next duplex allreduce
+    creates its twin afresh. Call before ``torch.distributed.destroy_process_group``."""
+    with _LOCK:
+        _TWINS.clear()
