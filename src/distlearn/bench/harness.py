@@ -63,7 +63,7 @@ def available(entry: Entry) -> str | None:
                 return f"reducer {name!r} is not available"
         elif kind == "compression":
             try:
-                from distlearn.comm.compression import COMPRESSORS, create_compressor
+                from distlearn.comm.compression import COMPRESSORS
             except ImportError:
                 return "distlearn.comm.compression is not installed"
             if name not in COMPRESSORS:

@@ -101,7 +101,7 @@ class CompressionOptions(StrategyOptions):
         super().check(run)
         if self.compression == "none" or run is None:
             return
-        # A codec that applies momentum refuses an optimizer with its own: say so now, before any worker starts.
+        # A codec that applies momentum refuses an optimizer with momentum: say so before any worker starts.
         probe = [torch.zeros(1, requires_grad=True)]
         optimizer = optim.create(run.optimizer, probe, lr=run.lr, **parse_options(run.optimizer_option))
         check_optimizer(create_compressor(self.compression, **self.codec_options()), optimizer)
