@@ -43,7 +43,10 @@ Variants (one flag each, all on the same code path):
   index set shared by all ranks) and DGC (its momentum correction replaces the optimizer's momentum, which
   here lives on the server).
 
-Transport: messages are a fixed header plus a payload over c10d point-to-point (:mod:`distlearn.comm.p2p`).
+Transport: the parameter-server core :mod:`distlearn.comm.paramserver` (a fixed header plus a payload over
+c10d point-to-point, :mod:`distlearn.comm.p2p`): the servers run its serving loop with the policy
+:class:`~distlearn.parallel.ps_server.DownpourServer`, each worker (:mod:`distlearn.parallel.ps_worker`) one
+link per server.
 When a worker and a server share a machine (found out at the first pull: the server can map the shared-memory
 blocks the worker created, :mod:`distlearn.comm.shm`), the payloads -- the pushed gradient and the weights
 of the reply -- go through two blocks both processes map, and only the header travels over the backend:
