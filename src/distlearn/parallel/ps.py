@@ -195,6 +195,7 @@ class ParameterServer(Strategy):
         self._context: DistContext | None = None
         self._owns_group = False
         self.transport: Transport | None = None
+        self._versions: list[int] = []  # the version of each server's shard in this worker's last pull
         self.staleness_seen: list[list[int]] = []
         """Per push, the staleness each server recorded for it (-1: dropped as late)."""
         self._worker: DownpourWorker | None = None  # the worker side, built by prepare()
@@ -327,14 +328,10 @@ class ParameterServer(Strategy):
             gate=self.gate,
             compressor=self.compressor,
             staleness_seen=self.staleness_seen,
+            versions=self._versions,
         )
         self._worker.start()
         return model, optimizer
-
-    @property
-    def _versions(self) -> list[int]:
-        """The version of each server's shard in this worker's last pull."""
-        return self._worker.versions if self._worker is not None else []
 
     def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         assert self._worker is not None

@@ -48,6 +48,7 @@ class DownpourWorker:
         local_steps, clip_grad_norm, worker_timeout_s, shared_memory, gate, compressor: the strategy's
             settings of the same names.
         staleness_seen: the list the per-push staleness is appended to (the strategy's).
+        versions: the list kept equal to :attr:`versions` (the strategy's ``_versions``).
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class DownpourWorker:
         gate: PushGate | None,
         compressor: Any,
         staleness_seen: list[list[int]],
+        versions: list[int] | None = None,
     ) -> None:
         self.transport = transport
         self.rank = transport.rank
@@ -81,6 +83,8 @@ class DownpourWorker:
         self.gate = gate
         self.compressor = compressor
         self.staleness_seen = staleness_seen
+        self._versions_out = versions if versions is not None else []
+        self._versions_out[:] = [0] * servers
         self.accumulated: list[torch.Tensor] | None = None
         self.local = 0
         self.pushes = 0
@@ -164,6 +168,7 @@ class DownpourWorker:
         """Wait for ``server``'s PARAMS and load them into the parameters of its shard."""
         link = self.links[server]
         header = link.receive(reply, self._refused(server))
+        self._versions_out[server] = header.version
         flat, shared = link.flat, link.shared is not None
         offset = 0
         with torch.no_grad():
