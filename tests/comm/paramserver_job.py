@@ -138,7 +138,7 @@ def main() -> int:
         if context.rank == 0:
             policy = AddingServer()
             transport = Transport(0, timeout_s=30)
-            loop = ServingLoop(transport, [1, 2], policy, silence_s=3.0, worker_silence_s=20.0)
+            loop = ServingLoop(transport, [1, 2], policy, silence_s=5.0, worker_silence_s=20.0)
             loop.run()
             torch.save(
                 {
