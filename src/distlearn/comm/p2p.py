@@ -1,8 +1,9 @@
 """Point-to-point messages on c10d: a small fixed header tensor, then (optionally) a flat payload tensor.
 
-The parameter server (:mod:`distlearn.parallel.ps`) and any other role-based method talk through this
-module: no ``torch.distributed.rpc``, no pickling, no sockets of our own -- only ``isend``/``irecv`` of the
-process group's backend (gloo on CPU), so one machine and many machines are the same code.
+The parameter-server core (:mod:`distlearn.comm.paramserver`: the ps strategy, async EASGD's centre,
+Gorila's server) and any other role-based method talk through this module: no ``torch.distributed.rpc``,
+no pickling, no sockets of our own -- only ``isend``/``irecv`` of the process group's backend (gloo on CPU),
+so one machine and many machines are the same code.
 
 A message is a ``float64`` header of :data:`HEADER_SIZE` numbers ::
 

@@ -25,9 +25,10 @@ moves anything, so at the same ``x`` as the gradient, as in Algorithm 1), the op
 :meth:`after_step` subtracts ``d``. With plain SGD the result is exactly the paper's update. The centre is
 updated with the same ``x``: in the synchronous form every rank holds an identical copy of ``x~`` and one
 allreduce of the elastic differences ``x^i - x~`` gives every rank their sum; in the asynchronous form the
-centre lives on a server rank (rank 0, reusing the parameter server's point-to-point transport,
-:mod:`distlearn.comm.p2p`), which answers each worker's ``x`` with the current ``x~`` and then moves
-``x~ <- x~ + alpha * (x - x~)`` -- one message each way, applied atomically in arrival order.
+centre lives on a server rank (rank 0, on the parameter-server core :mod:`distlearn.comm.paramserver`: its
+serving loop with the policy :class:`ElasticCentre`), which answers each worker's ``x`` with the current
+``x~`` and then moves ``x~ <- x~ + alpha * (x - x~)`` -- one message each way, applied atomically in arrival
+order.
 
 Momentum EASGD: pass a Nesterov optimizer (``--optimizer nesterov --optimizer-option momentum=0.9``, or
 ``torch-sgd`` with ``momentum=0.9 nesterov=true``). Both store the look-ahead point ``y = x + delta * v``
@@ -60,7 +61,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -68,14 +68,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distlearn.comm.p2p import HEADER_SIZE, REPLY, REQUEST, Header, Kind, Transport
+from distlearn.comm.p2p import REQUEST, Header, Kind, Transport
+from distlearn.comm.paramserver import PushFlag, ServerLink, ServingLoop, StalenessBook
 from distlearn.errors import CommError, ConfigError
 from distlearn.launch import DistContext, shutdown
 from distlearn.parallel.base import Strategy, StrategyOptions, StrategyStats
 
-__all__ = ["ElasticAveraging", "lookahead_offset"]
-
-_READ_ONLY = 1  # PUSH flag: send me the centre, do not move it (evaluation)
+__all__ = ["ElasticAveraging", "ElasticCentre", "lookahead_offset"]
 
 
 def lookahead_offset(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor | None:
@@ -174,6 +173,7 @@ class ElasticAveraging(Strategy):
         self._context: DistContext | None = None
         self._owns_group = False
         self.server_report: dict[str, Any] = {}
+        self._centre_link: ServerLink | None = None  # async workers: the link to the centre rank
 
     # -- roles --------------------------------------------------------------------------------------------
 
@@ -238,6 +238,8 @@ class ElasticAveraging(Strategy):
             self.start_from_rank0(model)
             self.centre = self._flat_params()  # x~ = x^i at the start (Algorithm 1's initialisation)
         else:
+            assert self.transport is not None
+            self._centre_link = ServerLink(self.transport, 0, flat.numel())
             centre = self._request(Kind.INIT, flat)  # the first worker's weights become the centre
             self._load(centre)
         self._eval_model = copy.deepcopy(model)
@@ -312,7 +314,8 @@ class ElasticAveraging(Strategy):
     def evaluation_model(self, model: nn.Module) -> nn.Module:
         """The centre variable ``x~`` in a copy of the model (rank 0's buffers)."""
         assert self._eval_model is not None
-        centre = self.centre if self.mode == "sync" else self._request(Kind.PUSH, None, flag=_READ_ONLY)
+        read_only = PushFlag.READ_ONLY
+        centre = self.centre if self.mode == "sync" else self._request(Kind.PUSH, None, flag=read_only)
         assert centre is not None
         self._eval_model.load_state_dict(model.state_dict())
         offset = 0
@@ -327,70 +330,34 @@ class ElasticAveraging(Strategy):
     def _request(
         self, kind: Kind, x: torch.Tensor | None, *, lr: float = 0.0, step: int = 0, flag: int = 0
     ) -> torch.Tensor:
-        """Send ``x`` to the centre rank and return the centre it answers with (before its update)."""
-        assert self.transport is not None
-        size = sum(p.numel() for p in self._params)
-        head, centre = torch.empty(HEADER_SIZE, dtype=torch.float64), torch.empty(size, dtype=torch.float32)
-        replies = [
-            self.transport.post_recv(0, head, tag=REPLY, what="the centre's reply header"),
-            self.transport.post_recv(0, centre, tag=REPLY + 1, what="the centre variable"),
-        ]
+        """Send ``x`` to the centre rank and return the centre it answers with (before its update).
+
+        The result is the link's reply buffer: valid until the next request.
+        """
+        assert self.transport is not None and self._centre_link is not None
+        link = self._centre_link
+        size = link.flat.numel()
+        posted = link.post("the centre's reply")
         length = 0 if x is None else x.numel()
-        header = Header(kind, step=step, length=length, lr=lr, flag=flag, sender=self.rank)
-        self.transport.send(0, header, x, tag=REQUEST)
-        answer = Header.from_tensor(self.transport.complete(replies[0], head))
-        if answer.kind != Kind.PARAMS or answer.length != size:
-            raise ConfigError(
+        header = Header(kind, step=step, length=length, lr=lr, flag=int(flag), sender=self.rank)
+        self.transport.finish(link.send(header, x))
+
+        def refused(answer: Header) -> Exception:
+            return ConfigError(
                 f"the centre rank answered {answer.kind.name} of {answer.length} numbers to a model of "
-                f"{size}: "
-                "every process must build the same --model"
+                f"{size}: every process must build the same --model"
             )
-        self.transport.complete(replies[1], centre)
-        return centre
+
+        link.receive(posted, refused)
+        return link.flat
 
     def serve(self) -> None:
         """Rank 0 in async mode: hold ``x~`` and answer each worker's ``x`` until every worker is done."""
         assert self.transport is not None
-        centre: torch.Tensor | None = None
-        live = set(range(1, self.world_size))
-        received: torch.Tensor | None = None
-        updates, started = 0, time.monotonic()
-        while live:
-            waiting = self.transport.any_request()
-            message = waiting.wait(self.timeout_s)
-            if message is None:
-                raise CommError(
-                    f"centre rank 0: no worker spoke for {self.timeout_s:g} s (still expected: "
-                    f"{sorted(live)}); "
-                    "the workers have probably died"
-                )
-            peer, header = message
-            if header.kind == Kind.DONE:
-                live.discard(peer)
-                continue
-            if header.kind not in (Kind.INIT, Kind.PUSH):
-                raise CommError(f"centre rank 0: unexpected {header.kind.name} from rank {peer}")
-            if header.length:
-                if received is None or received.numel() != header.length:
-                    received = torch.empty(header.length, dtype=torch.float32)
-                self.transport.recv_payload(peer, received, tag=REQUEST, what="a worker's variable")
-            if centre is None:
-                if header.kind != Kind.INIT or received is None:
-                    raise CommError(f"centre rank 0: rank {peer} sent {header.kind.name} before any INIT")
-                centre = received.clone()  # x~ starts at the first worker's weights
-            if header.length and header.length != centre.numel():
-                self.transport.send(peer, Header(Kind.ERROR, sender=self.rank), tag=REPLY)
-                raise ConfigError(
-                    f"centre rank 0: rank {peer} sent {header.length} numbers for a centre of "
-                    f"{centre.numel()}; "
-                    "every process must build the same --model"
-                )
-            reply = Header(Kind.PARAMS, version=updates, length=centre.numel(), sender=self.rank)
-            self.transport.send(peer, reply, centre, tag=REPLY)
-            if header.kind == Kind.PUSH and header.flag != _READ_ONLY and received is not None:
-                centre.add_(received - centre, alpha=header.lr)  # x~ <- x~ + alpha * (x - x~)
-                updates += 1
-        self.server_report = {"updates": updates, "seconds": time.monotonic() - started}
+        centre = ElasticCentre(self.rank, self.timeout_s)
+        loop = ServingLoop(self.transport, range(1, self.world_size), centre, silence_s=self.timeout_s)
+        loop.run()
+        self.server_report = {"updates": centre.book.version, "seconds": loop.seconds()}
 
     # -- metrics and checkpoints --------------------------------------------------------------------------
 
@@ -420,3 +387,65 @@ class ElasticAveraging(Strategy):
         )
         where = f"rank {self.rank} {self.role}"
         return f"easgd ({self.mode}, {self.workers} workers, tau={self.tau}, {rate}{momentum}; {where})"
+
+
+class ElasticCentre:
+    """The centre variable ``x~`` of asynchronous EASGD: the :class:`~distlearn.comm.paramserver.ServerPolicy`
+    of rank 0.
+
+    The first INIT's variable becomes ``x~``. A PUSH of ``x`` with ``alpha`` in its ``lr`` is answered with
+    the current ``x~``, then ``x~ <- x~ + alpha * (x - x~)`` (paper Algorithm 1, the server's half); a
+    ``READ_ONLY`` push is answered without moving ``x~``. Each move is one version of the
+    :class:`~distlearn.comm.paramserver.StalenessBook` (no staleness is recorded: a worker's elastic
+    difference is taken against the centre it is answered with, not the one it last saw).
+    """
+
+    def __init__(self, rank: int, timeout_s: float) -> None:
+        self.rank = rank
+        self.timeout_s = timeout_s
+        self.centre: torch.Tensor | None = None
+        self.book = StalenessBook(keep_updates=False)
+        self._received: torch.Tensor | None = None
+
+    def on_request(self, loop: ServingLoop, peer: int, header: Header) -> None:
+        if header.kind not in (Kind.INIT, Kind.PUSH):
+            raise CommError(f"centre rank {self.rank}: unexpected {header.kind.name} from rank {peer}")
+        received = self._received
+        if header.length:
+            if received is None or received.numel() != header.length:
+                received = self._received = torch.empty(header.length, dtype=torch.float32)
+            loop.receive(peer, header, received, what="a worker's variable")
+        if self.centre is None:
+            if header.kind != Kind.INIT or received is None:
+                raise CommError(
+                    f"centre rank {self.rank}: rank {peer} sent {header.kind.name} before any INIT"
+                )
+            self.centre = received.clone()  # x~ starts at the first worker's weights
+        centre = self.centre
+        if header.length and header.length != centre.numel():
+            loop.reply(peer, Header(Kind.ERROR, sender=self.rank))
+            raise ConfigError(
+                f"centre rank {self.rank}: rank {peer} sent {header.length} numbers for a centre of "
+                f"{centre.numel()}; every process must build the same --model"
+            )
+        reply = Header(Kind.PARAMS, version=self.book.version, length=centre.numel(), sender=self.rank)
+        loop.reply(peer, reply, centre)
+        if header.kind == Kind.PUSH and not header.flag & PushFlag.READ_ONLY and received is not None:
+            centre.add_(received - centre, alpha=header.lr)  # x~ <- x~ + alpha * (x - x~)
+            self.book.applied([])
+
+    def after_message(self, loop: ServingLoop) -> None:
+        """Nothing waits: every push was applied as it came."""
+
+    def on_lost(self, loop: ServingLoop, worker: int, why: str) -> None:
+        raise CommError(
+            f"centre rank {self.rank}: worker rank {worker} {why}; the job cannot go on without it"
+        )
+
+    def on_silence(self, loop: ServingLoop, error: CommError | None) -> None:
+        if error is not None:
+            raise error
+        raise CommError(
+            f"centre rank {self.rank}: no worker spoke for {self.timeout_s:g} s (still expected: "
+            f"{sorted(loop.live)}); the workers have probably died"
+        )

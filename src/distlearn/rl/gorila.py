@@ -1,6 +1,7 @@
 """Gorila: distributed DQN (Nair et al., "Massively Parallel Methods for Deep RL", ICML workshop 2015).
 
-Roles are ranks of one torchrun job talking over c10d point-to-point (tagged isend/irecv, every wait with a
+Roles are ranks of one torchrun job talking over c10d point-to-point (the parameter-server core
+:mod:`distlearn.comm.paramserver`: its fixed header, serving loop and staleness book, every wait with a
 deadline): rank 0 is the **parameter server**, ranks 1..R are **bundles** -- the paper's bundled mode
 (its section 4: "each learner samples from the local replay memory of its bundled actor"), so the replay
 memory is sharded, one shard per actor, and transitions never cross the network. Each bundle:
@@ -26,8 +27,11 @@ The **server** applies gradients as they arrive, in any order (asynchronous SGD;
 paper), and records staleness = its version now minus the version the gradient was computed on. It also
 gathers the bundles' episode returns, decides when the job is solved, and answers STOP.
 
-Wire format (float32): bundle -> server ``[kind, version, env_steps, n_returns, returns[32], gradient]``;
-server -> bundle ``[kind, version, theta]``. Where we differ: one server rank (the paper shards theta over
+Wire format (the core's protocol): bundle -> server a PUSH header (``version`` of the ``theta`` used,
+``step`` = env steps since the last push) with the payload ``[returns (at most 32), gradient]`` -- the
+number of returns is the payload's length minus the model's size; server -> bundle a PARAMS header
+(``version``, ``flag`` :attr:`~distlearn.comm.paramserver.ReplyFlag.STOP` on the last reply) with ``theta``.
+The server's policy is :class:`GorilaServer`. Where we differ: one server rank (the paper shards theta over
 many), Adam instead of AdaGrad, Huber loss, gradient-norm clipping at 10 x ``--max-grad-norm`` and double
 DQN as in later DQNs, and an epsilon schedule far shorter than the paper's Atari one. Defaults (measured on
 CartPole-v1 in docs/rl.md): ``--lr`` 2.5e-4 (CleanRL's), decayed linearly to 0 over ``--total-steps`` env
@@ -44,15 +48,15 @@ gone fails with a CommError within ``--timeout``.
 from __future__ import annotations
 
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from distlearn.comm.p2p import REQUEST, Header, Kind, Transport
+from distlearn.comm.paramserver import ReplyFlag, ServerLink, ServingLoop, StalenessBook
 from distlearn.errors import CommError, ConfigError
 from distlearn.launch import in_torchrun, init_distributed, shutdown
 from distlearn.optim import Adam
@@ -68,13 +72,9 @@ from distlearn.rl.common import (
 )
 from distlearn.rl.config import RLConfig, resolve
 
-__all__ = ["ReplayShard", "run_gorila"]
+__all__ = ["GorilaServer", "ReplayShard", "run_gorila"]
 
-GRADIENT, DONE = 1.0, 2.0  # bundle -> server kinds
-CONTINUE, STOP = 0.0, 1.0  # server -> bundle kinds
-RETURN_SLOTS = 32
-HEADER = 4 + RETURN_SLOTS
-TO_SERVER_TAG, TO_BUNDLE_TAG = 11, 12
+RETURN_SLOTS = 32  # episode returns carried by one push at most (the rest go with the next)
 
 
 class ReplayShard:
@@ -145,17 +145,6 @@ def run_gorila(config: RLConfig, *, fail_rank: int | None = None) -> dict[str, A
         shutdown()
 
 
-def _wait(work: Any, timeout_s: float, what: str) -> None:
-    try:
-        completed = work.wait(timedelta(seconds=timeout_s))
-    except Exception as error:  # gloo raises RuntimeError subclasses for timeouts and closed peers
-        raise CommError(
-            f"gorila: {what} failed ({str(error).splitlines()[0]}); a peer may have died"
-        ) from error
-    if completed is False:
-        raise CommError(f"gorila: {what} timed out after {timeout_s:g} s; a peer may have died")
-
-
 def _network(config: RLConfig) -> tuple[QNetwork, EnvPool]:
     torch.manual_seed(config.seed)
     envs = EnvPool(config.env, 1, config.seed)
@@ -163,94 +152,119 @@ def _network(config: RLConfig) -> tuple[QNetwork, EnvPool]:
 
 
 def _parameter_server(config: RLConfig, world_size: int, out: Path) -> dict[str, Any]:
-    model, probe = _network(config)
-    probe.close()
-    optimizer = Adam(model.parameters(), lr=config.lr, eps_hat=False)
-    params = list(model.parameters())
-    size = sum(p.numel() for p in params)
-    active = set(range(1, world_size))  # bundles not yet told to stop
-    inbox = torch.zeros(HEADER + size)
-    stats = EpisodeStats(solved_threshold(config.env))
-    metrics = RLMetrics(
-        out,
-        rank=0,
-        world_size=world_size,
-        role="server",
-        algorithm="gorila",
-        env_id=config.env,
-        quiet=config.quiet,
-    )
-    version, start, last_log, bytes_sent = 0, time.perf_counter(), time.perf_counter(), 0
-    lr = config.lr  # of the last update
-    lost: list[str] = []
-    while active:
-        # the next message from any bundle, in arrival order (gloo's receive-from-any-source)
-        work = dist.irecv(inbox, src=None, tag=TO_SERVER_TAG)
-        try:
-            _wait(work, config.timeout, "server waiting for a gradient")
-        except CommError as error:
-            # every remaining bundle silent for --timeout seconds (or its connection broke): end the job
-            lost.append(f"{sorted(active)}: {error}")
-            print(f"[gorila] bundles {sorted(active)} lost ({error}); the server stops", flush=True)
-            break
-        k = int(work._source_rank())
-        kind, used_version, steps, count = inbox[:4].tolist()
-        stats.add(inbox[4 : 4 + int(count)].tolist(), int(steps))
-        if kind == DONE:
-            active.discard(k)
-            continue
-        if config.anneal_lr:  # eta decays linearly to 0 over --total-steps env steps (all bundles together)
-            lr = config.lr * max(0.0, 1.0 - stats.env_steps / config.total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        offset = HEADER  # apply the gradient: theta <- Adam(theta, g)
-        for p in params:
-            p.grad = inbox[offset : offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
-        optimizer.step()
-        version += 1
-        metrics.add_staleness(version - 1 - used_version)  # updates applied since the bundle read theta
-        finished = (
-            (stats.solved and config.stop_when_solved)
-            or time.perf_counter() - start > config.time_limit
-            or stats.env_steps >= config.total_steps
+    server = GorilaServer(config, world_size, out)
+    loop = ServingLoop(Transport(0, timeout_s=config.timeout), range(1, world_size), server,
+                       silence_s=config.timeout)  # fmt: skip
+    loop.run()
+    return server.finish(loop)
+
+
+class GorilaServer:
+    """Gorila's parameter server: the :class:`~distlearn.comm.paramserver.ServerPolicy` of rank 0.
+
+    Each PUSH carries a bundle's new episode returns and env steps (gathered for the solved test and the lr
+    schedule) and a DQN gradient: ``eta`` decays linearly to 0 over ``--total-steps`` env steps of all
+    bundles (unless ``--no-anneal-lr``), ``theta <- Adam(theta, g)``, the staleness
+    (version now - version used) goes to the metrics, and the bundle is answered with the new ``theta``
+    -- with STOP, and retired, once the job is solved, out of time or out of env steps.
+    """
+
+    def __init__(self, config: RLConfig, world_size: int, out: Path) -> None:
+        self.config = config
+        self.world_size = world_size
+        self.out = out
+        self.model, probe = _network(config)
+        probe.close()
+        self.optimizer = Adam(self.model.parameters(), lr=config.lr, eps_hat=False)
+        self.params = list(self.model.parameters())
+        self.size = sum(p.numel() for p in self.params)
+        self.stats = EpisodeStats(solved_threshold(config.env))
+        self.metrics = RLMetrics(
+            out,
+            rank=0,
+            world_size=world_size,
+            role="server",
+            algorithm="gorila",
+            env_id=config.env,
+            quiet=config.quiet,
         )
-        reply = torch.cat(
-            [torch.tensor([STOP if finished else CONTINUE, float(version)]), flat_parameters(model)]
-        )
-        try:
-            _wait(
-                dist.isend(reply, dst=k, tag=TO_BUNDLE_TAG),
-                config.timeout,
-                f"server sending theta to bundle {k}",
+        self.book = StalenessBook(keep_updates=False)
+        self.start = self.last_log = time.perf_counter()
+        self.lr = config.lr  # of the last update
+        self.lost: list[str] = []
+
+    def on_request(self, loop: ServingLoop, peer: int, header: Header) -> None:
+        config = self.config
+        if header.kind != Kind.PUSH or header.length < self.size:
+            raise CommError(
+                f"gorila server: rank {peer} sent {header.kind.name} of {header.length} numbers; expected a "
+                f"PUSH of at least the model's {self.size}: every rank must run the same --env and version"
             )
-        except CommError as error:
-            lost.append(f"{k}: {error}")
-            print(f"[gorila] bundle {k} lost ({error}); going on with the others", flush=True)
-            active.discard(k)
-            continue
-        bytes_sent += reply.numel() * reply.element_size()
+        payload = loop.receive(peer, header, what="a gradient")
+        count = header.length - self.size
+        self.stats.add(payload[:count].tolist(), header.step)
+        if config.anneal_lr:  # eta decays linearly to 0 over --total-steps env steps (all bundles together)
+            self.lr = config.lr * max(0.0, 1.0 - self.stats.env_steps / config.total_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
+        offset = count  # apply the gradient: theta <- Adam(theta, g)
+        for p in self.params:
+            p.grad = payload[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        self.optimizer.step()
+        staleness = self.book.staleness(header.version)  # updates applied since the bundle read theta
+        self.book.applied([(peer, staleness)])
+        self.metrics.add_staleness(staleness)
+        finished = (
+            (self.stats.solved and config.stop_when_solved)
+            or time.perf_counter() - self.start > config.time_limit
+            or self.stats.env_steps >= config.total_steps
+        )
+        flag = int(ReplyFlag.STOP) if finished else 0
+        reply = Header(Kind.PARAMS, version=self.book.version, length=self.size, flag=flag, sender=0)
+        if not loop.reply(peer, reply, flat_parameters(self.model)):
+            return
         if finished:
-            active.discard(k)
-        if time.perf_counter() - last_log >= config.log_every:
-            last_log = time.perf_counter()
-            metrics.log(version, stats, lr=lr, bytes_sent=bytes_sent)
-    summary = metrics.log(version, stats, kind="summary", lr=lr, bytes_sent=bytes_sent, lost_bundles=lost)
-    metrics.close()
-    save_policy(out / "policy.pt", model, config.env, algorithm="gorila", updates=version)
-    return {
-        "algorithm": "gorila",
-        "workers": world_size - 1,
-        "rank": 0,
-        "env_steps": stats.env_steps,
-        "updates": version,
-        "seconds": time.perf_counter() - start,
-        "solved_env_steps": stats.solved_at[0] if stats.solved_at else None,
-        "solved_seconds": stats.solved_at[1] if stats.solved_at else None,
-        "final_return": stats.mean_return,
-        "env_steps_per_s": summary.samples_per_s,
-        "lost_bundles": lost,
-    }
+            loop.retire(peer)
+        if time.perf_counter() - self.last_log >= config.log_every:
+            self.last_log = time.perf_counter()
+            self.metrics.log(self.book.version, self.stats, lr=self.lr, bytes_sent=loop.transport.bytes_sent)
+
+    def after_message(self, loop: ServingLoop) -> None:
+        """Nothing waits: each gradient is applied as it arrives."""
+
+    def on_lost(self, loop: ServingLoop, worker: int, why: str) -> None:
+        self.lost.append(f"{worker}: {why}")
+        print(f"[gorila] bundle {worker} lost ({why}); going on with the others", flush=True)
+
+    def on_silence(self, loop: ServingLoop, error: CommError | None) -> None:
+        # every remaining bundle silent for --timeout seconds (or its connection broke): end the job
+        why = str(error) if error is not None else f"silent for {self.config.timeout:g} s"
+        self.lost.append(f"{sorted(loop.live)}: {why}")
+        print(f"[gorila] bundles {sorted(loop.live)} lost ({why}); the server stops", flush=True)
+
+    def finish(self, loop: ServingLoop) -> dict[str, Any]:
+        """Log the summary, save the policy and return the run's result."""
+        version, stats = self.book.version, self.stats
+        summary = self.metrics.log(
+            version, stats, kind="summary", lr=self.lr, bytes_sent=loop.transport.bytes_sent,
+            lost_bundles=self.lost,
+        )  # fmt: skip
+        self.metrics.close()
+        save_policy(self.out / "policy.pt", self.model, self.config.env, algorithm="gorila", updates=version)
+        return {
+            "algorithm": "gorila",
+            "workers": self.world_size - 1,
+            "rank": 0,
+            "env_steps": stats.env_steps,
+            "updates": version,
+            "seconds": time.perf_counter() - self.start,
+            "solved_env_steps": stats.solved_at[0] if stats.solved_at else None,
+            "solved_seconds": stats.solved_at[1] if stats.solved_at else None,
+            "final_return": stats.mean_return,
+            "env_steps_per_s": summary.samples_per_s,
+            "lost_bundles": self.lost,
+        }
 
 
 def _bundle(config: RLConfig, rank: int, world_size: int, *, fail: bool) -> dict[str, Any]:
@@ -261,10 +275,14 @@ def _bundle(config: RLConfig, rank: int, world_size: int, *, fail: bool) -> dict
     replay = ReplayShard(config.buffer_size, envs.obs_dim, seed=config.seed * 1000 + rank)
     explore = np.random.default_rng(config.seed * 1000 + rank)
     size = sum(p.numel() for p in online.parameters())
-    reply = torch.zeros(2 + size)
+    transport = Transport(rank, timeout_s=config.timeout)
+    link = ServerLink(transport, 0, size)
     version, target_epoch, steps, unsent_steps = 0, 0, 0, 0
     unsent_returns: list[float] = []
     pending: Any = None  # the receive of theta in flight
+
+    def refused(header: Header) -> Exception:
+        return ConfigError(f"the gorila server refused bundle {rank}: every rank must build the same --env")
     while True:
         # actor: epsilon-greedy, epsilon decaying linearly from eps_start to eps_end
         epsilon = max(
@@ -289,16 +307,16 @@ def _bundle(config: RLConfig, rank: int, world_size: int, *, fail: bool) -> dict
             continue
         if pending is not None:  # the reply to the previous gradient (newest theta, maybe STOP) came in
             # while the actor acted; read before the gradient is computed, so that gradient is fresh
-            _wait(pending, config.timeout, f"bundle {rank} receiving theta")
+            answer = link.receive(pending, refused)
             pending = None
-            version = int(reply[1])
+            version = answer.version
             # a copy: vector_to_parameters makes the parameters views of its input, and the next receive
-            # reuses `reply`, which would change the weights while a gradient is being computed
-            load_flat_parameters(online, reply[2:].clone())
+            # reuses the link's buffer, which would change the weights while a gradient is being computed
+            load_flat_parameters(online, link.flat.clone())
             if version // config.target_every != target_epoch:  # theta^- <- theta every target_every updates
                 target_epoch = version // config.target_every
                 target.load_state_dict(online.state_dict())
-            if reply[0] == STOP:
+            if answer.flag & ReplyFlag.STOP:
                 break
         # learner: the DQN gradient on a minibatch of this bundle's shard, at the newest theta it has
         states, actions, rewards, next_states, dones = replay.sample(config.batch_size)
@@ -316,22 +334,17 @@ def _bundle(config: RLConfig, rank: int, world_size: int, *, fail: bool) -> dict
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(online.parameters(), 10.0 * config.max_grad_norm)
         sent_returns, unsent_returns = unsent_returns[:RETURN_SLOTS], unsent_returns[RETURN_SLOTS:]
-        header = torch.zeros(HEADER)
-        header[:4] = torch.tensor([GRADIENT, float(version), float(unsent_steps), float(len(sent_returns))])
-        header[4 : 4 + len(sent_returns)] = torch.tensor(sent_returns)
-        message = torch.cat([header, torch.cat([p.grad.reshape(-1) for p in online.parameters()])])
+        gradient = [p.grad.reshape(-1) for p in online.parameters()]
+        payload = torch.cat([torch.tensor(sent_returns, dtype=torch.float32), *gradient])
+        header = Header(Kind.PUSH, version=version, step=unsent_steps, length=payload.numel(), sender=rank)
         unsent_steps = 0
-        _wait(
-            dist.isend(message, dst=0, tag=TO_SERVER_TAG),
-            config.timeout,
-            f"bundle {rank} sending its gradient",
-        )
+        transport.send(0, header, payload, tag=REQUEST)
         if fail:
             import os
 
             os._exit(3)
         # the actor goes on acting while the server applies this gradient; its reply is read before the next
         # gradient is computed (one gradient in flight per bundle)
-        pending = dist.irecv(reply, src=0, tag=TO_BUNDLE_TAG)
+        pending = link.post(f"bundle {rank} receiving theta")
     envs.close()
     return {"algorithm": "gorila", "rank": rank, "workers": world_size - 1, "env_steps": steps}
