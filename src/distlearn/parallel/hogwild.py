@@ -114,14 +114,6 @@ class HogwildOptions(StrategyOptions):
     buckwild: bool = False
     """8-bit shared weights with unbiased stochastic rounding (Buckwild!)"""
 
-    def check(self, run: Any) -> None:
-        super().check(run)
-        if run.workers > 1:  # the launcher builds each process's strategy itself, without ``run``
-            raise ConfigError(
-                "hogwild processes share memory, so they are started by `distlearn train --strategy hogwild "
-                f"--workers {run.workers}` (torch.multiprocessing), not by torchrun or train() directly"
-            )
-
 
 class Hogwild(Strategy):
     """Lock-free shared-memory SGD (see the module docstring). One instance per process.
@@ -136,6 +128,12 @@ class Hogwild(Strategy):
 
     name = "hogwild"
     Options = HogwildOptions
+    launcher = "pool"
+
+    @classmethod
+    def launch(cls, run: Any, train: Any) -> dict[int, dict[str, Any]]:
+        """``run.workers`` processes sharing the weights, each running ``train`` (:func:`launch_hogwild`)."""
+        return launch_hogwild(run)
 
     def __init__(
         self,
@@ -149,6 +147,11 @@ class Hogwild(Strategy):
         **fields: Any,
     ) -> None:
         super().__init__(options, run=run, **fields)
+        if run is not None and run.workers > 1:  # the launcher builds each process's strategy without run
+            raise ConfigError(
+                "hogwild processes share memory, so they are started by `distlearn train --strategy hogwild "
+                f"--workers {run.workers}` (torch.multiprocessing), not by torchrun or train() directly"
+            )
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"hogwild process {rank} of {world_size} is not a valid place in the job")
         if world_size > 1 and channel is None:
