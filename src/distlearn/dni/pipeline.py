@@ -49,15 +49,17 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from distlearn.comm.p2p import Header, Kind, Transport
 from distlearn.data.prepare import RunData, prepare_data
+from distlearn.dni.config import DNIConfig
+from distlearn.dni.report import RECORDS_FLAG, TRAIN_RECORD_FIELDS, TrainingLog, run_summary, train_records_of
 from distlearn.dni.stages import build_model, split_model
 from distlearn.dni.synthetic import SyntheticGradient
 from distlearn.dni.worker import (
@@ -85,75 +87,6 @@ __all__ = [
     "batch_indices",
     "run_pipeline",
 ]
-
-
-@dataclass
-class DNIConfig:
-    """One model-parallel run. Each field is a flag of ``python -m distlearn.dni.cli``."""
-
-    dataset: Literal["mnist", "fashion-mnist", "cifar10"] = field(
-        default="mnist", metadata={"help": "dataset (mnist: the seeded 8,000/2,000 split of its test set)"}
-    )
-    model: Literal["mlp", "lenet", "resnet8"] = field(
-        default="mlp",
-        metadata={"help": "mlp: the paper's FCN, one hidden layer of 256 per stage; lenet: CNN"},
-    )
-    stages: int = field(default=3, metadata={"help": "K, stages of the model = processes of the job"})
-    mode: Literal["dni", "backprop"] = field(
-        default="dni", metadata={"help": "dni: synthetic gradients; backprop: model-parallel backprop"}
-    )
-    cdni: bool = field(default=False, metadata={"help": "condition synthetic gradients on the label (cDNI)"})
-    epochs: int = field(default=1, metadata={"help": "passes over the training set"})
-    steps: int | None = field(
-        default=None, metadata={"help": "stop after this many steps (overrides epochs)"}
-    )
-    batch_size: int = field(default=256, metadata={"help": "examples per step (the paper: 256)"})
-    lr: float = field(default=3e-4, metadata={"help": "Adam learning rate of the stages"})
-    sg_lr: float = field(
-        default=1e-3, metadata={"help": "Adam learning rate of the synthetic-gradient models"}
-    )
-    sg_hidden: tuple[int, ...] = field(
-        default=(),
-        metadata={
-            "help": "hidden widths of each synthetic-gradient model (default: linear; paper: 1024 1024)"
-        },
-    )
-    max_lag: int = field(default=1, metadata={"help": "dni: unanswered activations before a rank waits"})
-    timeout_s: float = field(default=60.0, metadata={"help": "deadline of every wait for a peer, seconds"})
-    seed: int = field(default=0, metadata={"help": "weights, batch order"})
-    train_samples: int | None = field(default=None, metadata={"help": "seeded subset of the training set"})
-    test_samples: int | None = field(default=None, metadata={"help": "first N test examples only"})
-    data_root: str | None = field(default=None, metadata={"help": "dataset directory"})
-    out: str = field(default="runs/dni", metadata={"help": "run directory (metrics, messages)"})
-    log_every: int = field(default=50, metadata={"help": "top rank: a training record every N steps"})
-    eval_every_epoch: bool = field(
-        default=True, metadata={"help": "evaluate after every epoch (else at end)"}
-    )
-    record_messages: bool = field(
-        default=False, metadata={"help": "write every received header to OUT/messages.rank<k>.json"}
-    )
-    save_model: bool = field(
-        default=False, metadata={"help": "rank 0 writes the trained network to OUT/model.pt"}
-    )
-    threads: int = field(default=1, metadata={"help": "torch threads per rank"})
-    die_at_step: int | None = field(
-        default=None, metadata={"help": "testing: the top rank exits abruptly at this step"}
-    )
-    quiet: bool = field(default=False, metadata={"help": "do not print the summary"})
-
-    def validate(self) -> None:
-        if self.stages < 2:
-            raise ConfigError(f"model parallelism needs --stages >= 2, got {self.stages}")
-        for name in ("epochs", "batch_size", "max_lag", "log_every", "threads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.sg_lr <= 0 or self.timeout_s <= 0:
-            raise ConfigError("--lr, --sg-lr and --timeout-s must be positive")
-
-    @property
-    def sg_widths(self) -> tuple[int, ...]:
-        """``sg_hidden`` without zeros (``--sg-hidden 0`` is the linear model, like the default ``()``)."""
-        return tuple(w for w in self.sg_hidden if w > 0)
 
 
 # -- the whole run of one rank -------------------------------------------------------------------------------
@@ -201,6 +134,11 @@ class _Network:
     shapes: list[tuple[int, ...]]
     """``shapes[k]``: the per-example input of stage ``k``; ``shapes[k + 1]``: its output."""
 
+    @property
+    def stage_costs(self) -> list[int]:
+        """Parameters of each stage."""
+        return [sum(p.numel() for p in piece.parameters()) for piece in self.pieces]
+
 
 def _build_network(config: DNIConfig, data: RunData) -> _Network:
     torch.manual_seed(config.seed)
@@ -242,64 +180,44 @@ def _build_worker(
     )  # fmt: skip
 
 
-class _TrainingLog:
-    """The top rank's ``kind="train"`` records: loss and accuracy over the last ``log_every`` steps.
-
-    The trainer's window: mean training loss and accuracy since the previous record, training examples per
-    second over the same window, ``wall_time`` in seconds since the run started.
-    """
-
-    def __init__(
-        self, writer: MetricsWriter, config: DNIConfig, *, steps_per_epoch: int, transport: Transport,
-        started: float,
-    ) -> None:  # fmt: skip
-        self.writer, self.config, self.transport = writer, config, transport
-        self.steps_per_epoch, self.started = steps_per_epoch, started
-        self.loss_sum, self.correct, self.samples = 0.0, 0, 0
-        self.since = time.perf_counter()
-
-    def add(self, t: int, loss: float, logits: torch.Tensor, y: torch.Tensor) -> None:
-        """Count step ``t`` (its batch-mean ``loss``, ``logits`` and labels ``y``); write a record if due."""
-        self.loss_sum += loss * len(y)
-        self.correct += int((logits.argmax(dim=1) == y).sum())
-        self.samples += len(y)
-        if (t + 1) % self.config.log_every:
-            return
-        now = time.perf_counter()
-        elapsed = now - self.since
-        self.writer.write(MetricRecord(
-            kind="train", step=t + 1, epoch=(t + 1) / self.steps_per_epoch, wall_time=now - self.started,
-            loss=self.loss_sum / self.samples, accuracy=self.correct / self.samples,
-            samples_per_s=self.samples / elapsed if elapsed > 0 else None, lr=self.config.lr,
-            bytes_sent=self.transport.bytes_sent,
-        ))  # fmt: skip
-        self.loss_sum, self.correct, self.samples = 0.0, 0, 0
-        self.since = time.perf_counter()
-
-
-def _gather_states(network: _Network, transport: Transport, world_size: int) -> list[StageStats]:
-    """Rank 0: every other stage's weights (into ``network``) and counters, in rank order (rank 0 omitted)."""
+def _gather_states(
+    network: _Network, transport: Transport, world_size: int
+) -> tuple[list[StageStats], torch.Tensor]:
+    """Rank 0: every other stage's weights (into ``network``) and counters, in rank order (rank 0 omitted),
+    and the top rank's training records since the previous epoch (``TrainingLog.take_unsent``)."""
     stats = []
+    what = "receiving the end-of-epoch state"
     for peer in range(1, world_size):
         length = state_vector(network.pieces[peer]).numel()
         vector = torch.empty(length + len(STATS_FIELDS))
-        what = "receiving the end-of-epoch state"
         header = transport.recv_header(peer, tag=STATE_TAG, what=what)
         if header.kind != Kind.STATE or header.length != vector.numel():
             raise CommError(f"rank 0: rank {peer} sent {header.kind.name} of {header.length} numbers")
         transport.recv_payload(peer, vector, tag=STATE_TAG, what=what)
         load_state_vector(network.pieces[peer], vector[:length])
         stats.append(StageStats.from_tensor(vector[length:]))
-    return stats
+    top = world_size - 1
+    header = transport.recv_header(top, tag=STATE_TAG, what="receiving the training records")
+    if header.kind != Kind.STATE or header.flag != RECORDS_FLAG or header.length % len(TRAIN_RECORD_FIELDS):
+        raise CommError(f"rank 0: expected the training records of rank {top}, got {header}")
+    records = torch.empty(header.length, dtype=torch.float64)
+    transport.recv_payload(top, records, tag=STATE_TAG, what="receiving the training records")
+    return stats, records
 
 
-def _send_state(worker: StageWorker, transport: Transport, *, rank: int, step: int) -> None:
-    """Ranks above 0: send the stage's weights and counters, then wait for rank 0's go-ahead."""
+def _send_state(
+    worker: StageWorker, transport: Transport, *, rank: int, step: int, records: torch.Tensor | None
+) -> None:
+    """Ranks above 0: send the stage's weights and counters (the top rank: then its training records), then
+    wait for rank 0's go-ahead."""
     payload = torch.cat([state_vector(worker.stage), worker.stats.to_tensor()])
     transport.send(
         0, Header(Kind.STATE, version=worker.version, step=step, length=payload.numel(), sender=rank),
         payload, tag=STATE_TAG,
     )  # fmt: skip
+    if records is not None:
+        header = Header(Kind.STATE, step=step, length=records.numel(), flag=RECORDS_FLAG, sender=rank)
+        transport.send(0, header, records, tag=STATE_TAG)
     # Rank 0 evaluates meanwhile; waiting for its go-ahead is outside the timings.
     header = transport.recv_header(0, tag=STATE_TAG, what="waiting for rank 0's go-ahead")
     if header.kind != Kind.ACK or header.step != step:
@@ -335,7 +253,8 @@ def run_pipeline(config: DNIConfig, *, rank: int, world_size: int, group: Any = 
     transport = Transport(rank, timeout_s=config.timeout_s, group=group)
     worker = _build_worker(config, network, data, rank=rank, world_size=world_size, transport=transport)
     out = Path(config.out)
-    # Rank 0 writes eval and summary records, the top rank the training records; the middle ranks none.
+    # Rank 0 writes eval and summary records and, after each epoch, the top rank's training records; the top
+    # rank also writes its training records to its own file at once; the middle ranks write none.
     writer = MetricsWriter(out, rank=rank, world_size=world_size, role=f"stage{rank}", tensorboard="off")
     if 0 < rank < world_size - 1:
         writer.close()
@@ -347,7 +266,7 @@ def run_pipeline(config: DNIConfig, *, rank: int, world_size: int, group: Any = 
         return (transform(images[indices]) if rank == 0 else None), labels[indices]
 
     started = time.perf_counter()
-    training_log = _TrainingLog(
+    training_log = TrainingLog(
         writer, config, steps_per_epoch=steps_per_epoch, transport=transport, started=started
     )
 
@@ -369,11 +288,15 @@ def run_pipeline(config: DNIConfig, *, rank: int, world_size: int, group: Any = 
         worker.run(step, steps, batch_of)
         step += steps
         if rank != 0:
-            _send_state(worker, transport, rank=rank, step=step)
+            records = training_log.take_unsent() if rank == world_size - 1 else None
+            _send_state(worker, transport, rank=rank, step=step, records=records)
             continue
         # Rank 0 collects every stage (weights + counters), evaluates, then lets the others go on.
         train_seconds += time.perf_counter() - epoch_started
-        stage_stats = [StageStats(**asdict(worker.stats)), *_gather_states(network, transport, world_size)]
+        peer_stats, records = _gather_states(network, transport, world_size)
+        stage_stats = [StageStats(**asdict(worker.stats)), *peer_stats]
+        for record in train_records_of(records, config, steps_per_epoch):
+            writer.write(record)
         loss, accuracy = evaluate(network.model, data.test_images, data.test_labels, transform)
         evaluations.append({"step": step, "test_loss": loss, "test_accuracy": accuracy})
         writer.write(MetricRecord(
@@ -386,9 +309,9 @@ def run_pipeline(config: DNIConfig, *, rank: int, world_size: int, group: Any = 
         (out / f"messages.rank{rank}.json").write_text(json.dumps(worker.messages))
     summary: dict[str, Any] = {}
     if rank == 0:
-        summary = _summary(
-            config, data, network, stage_stats, evaluations, steps=step, steps_per_epoch=steps_per_epoch,
-            rank0_seconds=train_seconds,
+        summary = run_summary(
+            config, data, stage_stats, evaluations, steps=step, steps_per_epoch=steps_per_epoch,
+            rank0_seconds=train_seconds, stage_costs=network.stage_costs,
         )  # fmt: skip
         writer.write(MetricRecord(
             kind="summary", step=step, epoch=step / steps_per_epoch, wall_time=time.perf_counter() - started,
@@ -408,48 +331,3 @@ def run_pipeline(config: DNIConfig, *, rank: int, world_size: int, group: Any = 
             )
     writer.close()
     return summary
-
-
-def _summary(
-    config: DNIConfig,
-    data: RunData,
-    network: _Network,
-    stage_stats: list[StageStats],
-    evaluations: list[dict[str, Any]],
-    *,
-    steps: int,
-    steps_per_epoch: int,
-    rank0_seconds: float,
-) -> dict[str, Any]:
-    """The run's summary (rank 0): the last evaluation, throughput and each stage's counters."""
-    samples = steps * config.batch_size
-    # The job's pace is its slowest rank's: samples over the longest training wall time.
-    wall = max(s.wall_s for s in stage_stats)
-    top = stage_stats[-1]
-    return {
-        "config": asdict(config),
-        "mode": config.mode + ("-cdni" if config.cdni and config.mode == "dni" else ""),
-        "dataset": getattr(data.train, "name", config.dataset),
-        "dataset_note": getattr(data.train, "note", None),
-        "train_examples": len(data.train_labels),
-        "test_examples": len(data.test_labels),
-        "steps": steps,
-        "epochs": steps / steps_per_epoch,
-        "test_accuracy": evaluations[-1]["test_accuracy"],
-        "test_loss": evaluations[-1]["test_loss"],
-        "evaluations": evaluations,
-        "train_loss": top.loss_sum / top.samples if top.samples else None,
-        "samples_per_s": samples / wall if wall > 0 else None,
-        "train_seconds": wall,
-        "rank0_seconds": rank0_seconds,
-        "stage_costs": [sum(p.numel() for p in piece.parameters()) for piece in network.pieces],
-        "stages": [
-            {
-                **asdict(s),
-                "utilisation": s.utilisation,
-                "mean_delay": s.delay_sum / s.sg_updates if s.sg_updates else None,
-                "mean_sg_loss": s.sg_loss_sum / s.sg_updates if s.sg_updates else None,
-            }
-            for s in stage_stats
-        ],  # fmt: skip
-    }
