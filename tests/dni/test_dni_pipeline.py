@@ -7,6 +7,10 @@
   after it), gradients arrive within the lag bound; every synthetic-gradient model was fitted on every step.
 * The top stage dies in the middle: every other rank ends by itself with a CommError naming the peer, well
   within the deadline, no hang.
+* The run directory holds the trainer's records: rank 0's metrics.jsonl has the top rank's training records
+  (as the top rank wrote them), an eval record per epoch and the summary, so ``distlearn plot`` draws it.
+* The batch order is the trainer's (``epoch_batches`` of one replica), and that is the seeded permutation of
+  each epoch cut into full batches (written out here).
 
 Each rank is a plain process with the rendezvous in its environment (as separate nodes would be), running
 ``python -m distlearn.dni.cli`` on a small seeded subset of MNIST (../shared/data).
@@ -14,6 +18,7 @@ Each rank is a plain process with the rendezvous in its environment (as separate
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -30,7 +35,9 @@ from distlearn.data import load_dataset
 from distlearn.dni.pipeline import DNIConfig, batch_indices
 from distlearn.dni.stages import build_model
 from distlearn.launch import free_port
+from distlearn.metrics import read_metrics
 from distlearn.models.transforms import BatchTransform
+from distlearn.parallel.base import epoch_batches
 
 RANKS = 3
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -172,3 +179,47 @@ def test_a_dying_stage_ends_the_job_with_a_clear_error(tmp_path: Path, shared_da
     assert "distlearn dni: error: rank 1" in neighbour and f"rank {RANKS - 1}" in neighbour, neighbour
     bottom = (tmp_path / "die" / "log0.txt").read_text()
     assert "distlearn dni: error: rank 0" in bottom, bottom
+
+
+def test_the_run_directory_has_the_trainers_records_and_plots(finished_job: Path, tmp_path: Path) -> None:
+    config = load_toml(DNIConfig, finished_job / "case1.toml")
+    assert config.steps is not None and config.train_samples is not None
+    steps_per_epoch = config.train_samples // config.batch_size
+    records = read_metrics(finished_job / "dni")
+    top = read_metrics(finished_job / "dni" / f"metrics.rank{RANKS - 1}.jsonl")
+    train = [r for r in records if r.kind == "train"]
+    log_steps = list(range(config.log_every, config.steps + 1, config.log_every))
+    assert [r.step for r in train] == [r.step for r in top] == log_steps
+    for forwarded, written in zip(train, top, strict=True):  # the same numbers, sent in float64
+        for key in ("epoch", "wall_time", "loss", "accuracy", "samples_per_s", "lr", "bytes_sent", "extra"):
+            assert getattr(forwarded, key) == getattr(written, key), key
+    assert all(r.extra == {"stage": RANKS - 1} and r.samples_per_s > 0 for r in train)
+    assert all(b.wall_time > a.wall_time for a, b in itertools.pairwise(train))  # seconds since the start
+    # Every step is in one window, so the windows' mean loss is the summary's training loss.
+    summary = records[-1]
+    assert summary.kind == "summary"
+    mean_loss = sum(r.loss for r in train) / len(train)
+    assert abs(mean_loss - summary.extra["train_loss"]) < 1e-5
+    evals = [r for r in records if r.kind == "eval"]
+    assert [r.step for r in evals] == [steps_per_epoch, config.steps]
+    assert [r.accuracy for r in evals] == [e["test_accuracy"] for e in summary.extra["evaluations"]]
+    pytest.importorskip("matplotlib")
+    from distlearn.plot_cli import plot_runs
+
+    assert plot_runs([finished_job / "dni"], tmp_path / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("n", "batch", "seed"), [(640, 64, 0), (517, 50, 3), (100, 7, 1)])
+def test_the_batch_order_is_the_trainers(n: int, batch: int, seed: int) -> None:
+    steps_per_epoch = n // batch
+    cache: dict = {}
+    for epoch in range(3):
+        permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        trainer = list(epoch_batches(n, global_batch=batch, seed=seed, epoch=epoch))
+        assert len(trainer) == steps_per_epoch
+        for position in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + position
+            expected = permutation[position * batch : (position + 1) * batch]
+            assert torch.equal(trainer[position], expected)
+            assert torch.equal(batch_indices(step, n, batch=batch, seed=seed, cache=cache), expected)
+            assert torch.equal(batch_indices(step, n, batch=batch, seed=seed), expected)

@@ -10,7 +10,8 @@ Run manual::
 
 Outside torchrun it starts ``--stages`` processes under torchrun on 127.0.0.1 (the resolved config travels
 as ``OUT/dni.toml``); inside, each process runs its stage (:func:`distlearn.dni.pipeline.run_pipeline`).
-Rank 0 writes ``OUT/metrics.jsonl`` and ``OUT/summary.json``; the top rank ``OUT/metrics.rank<K-1>.jsonl``.
+Rank 0 writes ``OUT/metrics.jsonl`` (the trainer's records: the top rank's training records, eval, summary)
+and ``OUT/summary.json``; the top rank also writes its training records to ``OUT/metrics.rank<K-1>.jsonl``.
 """
 
 from __future__ import annotations
