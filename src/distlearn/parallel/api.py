@@ -35,7 +35,13 @@ def parallelize(
     seed: int = 0,
     **options: Any,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """Make ``model`` and ``optimizer`` train as one replica of ``strategy`` (see the module docstring)."""
+    """Make ``model`` and ``optimizer`` train as one replica of ``strategy`` (see the module docstring).
+
+    ``strategy`` is a name of :data:`distlearn.parallel.STRATEGIES` or an import path ``module:Class``;
+    ``options`` are the fields of its options dataclass, under the names of the ``distlearn train`` flags
+    (``reducer``, ``bucket_mb``, ``compression``, ``density``, ``average_every``, ``comm_timeout``, ...;
+    the older ``timeout_s``, ``period`` are accepted too), or ``options=`` an instance of it.
+    """
     chosen = create_strategy(strategy, **options)
     chosen.setup(seed)
     model, optimizer = chosen.prepare(model, optimizer)
