@@ -25,7 +25,7 @@ from distlearn.parallel.hogwild import (  # noqa: E402
     launch_hogwild,
     stochastic_round,
 )
-from distlearn.train import TrainConfig  # noqa: E402
+from distlearn.train import TrainConfig, train  # noqa: E402
 
 
 @pytest.mark.timeout(90)
@@ -73,7 +73,7 @@ def test_two_processes_train_one_model(tmp_path):
         train_samples=2048, test_samples=1000, workers=2, strategy="hogwild", threads=1,
         checkpoints=False, progress="off", tensorboard="off", quiet=True, out=str(tmp_path),
     )  # fmt: skip
-    summaries = launch_hogwild(config, timeout_s=120)
+    summaries = launch_hogwild(config, train=train, timeout_s=120)
     assert sorted(summaries) == [0, 1]
     assert summaries[0]["weights_checksum"] == summaries[1]["weights_checksum"]  # one copy of the weights
     assert summaries[0]["test_accuracy"] > 0.6  # chance is 0.1
@@ -89,7 +89,7 @@ def test_a_failing_process_ends_the_run_with_an_error(tmp_path):
         tensorboard="off", quiet=True, out=str(tmp_path / "run"),
     )  # fmt: skip
     with pytest.raises(CommError, match="hogwild failed"):
-        launch_hogwild(config, timeout_s=90)
+        launch_hogwild(config, train=train, timeout_s=90)
 
 
 def test_bad_settings_raise_config_error():
@@ -109,7 +109,7 @@ def test_buckwild_two_processes_train_one_8bit_model(tmp_path):
         train_samples=2048, test_samples=1000, workers=2, strategy="hogwild", buckwild=True, threads=1,
         checkpoints=False, progress="off", tensorboard="off", quiet=True, out=str(tmp_path),
     )  # fmt: skip
-    summaries = launch_hogwild(config, timeout_s=120)
+    summaries = launch_hogwild(config, train=train, timeout_s=120)
     assert summaries[0]["weights_checksum"] == summaries[1]["weights_checksum"]  # both read the shared codes
     assert summaries[0]["test_accuracy"] > 0.6  # chance 0.1; 100 steps: 0.76-0.77 here (40: 0.59-0.70)
     with pytest.raises(ConfigError, match="buckwild is an option of --strategy hogwild, not sync"):

@@ -24,8 +24,10 @@ Single machine by nature: the processes are started by ``torch.multiprocessing``
 ``distlearn train`` process, not by torchrun -- ``--workers R`` counts them. Process 0 creates the shared
 buffer from its freshly initialised model and puts it on the queue once per other process; the others wait
 for it with a deadline, replace their parameters by views of it, and everyone meets at a barrier (with a
-timeout) before the first step and after the last. The launcher joins every process with a deadline and
-terminates the rest when one fails, so no process outlives the run.
+timeout) before the first step and after the last. The processes are a :class:`distlearn.pool.ProcessPool`:
+bounded by a deadline, stopped together when one fails (the error names it, with its traceback), on SIGTERM
+or Ctrl-C, so no process outlives the run. Each runs the trainer it is given (``launch_hogwild(config,
+train=train)``): this module never imports distlearn.train.
 
 *Where we differ:* the paper's processes sample single examples; ours take mini-batches of ``M = B / R``
 examples per update (``--batch-size`` is the global batch ``B``), and the update may be any optimizer, each
@@ -53,16 +55,16 @@ import dataclasses
 import os
 import queue
 import threading
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from distlearn.errors import CommError, ConfigError
 from distlearn.parallel.base import Strategy, StrategyOptions
+from distlearn.pool import ProcessPool, spawn_context
 
 __all__ = ["Hogwild", "HogwildChannel", "launch_hogwild", "share_parameters", "stochastic_round"]
 
@@ -133,7 +135,7 @@ class Hogwild(Strategy):
     @classmethod
     def launch(cls, run: Any, train: Any) -> dict[int, dict[str, Any]]:
         """``run.workers`` processes sharing the weights, each running ``train`` (:func:`launch_hogwild`)."""
-        return launch_hogwild(run)
+        return launch_hogwild(run, train=train)
 
     def __init__(
         self,
@@ -279,75 +281,43 @@ class Hogwild(Strategy):
 # -- the launcher -----------------------------------------------------------------------------------------
 
 
-def _worker(config: Any, rank: int, world_size: int, channel: HogwildChannel, results: Any) -> None:
-    from distlearn.train import train
-
+def _worker(
+    rank: int, train: Callable[..., Any], config: Any, world_size: int, channel: HogwildChannel
+) -> dict[str, Any]:
+    """Process ``rank`` of the pool: train with :class:`Hogwild` through ``train``; return its summary."""
     strategy = Hogwild(config.options, rank=rank, world_size=world_size, channel=channel)
     try:
         result = train(config, strategy=strategy)
-    except BaseException as error:
+    except BaseException:
         channel.barrier.abort()  # wake the others at once instead of letting them wait for the timeout
-        results.put((rank, None, f"{type(error).__name__}: {error}"))
         raise
     summary = {key: value for key, value in result.summary.items() if isinstance(value, (int, float, str))}
     summary["weights_checksum"] = float(sum(p.detach().double().sum() for p in result.model.parameters()))
-    results.put((rank, {"samples_per_s": result.samples_per_s, "train_seconds": result.train_seconds,
-                        "test_accuracy": result.test_accuracy, **summary}, None))  # fmt: skip
+    return {"samples_per_s": result.samples_per_s, "train_seconds": result.train_seconds,
+            "test_accuracy": result.test_accuracy, **summary}  # fmt: skip
 
 
-def launch_hogwild(config: Any, *, timeout_s: float | None = None) -> dict[int, dict[str, Any]]:
-    """Run ``config.workers`` Hogwild processes (torch.multiprocessing, spawn) and return their summaries.
+def launch_hogwild(
+    config: Any, *, train: Callable[..., Any], timeout_s: float | None = None
+) -> dict[int, dict[str, Any]]:
+    """Run ``config.workers`` Hogwild processes (a :class:`distlearn.pool.ProcessPool`) and return their
+    summaries by rank.
 
-    Each process trains with :class:`Hogwild` through :func:`distlearn.train.train`. Threads per process:
-    ``config.threads`` or the machine's cores divided among the processes. Every process is joined with a
-    deadline (``timeout_s``, default none); when one fails or the deadline passes, the rest are terminated
-    and :class:`CommError` is raised.
+    Each process calls ``train(config, strategy=Hogwild(...))``: the trainer, :func:`distlearn.train.train`,
+    passed in by the caller (a strategy does not import the trainer); a module-level function, as the
+    processes are spawned. Threads per process: ``config.threads`` or the machine's cores divided among the
+    processes. Within ``timeout_s`` (default none) every process must finish; when one fails
+    (:class:`distlearn.pool.WorkerError`, naming it, with its traceback) or the deadline passes
+    (:class:`distlearn.pool.PoolTimeout`), the others are stopped; both are ``CommError``.
     """
     world_size = config.workers
     if config.threads is None:
         config = dataclasses.replace(config, threads=max(1, (os.cpu_count() or 1) // world_size))
-    context = mp.get_context("spawn")
+    context = spawn_context()
     channel = HogwildChannel(buffers=context.Queue(), barrier=context.Barrier(world_size))
-    results = context.Queue()
-    processes = [
-        context.Process(
-            target=_worker, args=(config, rank, world_size, channel, results), name=f"hogwild-{rank}"
-        )
-        for rank in range(world_size)
-    ]
-    for process in processes:
-        process.start()
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    summaries: dict[int, dict[str, Any]] = {}
-    errors: list[str] = []
     try:
-        while len(summaries) + len(errors) < world_size:
-            if deadline is not None and time.monotonic() > deadline:
-                raise CommError(f"the {world_size} hogwild processes did not finish within {timeout_s:g} s")
-            try:
-                rank, summary, error = results.get(timeout=0.5)
-            except queue.Empty:
-                dead = [p for p in processes if p.exitcode not in (None, 0)]
-                if dead:
-                    errors.append(f"process {dead[0].name} exited with code {dead[0].exitcode}")
-                    break
-                continue
-            if error is not None:
-                errors.append(f"process {rank}: {error}")
-                break
-            summaries[rank] = summary
-        for process in processes:
-            process.join(timeout=30 if not errors else 5)
+        with ProcessPool(_worker, world_size, (train, config, world_size, channel), name="hogwild") as pool:
+            summaries = pool.wait(timeout_s)
     finally:
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout=5)
-            if process.is_alive():
-                process.kill()
-                process.join()
         channel.buffers.close()
-        results.close()
-    if errors:
-        raise CommError("hogwild failed: " + "; ".join(errors))
-    return summaries
+    return dict(enumerate(summaries))
