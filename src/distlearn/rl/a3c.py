@@ -35,8 +35,10 @@ worker the run equals the shared-memory one with one worker (test), and on one m
 payloads through shared memory anyway.
 
 Every process ends by itself: workers stop on the shared stop flag, at the step budget, or when the parent
-disappears; the parent joins them with a deadline, then terminates and kills stragglers. A worker that
-dies is reported and the others carry on.
+disappears; they are a :class:`distlearn.pool.ProcessPool`, which the parent waits for with a deadline
+(``--timeout``) before it stops stragglers (SIGTERM, then SIGKILL), and which stops them all on SIGTERM or
+Ctrl-C. A worker that dies is reported (its exit code, or its exception and traceback) and the others
+carry on.
 """
 
 from __future__ import annotations
@@ -50,10 +52,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 from distlearn.errors import CommError, ConfigError
 from distlearn.optim import RMSProp
+from distlearn.pool import PoolTimeout, ProcessPool, WorkerFailure, spawn_context
 from distlearn.rl.common import (
     ActorCritic,
     EnvPool,
@@ -114,67 +116,75 @@ def run_a3c(config: RLConfig, *, fail_worker: int | None = None) -> dict[str, An
     model = ActorCritic(obs_dim, num_actions, image_shape=probe.image_shape)
     model.share_memory()
     square_avgs = [s["square_avg_eps"] for s in shared_rmsprop(model, config.lr).state.values()]
-    context = mp.get_context("spawn")
+    context = spawn_context()
     counters = context.Array("q", 2)  # [updates applied to theta (its version), env steps of all workers]
     stop = context.Event()
     results: Any = context.Queue()
-    workers = [
-        context.Process(
-            target=_actor_learner,
-            args=(k, config, model, square_avgs, counters, stop, results, os.getpid(), k == fail_worker),
-            name=f"a3c-worker-{k}",
-            daemon=True,
-        )
-        for k in range(config.workers)
-    ]
-    for worker in workers:
-        worker.start()
-    stats = EpisodeStats(solved_threshold(config.env))
-    metrics = RLMetrics(
-        out,
-        role="a3c-parent",
-        world_size=config.workers,
-        algorithm="a3c",
-        env_id=config.env,
-        quiet=config.quiet,
+    pool = ProcessPool(
+        _actor_learner,
+        config.workers,
+        (config, model, square_avgs, counters, stop, results, os.getpid(), fail_worker),
+        name="a3c",
+        stop_on_failure=False,  # a worker that dies is reported; the others carry on
     )
-    start = last_log = time.perf_counter()
-    dead: set[int] = set()
-
-    def record(result: tuple[list[float], int, int]) -> None:
-        returns, steps, staleness = result
-        stats.add(returns, steps)
-        metrics.add_staleness(staleness)
-
-    try:
-        while True:
-            with contextlib.suppress(queue.Empty):
-                record(results.get(timeout=0.2))
-            for k, worker in enumerate(workers):
-                if k not in dead and worker.exitcode not in (None, 0):
-                    dead.add(k)
-                    print(
-                        f"[a3c] worker {k} died (exit code {worker.exitcode}); the others carry on",
-                        flush=True,
-                    )
-            now = time.perf_counter()
-            if now - last_log >= config.log_every:
-                last_log = now
-                metrics.log(counters[0], stats)
-            if (stats.solved and config.stop_when_solved) or now - start > config.time_limit:
-                break
-            if all(not worker.is_alive() for worker in workers):
-                break  # every worker reached the step budget (or died)
-    finally:
-        stop.set()
-        _join_all(workers, results, record, deadline_s=config.timeout)
-        summary_record = metrics.log(counters[0], stats, kind="summary", dead_workers=sorted(dead))
-        metrics.close()
-    save_policy(out / "policy.pt", model, config.env, algorithm="a3c", updates=int(counters[0]))
-    if len(dead) == len(workers):
-        raise CommError(
-            f"every A3C worker died (exit codes {[w.exitcode for w in workers]}); see their errors above"
+    with pool:
+        stats = EpisodeStats(solved_threshold(config.env))
+        metrics = RLMetrics(
+            out,
+            role="a3c-parent",
+            world_size=config.workers,
+            algorithm="a3c",
+            env_id=config.env,
+            quiet=config.quiet,
         )
+        start = last_log = time.perf_counter()
+        dead: list[WorkerFailure] = []
+
+        def record(result: tuple[list[float], int, int]) -> None:
+            returns, steps, staleness = result
+            stats.add(returns, steps)
+            metrics.add_staleness(staleness)
+
+        def record_waiting() -> None:  # so that no worker blocks at exit on a full queue
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    record(results.get_nowait())
+
+        def report_dead() -> None:
+            for failure in pool.poll():
+                dead.append(failure)
+                message = f"[a3c] worker {failure.rank} died ({failure.summary}); the others carry on"
+                print(message + (f"\n{failure.traceback.rstrip()}" if failure.traceback else ""), flush=True)
+
+        try:
+            while True:
+                with contextlib.suppress(queue.Empty):
+                    record(results.get(timeout=0.2))
+                report_dead()
+                now = time.perf_counter()
+                if now - last_log >= config.log_every:
+                    last_log = now
+                    metrics.log(counters[0], stats)
+                if (stats.solved and config.stop_when_solved) or now - start > config.time_limit:
+                    break
+                if not pool.running:
+                    break  # every worker reached the step budget (or died)
+        finally:
+            stop.set()
+            try:
+                pool.wait(config.timeout, every=record_waiting)
+            except PoolTimeout as late:
+                print(f"[a3c] {late}", flush=True)
+            record_waiting()
+            results.close()
+            results.join_thread()
+            dead_workers = sorted(failure.rank for failure in dead)
+            summary_record = metrics.log(counters[0], stats, kind="summary", dead_workers=dead_workers)
+            metrics.close()
+    save_policy(out / "policy.pt", model, config.env, algorithm="a3c", updates=int(counters[0]))
+    if len(dead) == config.workers:
+        how = "; ".join(f"worker {failure.rank}: {failure.summary}" for failure in dead)
+        raise CommError(f"every A3C worker died ({how}); see their errors above")
     return {
         "algorithm": "a3c",
         "workers": config.workers,
@@ -186,7 +196,7 @@ def run_a3c(config: RLConfig, *, fail_worker: int | None = None) -> dict[str, An
         "solved_seconds": stats.solved_at[1] if stats.solved_at else None,
         "final_return": stats.mean_return,
         "env_steps_per_s": summary_record.samples_per_s,
-        "dead_workers": sorted(dead),
+        "dead_workers": dead_workers,
     }
 
 
@@ -213,27 +223,6 @@ def _rollout_gradient(
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
 
 
-def _join_all(workers: list[Any], results: Any, record: Any, deadline_s: float) -> None:
-    """Join every worker within ``deadline_s`` (recording what is still in the queue, so none blocks on a
-    full pipe), then terminate, then kill what is left."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        try:
-            record(results.get(timeout=0.05))
-        except queue.Empty:
-            if not any(w.is_alive() for w in workers):
-                break
-    for worker in workers:
-        if worker.is_alive():
-            worker.terminate()
-        worker.join(timeout=5)
-        if worker.is_alive():
-            worker.kill()
-            worker.join()
-    results.close()
-    results.join_thread()
-
-
 def _actor_learner(
     k: int,
     config: RLConfig,
@@ -243,9 +232,10 @@ def _actor_learner(
     stop: multiprocessing.synchronize.Event,
     results: Any,
     parent: int,
-    fail: bool,
+    fail_worker: int | None,
 ) -> None:
     """Worker ``k``: copy theta, roll out t_max steps, push its gradient into the shared weights, repeat."""
+    fail = k == fail_worker
     torch.set_num_threads(1)
     first_env = k * config.num_envs
     envs = EnvPool(config.env, config.num_envs, config.seed, first_index=first_env)
