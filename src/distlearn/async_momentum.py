@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ from typing import Any
 import torch
 
 from distlearn.errors import ConfigError
+from distlearn.pool import ProcessPool, spawn_context
 
 __all__ = [
     "MomentumFit",
@@ -215,46 +217,35 @@ def real_async(
     """``runs`` asynchronous SGD runs on the quadratic by ``workers`` real processes (module docstring).
 
     Returns the trajectories ``(steps + 1, runs, d)`` and the measured staleness of every update
-    ``(runs, steps)``. Every process ends by itself: each wait has ``timeout_s``, and a worker that is
-    still alive afterwards is terminated.
+    ``(runs, steps)``. The processes are a :class:`distlearn.pool.ProcessPool`: each barrier wait has
+    ``timeout_s``, a worker that raises ends the call with its error (:class:`distlearn.pool.WorkerError`),
+    and no process outlives it (stopped on an error, SIGTERM or Ctrl-C).
     """
-    import torch.multiprocessing as mp
-
     if workers < 1 or steps < 2 or runs < 1 or lr <= 0 or mean_compute_s <= 0:
         raise ConfigError("real_async needs workers >= 1, steps >= 2, runs >= 1, lr > 0, mean_compute_s > 0")
-    context = mp.get_context("spawn")
+    context = spawn_context()
     weights = torch.tensor(START, dtype=torch.float64).share_memory_()
     log = torch.zeros(runs, steps + 1, len(START), dtype=torch.float64).share_memory_()
     staleness = torch.zeros(runs, steps, dtype=torch.int64).share_memory_()
     counter, lock = context.Value("i", 0, lock=False), context.Lock()
     start, done = context.Barrier(workers + 1), context.Barrier(workers + 1)
-    processes = [
-        context.Process(
-            target=_real_worker,
-            args=(i, weights, log, staleness, counter, lock, start, done, lr, steps, runs, mean_compute_s,
-                  seed, timeout_s),
-            daemon=True,
-        )  # fmt: skip
-        for i in range(workers)
-    ]
-    for process in processes:
-        process.start()
-    try:
-        for run in range(runs):
-            with lock:
-                weights.copy_(torch.tensor(START, dtype=torch.float64))
-                counter.value = 0
-            log[run, 0] = weights
-            start.wait(timeout_s)
-            done.wait(timeout_s)
-    except Exception as error:  # a broken barrier: a worker died or hung
-        raise ConfigError(f"async-momentum: a real worker process failed or timed out ({error!r})") from error
-    finally:
-        for process in processes:
-            process.join(timeout=timeout_s if process.is_alive() else 0)
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout=5)
+    arguments = (weights, log, staleness, counter, lock, start, done, lr, steps, runs, mean_compute_s, seed,
+                 timeout_s)  # fmt: skip
+    with ProcessPool(_real_worker, workers, arguments, name="async-momentum") as pool:
+        try:
+            for run in range(runs):
+                with lock:
+                    weights.copy_(torch.tensor(START, dtype=torch.float64))
+                    counter.value = 0
+                log[run, 0] = weights
+                start.wait(timeout_s)
+                done.wait(timeout_s)
+        except threading.BrokenBarrierError as error:  # a worker died or hung
+            pool.poll()  # one that raised: WorkerError, naming it, with its traceback
+            raise ConfigError(
+                f"async-momentum: a real worker process failed or timed out ({error!r})"
+            ) from error
+        pool.wait(timeout_s)
     return log.transpose(0, 1).clone(), staleness.clone()
 
 
