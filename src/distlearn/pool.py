@@ -1,26 +1,26 @@
 """Local process pools: N processes on this machine running one function, bounded and stopped as one.
 
-The contract, for every pool of local processes (Hogwild!, A3C's actor-learners, the real runs of
-"asynchrony begets momentum")::
+One contract for every pool of local processes (Hogwild!, A3C's actor-learners, the real runs of
+"asynchrony begets momentum"; a torchrun job is :func:`distlearn.launch.launch_local`)::
 
-    with ProcessPool(target, processes, args, name="hogwild") as pool:   # starts them (spawn)
-        results = pool.wait(timeout_s)      # [target(0, *args), ..., target(N-1, *args)], in rank order
+    with ProcessPool(target, processes, args, name="hogwild") as pool:   # starts them
+        results = pool.wait(timeout_s)      # [target(0, *args), ..., target(N-1, *args)]
 
-* **start**: process ``rank`` (``0 .. N-1``, ``spawn`` context) runs ``target(rank, *args)``; ``target`` and
-  ``args`` must be picklable (a module-level function; queues, barriers and shared values made from
-  :func:`spawn_context`; tensors travel as shared memory once torch is imported). Each process leads a
-  process group of its own, and ends itself if the parent disappears (even by SIGKILL).
-* **results or errors**: each process sends back its return value, or its exception's type, message and
-  traceback text. One that raises, or exits without a result (``os._exit``, a signal), is a
-  :class:`WorkerFailure`; by default the others are stopped at once and :class:`WorkerError` (a
-  ``CommError``) names the rank, the exception and its traceback. With ``stop_on_failure=False`` the pool
-  only records it (``failures``, :meth:`ProcessPool.poll`) and the others carry on.
-* **deadline**: :meth:`ProcessPool.wait` returns within ``timeout_s`` or stops every process and raises
+* **start**: process ``rank`` (``0 .. N-1``, ``spawn`` context) runs ``target(rank, *args)``; ``target`` is a
+  module-level function and ``args`` are picklable (queues, barriers, shared values from
+  :func:`spawn_context`; tensors go as shared memory). Each process leads a process group of its own and
+  ends itself, with that group, if the parent dies (even by SIGKILL).
+* **results or errors**: each process sends back its return value (``wait`` returns them in rank order), or
+  its exception's type, message and traceback text. One that raises, or exits without a result
+  (``os._exit``, a signal), is a :class:`WorkerFailure`: the others are stopped at once and
+  :class:`WorkerError` (a ``CommError``) names the rank, the exception and its traceback. With
+  ``stop_on_failure=False`` failures are only recorded (``failures``, :meth:`ProcessPool.poll`).
+* **deadline**: :meth:`ProcessPool.wait` returns within ``timeout_s``, or stops every process and raises
   :class:`PoolTimeout` (a ``CommError``).
-* **stop**: on a failure, the deadline, SIGTERM/SIGHUP (``SystemExit(128 + signal)``), Ctrl-C, any exception
-  in the ``with`` block or leaving it, every process still running is stopped as :func:`distlearn.launch.
-  wait_or_stop` stops a job: SIGTERM to its group first, SIGKILL ``grace_s`` later, then reaped; no process
-  of the pool outlives the block.
+* **stop**: on a failure, the deadline, SIGTERM/SIGHUP (then ``SystemExit(128 + signal)``), Ctrl-C, any
+  exception in the ``with`` block, or at its end, every process still running is stopped as
+  ``launch.wait_or_stop`` stops a job: SIGTERM to its process group, SIGKILL ``grace_s`` later, and reaped.
+  No process of the pool outlives the block.
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ class WorkerFailure:
         if self.error is not None:
             return f"raised {self.error}"
         if self.exitcode is not None and self.exitcode < 0:
-            return f"killed by signal {-self.exitcode} ({signal.Signals(-self.exitcode).name})"
+            with contextlib.suppress(ValueError):
+                return f"killed by signal {-self.exitcode} ({signal.Signals(-self.exitcode).name})"
+            return f"killed by signal {-self.exitcode}"
         return f"exit code {self.exitcode}"
 
 
@@ -234,7 +236,8 @@ class ProcessPool:
         if self._stopped:
             return
         self._stopping = True
-        self._signal_all(signal.SIGTERM)
+        if self._anything_left():
+            self._signal_all(signal.SIGTERM)
         deadline = time.monotonic() + self.grace_s
         interrupted: BaseException | None = None
         try:
@@ -245,7 +248,8 @@ class ProcessPool:
                     time.sleep(0.05)  # only what a process started is left in its group
         except (KeyboardInterrupt, Terminated) as error:
             interrupted = error
-        self._signal_all(signal.SIGKILL)
+        if self._anything_left():
+            self._signal_all(signal.SIGKILL)
         for rank, process in enumerate(self._processes):
             process.join()
             self._ended.add(rank)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(HERE))
 import pool_cases  # noqa: E402
 
 from distlearn.errors import CommError, ConfigError  # noqa: E402
-from distlearn.pool import PoolTimeout, ProcessPool, WorkerError, run_pool  # noqa: E402
+from distlearn.pool import PoolTimeout, ProcessPool, WorkerError, WorkerFailure, run_pool  # noqa: E402
 
 SRC = str(HERE.parents[1] / "src")
 
@@ -140,6 +140,8 @@ def test_a_parent_killed_outright_leaves_no_process_behind(tmp_path):
     assert len(pids) == 2 and _gone_within(pids, 10)
 
 
-def test_bad_use_is_a_clear_error():
+def test_bad_use_is_a_clear_error_and_failures_read_plainly():
     with pytest.raises(ConfigError, match="at least one process"):
         ProcessPool(pool_cases.hang, 0)
+    assert WorkerFailure(1, exitcode=-9).summary == "killed by signal 9 (SIGKILL)"
+    assert WorkerFailure(0, error="OSError: disk full", exitcode=1).summary == "raised OSError: disk full"
