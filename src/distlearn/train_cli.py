@@ -102,12 +102,14 @@ def parse_config(argv: list[str]) -> TrainConfig:
     _refuse_foreign_flags(rest, strategy, cls.Options)
     base = config_from_dict(values, source=known.config or "defaults")
 
-    # Both dataclasses' fields as one flat set of flags: --epochs and --reducer alike.
+    # Both dataclasses' fields as one flat set of flags (--epochs and --reducer alike), in two help groups:
+    # "common options" and, e.g., "sync options".
+    section = cls.name.replace("-", "_")
     flags = dataclasses.make_dataclass(
         "Flags",
         [
             ("common", Annotated[TrainConfig, tyro.conf.OmitArgPrefixes]),
-            ("options", Annotated[cls.Options, tyro.conf.OmitArgPrefixes]),
+            (section, Annotated[cls.Options, tyro.conf.OmitArgPrefixes]),
         ],
     )
 
@@ -124,7 +126,7 @@ def parse_config(argv: list[str]) -> TrainConfig:
         prog=PROG,
         description=description,
     )
-    return dataclasses.replace(parsed.common, options=parsed.options)
+    return dataclasses.replace(parsed.common, options=getattr(parsed, section))
 
 
 def run_config(config: TrainConfig) -> int:

@@ -7,10 +7,7 @@ loop, the push/pull protocol and the shared-memory path against a real job of th
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ import torch
 from distlearn.comm.paramserver import StalenessBook, shard_numels, shard_parameters
 from distlearn.comm.shm import SharedBlock
 from distlearn.errors import ConfigError
-from distlearn.launch import free_port
+from ranks import run_ranks
 
 JOB = str(Path(__file__).resolve().parent / "paramserver_job.py")
 
@@ -66,25 +63,7 @@ def test_staleness_book_follows_a_hand_worked_sequence_of_pushes_and_pulls():
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not SharedBlock.name(1, "x").parent.is_dir(), reason="no /dev/shm here")
 def test_serving_loop_protocol_and_shared_memory_in_a_three_process_job(tmp_path):
-    port = free_port()
-    processes = []
-    for rank in range(3):
-        env = dict(
-            os.environ, RANK=str(rank), WORLD_SIZE="3", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-        )  # fmt: skip
-        log = open(tmp_path / f"log{rank}.txt", "w")  # noqa: SIM115 -- closed below
-        processes.append((subprocess.Popen([sys.executable, JOB, str(tmp_path)], env=env, stdout=log,
-                                           stderr=subprocess.STDOUT), log))  # fmt: skip
-    deadline = time.monotonic() + 100
-    codes = []
-    for process, log in processes:
-        try:
-            codes.append(process.wait(timeout=max(1.0, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            codes.append(process.wait())
-        log.close()
+    codes = run_ranks([sys.executable, JOB, str(tmp_path)], 3, tmp_path, timeout=100)
     logs = "\n".join((tmp_path / f"log{r}.txt").read_text()[-2000:] for r in range(3))
     assert codes == [0, 0, 0], logs
     server, one, two = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(3))

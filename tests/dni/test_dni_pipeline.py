@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,10 +32,10 @@ from distlearn.config import load_toml, to_toml
 from distlearn.data import load_dataset
 from distlearn.dni.pipeline import DNIConfig, batch_indices
 from distlearn.dni.stages import build_model
-from distlearn.launch import free_port
 from distlearn.metrics import read_metrics
 from distlearn.models.transforms import BatchTransform
 from distlearn.parallel.base import epoch_batches
+from ranks import run_ranks
 
 RANKS = 3
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -67,25 +65,8 @@ def run_job(configs: list[DNIConfig], out: Path, timeout: float = 120) -> tuple[
         command = [sys.executable, "-m", "distlearn.dni.cli", "--config", paths[0]]
     else:
         command = [sys.executable, str(Path(__file__).resolve().parent / "dni_worker.py"), *paths]
-    port = free_port()
-    processes = []
     started = time.monotonic()
-    for rank in range(RANKS):
-        env = dict(
-            os.environ, RANK=str(rank), WORLD_SIZE=str(RANKS), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-        )  # fmt: skip
-        log = open(out / f"log{rank}.txt", "w")  # noqa: SIM115 -- closed below
-        processes.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = started + timeout
-    codes = []
-    for process, log in processes:
-        try:
-            codes.append(process.wait(timeout=max(1.0, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            codes.append(process.wait())
-        log.close()
+    codes = run_ranks(command, RANKS, out, timeout)
     return codes, time.monotonic() - started
 
 

@@ -71,7 +71,10 @@ def test_the_page_shows_runs_growing_reports_problems_and_switches_to_the_toy_vi
         page.wait_for_selector("#message-list li:has-text('does not exist')", timeout=WAIT_MS)
         malformed = "#message-list li:has-text('metrics.jsonl:2: not a JSON object')"
         page.wait_for_selector(malformed, timeout=WAIT_MS)
-        assert "missing" in page.inner_text(".run-card[data-run='missing'] .state")
+        # the card's state comes in its own event, which may follow the message (seen once under load)
+        missing_state = ".run-card[data-run='missing'] .state"
+        page.wait_for_selector(f"{missing_state}:has-text('missing')", timeout=WAIT_MS)
+        assert "missing" in page.inner_text(missing_state)
 
         # curves appear and grow while the run writes records
         first = wait_for_number(page, "#chart-loss", "data-points", 0)

@@ -10,8 +10,6 @@ asynchronous protocol (plain and staleness-aware, k local steps), and one proces
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,13 +23,13 @@ from ps_cases import GLOBAL_BATCH, LR, STEPS, ps_config  # noqa: E402
 from sync_cases import synthetic_data  # noqa: E402
 
 from distlearn.errors import CommError, ConfigError  # noqa: E402
-from distlearn.launch import free_port  # noqa: E402
 from distlearn.models import create_model  # noqa: E402
 from distlearn.models.transforms import BatchTransform  # noqa: E402
 from distlearn.parallel import SingleProcess  # noqa: E402
 from distlearn.parallel.base import epoch_batches  # noqa: E402
 from distlearn.parallel.ps import ParameterServer, shard_parameters  # noqa: E402
 from distlearn.train import create_optimizer, train  # noqa: E402
+from ranks import run_ranks
 
 WORKER = str(Path(__file__).resolve().parent / "ps_worker.py")
 N_TRAIN = 384
@@ -39,27 +37,7 @@ N_TRAIN = 384
 
 def run_job(job: str, nprocs: int, out: Path, timeout: float = 240) -> list[int]:
     """Start ``nprocs`` ranks of ps_worker.py JOB and return their exit codes (stragglers are killed)."""
-    port = free_port()
-    out.mkdir(parents=True, exist_ok=True)
-    processes = []
-    for rank in range(nprocs):
-        env = dict(
-            os.environ, RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-        )  # fmt: skip
-        log = open(out / f"log{rank}.txt", "w")  # noqa: SIM115 -- closed below
-        processes.append((subprocess.Popen([sys.executable, WORKER, job, str(out)], env=env, stdout=log,
-                                           stderr=subprocess.STDOUT), log))  # fmt: skip
-    deadline = time.monotonic() + timeout
-    codes = []
-    for process, log in processes:
-        try:
-            codes.append(process.wait(timeout=max(1.0, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            codes.append(process.wait())
-        log.close()
-    return codes
+    return run_ranks([sys.executable, WORKER, job, str(out)], nprocs, out, timeout)
 
 
 def logs(out: Path) -> str:
