@@ -11,14 +11,15 @@ run unchanged, bitwise. Each run trains a small MLP for a fixed seed and budget 
   (``python -m distlearn.dni.cli --save-model``).
 
 For each run: a SHA-256 over every tensor's name, dtype, shape and bytes, in name order, and max |w| per
-tensor. ``--compare FILE`` compares with an earlier result file and prints, per run, "bitwise" or the
-largest absolute difference of any tensor.
+tensor, the model's alone, and the strategy's state by value (see :func:`fingerprint`). ``--compare FILE``
+compares with an earlier result file and prints, per run, "bitwise" (or "bitwise" for the weights with the
+same state tensors under new names) or the largest absolute difference of any weight.
 
 Run manual (about 10 minutes on 2 cores)::
 
-    python benchmarks/weights_fingerprint.py --out benchmarks/results/weights-before.json
+    python benchmarks/weights_fingerprint.py --out benchmarks/results/weights-before.json --tensors DIR
     python benchmarks/weights_fingerprint.py --out benchmarks/results/weights-after.json \\
-        --compare benchmarks/results/weights-before.json
+        --compare benchmarks/results/weights-before.json --compare-tensors DIR
 
 Environment: PYTHON (the interpreter whose distlearn runs, default this one); the runs need Fashion-MNIST
 (Debian's dataset-fashion-mnist, or DISTLEARN_DATA).
@@ -101,16 +102,68 @@ def final_tensors(out: Path, dni: bool) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _bytes(tensor: torch.Tensor) -> bytes:
+    tensor = tensor.detach().contiguous().cpu()
+    return tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+
+
 def fingerprint(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    digest = hashlib.sha256()
+    """Hashes of the final tensors: all of them by name, the model's by name, the state's by value.
+
+    ``model_sha256`` covers the weights (``model.*``, or every tensor of a DNI network);
+    ``state_values_sha256`` the strategy's state tensors as a multiset of (dtype, shape, bytes), names
+    left out, so that a state whose layout was reorganised (the codec's residuals under new keys) still
+    compares by what it holds.
+    """
+    digest, model = hashlib.sha256(), hashlib.sha256()
+    state_items = []
     max_abs = {}
     for name in sorted(tensors):
-        tensor = tensors[name].detach().contiguous().cpu()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        tensor = tensors[name]
+        described = f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode()
+        digest.update(described)
+        digest.update(_bytes(tensor))
+        if name.startswith("strategy."):
+            state_items.append(
+                hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode() + _bytes(tensor))
+            )
+        else:
+            model.update(described)
+            model.update(_bytes(tensor))
         if tensor.is_floating_point() and tensor.numel():
             max_abs[name] = float(tensor.abs().max())
-    return {"sha256": digest.hexdigest(), "tensors": len(tensors), "max_abs": max_abs}
+    state = hashlib.sha256("".join(sorted(item.hexdigest() for item in state_items)).encode())
+    return {
+        "sha256": digest.hexdigest(),
+        "model_sha256": model.hexdigest(),
+        "state_values_sha256": state.hexdigest(),
+        "tensors": len(tensors),
+        "state_tensors": len(state_items),
+        "max_abs": max_abs,
+    }
+
+
+def verdict(before: dict[str, Any], after: dict[str, Any], old: dict | None, new: dict) -> str:
+    """``bitwise``, ``bitwise (state re-keyed)``, or ``DIFFERENT`` with the largest weight difference."""
+    if before["sha256"] == after["sha256"]:
+        return "bitwise"
+    if before["model_sha256"] == after["model_sha256"]:
+        if before["state_values_sha256"] == after["state_values_sha256"]:
+            return "bitwise (weights; the same state tensors under new names)"
+        return "weights bitwise, STATE DIFFERENT"
+    if old is None:
+        return "DIFFERENT"
+    worst = max(
+        float((old[k].double() - new[k].double()).abs().max()) if k in old else float("inf")
+        for k in new
+        if not k.startswith("strategy.")
+    )
+    return f"DIFFERENT (max |weight difference| {worst:.3g})"
+
+
+def from_tensors(directory: Path) -> dict[str, dict[str, Any]]:
+    """The fingerprints of the runs whose tensors an earlier invocation kept (``--tensors``)."""
+    return {name: fingerprint(torch.load(directory / _file(name), weights_only=True)) for name in runs()}
 
 
 def _file(name: str) -> str:
@@ -145,11 +198,23 @@ def main() -> int:
         "--compare-tensors",
         help="the earlier run's --tensors directory (elementwise diffs)",
     )
+    parser.add_argument(
+        "--refingerprint",
+        metavar="TENSORS_DIR",
+        help="rewrite --out from an earlier invocation's --tensors (after a change of this script's hashes)",
+    )
     args = parser.parse_args()
     python = os.environ.get("PYTHON", sys.executable)
     table = runs()
     if args.only:
         table = {k: v for k, v in table.items() if k in args.only.split(",")}
+    if args.refingerprint:
+        saved = json.loads(Path(args.out).read_text())
+        for name, result in from_tensors(Path(args.refingerprint)).items():
+            saved["runs"][name].update(result)
+        saved["refingerprinted"] = " ".join(sys.argv)
+        Path(args.out).write_text(json.dumps(saved, indent=1) + "\n")
+        return 0
     before = json.loads(Path(args.compare).read_text()) if args.compare else None
     git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     results: dict[str, Any] = {
@@ -166,22 +231,12 @@ def main() -> int:
             line = f"{name:32s} {result['sha256'][:16]}  {result['tensors']:3d} tensors"
             line += f"  {result['seconds']:5.1f} s"
             if before is not None and name in before["runs"]:
-                then = before["runs"][name]
-                if then["sha256"] == result["sha256"]:
-                    verdict = "bitwise"
-                elif args.compare_tensors:
+                old = None
+                if args.compare_tensors:
                     old = torch.load(Path(args.compare_tensors) / _file(name), weights_only=True)
-                    worst = max(
-                        float((old[k].double() - tensors[k].double()).abs().max())
-                        if k in old
-                        else float("inf")
-                        for k in tensors
-                    )
-                    verdict = f"DIFFERENT (max |difference| {worst:.3g})"
-                else:
-                    verdict = "DIFFERENT"
-                results["runs"][name]["compared"] = verdict
-                line += f"  {verdict}"
+                said = verdict(before["runs"][name], result, old, tensors)
+                results["runs"][name]["compared"] = said
+                line += f"  {said}"
             print(line, flush=True)
             if args.tensors:
                 Path(args.tensors).mkdir(parents=True, exist_ok=True)
@@ -189,7 +244,7 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     if before is not None:
-        differing = [n for n, r in results["runs"].items() if r.get("compared", "bitwise") != "bitwise"]
+        differing = [n for n, r in results["runs"].items() if not r.get("compared", "").startswith("bitwise")]
         print(f"{len(results['runs']) - len(differing)} of {len(results['runs'])} runs bitwise equal")
         return 1 if differing else 0
     return 0
