@@ -57,7 +57,8 @@ from distlearn.metrics import MetricRecord, MetricsWriter
 from distlearn.models import count_parameters, create_model
 from distlearn.parallel import Strategy, create_strategy
 from distlearn.train.config import TrainConfig, validate_config
-from distlearn.train.inputs import LossFn, check_fit, resolve_inputs, run_data
+from distlearn.train.inputs import LossFn, check_fit, has_objects, resolve_inputs, run_data
+from distlearn.train.launch import launch_from_python
 from distlearn.train.report import Progress, TrainResult, Window, print_summary
 from distlearn.train.schedule import make_scheduler
 from distlearn.train.state import RunState, check_resume, rng_state, seed_everything, set_rng_state
@@ -89,6 +90,11 @@ def train(
             (:mod:`distlearn.data.user`) instead of ``config.dataset``.
     """
     validate_config(config, check_optimizer=optimizer is None, check_strategy=False)
+    if strategy is None:  # outside torchrun, a job of several processes is launched (train.launch)
+        objects = has_objects(model=model, optimizer=optimizer, loss_fn=loss_fn, train_data=train_data)
+        launched = launch_from_python(config, train, objects)
+        if launched is not None:
+            return launched
     if optimizer is not None and model is None:
         raise ConfigError(
             "an optimizer was passed without its model; pass model= too (the optimizer's parameters)"
