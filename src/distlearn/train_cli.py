@@ -31,7 +31,7 @@ from distlearn.config import read_file
 from distlearn.errors import ConfigError, DistlearnError
 from distlearn.parallel import STRATEGIES, strategy_class
 from distlearn.parallel.base import option_names
-from distlearn.train import TrainConfig
+from distlearn.train import TrainConfig, launch, train
 from distlearn.train.config import COMMON, config_from_dict, owners
 from distlearn.train.launch import launch_workers
 
@@ -130,7 +130,7 @@ def parse_config(argv: list[str]) -> TrainConfig:
 
 def run_config(config: TrainConfig) -> int:
     """Check ``config`` whole, then train here or start its processes (:mod:`distlearn.train.launch`)."""
-    """Check ``config`` whole, then train here or start its processes (:mod:`distlearn.train.launch`)."""
+    return launch.run_config(config, train)
 
 
 def command(argv: list[str]) -> int:
