@@ -1,10 +1,12 @@
 """Test-set evaluation, shared by the trainer loop and the model-parallel (DNI) pipeline.
 
     loss, accuracy = evaluate(model, images, labels, transform, batch_size=1000)
+    loss, _ = evaluate(model, x, y, transform, loss_fn=mse_loss, classification=False)   # accuracy None
 
-The mean loss (cross-entropy unless ``loss_fn`` is given) and the fraction of correct arg-max predictions of
-``model`` on ``(images, labels)``, in eval mode and without gradients; the model's train/eval mode is
-restored afterwards.
+The mean loss over the examples (cross-entropy unless ``loss_fn`` is given) and, for class-label targets,
+the fraction of correct arg-max predictions of ``model`` on ``(images, labels)``, in eval mode and without
+gradients; the model's train/eval mode is restored afterwards. A ``loss_fn`` returns the mean over its
+batch (as torch's losses do by default); each batch's value is weighted by its number of examples.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ def evaluate(
     labels: torch.Tensor,
     transform: Callable[[torch.Tensor], torch.Tensor],
     batch_size: int = 1000,
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``(images, labels)``, in eval mode, without grads."""
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    classification: bool = True,
+) -> tuple[float, float | None]:
+    """Mean loss and accuracy (None unless ``classification``) of ``model`` on ``(images, labels)``."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -33,9 +38,13 @@ def evaluate(
         for start in range(0, len(labels), batch_size):
             x = transform(images[start : start + batch_size])
             y = labels[start : start + batch_size]
-            logits = model(x)
-            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").double()
-            correct += (logits.argmax(dim=1) == y).sum()
+            outputs = model(x)
+            if loss_fn is None:
+                loss_sum += nn.functional.cross_entropy(outputs, y, reduction="sum").double()
+            else:
+                loss_sum += loss_fn(outputs, y).detach().double() * len(y)
+            if classification:
+                correct += (outputs.argmax(dim=1) == y).sum()
     model.train(was_training)
     n = max(1, len(labels))
-    return loss_sum.item() / n, correct.item() / n
+    return loss_sum.item() / n, correct.item() / n if classification else None

@@ -23,18 +23,17 @@ import argparse
 import dataclasses
 import sys
 import typing
-from pathlib import Path
 from typing import Annotated, Any
 
 import tyro
 
 from distlearn.config import read_file
 from distlearn.errors import ConfigError, DistlearnError
-from distlearn.launch import in_torchrun, launch_local
 from distlearn.parallel import STRATEGIES, strategy_class
 from distlearn.parallel.base import option_names
-from distlearn.train import TrainConfig, train, validate_config
-from distlearn.train.config import COMMON, config_from_dict, config_to_toml, owners
+from distlearn.train import TrainConfig, launch, train
+from distlearn.train.config import COMMON, config_from_dict, owners
+from distlearn.train.launch import launch_workers
 
 __all__ = ["command", "launch_workers", "parse_config", "run_config"]
 
@@ -130,37 +129,8 @@ def parse_config(argv: list[str]) -> TrainConfig:
 
 
 def run_config(config: TrainConfig) -> int:
-    """Check ``config`` whole, then train here or start the job's processes; the exit status.
-
-    A strategy whose job has several processes, started outside torchrun, launches them on this machine
-    (its ``launcher``: torchrun running this same command with the resolved config as ``OUT/launch.toml``,
-    or a local process pool); inside torchrun each process trains as one replica.
-    """
-    validate_config(config)
-    cls = strategy_class(config.strategy)
-    if not in_torchrun():
-        if cls.launcher == "pool":
-            cls.launch(config, train)
-            return 0
-        processes = cls.processes(config.options, config)
-        if processes > 1:
-            return launch_workers(dataclasses.replace(config, workers=processes))
-    train(config)
-    return 0
-
-
-def launch_workers(config: TrainConfig) -> int:
-    """Start ``config.workers`` processes of ``distlearn train`` under torchrun on 127.0.0.1."""
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    launch_file = out / "launch.toml"
-    launch_file.write_text(config_to_toml(config))
-    print(
-        f"distlearn train: starting {config.workers} worker(s) with torchrun on 127.0.0.1 "
-        f"({config.strategy} strategy; config in {launch_file})",
-        flush=True,
-    )
-    return launch_local(["distlearn", "train", "--config", str(launch_file)], config.workers)
+    """Check ``config`` whole, then train here or start its processes (:mod:`distlearn.train.launch`)."""
+    return launch.run_config(config, train)
 
 
 def command(argv: list[str]) -> int:

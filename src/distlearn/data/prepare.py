@@ -38,10 +38,17 @@ class RunData:
     test_labels: torch.Tensor
     transform: BatchTransform
     augment: bool
+    classification: bool = True
+    """Targets are class labels (accuracy means something); False for regression or sequence targets."""
 
     @property
     def num_classes(self) -> int:
         return len(self.train.classes)
+
+    @property
+    def is_images(self) -> bool:
+        """Normalised images ``(N, C, H, W)`` (what the built-in models take)."""
+        return isinstance(self.transform, BatchTransform) and self.train_images.ndim == 4
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -11,11 +11,12 @@ and the data :func:`distlearn.data.prepare.prepare_data`, shared with the DNI pi
 """
 
 from distlearn.config import parse_options
+from distlearn.data.user import TrainData as ImageDataset
 from distlearn.evaluation import evaluate
 from distlearn.optim import create as create_optimizer
 from distlearn.optim import needs_closure, optimizer_names
 from distlearn.train.config import TrainConfig, config_from_dict, load_config_file, validate_config
-from distlearn.train.loop import ImageDataset, TrainResult, train
+from distlearn.train.loop import TrainResult, train
 from distlearn.train.schedule import LRSchedule
 
 __all__ = [

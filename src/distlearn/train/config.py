@@ -33,23 +33,29 @@ from distlearn import optim
 from distlearn.config import from_dict, mapping_to_toml, parse_options, positive, read_file
 from distlearn.errors import ConfigError
 from distlearn.models import MODELS
+from distlearn.models.factory import is_import_path
 from distlearn.parallel import STRATEGIES, strategy_class
 from distlearn.parallel.base import make_options, option_names
 
 __all__ = ["TrainConfig", "config_from_dict", "config_to_toml", "load_config_file", "validate_config"]
 
-DatasetName = Literal["mnist", "fashion-mnist", "cifar10"]
-ModelName = Literal["mlp", "lenet", "resnet8", "resnet14", "resnet20"]
+DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10")
+"""The built-in datasets; any other ``--dataset`` is an import path ``package.module:factory``."""
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run needs: the common options, and ``options`` of the chosen strategy."""
 
-    dataset: DatasetName = "fashion-mnist"
-    """dataset to train and test on"""
-    model: ModelName = "lenet"
-    """network: mlp, lenet (28x28 inputs), resnet8/14/20 (CIFAR ResNets of He et al.)"""
+    dataset: str = "fashion-mnist"
+    """dataset to train and test on: mnist, fashion-mnist, cifar10, or your own as package.module:factory
+    (factory() returns (train, test), each a torch Dataset of (x, y) items or a pair of tensors (x, y))"""
+    model: str = "lenet"
+    """network: mlp, lenet (28x28 inputs), resnet8/14/20 (CIFAR ResNets of He et al.), or your own as
+    package.module:factory (factory() returns a torch.nn.Module)"""
+    loss: str = "cross-entropy"
+    """training and test loss: cross-entropy, or your own as package.module:name, a callable
+    loss(outputs, targets) -> scalar tensor (e.g. torch.nn.functional:mse_loss)"""
     optimizer: str = "adam"
     """a distlearn.optim name (sgd, momentum, nesterov, adagrad, rmsprop, adadelta, adam, cg-fr, cg-hs) or
     torch-<name> for torch.optim.<Name> (torch-sgd, torch-adamw, ...)"""
@@ -138,8 +144,20 @@ class TrainConfig:
             positive(name, getattr(self, name), allow_zero=True)
         for name in ("steps", "lr", "clip_grad_norm", "train_samples", "test_samples", "threads"):
             positive(name, getattr(self, name), allow_none=True)
-        if self.model not in MODELS:
-            raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(MODELS)}")
+        if self.model not in MODELS and not is_import_path(self.model):
+            raise ConfigError(
+                f"unknown model {self.model!r}; choose one of: {', '.join(MODELS)}, "
+                "or give your own as package.module:factory"
+            )
+        if self.dataset not in DATASET_NAMES and not is_import_path(self.dataset):
+            raise ConfigError(
+                f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASET_NAMES)}, "
+                "or give your own as package.module:factory"
+            )
+        if self.loss != "cross-entropy" and not is_import_path(self.loss):
+            raise ConfigError(
+                f"unknown loss {self.loss!r}; use cross-entropy, or give your own as package.module:name"
+            )
         if self.keep_checkpoints < 2:
             raise ConfigError(
                 "--keep-checkpoints must be >= 2 so the previous good checkpoint survives, "

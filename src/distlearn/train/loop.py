@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,28 +49,21 @@ from torch import nn
 from distlearn import optim
 from distlearn.checkpoint import load_checkpoint, save_checkpoint
 from distlearn.config import parse_options
-from distlearn.data.prepare import RunData, prepare_data
+from distlearn.data.prepare import RunData
+from distlearn.data.user import TrainData
 from distlearn.errors import ConfigError
 from distlearn.evaluation import evaluate
 from distlearn.metrics import MetricRecord, MetricsWriter
 from distlearn.models import count_parameters, create_model
 from distlearn.parallel import Strategy, create_strategy
 from distlearn.train.config import TrainConfig, validate_config
+from distlearn.train.inputs import LossFn, check_fit, has_objects, resolve_inputs, run_data
+from distlearn.train.launch import launch_from_python
 from distlearn.train.report import Progress, TrainResult, Window, print_summary
 from distlearn.train.schedule import make_scheduler
 from distlearn.train.state import RunState, check_resume, rng_state, seed_everything, set_rng_state
 
-__all__ = ["ImageDataset", "TrainResult", "train"]
-
-
-class ImageDataset(Protocol):
-    """What the trainer needs from a dataset (:class:`distlearn.data.ArrayDataset` has it)."""
-
-    images: torch.Tensor  # uint8 (N, C, H, W)
-    labels: torch.Tensor  # int64 (N,)
-    classes: Any  # one entry per class
-    mean: Any  # per-channel means of images / 255
-    std: Any  # per-channel standard deviations of images / 255
+__all__ = ["TrainResult", "train"]
 
 
 def train(
@@ -79,8 +72,9 @@ def train(
     strategy: Strategy | None = None,
     model: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-    train_data: ImageDataset | None = None,
-    test_data: ImageDataset | None = None,
+    loss_fn: LossFn | None = None,
+    train_data: TrainData | None = None,
+    test_data: TrainData | None = None,
 ) -> TrainResult:
     """Train ``config.model`` (or ``model``) on ``config.dataset`` (or ``train_data``) and return the result.
 
@@ -91,10 +85,16 @@ def train(
         optimizer: a ready optimizer over ``model``'s parameters instead of ``config.optimizer``;
             it may be any ``torch.optim.Optimizer``. Set ``optimizer.requires_closure = True`` on one whose
             ``step`` needs a closure.
-        train_data, test_data: datasets (``images`` uint8 N x C x H x W, ``labels``, ``classes``, ``mean``,
-            ``std``) instead of loading ``config.dataset``.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` instead of ``config.loss`` (cross-entropy).
+        train_data, test_data: a torch Dataset of ``(x, y)``, a pair of tensors or an ArrayDataset
+            (:mod:`distlearn.data.user`) instead of ``config.dataset``.
     """
     validate_config(config, check_optimizer=optimizer is None, check_strategy=False)
+    if strategy is None:  # outside torchrun, a job of several processes is launched (train.launch)
+        objects = has_objects(model=model, optimizer=optimizer, loss_fn=loss_fn, train_data=train_data)
+        launched = launch_from_python(config, train, objects)
+        if launched is not None:
+            return launched
     if optimizer is not None and model is None:
         raise ConfigError(
             "an optimizer was passed without its model; pass model= too (the optimizer's parameters)"
@@ -105,8 +105,7 @@ def train(
             raise ConfigError(
                 "the optimizer holds parameters that are not the model's; build it on model.parameters()"
             )
-    if (train_data is None) != (test_data is None):
-        raise ConfigError("pass both train_data and test_data, or neither (to load config.dataset)")
+    model, loss_fn, train_data, test_data = resolve_inputs(config, model, loss_fn, train_data, test_data)
     strategy = strategy if strategy is not None else create_strategy(config.strategy, run=config)
     with _torch_settings(config):
         strategy.setup(config.seed)
@@ -115,19 +114,16 @@ def train(
                 strategy.serve()
                 return _served_result(strategy)
             started = time.perf_counter()
-            data = prepare_data(
-                config.dataset,
-                data_root=config.data_root,
-                train_samples=config.train_samples,
-                test_samples=config.test_samples,
-                seed=config.seed,
-                augment=config.augment,
-                train_data=train_data,
-                test_data=test_data,
-            )
-            return _Run(config, strategy, data, model, optimizer, started=started).run()
+            data = run_data(config, train_data, test_data)
+            if model is not None or train_data is not None:
+                check_fit(config, model, loss_fn, data)
+            return _Run(config, strategy, data, model, optimizer, loss_fn, started=started).run()
         finally:
             strategy.close()
+
+
+def _status(record: MetricRecord) -> str:
+    return f"test loss {record.loss:.4f}" if record.accuracy is None else f"test acc {record.accuracy:.4f}"
 
 
 def _served_result(strategy: Strategy) -> TrainResult:
@@ -174,6 +170,7 @@ class _Run:
         data: RunData,
         model: nn.Module | None,
         optimizer: torch.optim.Optimizer | None,
+        loss_fn: LossFn | None,
         *,
         started: float,
     ) -> None:
@@ -210,18 +207,18 @@ class _Run:
         )
         self.progress = Progress(show, self.total_steps, self.state.step)
         self.progress_every = max(1, self.steps_per_epoch // 100)
-        self.window = Window()
+        self.window = Window(classify=data.classification)
         self.train_seconds = 0.0  # time in training steps only (evaluation and checkpoints excluded)
         self.hook_seconds = 0.0  # the closure's time in strategy.before_step (closure optimizers call it)
         self.parameters: list[torch.Tensor] = []
-        self.loss_fn = nn.functional.cross_entropy
+        self.loss_fn = loss_fn or nn.functional.cross_entropy
 
     def _build(self, model: nn.Module | None, optimizer: torch.optim.Optimizer | None) -> None:
         """Model, optimizer, schedule, augmentation RNG: one seed, so every replica builds the same."""
         config = self.config
-        channels, height, _ = self.data.image_shape
         seed_everything(config.seed)
         if model is None:
+            channels, height, _ = self.data.image_shape
             model = create_model(
                 config.model, in_channels=channels, num_classes=self.data.num_classes, image_size=height
             )
@@ -338,7 +335,7 @@ class _Run:
         if config.eval_every and step % config.eval_every == 0 and self.strategy.evaluates:
             pause = time.perf_counter()
             record = self._evaluate()
-            self.progress.update(step, f"test acc {record.accuracy:.4f}")
+            self.progress.update(step, _status(record))
         if config.checkpoint_every and step % config.checkpoint_every == 0:
             pause = pause or time.perf_counter()
             self._save(epoch_complete=self.state.step_in_epoch == self.steps_per_epoch)
@@ -360,7 +357,7 @@ class _Run:
                 self.optimizer.next_epoch()
         if self.strategy.evaluates and not (config.eval_every and state.step % config.eval_every == 0):
             record = self._evaluate()
-            self.progress.update(state.step, f"test acc {record.accuracy:.4f}")
+            self.progress.update(state.step, _status(record))
         self._save(epoch_complete=epoch_complete)
         if epoch_complete:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
@@ -393,7 +390,7 @@ class _Run:
         record = self._record(
             "train",
             loss=mean_loss,
-            accuracy=window.correct.item() / window.samples,
+            accuracy=window.correct.item() / window.samples if window.classify else None,
             samples_per_s=window.samples / elapsed if elapsed > 0 else None,
             extra={"comm_s": window.comm, "compute_s": max(0.0, elapsed - window.comm)},
         )
@@ -408,8 +405,11 @@ class _Run:
             self.data.test_labels,
             self.data.transform,
             self.config.eval_batch_size,
+            loss_fn=self.loss_fn if self.loss_fn is not nn.functional.cross_entropy else None,
+            classification=self.data.classification,
         )
-        self.state.best_accuracy = max(self.state.best_accuracy, accuracy)
+        if accuracy is not None:
+            self.state.best_accuracy = max(self.state.best_accuracy, accuracy)
         record = self._record("eval", loss=loss, accuracy=accuracy)
         self.writer.write(record)
         self.evaluations.append(record)
@@ -453,7 +453,7 @@ class _Run:
         best = state.best_accuracy if state.best_accuracy >= 0 else math.nan
         return TrainResult(
             model=self.model,
-            test_accuracy=final.accuracy if final else math.nan,
+            test_accuracy=(final.accuracy if final else math.nan) if self.data.classification else None,
             test_loss=final.loss if final else math.nan,
             best_accuracy=best,
             steps=state.step,
@@ -496,4 +496,5 @@ class _Run:
             "seed": config.seed,
             "threads": torch.get_num_threads(),
             "replicas": self.strategy.replicas,
+            "classification": self.data.classification,
         }

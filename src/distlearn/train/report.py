@@ -20,7 +20,8 @@ class TrainResult:
     """What :func:`train` returns. Accuracies are fractions in [0, 1]; times are seconds."""
 
     model: nn.Module
-    test_accuracy: float
+    test_accuracy: float | None
+    """None when the targets are not class labels (regression, sequences): accuracy means nothing."""
     test_loss: float
     best_accuracy: float
     steps: int
@@ -38,7 +39,8 @@ class TrainResult:
 class Window:
     """The training records' accumulators: tensors, so no ``.item()`` except when a record is written."""
 
-    def __init__(self) -> None:
+    def __init__(self, classify: bool = True) -> None:
+        self.classify = classify  # targets are class labels: count arg-max hits
         self.loss = torch.zeros(())
         self.correct = torch.zeros((), dtype=torch.int64)
         self.samples = 0
@@ -48,7 +50,8 @@ class Window:
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         self.samples += len(y)
         self.loss += loss.detach() * len(y)
-        self.correct += (logits.argmax(dim=1) == y).sum()
+        if self.classify:
+            self.correct += (logits.argmax(dim=1) == y).sum()
 
     def reset(self) -> None:
         self.loss.zero_()
@@ -116,7 +119,12 @@ def print_summary(
         ),
         ("strategy", f"{summary['strategy']}, global batch {summary['global_batch']}"),
         ("steps", f"{summary['steps']} ({summary['epochs']:.2f} epochs)"),
-        ("test accuracy", f"{percent(summary['test_accuracy'])} (best {percent(summary['best_accuracy'])})"),
+        (
+            "test accuracy",
+            f"{percent(summary['test_accuracy'])} (best {percent(summary['best_accuracy'])})"
+            if summary.get("classification", True)
+            else "none (the targets are not class labels)",
+        ),
         ("test loss", "-" if summary["test_loss"] is None else f"{summary['test_loss']:.4f}"),
         (
             "throughput",
