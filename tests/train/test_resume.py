@@ -149,3 +149,22 @@ def test_resume_can_extend_a_finished_run(tmp_path, synthetic):
     assert extended.steps == 24
     for key, value in straight.model.state_dict().items():
         assert torch.equal(extended.model.state_dict()[key], value)
+
+
+def test_resumed_run_reports_only_its_own_steps_and_time(tmp_path, synthetic):
+    train_set, test_set = synthetic
+    interrupted = config(tmp_path, epochs=1)  # 12 steps of 32 examples; checkpoint every 5 steps
+    with pytest.raises(Crash):
+        train(interrupted, strategy=CrashAfter(8), train_data=train_set, test_data=test_set)
+    resumed = train(
+        replace(interrupted, resume=str(tmp_path / "run" / "checkpoints")), train_data=train_set,
+        test_data=test_set,
+    )  # fmt: skip
+    assert resumed.summary["resumed_from_step"] == 5 and resumed.summary["steps_this_run"] == 7
+    # samples/s is this process's 7 steps x 32 examples over this process's training seconds
+    assert resumed.samples_per_s * resumed.train_seconds == pytest.approx(7 * 32)
+    summary = read_metrics(tmp_path / "run")[-1]
+    assert summary.kind == "summary" and summary.samples_per_s == pytest.approx(resumed.samples_per_s)
+    fresh = train(config(tmp_path / "fresh", epochs=1), train_data=train_set, test_data=test_set)
+    assert fresh.summary["resumed_from_step"] is None and fresh.summary["steps_this_run"] == 12
+    assert fresh.samples_per_s * fresh.train_seconds == pytest.approx(12 * 32)

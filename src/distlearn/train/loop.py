@@ -189,8 +189,11 @@ class _Run:
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self._build(model, optimizer)
         self.state = RunState()
+        self.resumed_from: int | None = None  # the checkpoint's step when this run continues another
         if config.resume is not None:
             self._restore(config.resume)
+            self.resumed_from = self.state.step
+        self.start_samples = self.state.samples  # samples/s counts only this process's steps and time
         self.writer = MetricsWriter(
             Path(config.out),
             run=config.name,
@@ -436,7 +439,8 @@ class _Run:
         state, strategy = self.state, self.strategy
         final = self.evaluations[-1] if self.evaluations else None
         summary = self._summary(final)
-        samples_per_s = state.samples / self.train_seconds if self.train_seconds > 0 else 0.0
+        samples = state.samples - self.start_samples
+        samples_per_s = samples / self.train_seconds if self.train_seconds > 0 else 0.0
         # The job's throughput: every replica trains on its own share of each global batch at the same pace.
         summary["job_samples_per_s"] = samples_per_s * strategy.replicas
         record = self._record(
@@ -486,6 +490,8 @@ class _Run:
             "strategy": self.strategy.describe(),
             "augment": repr(data.transform) if data.augment else "none",
             "steps": state.step,
+            "resumed_from_step": self.resumed_from,
+            "steps_this_run": state.step - (self.resumed_from or 0),
             "epochs": state.step / self.steps_per_epoch,
             "test_accuracy": final.accuracy if final else None,
             "test_loss": final.loss if final else None,

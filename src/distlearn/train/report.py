@@ -118,7 +118,15 @@ def print_summary(
             f"{summary['optimizer']} ({summary['optimizer_class']}), schedule {summary['schedule']}",
         ),
         ("strategy", f"{summary['strategy']}, global batch {summary['global_batch']}"),
-        ("steps", f"{summary['steps']} ({summary['epochs']:.2f} epochs)"),
+        (
+            "steps",
+            f"{summary['steps']} ({summary['epochs']:.2f} epochs)"
+            + (
+                f", resumed from step {summary['resumed_from_step']}: {summary['steps_this_run']} in this run"
+                if summary.get("resumed_from_step") is not None
+                else ""
+            ),
+        ),
         (
             "test accuracy",
             f"{percent(summary['test_accuracy'])} (best {percent(summary['best_accuracy'])})"
@@ -138,6 +146,7 @@ def print_summary(
         (
             "time",
             f"{wall_time:.1f} s wall, {summary['train_seconds']:.1f} s training"
+            + (" (this run)" if summary.get("resumed_from_step") is not None else "")
             + (
                 f", {sum(summary['seconds_per_epoch']) / len(summary['seconds_per_epoch']):.1f} s per epoch"
                 if summary["seconds_per_epoch"]
