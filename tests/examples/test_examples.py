@@ -28,3 +28,12 @@ def test_parameter_server_loss_falls(tmp_path):
     log = (tmp_path / "log1.txt").read_text()
     assert codes == [0, 0], log
     assert "rank 1: loss" in log
+
+
+@pytest.mark.timeout(180)
+def test_sync_powersgd_replicas_end_equal(tmp_path):
+    script = [sys.executable, str(EXAMPLES / "own_loop_sync_powersgd.py"), "--steps", "10"]
+    codes = run_ranks(script, 2, tmp_path, timeout=150)
+    logs = [(tmp_path / f"log{r}.txt").read_text() for r in range(2)]
+    assert codes == [0, 0], logs
+    assert all("replicas equal: True" in log for log in logs)
