@@ -21,11 +21,21 @@ can be sent while earlier layers are still being differentiated: *overlap*.
 
 With ``overlap=False`` nothing happens during backward; :meth:`finish` packs and reduces the buckets
 one after the other.
+
+Gradient accumulation: inside :meth:`GradientBucketer.paused` (what ``model.no_sync()`` of
+:func:`distlearn.parallelize` uses) the hooks do nothing, so backward only accumulates into ``param.grad``
+and the next backward outside it sends the accumulated gradient. A second backward *outside* it before
+:meth:`finish` (accumulation without ``no_sync``) finds its buckets already sent: the bucketer then waits
+for them, drops their result, reduces every bucket again from the accumulated ``param.grad`` in
+:meth:`finish`, and stops overlapping for the rest of the run (``overlap`` becomes False), so that each
+step's gradients are reduced once, at the step. Either way the averaged gradient is that of the sum of the
+micro-batches' losses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +134,8 @@ class GradientBucketer:
             self.buckets.append(Bucket(index, group, offsets, buffer))
         self._next_launch = 0
         self._handles = []
+        self._paused = False
+        self._resend = False  # a second backward found sent buckets: reduce all again in finish()
         self.overlap = overlap and len(self.buckets) > 1  # one bucket: nothing to overlap with
         if self.overlap:
             for p in trainable:
@@ -140,14 +152,24 @@ class GradientBucketer:
             view.copy_(p.grad.reshape(-1))
         bucket.ready.add(position)
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Backward inside accumulates into ``param.grad`` only; the next backward outside sends the sum."""
+        before, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = before
+
     def _on_gradient(self, param: torch.Tensor) -> None:
+        if self._paused or self._resend:
+            return
         index, position = self._where[id(param)]
         bucket = self.buckets[index]
         if bucket.future is not None:
-            raise CommError(
-                "a gradient arrived for a bucket already sent this step (backward ran twice before "
-                "optimizer.step()?); call finish() once per backward, or accumulate without the hooks"
-            )
+            # a second backward before the step (accumulation without no_sync): reduce at the step instead
+            self._resend = True
+            return
         self._copy_in(bucket, position)
         self._launch_ready()
 
@@ -165,6 +187,8 @@ class GradientBucketer:
     def finish(self) -> None:
         """Launch what is left, wait for every bucket, and write ``sum / R`` into each ``param.grad``."""
         try:
+            if self._resend:
+                self._drop_sent()
             for bucket in self.buckets:
                 for position in range(len(bucket.params)):
                     if position not in bucket.ready:
@@ -188,6 +212,18 @@ class GradientBucketer:
                 bucket.ready.clear()
                 bucket.future = None
             self._next_launch = 0
+            self._resend = False
+
+    def _drop_sent(self) -> None:
+        """Wait for the buckets sent during the first backward and forget them; from now on no overlap."""
+        for bucket in self.buckets:
+            if bucket.future is not None:
+                self._wait(bucket)
+            bucket.future = None
+            bucket.ready.clear()
+        self._next_launch = 0
+        self.overlap = False
+        self.close()  # the hooks: every later step is packed and reduced in finish()
 
     def _wait(self, bucket: Bucket) -> None:
         try:

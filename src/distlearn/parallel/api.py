@@ -7,24 +7,66 @@
         loss_fn(model(x), y).backward()
         optimizer.step(); optimizer.zero_grad()
 
-Run the script with ``torchrun --nproc-per-node R script.py``. :func:`parallelize` joins the job, checks that
-every rank built the same model, broadcasts rank 0's weights and installs the strategy's hooks around
-``optimizer.step()`` with torch's own ``Optimizer.register_step_pre_hook`` / ``register_step_post_hook``:
-before the step the strategy combines gradients (sync: waits for the bucket allreduces started during
-backward), after it the strategy combines weights (local SGD, EASGD). The strategy object is attached as
-``optimizer.distlearn_strategy`` (its ``stats()`` give bytes sent); call its ``close()`` at the end.
+Run the script with ``torchrun --nproc-per-node R script.py``, or with plain ``python script.py``: with no
+job to join, :func:`parallelize` makes a local process group of one process and the strategy runs with
+``R = 1``. It joins the job, checks that every rank built the same model, broadcasts rank 0's weights and
+installs the strategy's hooks around ``optimizer.step()`` with torch's own
+``Optimizer.register_step_pre_hook`` / ``register_step_post_hook``: before the step the strategy combines
+gradients (sync: waits for the bucket allreduces started during backward; ps: push and pull), after it the
+strategy combines weights (local SGD, EASGD).
+
+What comes back: the same ``model`` object (``model(x)``, ``model.parameters()``, its ``state_dict()`` are
+unchanged) with a ``no_sync()`` method bound to it, and the same ``optimizer`` with the strategy attached as
+``optimizer.distlearn_strategy`` (its ``stats()`` give bytes sent; call its ``close()`` at the end).
+
+The rules, beside DDP's:
+
+* **Gradient accumulation.** Gradients are combined once per ``optimizer.step()``, from what backward
+  accumulated in ``param.grad``. ``with model.no_sync(): loss.backward()`` accumulates locally with no
+  communication (as DDP's); the next backward outside it starts the buckets' allreduces (overlap). Several
+  backward passes outside ``no_sync`` before one step also work with any number of buckets: the first time
+  it happens the sync strategy stops overlapping and reduces at the step. Either way the step uses the mean
+  over replicas of the summed micro-batch gradients, as DDP does (divide each micro-batch's loss by the
+  number of micro-batches for the mean).
+* **Checkpoints.** ``optimizer.state_dict()`` carries the strategy's state under the key ``"distlearn"``
+  (codec residuals, PowerSGD's ``Q``, local SGD's and EASGD's counters, EASGD's centre, the step count), and
+  ``optimizer.load_state_dict()`` restores it, so saving ``model.state_dict()`` and
+  ``optimizer.state_dict()`` resumes exactly. (The parameter server keeps its weights on the servers: its
+  state in a user's loop is not checkpointed; use ``distlearn train`` for resumable ps runs.)
+* **Server ranks.** Strategies with processes that do not train (``ps``: ranks ``0 .. servers-1``; EASGD
+  async: rank 0) serve inside :func:`parallelize` until every worker has closed its strategy, and then the
+  process exits (``SystemExit(0)``): the rest of the user's script runs on the worker ranks only. Workers
+  must call ``optimizer.distlearn_strategy.close()`` when they are done (that ends the servers).
+* **Hogwild!** shares one model between local processes and keeps its own entry point
+  (``distlearn train --strategy hogwild``, :func:`distlearn.parallel.hogwild.launch_hogwild`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from distlearn.errors import ConfigError
+from distlearn.launch import in_torchrun
 from distlearn.parallel import create_strategy
 
 __all__ = ["parallelize"]
+
+STATE_KEY = "distlearn"
+"""The key of ``optimizer.state_dict()`` that holds the strategy's state and the step count."""
+
+
+def _join_alone() -> bool:
+    """With no torchrun job and no process group: a local group of one process (True when made here)."""
+    if in_torchrun() or not dist.is_available() or dist.is_initialized():
+        return False
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return True
 
 
 def parallelize(
@@ -39,11 +81,36 @@ def parallelize(
 
     ``strategy`` is a name of :data:`distlearn.parallel.STRATEGIES` or an import path ``module:Class``;
     ``options`` are the fields of its options dataclass, under the names of the ``distlearn train`` flags
-    (``reducer``, ``bucket_mb``, ``compression``, ``density``, ``average_every``, ``comm_timeout``, ...;
-    the older ``timeout_s``, ``period`` are accepted too), or ``options=`` an instance of it.
+    (``reducer``, ``bucket_mb``, ``compression``, ``density``, ``average_every``, ``staleness_aware``,
+    ``comm_timeout``, ...; the older ``timeout_s``, ``period`` are accepted too), or ``options=`` an instance
+    of it; for ``ps`` also ``optimizer=``/``lr=`` (the servers' optimizer; default: the name and rate of
+    ``optimizer``'s class when it is ``torch.optim.SGD``).
     """
+    if strategy == "hogwild":
+        raise ConfigError(
+            "hogwild shares one model's memory between local processes that it starts itself, so it cannot "
+            "wrap a loop that torchrun started; use `distlearn train --strategy hogwild --workers N` or "
+            "distlearn.parallel.hogwild.launch_hogwild"
+        )
+    if strategy == "ps":
+        options.setdefault("optimizer", _server_optimizer(optimizer))
+        options.setdefault("lr", float(optimizer.param_groups[0]["lr"]))
     chosen = create_strategy(strategy, **options)
-    chosen.setup(seed)
+    made_group = _join_alone()
+    try:
+        chosen.setup(seed)
+    except BaseException:
+        if made_group:
+            dist.destroy_process_group()
+        raise
+    if made_group:
+        chosen._owns_group = True  # type: ignore[attr-defined]  # close() leaves the group made here
+    if not chosen.trains:
+        try:
+            chosen.serve()
+        finally:
+            chosen.close()
+        raise SystemExit(0)  # a server's whole life is serve(): it never returns to the user's loop
     model, optimizer = chosen.prepare(model, optimizer)
     step = {"t": 0}
 
@@ -54,7 +121,57 @@ def parallelize(
         chosen.after_step(model, opt, step["t"])
         step["t"] += 1
 
+    def saved(opt: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+        strategy_state = {} if chosen.name == "ps" else chosen.state_dict()
+        state[STATE_KEY] = {"step": step["t"], "strategy": strategy_state}
+        return state
+
+    def loading(opt: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+        state = dict(state)
+        ours = state.pop(STATE_KEY, None)
+        if ours is not None:
+            step["t"] = int(ours["step"])
+            if chosen.name != "ps":
+                chosen.load_state_dict(ours["strategy"])
+        return state
+
     optimizer.register_step_pre_hook(before)
     optimizer.register_step_post_hook(after)
+    optimizer.register_state_dict_post_hook(saved)
+    optimizer.register_load_state_dict_pre_hook(loading)
     optimizer.distlearn_strategy = chosen  # type: ignore[attr-defined]
+    if not hasattr(model, "no_sync"):  # torch's DDP module (strategy "ddp") has its own
+        model.no_sync = _no_sync_of(chosen)  # type: ignore[method-assign]
     return model, optimizer
+
+
+def _server_optimizer(optimizer: torch.optim.Optimizer) -> Any:
+    """The servers' optimizer for ps in a user's loop: plain SGD with the user's momentum, if any."""
+    group = optimizer.param_groups[0]
+    momentum = float(group.get("momentum", 0.0) or 0.0)
+    if type(optimizer) is torch.optim.SGD and momentum == 0:
+        return "sgd"
+
+    def build(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        hyper = {
+            k: v for k, v in group.items() if k not in ("params", "initial_lr") and k in optimizer.defaults
+        }
+        return type(optimizer)(params, **hyper)
+
+    return build
+
+
+def _no_sync_of(strategy: Any) -> Any:
+    """``model.no_sync()``: backward inside accumulates locally; the strategies without gradient hooks
+    communicate only in ``optimizer.step()``, so for them it is a plain context."""
+
+    @contextlib.contextmanager
+    def no_sync() -> Iterator[None]:
+        bucketer = getattr(strategy, "bucketer", None)
+        if bucketer is None:
+            yield
+            return
+        with bucketer.paused():
+            yield
+
+    return no_sync
