@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from distlearn.errors import ConfigError
+from distlearn.errors import ConfigError, require_extra
 from distlearn.pool import ProcessPool, spawn_context
 
 __all__ = [
@@ -374,7 +374,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    matplotlib = require_extra("matplotlib", "plot", "distlearn async-momentum --plot")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -6,7 +6,10 @@ are bugs and keep their traceback.
 
 from __future__ import annotations
 
-__all__ = ["DistlearnError", "ConfigError", "DataError", "CheckpointError", "CommError"]
+import importlib
+from types import ModuleType
+
+__all__ = ["DistlearnError", "ConfigError", "DataError", "CheckpointError", "CommError", "require_extra"]
 
 
 class DistlearnError(Exception):
@@ -27,3 +30,15 @@ class CheckpointError(DistlearnError):
 
 class CommError(DistlearnError, RuntimeError):
     """A collective or point-to-point operation that failed or timed out, or a peer that died."""
+
+
+def require_extra(module: str, extra: str, needed_for: str) -> ModuleType:
+    """Import the optional ``module`` (from the ``distlearn[extra]`` extra) or raise a ConfigError naming
+    the extra to install. Called inside the function that needs it, so the core never imports extras."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ConfigError(
+            f"{needed_for} needs {module.split('.')[0]}, which is not installed ({error}); "
+            f"install it with: pip install 'distlearn[{extra}]'"
+        ) from error

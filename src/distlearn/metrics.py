@@ -149,7 +149,9 @@ class MetricsWriter:
         self._file = open(self.path, "a" if append else "w", buffering=1, encoding="utf-8")  # noqa: SIM115
         self._tensorboard = None
         if tensorboard == "on" and not tensorboard_available():
-            raise ConfigError("--tensorboard on needs the tensorboard package: pip install tensorboard")
+            raise ConfigError(
+                "--tensorboard on needs the tensorboard package: pip install 'distlearn[tensorboard]'"
+            )
         if tensorboard != "off" and tensorboard_available():
             from torch.utils.tensorboard import SummaryWriter
 

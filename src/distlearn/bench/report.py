@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from distlearn.bench.harness import report_fields
-from distlearn.errors import DataError
+from distlearn.errors import DataError, require_extra
 
 __all__ = ["PROJECTION_WORKERS", "compare", "environment", "markdown", "plot", "project", "table_rows"]
 
@@ -219,8 +219,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     Bytes sent are on a log axis (codecs send 10-500x less than dense sync); runs that send nothing
     (single process, Hogwild!) are left out of that panel only.
     """
-    import matplotlib
-
+    matplotlib = require_extra("matplotlib", "plot", "distlearn bench's plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

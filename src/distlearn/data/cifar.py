@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distlearn.errors import DataError
+from distlearn.errors import DataError, require_extra
 
 __all__ = ["CLASSES", "read_binary_batches", "read_jpeg_zip", "read_python_batches"]
 
@@ -134,6 +134,7 @@ def _writable(directory: Path) -> bool:
 
 
 def _decode(path: Path, split: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    require_extra("PIL", "plot", "decoding CIFAR-10's JPEG zip (Pillow)")
     from PIL import Image, UnidentifiedImageError
 
     try:

@@ -22,7 +22,7 @@ import time
 import webbrowser
 from pathlib import Path
 
-from distlearn.errors import ConfigError
+from distlearn.errors import ConfigError, require_extra
 
 __all__ = ["add_arguments", "run"]
 
@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for module in ("starlette", "uvicorn", "anyio", "contourpy", "psutil"):
+        require_extra(module, "live", "distlearn live")
     from distlearn.live.demo import DemoBudget, DemoLauncher, demo_strategies
     from distlearn.live.server import LiveServer
 

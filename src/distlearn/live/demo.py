@@ -10,7 +10,7 @@ every one. :data:`DEMO_WORKERS` gives each its number of processes, 2 for one no
 Stopping: Ctrl-C, the server's exit, or the end of the page's session calls :meth:`DemoLauncher.stop`. It
 sends SIGINT to each run's process group (``distlearn train`` then stops the torchrun job it launched, in
 its own session, see :func:`distlearn.launch.launch_local`), waits, and kills with SIGKILL every process of
-the run's tree (recorded from ``/proc`` before the interrupt) that is still alive after the grace period.
+the run's tree (recorded with psutil before the interrupt) that is still alive after the grace period.
 
 The budget is deliberately small (a 2-core machine runs all of them at once): with the defaults each run
 takes 300 steps of a global batch of 64 on a 12,000-image subset, logging every 5 steps and evaluating on
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distlearn.errors import ConfigError
+from distlearn.errors import ConfigError, require_extra
 
 __all__ = [
     "DEFAULT_STRATEGIES",
@@ -110,35 +110,21 @@ class DemoBudget:
 
 
 def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (children, their children, ...), read from ``/proc``."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        # the command name (field 2) may hold spaces and parentheses: the fields after it follow the last ")"
-        parent = int(stat[stat.rfind(")") + 2 :].split()[1])
-        parents.setdefault(parent, []).append(int(entry))
-    found: list[int] = []
-    stack = [pid]
-    while stack:
-        for child in parents.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
+    """Every live descendant of ``pid`` (children, their children, ...), from psutil's process table."""
+    psutil = require_extra("psutil", "live", "distlearn live --demo")
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:  # ended (or never existed): no descendants to find
+        return []
 
 
 def _alive(pid: int) -> bool:
+    psutil = require_extra("psutil", "live", "distlearn live --demo")
     try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-            state = handle.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        # a zombie has ended; only its parent's wait is missing
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    return state != "Z"  # a zombie has ended; only its parent's wait is missing
 
 
 @dataclass

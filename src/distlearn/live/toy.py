@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from distlearn.errors import ConfigError
+from distlearn.errors import ConfigError, require_extra
 from distlearn.live.sse import sse_message
 
 __all__ = ["MAX_STEPS", "contour_surface", "parse_run_request", "toy_options", "toy_routes", "trajectories"]
@@ -76,7 +76,7 @@ def contour_surface(name: str) -> dict[str, Any]:
     window, at least 1e-4 of its maximum) to the maximum, evenly spaced in log, so flat valleys and steep
     walls are both visible. Lines are lists of ``[x, y]`` in the problem's coordinates.
     """
-    import contourpy
+    contourpy = require_extra("contourpy", "live", "the live page's toy view")
     import torch
 
     from distlearn.toy.problems import get_problem

@@ -22,16 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from distlearn.errors import ConfigError
+from distlearn.errors import ConfigError, require_extra
 
 __all__ = ["AtariFrames", "EnvPool", "make_env", "solved_threshold"]
 
 
 def _gymnasium():
-    try:
-        import gymnasium
-    except ImportError as error:  # pragma: no cover - depends on the installation
-        raise ConfigError("distlearn rl needs gymnasium: pip install gymnasium") from error
+    gymnasium = require_extra("gymnasium", "rl", "distlearn rl")
     if "MinAtar" not in " ".join(gymnasium.registry):
         with contextlib.suppress(ImportError):  # the optional extra `distlearn[rl]`: MinAtar/Breakout-v1 ...
             from minatar.gym import register_envs
@@ -55,9 +52,9 @@ def make_env(env_id: str, seed: int, *, render_mode: str | None = None) -> Any:
     if env_id not in gymnasium.registry:
         hint = ""
         if env_id.startswith("MinAtar"):
-            hint = " (MinAtar games need `pip install minatar`)"
+            hint = " (MinAtar games need `pip install 'distlearn[rl]'`)"
         elif env_id.startswith("ALE/"):
-            hint = " (Atari games need `pip install ale-py`)"
+            hint = " (Atari games need `pip install 'distlearn[atari]'`)"
         raise ConfigError(f"unknown environment {env_id!r}{hint}; try --env CartPole-v1 or Acrobot-v1")
     if env_id.startswith("ALE/"):  # v5: 4 frames per action, sticky actions 0.25 (Machado et al. 2018)
         env = AtariFrames(gymnasium.make(env_id, obs_type="grayscale", render_mode=render_mode))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from distlearn.errors import ConfigError
+from distlearn.errors import ConfigError, require_extra
 from distlearn.rl.common import load_policy, make_env
 
 __all__ = ["play"]
@@ -61,6 +61,7 @@ def play(
 
 
 def _write_gif(frames: list, path: Path, every: int = 2, width: int = 300) -> None:
+    require_extra("PIL", "plot", "distlearn rl play --gif (Pillow)")
     from PIL import Image
 
     if not frames:

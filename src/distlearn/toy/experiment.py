@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 import distlearn
-from distlearn.errors import ConfigError
+from distlearn.errors import ConfigError, require_extra
 from distlearn.toy.config import ToyConfig
 from distlearn.toy.functions import TestFunction
 from distlearn.toy.problems import get_problem, resolve_problems
@@ -107,7 +107,9 @@ def _validate(config: ToyConfig) -> None:
 
 def run_toy(config: ToyConfig) -> list[ProblemResult]:
     """Run ``config`` and write ``<out>/<problem>.{png,gif,json}`` for every chosen problem."""
-    from distlearn.toy.plots import save_animation, save_contour_plot  # matplotlib only when drawing
+    for module in ("matplotlib", "PIL"):  # only when drawing
+        require_extra(module, "plot", "distlearn toy's contour plots and GIFs")
+    from distlearn.toy.plots import save_animation, save_contour_plot
 
     _validate(config)
     problems = resolve_problems(config.function)

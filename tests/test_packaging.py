@@ -1,0 +1,79 @@
+"""Packaging: the core installs only what parallelize() and train need; every extra is imported lazily.
+
+A subprocess refuses every optional package (a sys.meta_path finder), as on a machine where only
+``pip install distlearn`` ran, and shows that the library and the trainer still import, and that a command
+needing an extra says which one to install.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONAL = ("starlette", "uvicorn", "anyio", "gymnasium", "matplotlib", "PIL", "tensorboard", "ale_py",
+            "minatar", "contourpy", "psutil", "watchfiles")  # fmt: skip
+
+_REFUSE = f"""
+import sys
+OPTIONAL = {OPTIONAL!r}
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in OPTIONAL:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (refused by the test)", name=name)
+        return None
+sys.meta_path.insert(0, Refuse())
+"""
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _REFUSE + code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_core_imports_without_any_optional_package():
+    result = _run(
+        "import distlearn, distlearn.train, distlearn.parallel.api, distlearn.train_cli\n"
+        "assert callable(distlearn.parallelize)\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in OPTIONAL)\n"
+        "assert not loaded, loaded\n"
+        "print('ok')\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_a_command_needing_an_extra_names_it():
+    result = _run("from distlearn.cli import main\nsys.exit(main(['live', '--port', '0']))\n")
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'distlearn[live]'" in result.stderr
+    result = _run(
+        "from distlearn.errors import ConfigError\n"
+        "from distlearn.rl.envs import make_env\n"
+        "try:\n    make_env('CartPole-v1', 0)\nexcept ConfigError as error:\n    print(error)\n"
+    )
+    assert "pip install 'distlearn[rl]'" in result.stdout, result.stderr
+
+
+def test_core_dependencies_are_the_small_set():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {spec.split(";")[0].split(">")[0].split("<")[0].split("=")[0].strip() for spec in
+             project["dependencies"]}  # fmt: skip
+    assert names == {"torch", "numpy", "rich", "tyro", "tomli"}
+    extras = project["optional-dependencies"]
+    assert {"live", "rl", "atari", "plot", "tensorboard", "dev"} <= set(extras)
+    assert project["license"] == "MIT" and (ROOT / "LICENSE").is_file()
+    dev = " ".join(extras["dev"])
+    for extra in ("live", "rl", "atari", "plot", "tensorboard"):
+        assert extra in dev.split("[", 1)[1].split("]")[0].split(","), f"dev lacks the {extra} extra"
