@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -50,8 +52,11 @@ __all__ = [
     "SCHEMA_VERSION",
     "MetricRecord",
     "MetricsWriter",
+    "cut_metrics",
     "load_runs",
+    "metrics_files",
     "read_metrics",
+    "read_run",
     "tensorboard_available",
 ]
 
@@ -124,8 +129,12 @@ class MetricsWriter:
         tensorboard: ``"auto"`` writes events under ``run_dir/tensorboard`` when the package is installed,
             ``"on"`` requires it, ``"off"`` never writes them.
         append: continue an existing file (resumed runs) instead of starting a new one.
+        cut_after: with ``append``, first drop the file's records after this step and every summary
+            record (a resumed run continues from its checkpoint's step: one curve, no duplicates).
         filename: the JSON-lines file inside ``run_dir``; ranks other than 0 default to
-            ``metrics.rank<k>.jsonl`` so processes never interleave lines.
+            ``metrics.rank<k>.jsonl`` so processes never interleave lines (the trainer names the file of
+            the process that does the job's I/O ``metrics.jsonl`` whatever its rank, e.g. a parameter
+            server's first worker).
     """
 
     def __init__(
@@ -138,6 +147,7 @@ class MetricsWriter:
         role: str = "worker",
         tensorboard: Literal["auto", "on", "off"] = "auto",
         append: bool = False,
+        cut_after: int | None = None,
         filename: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
@@ -146,6 +156,8 @@ class MetricsWriter:
         self.rank, self.world_size, self.role = rank, world_size, role
         name = filename or (METRICS_FILE if rank == 0 else f"metrics.rank{rank}.jsonl")
         self.path = self.run_dir / name
+        if append and cut_after is not None:
+            cut_metrics(self.path, cut_after)
         self._file = open(self.path, "a" if append else "w", buffering=1, encoding="utf-8")  # noqa: SIM115
         self._tensorboard = None
         if tensorboard == "on" and not tensorboard_available():
@@ -188,6 +200,76 @@ class MetricsWriter:
         self.close()
 
 
+def cut_metrics(path: str | Path, step: int) -> int:
+    """Drop the records of ``path`` after ``step`` and every summary; returns how many were dropped.
+
+    Used when a run resumes from its checkpoint at ``step``: the killed run's records past the checkpoint
+    would otherwise stay beside the resumed run's records for the same steps. The file is rewritten
+    atomically (a temporary file beside it, then ``os.replace``); a missing file is left missing, and a
+    last line cut short by a crash is dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            values = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1  # a line cut short by the kill
+            continue
+        if values.get("kind") == "summary" or values.get("step", 0) > step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(kept), encoding="utf-8")
+    os.replace(temporary, path)
+    return dropped
+
+
+_RANK_FILE = re.compile(r"metrics\.rank(\d+)\.jsonl")
+
+
+def metrics_files(run_dir: str | Path) -> list[Path]:
+    """The metrics files of a run directory: ``metrics.jsonl`` first, then ``metrics.rank<k>.jsonl`` by k."""
+    run_dir = Path(run_dir)
+    ranked = sorted(
+        (int(match.group(1)), path)
+        for path in run_dir.glob("metrics.rank*.jsonl")
+        if (match := _RANK_FILE.fullmatch(path.name))
+    )
+    main = [run_dir / METRICS_FILE] if (run_dir / METRICS_FILE).is_file() else []
+    return main + [path for _, path in ranked]
+
+
+def read_run(path: str | Path) -> list[MetricRecord]:
+    """The records of a run: a metrics file, or a run directory whatever its strategy.
+
+    A directory's records are those of ``metrics.jsonl`` or, in a run written before every strategy named
+    its I/O process's file so, of the lowest rank's ``metrics.rank<k>.jsonl``. When that file holds no
+    train records (DNI: rank 0 evaluates, the top stage trains), the train records of the first other
+    rank file that has some are added.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return read_metrics(path)
+    files = metrics_files(path)
+    if not files:
+        raise DataError(
+            f"no metrics file in {path} (metrics.jsonl or metrics.rank<k>.jsonl); "
+            "pass a run directory written by `distlearn train`"
+        )
+    records = read_metrics(files[0])
+    if not any(r.kind == "train" for r in records):
+        for other in files[1:]:
+            train = [r for r in read_metrics(other) if r.kind == "train"]
+            if train:
+                records = train + records
+                break
+    return records
+
+
 def read_metrics(path: str | Path) -> list[MetricRecord]:
     """Read a metrics file (or a run directory holding ``metrics.jsonl``) back into records.
 
@@ -217,7 +299,7 @@ def load_runs(paths: list[str | Path]) -> dict[str, list[MetricRecord]]:
     """Records of several runs keyed by a unique label (the run name, or the path when names clash)."""
     runs: dict[str, list[MetricRecord]] = {}
     for path in paths:
-        records = read_metrics(path)
+        records = read_run(path)
         label = records[0].run if records and records[0].run else Path(path).name
         if label in runs:
             label = str(path)

@@ -117,13 +117,20 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """newest checkpoints kept on disk (>= 2)"""
     resume: str | None = None
-    """checkpoint file, or directory (its newest), to resume from"""
+    """checkpoint file, or directory (its newest), to resume from; its records after the checkpoint's step
+    are dropped from OUT's metrics"""
+    overwrite: bool = False
+    """delete an earlier run's metrics, checkpoints and TensorBoard events in OUT first (without it, or
+    --resume, an OUT holding a run is refused)"""
     progress: Literal["auto", "on", "off"] = "auto"
-    """progress bar: auto shows it on a terminal only"""
+    """progress display: the bar on a terminal (auto: when stderr is one); plain lines when stdout is not
+    a terminal (off: neither)"""
+    progress_every: float = 5.0
+    """seconds between the plain progress lines written when stdout is not a terminal"""
     tensorboard: Literal["auto", "on", "off"] = "auto"
     """TensorBoard events in OUT/tensorboard (auto: if installed)"""
     quiet: bool = False
-    """do not print the summary at the end"""
+    """no progress bar or lines while training (the summary at the end is still printed)"""
     options: Annotated[Any, tyro.conf.Suppress] = None
     """the strategy's options (an instance of its ``Options`` dataclass; None: its defaults)"""
 
@@ -140,7 +147,7 @@ class TrainConfig:
         """ConfigError for a value no run can use, naming the flag and the fix (the common options)."""
         for name in ("workers", "epochs", "batch_size", "eval_batch_size", "log_every"):
             positive(name, getattr(self, name))
-        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "progress_every"):
             positive(name, getattr(self, name), allow_zero=True)
         for name in ("steps", "lr", "clip_grad_norm", "train_samples", "test_samples", "threads"):
             positive(name, getattr(self, name), allow_none=True)

@@ -36,6 +36,7 @@ from distlearn.models import create_model
 from distlearn.parallel import strategy_class
 from distlearn.train.config import TrainConfig, config_to_toml, validate_config
 from distlearn.train.inputs import check_fit, check_importable, resolve_inputs, run_data
+from distlearn.train.outdir import prepare_out
 from distlearn.train.report import TrainResult
 
 __all__ = ["launch_from_python", "launch_workers", "processes_to_launch", "read_result", "run_config"]
@@ -64,6 +65,7 @@ def run_config(config: TrainConfig, train: TrainFn) -> int:
     """``distlearn train``: check ``config`` whole, then train here or start the job's processes."""
     validate_config(config)
     check_importable(config)
+    prepare_out(config)  # an earlier run in --out: refused, or removed with --overwrite
     processes = processes_to_launch(config)
     if not processes:
         train(config)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -53,13 +52,22 @@ from distlearn.data.prepare import RunData
 from distlearn.data.user import TrainData
 from distlearn.errors import ConfigError
 from distlearn.evaluation import evaluate
-from distlearn.metrics import MetricRecord, MetricsWriter
+from distlearn.metrics import METRICS_FILE, MetricRecord, MetricsWriter
 from distlearn.models import count_parameters, create_model
 from distlearn.parallel import Strategy, create_strategy
 from distlearn.train.config import TrainConfig, validate_config
 from distlearn.train.inputs import LossFn, check_fit, has_objects, resolve_inputs, run_data
 from distlearn.train.launch import launch_from_python
-from distlearn.train.report import Progress, TrainResult, Window, print_summary
+from distlearn.train.outdir import prepare_out
+from distlearn.train.report import (
+    Progress,
+    TrainResult,
+    Window,
+    print_summary,
+    progress_wanted,
+    served_result,
+)
+from distlearn.train.report import status_of as _status
 from distlearn.train.schedule import make_scheduler
 from distlearn.train.state import RunState, check_resume, rng_state, seed_everything, set_rng_state
 
@@ -91,6 +99,7 @@ def train(
     """
     validate_config(config, check_optimizer=optimizer is None, check_strategy=False)
     if strategy is None:  # outside torchrun, a job of several processes is launched (train.launch)
+        prepare_out(config)  # an earlier run in --out: refused, or removed with --overwrite
         objects = has_objects(model=model, optimizer=optimizer, loss_fn=loss_fn, train_data=train_data)
         launched = launch_from_python(config, train, objects)
         if launched is not None:
@@ -112,7 +121,7 @@ def train(
         try:
             if not strategy.trains:  # e.g. a parameter server: its whole life is serving the workers
                 strategy.serve()
-                return _served_result(strategy)
+                return served_result(strategy)
             started = time.perf_counter()
             data = run_data(config, train_data, test_data)
             if model is not None or train_data is not None:
@@ -120,29 +129,6 @@ def train(
             return _Run(config, strategy, data, model, optimizer, loss_fn, started=started).run()
         finally:
             strategy.close()
-
-
-def _status(record: MetricRecord) -> str:
-    return f"test loss {record.loss:.4f}" if record.accuracy is None else f"test acc {record.accuracy:.4f}"
-
-
-def _served_result(strategy: Strategy) -> TrainResult:
-    return TrainResult(
-        model=nn.Identity(),
-        test_accuracy=math.nan,
-        test_loss=math.nan,
-        best_accuracy=math.nan,
-        steps=0,
-        epochs=0.0,
-        samples_per_s=0.0,
-        train_seconds=0.0,
-        wall_time=0.0,
-        seconds_per_epoch=[],
-        metrics_path=None,
-        checkpoint=None,
-        evaluations=[],
-        summary={"role": strategy.role, "strategy": strategy.describe()},
-    )
 
 
 @contextlib.contextmanager
@@ -189,6 +175,7 @@ class _Run:
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self._build(model, optimizer)
         self.state = RunState()
+        self.window = Window(classify=data.classification)
         self.resumed_from: int | None = None  # the checkpoint's step when this run continues another
         if config.resume is not None:
             self._restore(config.resume)
@@ -202,15 +189,14 @@ class _Run:
             role=strategy.role,
             tensorboard=config.tensorboard if strategy.is_main else "off",
             append=config.resume is not None,
+            cut_after=self.resumed_from,  # the killed run's records past the checkpoint go
+            filename=METRICS_FILE if strategy.is_main else f"metrics.rank{strategy.rank}.jsonl",
         )
         self.last_checkpoint: Path | None = None
         self.evaluations: list[MetricRecord] = []
-        show = strategy.is_main and (
-            config.progress == "on" or (config.progress == "auto" and sys.stderr.isatty())
-        )
-        self.progress = Progress(show, self.total_steps, self.state.step)
+        bar, lines_every = progress_wanted(config, strategy.is_main)
+        self.progress = Progress(bar, lines_every, self.total_steps, self.state.step, strategy.replicas)
         self.progress_every = max(1, self.steps_per_epoch // 100)
-        self.window = Window(classify=data.classification)
         self.train_seconds = 0.0  # time in training steps only (evaluation and checkpoints excluded)
         self.hook_seconds = 0.0  # the closure's time in strategy.before_step (closure optimizers call it)
         self.parameters: list[torch.Tensor] = []
@@ -246,6 +232,8 @@ class _Run:
         self.strategy.load_state_dict(saved["strategy"])
         self.state = RunState.from_position(saved["position"])
         set_rng_state(saved["rng"], self.augment_generator)
+        if saved.get("window") is not None and self.strategy.is_main:  # the partial window it saved
+            self.window.load_state_dict(saved["window"])
 
     # -- the loop -----------------------------------------------------------------------------------------
 
@@ -333,15 +321,16 @@ class _Run:
         if step % config.log_every == 0:
             self._write_window()
         elif step % self.progress_every == 0:
-            self.progress.update(step)
+            self.progress.update(step, samples=self.state.samples)
         pause = None
         if config.eval_every and step % config.eval_every == 0 and self.strategy.evaluates:
             pause = time.perf_counter()
             record = self._evaluate()
             self.progress.update(step, _status(record))
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
-            pause = pause or time.perf_counter()
-            self._save(epoch_complete=self.state.step_in_epoch == self.steps_per_epoch)
+        ends_epoch = self.state.step_in_epoch == self.steps_per_epoch or step >= self.total_steps
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and not ends_epoch:
+            pause = pause or time.perf_counter()  # (the epoch's end saves after its evaluation)
+            self._save(epoch_complete=False)
         if pause is not None:
             self.window.started += time.perf_counter() - pause
             self.train_seconds += pause - self.segment_started
@@ -398,7 +387,7 @@ class _Run:
             extra={"comm_s": window.comm, "compute_s": max(0.0, elapsed - window.comm)},
         )
         self.writer.write(record)
-        self.progress.update(self.state.step, f"loss {mean_loss:.4f}")
+        self.progress.update(self.state.step, f"loss {mean_loss:.4f}", samples=self.state.samples)
         window.reset()
 
     def _evaluate(self) -> MetricRecord:
@@ -428,6 +417,7 @@ class _Run:
             "strategy": self.strategy.state_dict(),
             "position": self.state.position(self.now(), epoch_complete),
             "rng": rng_state(self.augment_generator),
+            "window": self.window.state_dict(),  # the next train record's steps so far
             "config": asdict(self.config),
             "versions": {"torch": str(torch.__version__)},
         }

@@ -1,7 +1,20 @@
-"""What a run reports: the progress bar, the summary (a dict in the metrics, a table on the terminal)."""
+"""What a run reports: the progress display, the summary (a dict in the metrics, a table on the terminal).
+
+Progress, on the process that does the job's I/O: a rich bar on stderr when it is a terminal, and when
+stdout is not one (nohup, a batch scheduler, a pipe) one plain line every ``--progress-every`` seconds,
+flushed at once::
+
+    train step 120/600 (20%)  loss 0.5123  test acc 0.8011  1,234 samples/s  ETA 0:00:42
+
+``samples/s`` is the job's (every replica's samples) since the previous line; the ETA extrapolates this
+run's pace. ``--quiet`` shows neither; ``--progress off`` neither.
+"""
 
 from __future__ import annotations
 
+import datetime
+import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +25,15 @@ from torch import nn
 
 from distlearn.metrics import MetricRecord
 
-__all__ = ["Progress", "TrainResult", "Window", "print_summary"]
+__all__ = [
+    "Progress",
+    "TrainResult",
+    "Window",
+    "print_summary",
+    "progress_wanted",
+    "served_result",
+    "status_of",
+]
 
 
 @dataclass
@@ -53,6 +74,22 @@ class Window:
         if self.classify:
             self.correct += (logits.argmax(dim=1) == y).sum()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The window so far, for a checkpoint: a resumed run's first record then covers the same steps."""
+        return {
+            "loss": self.loss.clone(),
+            "correct": self.correct.clone(),
+            "samples": self.samples,
+            "comm": self.comm,
+            "elapsed": time.perf_counter() - self.started,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss.copy_(state["loss"])
+        self.correct.copy_(state["correct"])
+        self.samples, self.comm = state["samples"], state["comm"]
+        self.started = time.perf_counter() - state["elapsed"]
+
     def reset(self) -> None:
         self.loss.zero_()
         self.correct.zero_()
@@ -62,11 +99,25 @@ class Window:
 
 
 class Progress:
-    """A rich progress bar on the main rank when wanted; otherwise every call is a no-op."""
+    """The progress display of the main rank: a rich bar, plain lines, both or none (each call is cheap).
 
-    def __init__(self, enabled: bool, total: int, done: int) -> None:
+    Args:
+        bar: show the rich bar (on stderr).
+        lines_every: seconds between plain lines on stdout (None: no lines).
+        total, done: the run's steps, and those done before this process (a resumed run).
+        replicas: processes whose samples make the job's samples/s (each reports its own ``samples``).
+    """
+
+    def __init__(
+        self, bar: bool, lines_every: float | None, total: int, done: int, replicas: int = 1
+    ) -> None:
         self._bar = None
-        if not enabled:
+        self.lines_every, self.total, self.replicas = lines_every, total, replicas
+        self.started = self._last_time = time.perf_counter()
+        self.first_step = self._last_step = self._step = done
+        self._samples = self._last_samples = 0
+        self._status: dict[str, str] = {}
+        if not bar:
             return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -82,15 +133,76 @@ class Progress:
         self._task = self._bar.add_task("train", total=total, completed=done, status="")
         self._bar.start()
 
-    def update(self, completed: int, status: str | None = None) -> None:
+    def update(self, completed: int, status: str | None = None, samples: int | None = None) -> None:
+        """``completed`` steps; ``status`` e.g. ``"loss 0.51"``; ``samples`` this process's so far."""
+        self._step = completed
+        if samples is not None:
+            self._samples = samples
+        if status is not None:
+            self._status[status.split()[0]] = status  # the latest "loss ..." and "test ..." both show
         if self._bar is not None:
             fields = {} if status is None else {"status": status}
             self._bar.update(self._task, completed=completed, **fields)
+        if self.lines_every is not None and time.perf_counter() - self._last_time >= self.lines_every:
+            self._line()
+
+    def line(self) -> str:
+        """The plain progress line of now (and the rate since the previous line)."""
+        now = time.perf_counter()
+        step, total = self._step, self.total
+        rate = (self._samples - self._last_samples) * self.replicas / max(now - self._last_time, 1e-9)
+        done = step - self.first_step
+        eta = (now - self.started) / done * (total - step) if done > 0 else None
+        words = [f"train step {step}/{total} ({100 * step / max(total, 1):.0f}%)"]
+        words += [self._status[key] for key in ("loss", "test") if key in self._status]
+        words.append(f"{rate:,.0f} samples/s")
+        words.append("ETA " + (str(datetime.timedelta(seconds=round(eta))) if eta is not None else "-"))
+        return "  ".join(words)
+
+    def _line(self) -> None:
+        print(self.line(), flush=True)
+        self._last_time, self._last_step, self._last_samples = time.perf_counter(), self._step, self._samples
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+        if self.lines_every is not None and self._step != self._last_step:
+            self._line()  # where the run ended
+            self.lines_every = None
+
+
+def status_of(record: MetricRecord) -> str:
+    """An evaluation for the progress display."""
+    return f"test loss {record.loss:.4f}" if record.accuracy is None else f"test acc {record.accuracy:.4f}"
+
+
+def served_result(strategy: Any) -> TrainResult:
+    """The result of a process that served the job instead of training (e.g. a parameter server)."""
+    return TrainResult(
+        model=nn.Identity(),
+        test_accuracy=math.nan,
+        test_loss=math.nan,
+        best_accuracy=math.nan,
+        steps=0,
+        epochs=0.0,
+        samples_per_s=0.0,
+        train_seconds=0.0,
+        wall_time=0.0,
+        seconds_per_epoch=[],
+        metrics_path=None,
+        checkpoint=None,
+        evaluations=[],
+        summary={"role": strategy.role, "strategy": strategy.describe()},
+    )
+
+
+def progress_wanted(config: Any, is_main: bool) -> tuple[bool, float | None]:
+    """(the bar, the plain lines' period) that ``config`` asks of this process."""
+    if not is_main or config.quiet or config.progress == "off":
+        return False, None
+    bar = config.progress == "on" or sys.stderr.isatty()
+    return bar, None if sys.stdout.isatty() else config.progress_every
 
 
 # -- the loop ----------------------------------------------------------------------------------------------

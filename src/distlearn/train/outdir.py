@@ -1,0 +1,77 @@
+"""The run directory ``--out``: an earlier run there is refused, continued (``--resume``) or replaced.
+
+A run writes into ``OUT``: ``metrics.jsonl`` (and ``metrics.rank<k>.jsonl`` of other ranks),
+``checkpoints/step-*.pt``, ``tensorboard/rank<k>/`` events, a parameter server's ``ps-server<k>.json``
+and ``ps-server<k>-final.pt`` and, for DNI, ``summary.json`` and ``messages.rank<k>.json``. A new run
+into a directory that holds such files would mix its records and checkpoints with the earlier run's (and
+``--resume OUT/checkpoints`` would then pick the earlier run's newest checkpoint), so
+:func:`prepare_out` refuses it unless ``--resume`` continues that run or ``--overwrite`` removes those
+files first -- only those: anything else in ``OUT`` stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+from typing import Any
+
+from distlearn.errors import ConfigError
+
+__all__ = ["earlier_run", "prepare_out"]
+
+_FILES = (
+    re.compile(r"metrics(\.rank\d+)?\.jsonl(\.tmp)?"),
+    re.compile(r"summary\.json"),
+    re.compile(r"messages\.rank\d+\.json"),
+    re.compile(r"ps-server\d+(\.json|-final\.pt)"),
+)
+_CHECKPOINT = re.compile(r"(step-\d+\.pt|\.step-\d+\.pt\.tmp-\d+)")
+_EVENTS = re.compile(r"events\.out\.tfevents\..*")
+
+
+def earlier_run(out: str | Path) -> list[Path]:
+    """The files of an earlier run in ``out`` (those a distlearn run writes), sorted; [] if none."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    found = [path for path in out.iterdir() if path.is_file() and any(p.fullmatch(path.name) for p in _FILES)]
+    checkpoints = out / "checkpoints"
+    if checkpoints.is_dir():
+        found += [path for path in checkpoints.iterdir() if _CHECKPOINT.fullmatch(path.name)]
+    tensorboard = out / "tensorboard"
+    if tensorboard.is_dir():
+        found += [path for path in tensorboard.glob("rank*/*") if _EVENTS.fullmatch(path.name)]
+    return sorted(found)
+
+
+def prepare_out(config: Any) -> None:
+    """Refuse an ``--out`` holding an earlier run unless ``--resume`` or ``--overwrite`` (which removes it).
+
+    Runs before any worker starts (the launcher) and again in each worker before its rendezvous, where no
+    process has written anything yet.
+    """
+    if config.resume is not None and config.overwrite:
+        raise ConfigError(
+            "--resume continues the run in --out and --overwrite deletes it: pass only one of them"
+        )
+    if config.resume is not None:
+        return
+    found = earlier_run(config.out)
+    if not found:
+        return
+    if not config.overwrite:
+        out = Path(config.out)
+        shown = ", ".join(str(path.relative_to(out)) for path in found[:4])
+        more = f" and {len(found) - 4} more" if len(found) > 4 else ""
+        raise ConfigError(
+            f"--out {config.out} holds an earlier run ({shown}{more}); pass --resume {out / 'checkpoints'} "
+            "to continue it, --overwrite to delete its metrics, checkpoints and TensorBoard events first, "
+            "or another --out"
+        )
+    for path in found:
+        path.unlink(missing_ok=True)  # another worker of this job may have removed it already
+    out = Path(config.out)
+    for directory in [*sorted((out / "tensorboard").glob("rank*")), out / "tensorboard", out / "checkpoints"]:
+        with contextlib.suppress(OSError):  # kept when it holds files distlearn did not write
+            directory.rmdir()
