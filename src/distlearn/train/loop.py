@@ -442,7 +442,7 @@ class _Run:
         )
         self.writer.write(record)
         self.writer.close()
-        if strategy.is_main and not self.config.quiet:
+        if strategy.is_main:  # --quiet too: a log of the run ends with its summary
             print_summary(summary, samples_per_s, self.now(), self.writer.path)
         best = state.best_accuracy if state.best_accuracy >= 0 else math.nan
         return TrainResult(
