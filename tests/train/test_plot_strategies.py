@@ -1,0 +1,52 @@
+"""``distlearn plot`` draws every strategy's run: its directory holds ``metrics.jsonl`` whoever writes it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distlearn.metrics import read_run
+
+ROOT = Path(__file__).resolve().parents[2]
+FLAGS = [
+    "--dataset", "mnist", "--model", "mlp", "--optimizer", "sgd", "--lr", "0.05", "--steps", "8",
+    "--batch-size", "32", "--train-samples", "256", "--test-samples", "64", "--log-every", "2",
+    "--progress", "off", "--tensorboard", "off", "--threads", "1", "--quiet",
+]  # fmt: skip
+STRATEGIES = {
+    "sync": ["--workers", "2"],
+    "ps": ["--workers", "3"],  # rank 0 serves; the first worker, rank 1, does the job's I/O
+    "local-sgd": ["--workers", "2"],
+    "easgd": ["--workers", "2"],
+    "hogwild": ["--workers", "2"],
+    "dni": ["--stages", "2", "--optimizer", "adam", "--no-checkpoints"],  # rank 0 evaluates, rank 1 trains
+}
+
+
+def _run(*argv: str, timeout: float = 150) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    command = [sys.executable, "-m", "distlearn.cli", *argv]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_plot_draws_a_run_of_every_strategy(tmp_path, shared_data, strategy):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / strategy
+    flags = [*FLAGS, "--data-root", str(shared_data), "--strategy", strategy, *STRATEGIES[strategy]]
+    done = _run("train", *flags, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "metrics.jsonl").is_file()
+    records = read_run(out)
+    assert [r.step for r in records if r.kind == "train"] == [2, 4, 6, 8]
+    assert [r.step for r in records if r.kind == "eval"] == [8]
+    png = tmp_path / "curves.png"
+    drawn = _run("plot", str(out), "--out", str(png), timeout=60)
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
