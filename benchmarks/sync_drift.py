@@ -53,6 +53,7 @@ def worker(dropout: float, steps: int, strategy: str, out: str) -> None:
         eval_every=steps,
         test_samples=1000,
         out=out,
+        overwrite=True,  # a rerun replaces the earlier one
         seed=0,
     )
     result = train(config, model=LeNet(dropout=dropout))

@@ -90,6 +90,7 @@ def train_arguments(suite: Suite, entry: Entry, out: Path) -> list[str]:
         "--tensorboard",
         "off",
         "--quiet",
+        "--overwrite",  # a rerun of the suite replaces the entry's earlier run
         *entry.flags,
     ]
     if entry.workers > 1 or entry.strategy != "single":
