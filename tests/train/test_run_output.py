@@ -182,3 +182,18 @@ def test_a_run_dir_without_metrics_jsonl_reads_its_lowest_rank(tmp_path):
     assert [r.loss for r in read_run(tmp_path)] == [1.0]
     with pytest.raises(Exception, match="no metrics file"):
         read_run(tmp_path / "missing")
+
+
+def test_a_run_stopped_by_steps_and_extended_has_one_curve_and_one_summary(tmp_path, synthetic):
+    train_set, test_set = synthetic
+    constant = {"schedule": "constant", "warmup_steps": 0}  # the lr does not depend on the total steps
+    full = train(config(tmp_path / "full", epochs=2, **constant), train_data=train_set, test_data=test_set)
+    short = config(tmp_path / "short", epochs=2, steps=10, **constant)
+    train(short, train_data=train_set, test_data=test_set)  # stops at step 10 (mid-epoch), evaluates there
+    train(replace(short, steps=None, resume=str(tmp_path / "short" / "run" / "checkpoints")),
+          train_data=train_set, test_data=test_set)  # fmt: skip
+    expected, got = read_metrics(full.metrics_path), read_metrics(tmp_path / "short" / "run")
+    assert steps(got, "train") == steps(expected, "train")
+    assert [r.loss for r in got if r.kind == "train"] == [r.loss for r in expected if r.kind == "train"]
+    assert steps(got, "eval") == [10, 12, 24]  # the stop's own evaluation stays, once
+    assert [r.kind for r in got].count("summary") == 1 and got[-1].kind == "summary"
