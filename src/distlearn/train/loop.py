@@ -34,11 +34,9 @@ Python API::
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -59,9 +57,16 @@ from distlearn.parallel import Strategy, create_strategy
 from distlearn.train.config import TrainConfig, validate_config
 from distlearn.train.inputs import LossFn, check_fit, has_objects, resolve_inputs, run_data
 from distlearn.train.launch import launch_from_python
-from distlearn.train.report import Progress, TrainResult, Window, print_summary
+from distlearn.train.report import Progress, TrainResult, Window, print_summary, served_result
 from distlearn.train.schedule import make_scheduler
-from distlearn.train.state import RunState, check_resume, rng_state, seed_everything, set_rng_state
+from distlearn.train.state import (
+    RunState,
+    check_resume,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    torch_settings,
+)
 
 __all__ = ["TrainResult", "train"]
 
@@ -107,12 +112,12 @@ def train(
             )
     model, loss_fn, train_data, test_data = resolve_inputs(config, model, loss_fn, train_data, test_data)
     strategy = strategy if strategy is not None else create_strategy(config.strategy, run=config)
-    with _torch_settings(config):
+    with torch_settings(config):
         strategy.setup(config.seed)
         try:
             if not strategy.trains:  # e.g. a parameter server: its whole life is serving the workers
                 strategy.serve()
-                return _served_result(strategy)
+                return served_result(strategy)
             started = time.perf_counter()
             data = run_data(config, train_data, test_data)
             if model is not None or train_data is not None:
@@ -124,40 +129,6 @@ def train(
 
 def _status(record: MetricRecord) -> str:
     return f"test loss {record.loss:.4f}" if record.accuracy is None else f"test acc {record.accuracy:.4f}"
-
-
-def _served_result(strategy: Strategy) -> TrainResult:
-    return TrainResult(
-        model=nn.Identity(),
-        test_accuracy=math.nan,
-        test_loss=math.nan,
-        best_accuracy=math.nan,
-        steps=0,
-        epochs=0.0,
-        samples_per_s=0.0,
-        train_seconds=0.0,
-        wall_time=0.0,
-        seconds_per_epoch=[],
-        metrics_path=None,
-        checkpoint=None,
-        evaluations=[],
-        summary={"role": strategy.role, "strategy": strategy.describe()},
-    )
-
-
-@contextlib.contextmanager
-def _torch_settings(config: TrainConfig) -> Iterator[None]:
-    """Deterministic algorithms and the thread count for the run; the previous settings come back after."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    threads = torch.get_num_threads()
-    torch.use_deterministic_algorithms(config.deterministic)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        torch.set_num_threads(threads)
 
 
 class _Run:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from torch import nn
 
 from distlearn.metrics import MetricRecord
 
-__all__ = ["Progress", "TrainResult", "Window", "print_summary"]
+__all__ = ["Progress", "TrainResult", "Window", "print_summary", "served_result"]
 
 
 @dataclass
@@ -160,3 +161,23 @@ def print_summary(
         if value:
             table.add_row(key, str(value))
     Console().print(table)
+
+
+def served_result(strategy: Any) -> TrainResult:
+    """The result a rank that only serves (a parameter server) returns: no model, no accuracy."""
+    return TrainResult(
+        model=nn.Identity(),
+        test_accuracy=math.nan,
+        test_loss=math.nan,
+        best_accuracy=math.nan,
+        steps=0,
+        epochs=0.0,
+        samples_per_s=0.0,
+        train_seconds=0.0,
+        wall_time=0.0,
+        seconds_per_epoch=[],
+        metrics_path=None,
+        checkpoint=None,
+        evaluations=[],
+        summary={"role": strategy.role, "strategy": strategy.describe()},
+    )
