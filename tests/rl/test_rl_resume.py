@@ -5,7 +5,6 @@ a checkpoint of another run is refused."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -110,4 +109,16 @@ def test_two_sync_pg_replicas_resume_exactly(tmp_path):
     job = [WORKER, "sync-pg", json.dumps({**values, "out": str(resumed), "resume": checkpoint})]
     assert launch_local(job, 2, module=False, timeout_s=90, threads_per_worker=1) == 0
     _assert_equal(_weights(resumed), _weights(full))
-    shutil.rmtree(tmp_path)
+
+
+@pytest.mark.timeout(120)
+def test_naive_resumed_from_a_checkpoint_ends_with_the_uninterrupted_weights(tmp_path):
+    values = {**PG, "workers": 2, "total_steps": 2 * 2 * 8 * 4}  # 4 updates of two rollout workers
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    job = [WORKER, "naive", json.dumps({**values, "out": str(full)})]
+    assert launch_local(job, 3, module=False, timeout_s=90, threads_per_worker=1) == 0
+    checkpoint = str(full / "checkpoints" / "step-00000002.pt")
+    job = [WORKER, "naive", json.dumps({**values, "out": str(resumed), "resume": checkpoint})]
+    assert launch_local(job, 3, module=False, timeout_s=90, threads_per_worker=1) == 0
+    _assert_equal(_weights(resumed), _weights(full))
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from_update"] == 2
