@@ -136,14 +136,16 @@ def run_a3c(config: RLConfig, *, fail_worker: int | None = None) -> dict[str, An
             algorithm="a3c",
             env_id=config.env,
             quiet=config.quiet,
+            tensorboard=config.tensorboard,
         )
         start = last_log = time.perf_counter()
         dead: list[WorkerFailure] = []
 
-        def record(result: tuple[list[float], int, int]) -> None:
-            returns, steps, staleness = result
+        def record(result: tuple[list[float], int, int, float]) -> None:
+            returns, steps, staleness, loss = result
             stats.add(returns, steps)
             metrics.add_staleness(staleness)
+            metrics.add_loss(loss)
 
         def record_waiting() -> None:  # so that no worker blocks at exit on a full queue
             with contextlib.suppress(queue.Empty):
@@ -202,8 +204,9 @@ def run_a3c(config: RLConfig, *, fail_worker: int | None = None) -> dict[str, An
 
 def _rollout_gradient(
     model: ActorCritic, envs: EnvPool, generators: Any, stats: EpisodeStats, config: RLConfig
-) -> None:
-    """Run ``t_max`` steps with ``model`` and leave A3C's clipped gradient ``d theta`` in its ``.grad``."""
+) -> float:
+    """Run ``t_max`` steps with ``model``, leave A3C's clipped gradient ``d theta`` in its ``.grad``; returns
+    the loss."""
     rollout = collect_rollout(model, envs, config.rollout_steps, generators, stats)
     with torch.no_grad():
         _, bootstrap = model(rollout.next_obs)
@@ -221,6 +224,7 @@ def _rollout_gradient(
     loss.backward()
     if config.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    return float(loss)
 
 
 def _actor_learner(
@@ -253,7 +257,7 @@ def _actor_learner(
         local.load_state_dict(shared_model.state_dict())  # theta' <- theta
         version = counters[0]
         before = stats.env_steps
-        _rollout_gradient(local, envs, generators, stats, config)  # d theta in local's .grad
+        loss = _rollout_gradient(local, envs, generators, stats, config)  # d theta in local's .grad
         for shared, own in zip(shared_params, local.parameters(), strict=True):
             shared.grad = own.grad
         optimizer.step()  # Hogwild!: no lock around the shared weights and statistics
@@ -261,7 +265,8 @@ def _actor_learner(
             staleness = counters[0] - version  # updates by others since theta' was read
             counters[0] += 1
             counters[1] += stats.env_steps - before
-        results.put((list(stats.recent), stats.env_steps - before, staleness))  # episodes ended this rollout
+        # the returns of the episodes that ended this rollout, its steps, staleness and loss
+        results.put((list(stats.recent), stats.env_steps - before, staleness, loss))
         stats.recent.clear()
         if fail:  # flush the queue's feeder thread first, so only the process is lost, not its report
             results.close()
@@ -330,6 +335,7 @@ def _remote_actor_learner(config: RLConfig, strategy: Any, out: Path, *, fail: b
             algorithm="a3c",
             env_id=config.env,
             quiet=config.quiet,
+            tensorboard=config.tensorboard,
         )  # fmt: skip
         if main
         else None
@@ -345,7 +351,7 @@ def _remote_actor_learner(config: RLConfig, strategy: Any, out: Path, *, fail: b
         if config.anneal_lr:  # the paper anneals eta linearly to 0 over the run; the server uses this lr
             lr_carrier.param_groups[0]["lr"] = config.lr * max(0.0, 1.0 - steps_done / config.total_steps)
         before = own.env_steps
-        _rollout_gradient(model, envs, generators, own, config)  # d theta in model's .grad
+        loss = _rollout_gradient(model, envs, generators, own, config)  # d theta in model's .grad
         strategy.before_step(model, lr_carrier, updates)  # push d theta; pull theta (the servers' RMSProp)
         updates += 1
         store.add(_STEPS, own.env_steps - before)
@@ -357,6 +363,7 @@ def _remote_actor_learner(config: RLConfig, strategy: Any, out: Path, *, fail: b
         if metrics is None:
             continue
         metrics.add_staleness(max(strategy.staleness_seen[-1]))
+        metrics.add_loss(loss)  # the first worker's own losses (the others' stay on their ranks)
         now = time.perf_counter()
         if now - last_check >= _CHECK_EVERY_S:
             last_check = now

@@ -196,12 +196,16 @@ def _play(argv: list[str]) -> int:
     parser.add_argument("policy", help="policy.pt written by a distlearn rl run")
     parser.add_argument("--episodes", type=int, default=5, help="episodes to run (default: %(default)s)")
     parser.add_argument("--gif", default=None, help="write the first episode as an animated GIF here")
-    parser.add_argument("--max-frames", type=int, default=500, help="frames in the GIF (default: %(default)s)")
+    parser.add_argument(
+        "--max-frames", type=int, default=500, help="frames in the GIF (default: %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="environment seed (default: %(default)s)")
     args = parser.parse_args(argv)
     from distlearn.rl.play import play
 
-    returns = play(args.policy, episodes=args.episodes, gif=args.gif, max_frames=args.max_frames, seed=args.seed)
+    returns = play(
+        args.policy, episodes=args.episodes, gif=args.gif, max_frames=args.max_frames, seed=args.seed
+    )
     print(f"returns over {len(returns)} episodes: {returns} (mean {sum(returns) / len(returns):.1f})")
     return 0
 

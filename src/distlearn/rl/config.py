@@ -297,8 +297,8 @@ def resolve(config: RLConfig, algorithm: str) -> RLConfig:
     ]
     if algorithm in ("a3c", "gorila") and (c.checkpoint_every or c.resume is not None):
         raise ConfigError(
-            f"{algorithm} does not checkpoint or resume: its updates are asynchronous, so no checkpoint would "
-            "continue the run it came from; drop --checkpoint-every/--resume, or use sync-pg or naive"
+            f"{algorithm} does not checkpoint or resume (its workers update asynchronously, and their "
+            "state is not saved); drop --checkpoint-every/--resume, or use sync-pg or naive"
         )
     if hasattr(c.options, "num_envs"):
         checks += [

@@ -80,7 +80,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"distlearn rl {summary['algorithm']}: summary", show_header=False, title_justify="left")
+    table = Table(
+        title=f"distlearn rl {summary['algorithm']}: summary", show_header=False, title_justify="left"
+    )
     table.add_column(style="bold")
     table.add_column()
     solved = summary.get("solved_env_steps")

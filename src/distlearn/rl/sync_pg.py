@@ -40,6 +40,7 @@ import torch.distributed as dist
 from distlearn.comm.reducers import create_reducer
 from distlearn.launch import in_torchrun, init_distributed, shutdown
 from distlearn.optim import Adam
+from distlearn.rl.checkpointing import boundary_seed, cut_metrics, load_rl_checkpoint, save_rl_checkpoint
 from distlearn.rl.common import (
     ActorCritic,
     EnvPool,
@@ -51,7 +52,6 @@ from distlearn.rl.common import (
     save_policy,
     solved_threshold,
 )
-from distlearn.rl.checkpointing import boundary_seed, cut_metrics, load_rl_checkpoint, save_rl_checkpoint
 from distlearn.rl.config import RLConfig, flat_values, resolve
 from distlearn.rl.metrics import restore_stats, stats_state
 
