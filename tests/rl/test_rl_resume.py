@@ -91,12 +91,36 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
         run_algorithm("sync-pg", other)
 
 
-def test_a3c_and_gorila_refuse_resume_before_starting():
-    for name in ("a3c", "gorila"):
-        with pytest.raises(ConfigError, match="does not checkpoint or resume"):
-            from distlearn.rl.config import resolve
+def test_gorila_and_a3c_on_servers_refuse_checkpoints_before_starting():
+    from distlearn.rl.config import resolve
 
-            resolve(config_for(name, checkpoint_every=5), name)
+    with pytest.raises(ConfigError, match="gorila does not checkpoint or resume"):
+        resolve(config_for("gorila", checkpoint_every=5), "gorila")
+    with pytest.raises(ConfigError, match="a3c --servers does not checkpoint or resume"):
+        resolve(config_for("a3c", servers=1, resume="runs/x"), "a3c")
+
+
+@pytest.mark.timeout(90)
+def test_a3c_resumes_its_weights_statistics_and_counters(tmp_path):
+    """A3C on shared memory is asynchronous, so not bitwise: the resumed run continues the checkpoint's
+    update and env-step counters and its metrics, and does only the rest of the step budget."""
+    values = {
+        "env": "CartPole-v1", "seed": 3, "workers": 1, "num_envs": 2, "rollout_steps": 8,
+        "total_steps": 2 * 8 * 40, "stop_when_solved": False, "quiet": True, "log_every": 0.0,
+        "checkpoint_every": 10,
+    }  # fmt: skip
+    out = tmp_path / "run"
+    run_algorithm("a3c", config_for("a3c", values, out=str(out)))
+    checkpoint = sorted((out / "checkpoints").glob("step-*.pt"))[0]
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["updates"] >= 10 and saved["env_steps"] == 16 * saved["updates"]
+    summary = run_algorithm("a3c", config_for("a3c", values, out=str(out), resume=str(checkpoint)))
+    assert summary["resumed_from_update"] == saved["updates"]
+    assert summary["env_steps"] >= values["total_steps"] and summary["updates"] >= 40
+    records = read_metrics(out)
+    steps = [r.step for r in records if r.kind == "train"]
+    assert steps == sorted(steps) and steps[0] <= saved["updates"] < steps[-1]
+    assert [r.kind for r in records].count("summary") == 1
 
 
 @pytest.mark.timeout(120)

@@ -56,6 +56,7 @@ import torch
 from distlearn.errors import CommError, ConfigError
 from distlearn.optim import RMSProp
 from distlearn.pool import PoolTimeout, ProcessPool, WorkerFailure, spawn_context
+from distlearn.rl.checkpointing import cut_metrics, load_rl_checkpoint, save_rl_checkpoint
 from distlearn.rl.common import (
     ActorCritic,
     EnvPool,
@@ -65,10 +66,12 @@ from distlearn.rl.common import (
     env_generators,
     n_step_returns,
     policy_gradient_loss,
+    restore_stats,
     save_policy,
     solved_threshold,
+    stats_state,
 )
-from distlearn.rl.config import RLConfig, resolve
+from distlearn.rl.config import RLConfig, flat_values, resolve
 
 __all__ = ["run_a3c", "shared_rmsprop"]
 
@@ -118,6 +121,15 @@ def run_a3c(config: RLConfig, *, fail_worker: int | None = None) -> dict[str, An
     square_avgs = [s["square_avg_eps"] for s in shared_rmsprop(model, config.lr).state.values()]
     context = spawn_context()
     counters = context.Array("q", 2)  # [updates applied to theta (its version), env steps of all workers]
+    values = {**flat_values(config), "algorithm": "a3c"}
+    saved = None
+    if config.resume is not None:  # theta, the RMSProp statistics and the counters; not bitwise (async)
+        saved, _ = load_rl_checkpoint(config.resume, values, rank=0, world_size=1)
+        with torch.no_grad():
+            model.load_state_dict(saved["model"])
+            for mine, theirs in zip(square_avgs, saved["square_avgs"], strict=True):
+                mine.copy_(theirs)
+        counters[0], counters[1] = saved["updates"], saved["env_steps"]
     stop = context.Event()
     results: Any = context.Queue()
     pool = ProcessPool(
@@ -137,9 +149,32 @@ def run_a3c(config: RLConfig, *, fail_worker: int | None = None) -> dict[str, An
             env_id=config.env,
             quiet=config.quiet,
             tensorboard=config.tensorboard,
+            append=saved is not None,
         )
+        first_update, wall_offset, checkpoint = 0, 0.0, None
+        if saved is not None:
+            restore_stats(stats, saved["ranks"][0]["stats"])
+            first_update, wall_offset = saved["updates"], saved["wall_time"]
+            cut_metrics(out, first_update)
+        metrics.resumed(stats.env_steps, first_update, wall_offset)
         start = last_log = time.perf_counter()
         dead: list[WorkerFailure] = []
+        every = config.checkpoint_every
+        next_checkpoint = (first_update // every + 1) * every if every else None
+
+        def save() -> tuple[int, str]:  # read while the workers write: Hogwild!'s snapshot, not bitwise
+            with counters.get_lock():
+                updates, env_steps = int(counters[0]), int(counters[1])
+            shared = {
+                "algorithm": "a3c",
+                "model": {k: v.clone() for k, v in model.state_dict().items()},
+                "square_avgs": [s.clone() for s in square_avgs],
+                "env_steps": env_steps,
+                "wall_time": wall_offset + time.perf_counter() - start,
+            }
+            mine = {"stats": stats_state(stats)}
+            path = save_rl_checkpoint(out, updates, shared, mine, rank=0, world_size=1, config_values=values)
+            return updates, str(path)
 
         def record(result: tuple[list[float], int, int, float]) -> None:
             returns, steps, staleness, loss = result
@@ -163,6 +198,9 @@ def run_a3c(config: RLConfig, *, fail_worker: int | None = None) -> dict[str, An
                 with contextlib.suppress(queue.Empty):
                     record(results.get(timeout=0.2))
                 report_dead()
+                if next_checkpoint is not None and counters[0] >= next_checkpoint:
+                    done, checkpoint = save()
+                    next_checkpoint = (done // every + 1) * every
                 now = time.perf_counter()
                 if now - last_log >= config.log_every:
                     last_log = now
@@ -199,6 +237,8 @@ def run_a3c(config: RLConfig, *, fail_worker: int | None = None) -> dict[str, An
         "final_return": stats.mean_return,
         "env_steps_per_s": summary_record.samples_per_s,
         "dead_workers": dead_workers,
+        "resumed_from_update": first_update if saved is not None else None,
+        "checkpoint": checkpoint,
     }
 
 

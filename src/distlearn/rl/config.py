@@ -169,9 +169,9 @@ class RLConfig:
     tensorboard: Literal["auto", "on", "off"] = "auto"
     """TensorBoard events in OUT/tensorboard (auto: if installed)"""
     checkpoint_every: int = 0
-    """save a checkpoint in OUT/checkpoints every N updates (0: none; sync-pg and naive only)"""
+    """save a checkpoint in OUT/checkpoints every N updates (0: none; sync-pg, naive, a3c without servers)"""
     resume: str | None = None
-    """checkpoint file, or directory (its newest), to resume from (sync-pg and naive only)"""
+    """checkpoint file, or directory (its newest), to resume from (sync-pg, naive, a3c without servers)"""
     overwrite: bool = False
     """replace an earlier run in OUT (its metrics, summary and checkpoints); without it such an OUT is
     refused unless --resume"""
@@ -295,10 +295,13 @@ def resolve(config: RLConfig, algorithm: str) -> RLConfig:
         ("gamma", 0 <= c.gamma <= 1, "use e.g. --gamma 0.99"),
         ("checkpoint_every", c.checkpoint_every >= 0, "use --checkpoint-every 0 (none) or N >= 1 updates"),
     ]
-    if algorithm in ("a3c", "gorila") and (c.checkpoint_every or c.resume is not None):
+    asynchronous = algorithm == "gorila" or (algorithm == "a3c" and c.servers)
+    if asynchronous and (c.checkpoint_every or c.resume is not None):
+        where = "a3c --servers" if algorithm == "a3c" else "gorila"
         raise ConfigError(
-            f"{algorithm} does not checkpoint or resume (its workers update asynchronously, and their "
-            "state is not saved); drop --checkpoint-every/--resume, or use sync-pg or naive"
+            f"{where} does not checkpoint or resume (its state lives on server and bundle ranks that no "
+            "checkpoint collects); drop --checkpoint-every/--resume, or use sync-pg, naive or a3c on "
+            "shared memory (--servers 0)"
         )
     if hasattr(c.options, "num_envs"):
         checks += [

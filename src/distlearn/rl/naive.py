@@ -44,11 +44,12 @@ from distlearn.rl.common import (
     flat_parameters,
     load_flat_parameters,
     pg_update,
+    restore_stats,
     save_policy,
     solved_threshold,
+    stats_state,
 )
 from distlearn.rl.config import RLConfig, flat_values, resolve
-from distlearn.rl.metrics import restore_stats, stats_state
 
 __all__ = ["run_naive"]
 

@@ -49,11 +49,12 @@ from distlearn.rl.common import (
     collect_rollout,
     env_generators,
     pg_update,
+    restore_stats,
     save_policy,
     solved_threshold,
+    stats_state,
 )
 from distlearn.rl.config import RLConfig, flat_values, resolve
-from distlearn.rl.metrics import restore_stats, stats_state
 
 __all__ = ["run_sync_pg"]
 
