@@ -26,8 +26,14 @@ def _out(config: Any) -> Path:
 
 
 def check_out(config: Any) -> None:
-    """ConfigError if OUT holds an earlier run and neither --resume nor --overwrite is given."""
+    """ConfigError if ``--resume`` names nothing, or OUT holds an earlier run and neither --resume nor
+    --overwrite is given (with --overwrite, that run's files are deleted)."""
     out = _out(config)
+    if config.resume is not None and not Path(config.resume).exists():
+        raise ConfigError(
+            f"--resume {config.resume}: no such file or directory; pass a checkpoint written by a run with "
+            "--checkpoint-every (OUT/checkpoints/step-*.pt, or that directory for its newest)"
+        )
     earlier = [p for p in (out / METRICS_FILE, out / SUMMARY_FILE, out / "checkpoints") if p.exists()]
     if not earlier or config.resume is not None:
         return
