@@ -82,6 +82,7 @@ def run_ours(
         "--time-limit",
         str(time_limit),
         "--quiet",
+        "--overwrite",  # a rerun replaces the trial's earlier run directory
         *extra,
     ]
     start = time.perf_counter()

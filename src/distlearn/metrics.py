@@ -126,6 +126,8 @@ class MetricsWriter:
         append: continue an existing file (resumed runs) instead of starting a new one.
         filename: the JSON-lines file inside ``run_dir``; ranks other than 0 default to
             ``metrics.rank<k>.jsonl`` so processes never interleave lines.
+        extra_scalars: keys of ``record.extra`` also written to TensorBoard when numeric (RL runs:
+            ``episode_return``).
     """
 
     def __init__(
@@ -139,8 +141,10 @@ class MetricsWriter:
         tensorboard: Literal["auto", "on", "off"] = "auto",
         append: bool = False,
         filename: str | None = None,
+        extra_scalars: tuple[str, ...] = (),
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.extra_scalars = extra_scalars
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run = run or self.run_dir.resolve().name
         self.rank, self.world_size, self.role = rank, world_size, role
@@ -167,9 +171,13 @@ class MetricsWriter:
         )
         self._file.write(record.to_json() + "\n")
         if self._tensorboard is not None and record.kind != "summary":
-            for key in ("loss", "accuracy", "samples_per_s", "lr", "bytes_sent", "staleness"):
-                value = getattr(record, key)
-                if value is not None:
+            scalars = [
+                (key, getattr(record, key))
+                for key in ("loss", "accuracy", "samples_per_s", "lr", "bytes_sent", "staleness")
+            ]
+            scalars += [(key, record.extra.get(key)) for key in self.extra_scalars]
+            for key, value in scalars:
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tensorboard.add_scalar(
                         f"{record.kind}/{key}", value, record.step, walltime=time.time()
                     )
