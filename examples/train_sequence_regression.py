@@ -21,7 +21,7 @@ The same run from the command line, and under torchrun (one process per replica)
         --dataset examples.train_sequence_regression:make_data --loss torch.nn.functional:mse_loss --steps 300
 
 Run them from the repository root (so that ``examples`` imports). In one process, objects work as well:
-``distlearn.train(config, model=SineGRU(), loss_fn=nn.functional.mse_loss, train_data=(x, y), test_data=...)``.
+``distlearn.train(config, model=SineGRU(), loss_fn=nn.functional.mse_loss, train_data=(x, y), ...)``.
 """
 
 from __future__ import annotations
