@@ -66,6 +66,14 @@ def test_a_command_needing_an_extra_names_it():
     assert "pip install 'distlearn[rl]'" in result.stdout, result.stderr
 
 
+def test_plot_and_rl_name_their_extra_on_the_command_line(tmp_path):
+    for command, extra in ((["plot", str(tmp_path), "--out", str(tmp_path / "c.png")], "plot"),
+                           (["rl", "a3c", "--env", "CartPole-v1"], "rl")):  # fmt: skip
+        result = _run(f"from distlearn.cli import main\nsys.exit(main({command!r}))\n")
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"pip install 'distlearn[{extra}]'" in result.stderr, result.stderr
+
+
 def test_core_dependencies_are_the_small_set():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = {spec.split(";")[0].split(">")[0].split("<")[0].split("=")[0].strip() for spec in
