@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from distlearn.errors import ConfigError
+from distlearn.errors import ConfigError, require_extra
 from distlearn.metrics import MetricRecord, load_runs
 
 __all__ = ["add_arguments", "plot_runs", "run"]
@@ -47,7 +47,7 @@ def _is_rl(records: list[MetricRecord]) -> bool:
 
 def plot_runs(runs: list[str | Path], out: str | Path, *, title: str | None = None) -> Path:
     """Draw the curves of ``runs`` into the PNG ``out`` and return its path."""
-    import matplotlib
+    matplotlib = require_extra("matplotlib", "plot", "distlearn plot")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
