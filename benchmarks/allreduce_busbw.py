@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from distlearn.comm.reducers import REDUCERS, create_reducer
 from distlearn.launch import in_torchrun, init_distributed, launch_local, shutdown
+from distlearn.tables import markdown_table
 
 SIZES = [4 << 10 << (2 * i) for i in range(8)]  # 4 KB, 16 KB, ..., 64 MB
 ENV_COMMAND = "DISTLEARN_BENCH_COMMAND"
@@ -176,7 +177,7 @@ def markdown(record: dict) -> str:
     """The results as a Markdown table (for docs/sync.md): busbw GB/s (ratio to gloo) [min..max]."""
     rows = record["results"]
     names = list(dict.fromkeys(row["algorithm"] for row in rows))
-    lines = ["| size | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines = []
     for nbytes in sorted({row["bytes"] for row in rows}):
         cells = []
         for name in names:
@@ -187,8 +188,8 @@ def markdown(record: dict) -> str:
                 if ratio is not None and name != "backend"
                 else f"{row['busbw_GBps']:.3f}"
             )
-        lines.append(f"| {human(nbytes)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        lines.append([human(nbytes), *cells])
+    return markdown_table(["size", *names], lines)
 
 
 def human(nbytes: int) -> str:

@@ -16,6 +16,7 @@ import scipy.optimize
 import torch
 
 from distlearn import optim
+from distlearn.tables import markdown_table
 
 STARTS = [(-1.2, 1.0), (-1.5, 2.0), (0.0, 0.0), (2.0, 2.0), (-0.5, 1.5), (1.5, -1.0)]
 GTOL = 1e-5
@@ -51,7 +52,7 @@ def ours(name: str, start) -> tuple[int, float]:
 
 def main() -> int:
     print(f"Rosenbrock, stop at max|g| <= {GTOL}: gradient evaluations (distance to (1, 1))")
-    print("| start | scipy CG | cg-fr | cg-hs |\n|---|---|---|---|")
+    rows = []
     totals = {"scipy": 0, "cg-fr": 0, "cg-hs": 0}
     for start in STARTS:
         reference = scipy.optimize.minimize(
@@ -63,8 +64,9 @@ def main() -> int:
             count, distance = ours(name, start)
             totals[name] += count
             cells.append(f"{count} ({distance:.0e})")
-        print(f"| {start} | " + " | ".join(cells) + " |")
-    print(f"| total | {totals['scipy']} | {totals['cg-fr']} | {totals['cg-hs']} |")
+        rows.append([start, *cells])
+    rows.append(["total", totals["scipy"], totals["cg-fr"], totals["cg-hs"]])
+    print(markdown_table(["start", "scipy CG", "cg-fr", "cg-hs"], rows))
     return 0
 
 

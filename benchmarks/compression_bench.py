@@ -39,6 +39,7 @@ from distlearn.comm.compression import COMPRESSORS, BucketContext, Exchange, cre
 from distlearn.comm.compression.base import payload_to_bytes
 from distlearn.comm.cost_model import link
 from distlearn.launch import in_torchrun, init_distributed, launch_local, shutdown
+from distlearn.tables import markdown_table
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -421,10 +422,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"target accuracy {result['target_accuracy']:.2f} (dense final - 2 points, mean over seeds); "
         f"compute {1e3 * result['compute_s_per_step']:.1f} ms/step; alpha {1e6 * result['alpha_s']:.0f} us",
         "",
-        "| codec | ratio | final acc. | lost (pts) | samples/s | codec ms | steps to target | "
-        "time to target 1 / 10 / 100 Gb/s (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
+    header = ["codec", "ratio", "final acc.", "lost (pts)", "samples/s", "codec ms", "steps to target",
+              "time to target 1 / 10 / 100 Gb/s (s)"]  # fmt: skip
+    cells = []
     several = any(len(r["seeds"]) > 1 for r in result["summary"])
     for r in result["summary"]:
         times = " / ".join(
@@ -437,10 +438,11 @@ def markdown(result: dict[str, Any]) -> str:
         steps = f"{r['steps_to_target']:.0f}" if r["steps_to_target"] is not None else "not reached"
         if several and r["reached"] < len(r["seeds"]):
             steps = f"{r['reached']} of {len(r['seeds'])} reached"
-        lines.append(
-            f"| {r['label']} | {r['ratio']:.1f}x | {accuracy} | {lost} | {r['samples_per_s']:.0f} | "
-            f"{1e3 * r['codec_s']:.2f} | {steps} | {times} |"
-        )
+        cells.append(
+            [r["label"], f"{r['ratio']:.1f}x", accuracy, lost, f"{r['samples_per_s']:.0f}",
+             f"{1e3 * r['codec_s']:.2f}", steps, times]
+        )  # fmt: skip
+    lines.append(markdown_table(header, cells, align="lrrrrrrl"))
     return "\n".join(lines)
 
 

@@ -41,6 +41,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+from distlearn.tables import markdown_table
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 THRESHOLD = 475.0
@@ -82,6 +84,7 @@ def run_ours(
         "--time-limit",
         str(time_limit),
         "--quiet",
+        "--overwrite",  # a rerun replaces the trial's earlier run directory
         *extra,
     ]
     start = time.perf_counter()
@@ -208,11 +211,9 @@ def main() -> None:
     groups += [(a, w) for a in algorithms for w in worker_counts]
     reference = [t["launch_to_solved_s"] for t in trials if t["algorithm"] == "cleanrl-ppo" and t["solved"]]
     reference_median = statistics.median(reference) if reference else None
-    print(
-        "\n| algorithm | R | solved | launch to solved (s) | train to solved (s) | env steps to solve | "
-        "env steps/s | final return (100) | vs CleanRL PPO (median time) |\n"
-        "|---|---|---|---|---|---|---|---|---|"
-    )
+    header = ["algorithm", "R", "solved", "launch to solved (s)", "train to solved (s)", "env steps to solve",
+              "env steps/s", "final return (100)", "vs CleanRL PPO (median time)"]  # fmt: skip
+    cells = []
     for algorithm, workers in groups:
         group = [t for t in trials if t["algorithm"] == algorithm and t["workers"] == workers]
         times = [t["launch_to_solved_s"] for t in group]
@@ -232,12 +233,12 @@ def main() -> None:
             "time_ratio_vs_reference": None if ratio is None else round(ratio, 2),
         }
         rows.append(row)
-        print(
-            f"| {algorithm} | {workers} | {row['solved']} | {row['launch_to_solved_s']} | "
-            f"{row['train_to_solved_s']} | {row['env_steps_to_solve']} | {row['env_steps_per_s']} | "
-            f"{row['final_return']} | "
-            f"{'-' if ratio is None else f'{ratio:.2f}x'} |"
-        )
+        cells.append(
+            [algorithm, workers, row["solved"], row["launch_to_solved_s"], row["train_to_solved_s"],
+             row["env_steps_to_solve"], row["env_steps_per_s"], row["final_return"],
+             "-" if ratio is None else f"{ratio:.2f}x"]
+        )  # fmt: skip
+    print("\n" + markdown_table(header, cells))
     versions = {"python": platform.python_version()}
     for module in ("torch", "gymnasium", "numpy"):
         versions[module] = __import__(module).__version__

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from distlearn.tables import markdown_table
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -99,10 +101,9 @@ def main() -> None:
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print("\n| dropout | updates | max abs. weight difference, 1 process vs sync R = 2 | in |")
-    print("|---|---:|---:|---|")
-    for r in rows:
-        print(f"| {r['dropout']:g} | {r['steps']} | {r['max_abs_diff']:.2e} | `{r['where']}` |")
+    header = ["dropout", "updates", "max abs. weight difference, 1 process vs sync R = 2", "in"]
+    cells = [[f"{r['dropout']:g}", r["steps"], f"{r['max_abs_diff']:.2e}", f"`{r['where']}`"] for r in rows]
+    print("\n" + markdown_table(header, cells, align="lrrl"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": "sync_drift",

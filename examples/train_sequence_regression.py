@@ -21,7 +21,7 @@ The same run from the command line, and under torchrun (one process per replica)
         --dataset examples.train_sequence_regression:make_data --loss torch.nn.functional:mse_loss --steps 300
 
 Run them from the repository root (so that ``examples`` imports). In one process, objects work as well:
-``train(config, model=SineGRU(), loss_fn=nn.functional.mse_loss, train_data=(x, y), test_data=...)``.
+``distlearn.train(config, model=SineGRU(), loss_fn=nn.functional.mse_loss, train_data=(x, y), ...)``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import math
 import torch
 from torch import nn
 
-from distlearn.train import TrainConfig, TrainResult, train
+import distlearn
+from distlearn.train import TrainConfig, TrainResult
 
 MODULE = "examples.train_sequence_regression"
 LENGTH = 16  # input samples per sequence
@@ -92,7 +93,7 @@ def run(
         progress="off",
         tensorboard="off",
     )
-    return train(config)
+    return distlearn.train(config)  # with workers > 1 this starts the job and returns rank 0's result
 
 
 if __name__ == "__main__":

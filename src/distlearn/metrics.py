@@ -135,6 +135,8 @@ class MetricsWriter:
             ``metrics.rank<k>.jsonl`` so processes never interleave lines (the trainer names the file of
             the process that does the job's I/O ``metrics.jsonl`` whatever its rank, e.g. a parameter
             server's first worker).
+        extra_scalars: keys of ``record.extra`` also written to TensorBoard when numeric (RL runs:
+            ``episode_return``).
     """
 
     def __init__(
@@ -149,8 +151,10 @@ class MetricsWriter:
         append: bool = False,
         cut_after: int | None = None,
         filename: str | None = None,
+        extra_scalars: tuple[str, ...] = (),
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.extra_scalars = extra_scalars
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run = run or self.run_dir.resolve().name
         self.rank, self.world_size, self.role = rank, world_size, role
@@ -179,9 +183,13 @@ class MetricsWriter:
         )
         self._file.write(record.to_json() + "\n")
         if self._tensorboard is not None and record.kind != "summary":
-            for key in ("loss", "accuracy", "samples_per_s", "lr", "bytes_sent", "staleness"):
-                value = getattr(record, key)
-                if value is not None:
+            scalars = [
+                (key, getattr(record, key))
+                for key in ("loss", "accuracy", "samples_per_s", "lr", "bytes_sent", "staleness")
+            ]
+            scalars += [(key, record.extra.get(key)) for key in self.extra_scalars]
+            for key, value in scalars:
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tensorboard.add_scalar(
                         f"{record.kind}/{key}", value, record.step, walltime=time.time()
                     )

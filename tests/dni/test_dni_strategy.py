@@ -51,3 +51,16 @@ def test_unsupported_settings_are_refused(changes: dict, message: str) -> None:
 def test_workers_must_match_the_stages() -> None:
     with pytest.raises(ConfigError, match="one process per stage"):
         validate_config(TrainConfig.build(strategy="dni", stages=3, workers=2))
+
+
+def test_train_from_python_launches_the_stages_and_reads_back_the_result(tmp_path) -> None:
+    import distlearn
+
+    config = TrainConfig.build(
+        dataset="fashion-mnist", model="mlp", optimizer="adam", lr=1e-3, strategy="dni", stages=2, workers=2,
+        steps=12, train_samples=256, test_samples=128, out=str(tmp_path / "run"), quiet=True, progress="off",
+        tensorboard="off", eval_every=6,
+    )  # fmt: skip
+    result = distlearn.train(config)
+    assert result.steps == 12 and result.summary["mode"] == "dni" and result.summary["config"]["stages"] == 2
+    assert 0.0 <= result.test_accuracy <= 1.0

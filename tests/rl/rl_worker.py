@@ -11,7 +11,7 @@ import os
 import sys
 
 from distlearn.rl.cli import run_algorithm
-from distlearn.rl.config import RLConfig
+from distlearn.rl.config import config_for
 
 if __name__ == "__main__":
     name, values = sys.argv[1], json.loads(sys.argv[2])
@@ -20,5 +20,5 @@ if __name__ == "__main__":
 
         init_distributed(timeout_s=float(values.get("timeout", 10)))
         os._exit(3)
-    summary = run_algorithm(name, RLConfig(**values))
+    summary = run_algorithm(name, config_for(name, values))
     print(json.dumps(summary))

@@ -12,7 +12,7 @@ import torch
 from distlearn.errors import ConfigError
 from distlearn.launch import launch_local
 from distlearn.rl.a3c import run_a3c
-from distlearn.rl.config import RLConfig, resolve
+from distlearn.rl.config import config_for, resolve
 
 WORKER = str(Path(__file__).resolve().parent / "rl_worker.py")
 COMMON = {
@@ -33,7 +33,7 @@ def _policy(directory: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.timeout(120)
 def test_one_worker_on_a_server_equals_one_worker_on_shared_memory(tmp_path):
-    run_a3c(RLConfig(**COMMON, workers=1, out=str(tmp_path / "shared")))
+    run_a3c(config_for("a3c", COMMON, workers=1, out=str(tmp_path / "shared")))
     config = json.dumps({**COMMON, "workers": 1, "servers": 1, "out": str(tmp_path / "server")})
     assert launch_local([WORKER, "a3c", config], 2, module=False, timeout_s=100, threads_per_worker=1) == 0
     shared, server = _policy(tmp_path / "shared"), _policy(tmp_path / "server")
@@ -60,9 +60,10 @@ def test_two_workers_share_the_server_model_and_end_by_themselves(tmp_path):
 
 
 def test_servers_are_for_a3c_only():
+    # --servers is now an option of a3c alone: another algorithm refuses it when the config is built
+    with pytest.raises(ConfigError, match="--servers is an option of a3c, not of sync-pg"):
+        config_for("sync-pg", servers=1)
     with pytest.raises(ConfigError, match="--servers"):
-        resolve(RLConfig(servers=1), "sync-pg")
-    with pytest.raises(ConfigError, match="--servers"):
-        resolve(RLConfig(servers=-1), "a3c")
+        resolve(config_for("a3c", servers=-1), "a3c")
     with pytest.raises(ConfigError, match="torchrun job"):
-        run_a3c(RLConfig(servers=1, quiet=True))
+        run_a3c(config_for("a3c", servers=1, quiet=True))

@@ -20,7 +20,7 @@ import torch
 
 from distlearn.launch import free_port, launch_local
 from distlearn.rl.a3c import run_a3c
-from distlearn.rl.config import RLConfig
+from distlearn.rl.config import config_for
 from distlearn.rl.sync_pg import run_sync_pg
 
 WORKER = str(Path(__file__).resolve().parent / "rl_worker.py")
@@ -97,6 +97,7 @@ def test_gorila_server_goes_on_without_a_dead_bundle(tmp_path):
     config = _config(
         tmp_path, learning_starts=64, batch_size=16, total_steps=3000, stop_when_solved=False, log_every=0.1
     )
+    del config["num_envs"], config["rollout_steps"]  # options of the policy-gradient methods, not gorila's
     results = _wait_all(_start_job("gorila", config, 3), deadline_s=75)
     assert results[1][0] == 3
     assert results[0][0] == 0 and results[2][0] == 0, results[0][1][-2000:] + results[2][1][-2000:]
@@ -114,7 +115,7 @@ def test_gorila_server_goes_on_without_a_dead_bundle(tmp_path):
 
 @pytest.mark.timeout(90)
 def test_a3c_parent_and_the_other_workers_carry_on_when_a_worker_dies(tmp_path):
-    config = RLConfig(**_config(tmp_path, workers=2, total_steps=4000, stop_when_solved=False))
+    config = config_for("a3c", _config(tmp_path, workers=2, total_steps=4000, stop_when_solved=False))
     summary = run_a3c(config, fail_worker=1)
     assert summary["dead_workers"] == [1]
     assert summary["env_steps"] >= 4000  # worker 0 went on to the step budget
@@ -134,7 +135,7 @@ def test_naive_with_two_workers_equals_one_process_with_their_environments(tmp_p
         "quiet": True,
         "timeout": 30.0,
     }
-    run_sync_pg(RLConfig(**common, out=str(tmp_path / "one"), num_envs=4))
+    run_sync_pg(config_for("sync-pg", common, out=str(tmp_path / "one"), num_envs=4))
     naive = json.dumps({**common, "out": str(tmp_path / "naive"), "num_envs": 2})
     assert launch_local([WORKER, "naive", naive], 3, module=False, timeout_s=80, threads_per_worker=1) == 0
     one, two = (

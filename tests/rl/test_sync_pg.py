@@ -15,7 +15,7 @@ import torch
 
 from distlearn.launch import launch_local
 from distlearn.rl.common import ActorCritic
-from distlearn.rl.config import RLConfig
+from distlearn.rl.config import config_for
 from distlearn.rl.sync_pg import run_sync_pg
 
 WORKER = str(Path(__file__).resolve().parent / "rl_worker.py")
@@ -49,7 +49,7 @@ def _weights(path: Path) -> torch.Tensor:
 @pytest.mark.parametrize(("algo", "reducer"), [("ppo", "ring"), ("a2c", "tree")])
 def test_two_replicas_equal_one_process_with_twice_the_environments(tmp_path, algo, reducer):
     replicas = 2
-    one = run_sync_pg(RLConfig(**_config(tmp_path / "one", 2 * replicas, algo)))
+    one = run_sync_pg(config_for("sync-pg", _config(tmp_path / "one", 2 * replicas, algo)))
     assert one["updates"] == 4
     code = launch_local(
         [WORKER, "sync-pg", json.dumps(_config(tmp_path / "two", 2, algo, reducer))],

@@ -46,6 +46,7 @@ from typing import Any
 
 from distlearn.bench.harness import report_fields
 from distlearn.errors import DataError, require_extra
+from distlearn.tables import markdown_table
 
 __all__ = ["PROJECTION_WORKERS", "compare", "environment", "markdown", "plot", "project", "table_rows"]
 
@@ -172,20 +173,28 @@ def markdown(suite: Any, results: list[dict], env: dict[str, Any]) -> str:
         f"{suite.target:.0%}. {env['cores']} cores, torch {env['torch']}, "
         f"commit {str(env['git_commit'])[:10]}.",
         "",
-        "| strategy | final acc. | time to target (s) | samples/s | vs single | vs DDP | updates | MB sent | "
-        "staleness |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    header = ["strategy", "final acc.", "time to target (s)", "samples/s", "vs single", "vs DDP", "updates",
+              "MB sent", "staleness"]  # fmt: skip
+    cells: list[list[str]] = []
     for row in rows:
         if row["status"] != "ok":
-            lines.append(f"| {row['label']} | {row['status']}: {row.get('reason', '')} |||||||| ")
+            cells.append([row["label"], f"{row['status']}: {row.get('reason', '')}"])
             continue
-        lines.append(
-            f"| {row['label']} | {_fmt(row['final_accuracy'] and 100 * row['final_accuracy'], '.2f')}% | "
-            f"{_fmt(row['time_to_target_s'], '.1f')} | {_fmt(row['samples_per_s'], ',.0f')} | "
-            f"{_fmt(row['vs_single'], '.2f')}x | {_fmt(row['vs_ddp'], '.2f')}x | {row['updates']} | "
-            f"{row['bytes_sent'] / 1e6:.1f} | {_fmt(row['mean_staleness'], '.2f')} |"
+        cells.append(
+            [
+                row["label"],
+                f"{_fmt(row['final_accuracy'] and 100 * row['final_accuracy'], '.2f')}%",
+                _fmt(row["time_to_target_s"], ".1f"),
+                _fmt(row["samples_per_s"], ",.0f"),
+                f"{_fmt(row['vs_single'], '.2f')}x",
+                f"{_fmt(row['vs_ddp'], '.2f')}x",
+                str(row["updates"]),
+                f"{row['bytes_sent'] / 1e6:.1f}",
+                _fmt(row["mean_staleness"], ".2f"),
+            ]
         )
+    lines.append(markdown_table(header, cells, align="l" + "r" * 8))
     resumed = sum(1 for r in results if r.get("resumed"))
     if resumed:
         lines += [
@@ -204,10 +213,9 @@ def markdown(suite: Any, results: list[dict], env: dict[str, Any]) -> str:
             f"the global batch of {suite.global_batch} (less than one example per worker).",
             "",
         ]
-        lines.append("| strategy | " + " | ".join(k.removeprefix("projected_epoch_s") for k in keys) + " |")
-        lines.append("|---|" + "---:|" * len(keys))
-        for row in ok_rows:
-            lines.append(f"| {row['label']} | " + " | ".join(_fmt(row[k], ".3g") for k in keys) + " |")
+        header = ["strategy", *(k.removeprefix("projected_epoch_s") for k in keys)]
+        cells = [[row["label"], *(_fmt(row[k], ".3g") for k in keys)] for row in ok_rows]
+        lines.append(markdown_table(header, cells, align="l" + "r" * len(keys)))
     return "\n".join(lines) + "\n"
 
 
@@ -261,17 +269,24 @@ def compare(first: Path, second: Path) -> str:
         f"A: {first} ({a['suite']}, commit {str(a['environment']['git_commit'])[:10]})",
         f"B: {second} ({b['suite']}, commit {str(b['environment']['git_commit'])[:10]})",
         "",
-        "| strategy | acc. A | acc. B | samples/s A | samples/s B | B/A |",
-        "|---|---:|---:|---:|---:|---:|",
     ]
+    cells = []
     for label in list(rows_a) + [k for k in rows_b if k not in rows_a]:
         ra, rb = rows_a.get(label, {}), rows_b.get(label, {})
         sa, sb = ra.get("samples_per_s"), rb.get("samples_per_s")
         ratio = sb / sa if sa and sb else None
         acc_a = ra.get("final_accuracy")
         acc_b = rb.get("final_accuracy")
-        lines.append(
-            f"| {label} | {_fmt(acc_a and 100 * acc_a, '.2f')} | {_fmt(acc_b and 100 * acc_b, '.2f')} | "
-            f"{_fmt(sa, ',.0f')} | {_fmt(sb, ',.0f')} | {_fmt(ratio, '.2f')} |"
+        cells.append(
+            [
+                label,
+                _fmt(acc_a and 100 * acc_a, ".2f"),
+                _fmt(acc_b and 100 * acc_b, ".2f"),
+                _fmt(sa, ",.0f"),
+                _fmt(sb, ",.0f"),
+                _fmt(ratio, ".2f"),
+            ]
         )
+    header = ["strategy", "acc. A", "acc. B", "samples/s A", "samples/s B", "B/A"]
+    lines.append(markdown_table(header, cells, align="lrrrrr"))
     return "\n".join(lines) + "\n"

@@ -50,7 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--open", action="store_true", help="open the page in the default web browser")
     parser.add_argument(
-        "--poll", type=float, default=0.25, help="seconds between reads of the metrics files (default 0.25)"
+        "--poll",
+        type=float,
+        default=0.25,
+        help="seconds over which changes of the metrics files are gathered before the page gets them "
+        "(default 0.25)",
     )
     demo = parser.add_argument_group("--demo")
     demo.add_argument(
@@ -68,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for module in ("starlette", "uvicorn", "anyio", "contourpy", "psutil"):
+    for module in ("starlette", "uvicorn", "anyio", "contourpy", "psutil", "watchfiles"):
         require_extra(module, "live", "distlearn live")
     from distlearn.live.demo import DemoBudget, DemoLauncher, demo_strategies
     from distlearn.live.server import LiveServer

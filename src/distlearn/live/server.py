@@ -4,7 +4,8 @@ Routes:
 
 * ``/``: the page (``static/index.html``) and ``/static/...`` its scripts, styles and the vendored uPlot;
 * ``/api/events``: the runs' metrics as server-sent events. Each connection replays every run from its
-  first line, then follows the files as they grow (see :mod:`distlearn.live.tail`). Event names are the
+  first line, then follows the files as they grow (see :mod:`distlearn.live.tail`), woken by watchfiles when
+  they change (see :mod:`distlearn.live.watch`). Event names are the
   ``type`` of each event: ``hello`` (the run list and whether a demo is running), ``run`` (a run to show),
   ``records``, ``reset``, ``problem``, ``staleness``, ``process`` (a demo process started or ended), and a
   comment line every 15 s to keep the connection open;
@@ -51,6 +52,7 @@ from distlearn.errors import ConfigError
 from distlearn.live.sse import sse_message
 from distlearn.live.tail import Event, RunDiscovery, RunTail
 from distlearn.live.toy import toy_routes
+from distlearn.live.watch import ChangeWatch
 
 if TYPE_CHECKING:
     from distlearn.live.demo import DemoLauncher
@@ -64,6 +66,8 @@ HOST = "127.0.0.1"
 
 KEEPALIVE_SECONDS = 15.0
 DISCOVERY_SECONDS = 1.0
+WAKE_SECONDS = 1.0
+"""The longest an event stream waits for a file change before it reads, discovers and checks anyway."""
 
 
 def static_dir() -> Path:
@@ -91,6 +95,7 @@ class LiveState:
     discover_root: Path | None = None
     demo: DemoLauncher | None = None
     poll_interval: float = 0.25
+    """Seconds over which file changes are gathered before the streams read them (see ChangeWatch)."""
     session_grace: float = 10.0
     """Seconds without any connected page after which a demo's session counts as ended."""
     closing_grace: float = 3.0
@@ -169,6 +174,7 @@ async def _events(request: Request) -> Response:
 
     async def stream() -> AsyncIterator[str]:
         state.client_connected()
+        watch = ChangeWatch(latency=state.poll_interval, timeout=WAKE_SECONDS, stop=state.stopping)
         try:
             tails: dict[str, RunTail] = {}
             runs = state.current_runs()
@@ -192,7 +198,8 @@ async def _events(request: Request) -> Response:
             processes: dict[str, dict[str, Any]] = {}
             last_sent = time.monotonic()
             while not state.stopping.is_set():
-                for run in state.current_runs():
+                runs = state.current_runs()
+                for run in runs:
                     if run.id not in tails:
                         tails[run.id] = RunTail(run.id, run.path)
                         yield sse_message("run", {"type": "run", **run.describe()})
@@ -211,8 +218,12 @@ async def _events(request: Request) -> Response:
                 elif now - last_sent >= KEEPALIVE_SECONDS:
                     last_sent = now
                     yield ": keep-alive\n\n"
-                await asyncio.sleep(state.poll_interval)
+                watched = [run.path for run in runs]
+                if state.discover_root is not None:
+                    watched.append(state.discover_root)
+                await watch.wait(watched)
         finally:
+            await watch.aclose()
             state.client_disconnected()
 
     return StreamingResponse(
@@ -322,7 +333,8 @@ class LiveServer:
         discover_root: also show every run directory that appears under this directory.
         demo: a :class:`distlearn.live.demo.DemoLauncher` whose runs are shown and stopped with the server
             or when the page's session ends.
-        poll_interval: seconds between reads of the metrics files.
+        poll_interval: seconds over which changes of the metrics files are gathered before they are read
+            (the page lags a write by about this); without a change they are read every second.
         session_grace: seconds without a connected page after which a demo's session has ended.
 
     :meth:`start` serves in a background thread; :meth:`serve` in the calling thread (handles Ctrl-C).
@@ -395,7 +407,7 @@ class LiveServer:
         return not self._thread.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Ask the server to exit and wait for its thread (event streams end within a poll interval)."""
+        """Ask the server to exit and wait for its thread (event streams end within 50 ms)."""
         self._request_exit()
         if self._thread is not None:
             self._thread.join(timeout)

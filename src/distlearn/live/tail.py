@@ -2,7 +2,8 @@
 
 A run directory written by ``distlearn train --out DIR`` holds ``metrics.jsonl`` (rank 0) and
 ``metrics.rank<k>.jsonl`` (the other ranks), one :class:`distlearn.metrics.MetricRecord` per line (schema in
-:mod:`distlearn.metrics`). A process appends to these files while it trains, so a reader polling them sees:
+:mod:`distlearn.metrics`). A process appends to these files while it trains, so a reader (woken by
+:mod:`distlearn.live.watch` when they change) sees:
 
 * a last line still being written: :class:`FileTail` keeps the bytes after the last newline and hands the
   line over only once its newline has arrived;
@@ -44,7 +45,7 @@ Event = dict[str, Any]
 _RANK_FILE = re.compile(r"^metrics\.rank(\d+)\.jsonl$")
 _SERVER_REPORT = re.compile(r"^ps-server(\d+)\.json$")
 
-# Read at most this much of a file per poll, so one huge file cannot stall the other runs' updates.
+# Read at most this much of a file per read, so one huge file cannot stall the other runs' updates.
 MAX_BYTES_PER_POLL = 4 * 1024 * 1024
 
 

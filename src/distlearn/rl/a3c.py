@@ -56,6 +56,7 @@ import torch
 from distlearn.errors import CommError, ConfigError
 from distlearn.optim import RMSProp
 from distlearn.pool import PoolTimeout, ProcessPool, WorkerFailure, spawn_context
+from distlearn.rl.checkpointing import cut_metrics, load_rl_checkpoint, save_rl_checkpoint
 from distlearn.rl.common import (
     ActorCritic,
     EnvPool,
@@ -65,10 +66,12 @@ from distlearn.rl.common import (
     env_generators,
     n_step_returns,
     policy_gradient_loss,
+    restore_stats,
     save_policy,
     solved_threshold,
+    stats_state,
 )
-from distlearn.rl.config import RLConfig, resolve
+from distlearn.rl.config import RLConfig, flat_values, resolve
 
 __all__ = ["run_a3c", "shared_rmsprop"]
 
@@ -118,6 +121,15 @@ def run_a3c(config: RLConfig, *, fail_worker: int | None = None) -> dict[str, An
     square_avgs = [s["square_avg_eps"] for s in shared_rmsprop(model, config.lr).state.values()]
     context = spawn_context()
     counters = context.Array("q", 2)  # [updates applied to theta (its version), env steps of all workers]
+    values = {**flat_values(config), "algorithm": "a3c"}
+    saved = None
+    if config.resume is not None:  # theta, the RMSProp statistics and the counters; not bitwise (async)
+        saved, _ = load_rl_checkpoint(config.resume, values, rank=0, world_size=1)
+        with torch.no_grad():
+            model.load_state_dict(saved["model"])
+            for mine, theirs in zip(square_avgs, saved["square_avgs"], strict=True):
+                mine.copy_(theirs)
+        counters[0], counters[1] = saved["updates"], saved["env_steps"]
     stop = context.Event()
     results: Any = context.Queue()
     pool = ProcessPool(
@@ -136,14 +148,39 @@ def run_a3c(config: RLConfig, *, fail_worker: int | None = None) -> dict[str, An
             algorithm="a3c",
             env_id=config.env,
             quiet=config.quiet,
+            tensorboard=config.tensorboard,
+            append=saved is not None,
         )
+        first_update, wall_offset, checkpoint = 0, 0.0, None
+        if saved is not None:
+            restore_stats(stats, saved["ranks"][0]["stats"])
+            first_update, wall_offset = saved["updates"], saved["wall_time"]
+            cut_metrics(out, first_update)
+        metrics.resumed(stats.env_steps, first_update, wall_offset)
         start = last_log = time.perf_counter()
         dead: list[WorkerFailure] = []
+        every = config.checkpoint_every
+        next_checkpoint = (first_update // every + 1) * every if every else None
 
-        def record(result: tuple[list[float], int, int]) -> None:
-            returns, steps, staleness = result
+        def save() -> tuple[int, str]:  # read while the workers write: Hogwild!'s snapshot, not bitwise
+            with counters.get_lock():
+                updates, env_steps = int(counters[0]), int(counters[1])
+            shared = {
+                "algorithm": "a3c",
+                "model": {k: v.clone() for k, v in model.state_dict().items()},
+                "square_avgs": [s.clone() for s in square_avgs],
+                "env_steps": env_steps,
+                "wall_time": wall_offset + time.perf_counter() - start,
+            }
+            mine = {"stats": stats_state(stats)}
+            path = save_rl_checkpoint(out, updates, shared, mine, rank=0, world_size=1, config_values=values)
+            return updates, str(path)
+
+        def record(result: tuple[list[float], int, int, float]) -> None:
+            returns, steps, staleness, loss = result
             stats.add(returns, steps)
             metrics.add_staleness(staleness)
+            metrics.add_loss(loss)
 
         def record_waiting() -> None:  # so that no worker blocks at exit on a full queue
             with contextlib.suppress(queue.Empty):
@@ -161,6 +198,9 @@ def run_a3c(config: RLConfig, *, fail_worker: int | None = None) -> dict[str, An
                 with contextlib.suppress(queue.Empty):
                     record(results.get(timeout=0.2))
                 report_dead()
+                if next_checkpoint is not None and counters[0] >= next_checkpoint:
+                    done, checkpoint = save()
+                    next_checkpoint = (done // every + 1) * every
                 now = time.perf_counter()
                 if now - last_log >= config.log_every:
                     last_log = now
@@ -197,13 +237,16 @@ def run_a3c(config: RLConfig, *, fail_worker: int | None = None) -> dict[str, An
         "final_return": stats.mean_return,
         "env_steps_per_s": summary_record.samples_per_s,
         "dead_workers": dead_workers,
+        "resumed_from_update": first_update if saved is not None else None,
+        "checkpoint": checkpoint,
     }
 
 
 def _rollout_gradient(
     model: ActorCritic, envs: EnvPool, generators: Any, stats: EpisodeStats, config: RLConfig
-) -> None:
-    """Run ``t_max`` steps with ``model`` and leave A3C's clipped gradient ``d theta`` in its ``.grad``."""
+) -> float:
+    """Run ``t_max`` steps with ``model``, leave A3C's clipped gradient ``d theta`` in its ``.grad``; returns
+    the loss."""
     rollout = collect_rollout(model, envs, config.rollout_steps, generators, stats)
     with torch.no_grad():
         _, bootstrap = model(rollout.next_obs)
@@ -221,6 +264,7 @@ def _rollout_gradient(
     loss.backward()
     if config.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    return float(loss)
 
 
 def _actor_learner(
@@ -253,7 +297,7 @@ def _actor_learner(
         local.load_state_dict(shared_model.state_dict())  # theta' <- theta
         version = counters[0]
         before = stats.env_steps
-        _rollout_gradient(local, envs, generators, stats, config)  # d theta in local's .grad
+        loss = _rollout_gradient(local, envs, generators, stats, config)  # d theta in local's .grad
         for shared, own in zip(shared_params, local.parameters(), strict=True):
             shared.grad = own.grad
         optimizer.step()  # Hogwild!: no lock around the shared weights and statistics
@@ -261,7 +305,8 @@ def _actor_learner(
             staleness = counters[0] - version  # updates by others since theta' was read
             counters[0] += 1
             counters[1] += stats.env_steps - before
-        results.put((list(stats.recent), stats.env_steps - before, staleness))  # episodes ended this rollout
+        # the returns of the episodes that ended this rollout, its steps, staleness and loss
+        results.put((list(stats.recent), stats.env_steps - before, staleness, loss))
         stats.recent.clear()
         if fail:  # flush the queue's feeder thread first, so only the process is lost, not its report
             results.close()
@@ -330,6 +375,7 @@ def _remote_actor_learner(config: RLConfig, strategy: Any, out: Path, *, fail: b
             algorithm="a3c",
             env_id=config.env,
             quiet=config.quiet,
+            tensorboard=config.tensorboard,
         )  # fmt: skip
         if main
         else None
@@ -345,7 +391,7 @@ def _remote_actor_learner(config: RLConfig, strategy: Any, out: Path, *, fail: b
         if config.anneal_lr:  # the paper anneals eta linearly to 0 over the run; the server uses this lr
             lr_carrier.param_groups[0]["lr"] = config.lr * max(0.0, 1.0 - steps_done / config.total_steps)
         before = own.env_steps
-        _rollout_gradient(model, envs, generators, own, config)  # d theta in model's .grad
+        loss = _rollout_gradient(model, envs, generators, own, config)  # d theta in model's .grad
         strategy.before_step(model, lr_carrier, updates)  # push d theta; pull theta (the servers' RMSProp)
         updates += 1
         store.add(_STEPS, own.env_steps - before)
@@ -357,6 +403,7 @@ def _remote_actor_learner(config: RLConfig, strategy: Any, out: Path, *, fail: b
         if metrics is None:
             continue
         metrics.add_staleness(max(strategy.staleness_seen[-1]))
+        metrics.add_loss(loss)  # the first worker's own losses (the others' stay on their ranks)
         now = time.perf_counter()
         if now - last_check >= _CHECK_EVERY_S:
             last_check = now

@@ -15,13 +15,14 @@ imports its shared parts from one place:
 * :mod:`distlearn.rl.policy_gradient`: :func:`policy_gradient_loss` (A2C/A3C loss, PPO's clipped
   surrogate) and :func:`pg_update`.
 * :mod:`distlearn.rl.metrics`: :class:`EpisodeStats` (the solved test over :data:`SOLVED_WINDOW` episodes)
-  and :class:`RLMetrics` (the JSON-lines records of every distlearn run).
+  and :class:`RLMetrics` (the JSON-lines records of every distlearn run); :func:`stats_state` /
+  :func:`restore_stats` (episode statistics in a checkpoint).
 """
 
 from __future__ import annotations
 
 from distlearn.rl.envs import AtariFrames, EnvPool, make_env, solved_threshold
-from distlearn.rl.metrics import SOLVED_WINDOW, EpisodeStats, RLMetrics
+from distlearn.rl.metrics import SOLVED_WINDOW, EpisodeStats, RLMetrics, restore_stats, stats_state
 from distlearn.rl.models import (
     ActorCritic,
     ImageInput,
@@ -55,7 +56,9 @@ __all__ = [
     "n_step_returns",
     "pg_update",
     "policy_gradient_loss",
+    "restore_stats",
     "sample_actions",
     "save_policy",
     "solved_threshold",
+    "stats_state",
 ]

@@ -179,6 +179,15 @@ class EnvPool:
         self.terminated, self.final_obs = torch.from_numpy(terminal), torch.as_tensor(np.stack(finals))
         return self.obs, torch.from_numpy(rewards), torch.from_numpy(dones)
 
+    def reset_all(self, seeds: list[int]) -> None:
+        """Reset every environment, ``i`` with ``seeds[i]``; episodes under way end uncounted."""
+        first = [env.reset(seed=int(s))[0] for env, s in zip(self.envs, seeds, strict=True)]
+        self.obs = torch.as_tensor(np.stack([np.asarray(o, np.float32).reshape(-1) for o in first]))
+        self._returns[:] = 0.0
+        self.finished_returns = []
+        self.terminated = torch.zeros(self.num_envs)
+        self.final_obs = self.obs.clone()
+
     def close(self) -> None:
         for env in self.envs:
             env.close()

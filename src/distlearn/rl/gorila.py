@@ -187,6 +187,7 @@ class GorilaServer:
             algorithm="gorila",
             env_id=config.env,
             quiet=config.quiet,
+            tensorboard=config.tensorboard,
         )
         self.book = StalenessBook(keep_updates=False)
         self.start = self.last_log = time.perf_counter()
@@ -195,14 +196,15 @@ class GorilaServer:
 
     def on_request(self, loop: ServingLoop, peer: int, header: Header) -> None:
         config = self.config
-        if header.kind != Kind.PUSH or header.length < self.size:
+        if header.kind != Kind.PUSH or header.length < self.size + 1:
             raise CommError(
                 f"gorila server: rank {peer} sent {header.kind.name} of {header.length} numbers; expected a "
                 f"PUSH of at least the model's {self.size}: every rank must run the same --env and version"
             )
         payload = loop.receive(peer, header, what="a gradient")
-        count = header.length - self.size
+        count = header.length - self.size - 1  # [returns of finished episodes, gradient, loss]
         self.stats.add(payload[:count].tolist(), header.step)
+        self.metrics.add_loss(float(payload[-1]))
         if config.anneal_lr:  # eta decays linearly to 0 over --total-steps env steps (all bundles together)
             self.lr = config.lr * max(0.0, 1.0 - self.stats.env_steps / config.total_steps)
             for group in self.optimizer.param_groups:
@@ -283,6 +285,7 @@ def _bundle(config: RLConfig, rank: int, world_size: int, *, fail: bool) -> dict
 
     def refused(header: Header) -> Exception:
         return ConfigError(f"the gorila server refused bundle {rank}: every rank must build the same --env")
+
     while True:
         # actor: epsilon-greedy, epsilon decaying linearly from eps_start to eps_end
         epsilon = max(
@@ -335,7 +338,10 @@ def _bundle(config: RLConfig, rank: int, world_size: int, *, fail: bool) -> dict
             torch.nn.utils.clip_grad_norm_(online.parameters(), 10.0 * config.max_grad_norm)
         sent_returns, unsent_returns = unsent_returns[:RETURN_SLOTS], unsent_returns[RETURN_SLOTS:]
         gradient = [p.grad.reshape(-1) for p in online.parameters()]
-        payload = torch.cat([torch.tensor(sent_returns, dtype=torch.float32), *gradient])
+        # the episodes' returns, the gradient, and its loss last (the server logs the loss)
+        payload = torch.cat(
+            [torch.tensor(sent_returns, dtype=torch.float32), *gradient, loss.detach().reshape(1)]
+        )
         header = Header(Kind.PUSH, version=version, step=unsent_steps, length=payload.numel(), sender=rank)
         unsent_steps = 0
         transport.send(0, header, payload, tag=REQUEST)

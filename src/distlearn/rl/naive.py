@@ -32,6 +32,7 @@ import torch.distributed as dist
 from distlearn.errors import CommError, ConfigError
 from distlearn.launch import in_torchrun, init_distributed, shutdown
 from distlearn.optim import Adam
+from distlearn.rl.checkpointing import boundary_seed, cut_metrics, load_rl_checkpoint, save_rl_checkpoint
 from distlearn.rl.common import (
     ActorCritic,
     EnvPool,
@@ -43,10 +44,12 @@ from distlearn.rl.common import (
     flat_parameters,
     load_flat_parameters,
     pg_update,
+    restore_stats,
     save_policy,
     solved_threshold,
+    stats_state,
 )
-from distlearn.rl.config import RLConfig, resolve
+from distlearn.rl.config import RLConfig, flat_values, resolve
 
 __all__ = ["run_naive"]
 
@@ -92,13 +95,31 @@ def _run(config: RLConfig, rank: int, world_size: int, out: Path) -> dict[str, A
         algorithm=f"naive/{config.algo}",
         env_id=config.env,
         quiet=config.quiet or rank != 0,
+        tensorboard=config.tensorboard,
+        append=config.resume is not None,
     )
     optimizer = Adam(model.parameters(), lr=config.lr, eps=1e-5, eps_hat=False) if rank == 0 else None
     minibatch_generator = torch.Generator().manual_seed(config.seed)
+    values = {**flat_values(config), "algorithm": "naive"}
+    first_update, wall_offset, bytes_sent, checkpoint = 0, 0.0, 0, None
+    if config.resume is not None:
+        saved, mine = load_rl_checkpoint(config.resume, values, rank=rank, world_size=world_size)
+        model.load_state_dict(saved["model"])
+        minibatch_generator.set_state(saved["minibatch_generator"])
+        first_update, wall_offset = saved["updates"], saved["wall_time"]
+        if rank == 0:
+            optimizer.load_state_dict(saved["optimizer"])
+            restore_stats(stats, mine["stats"])
+            cut_metrics(out, first_update)
+        else:
+            for generator, state in zip(generators, mine["generators"], strict=True):
+                generator.set_state(state)
+            _reset_envs(envs, config, rank, first_update)
+    metrics.resumed(stats.env_steps, first_update, wall_offset)
     num_updates = max(1, config.total_steps // (workers * n * steps))
     start = last_log = time.perf_counter()
-    bytes_sent, updates, control = 0, 0, torch.zeros(1)
-    for updates in range(1, num_updates + 1):
+    updates, control = first_update, torch.zeros(1)
+    for updates in range(first_update + 1, num_updates + 1):
         if rank:  # worker: roll out with this copy of theta, send the trajectories
             local = EpisodeStats()
             rollout = collect_rollout(model, envs, steps, generators, local)
@@ -118,19 +139,35 @@ def _run(config: RLConfig, rank: int, world_size: int, out: Path) -> dict[str, A
                 stats.add(finished[1 : 1 + int(finished[0])].tolist(), steps * n)
             if config.anneal_lr:
                 optimizer.param_groups[0]["lr"] = config.lr * (1.0 - (updates - 1) / num_updates)
-            pg_update(model, optimizer, Rollout.concat(parts), config, minibatch_generator)
+            info = pg_update(model, optimizer, Rollout.concat(parts), config, minibatch_generator)
+            metrics.add_loss(info["loss"])
             elapsed = time.perf_counter() - start
             done = (stats.solved and config.stop_when_solved) or elapsed > config.time_limit
             control[0] = float(done)
             if time.perf_counter() - last_log >= config.log_every:
                 last_log = time.perf_counter()
-                metrics.log(updates, stats, bytes_sent=bytes_sent)
+                metrics.log(updates, stats, lr=optimizer.param_groups[0]["lr"], bytes_sent=bytes_sent)
         # theta and the learner's verdict to every worker (one broadcast)
         weights = torch.cat([flat_parameters(model), control])
         dist.broadcast(weights, src=0)
         if rank == 0:
             bytes_sent += weights.numel() * 4 * workers
         load_flat_parameters(model, weights[:-1])
+        if config.checkpoint_every and updates % config.checkpoint_every == 0:
+            shared = {
+                "algorithm": "naive",
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer is not None else {},
+                "minibatch_generator": minibatch_generator.get_state(),
+                "wall_time": wall_offset + time.perf_counter() - start,
+            }
+            mine = {"stats": stats_state(stats), "generators": [g.get_state() for g in generators]}
+            path = save_rl_checkpoint(
+                out, updates, shared, mine, rank=rank, world_size=world_size, config_values=values
+            )
+            checkpoint = str(path) if path else checkpoint
+            if rank:
+                _reset_envs(envs, config, rank, updates)
         if weights[-1] > 0:
             break
     summary = metrics.log(updates, stats, kind="summary", bytes_sent=bytes_sent)
@@ -150,4 +187,12 @@ def _run(config: RLConfig, rank: int, world_size: int, out: Path) -> dict[str, A
         "solved_seconds": stats.solved_at[1] if stats.solved_at else None,
         "final_return": stats.mean_return,
         "env_steps_per_s": summary.samples_per_s,
+        "resumed_from_update": first_update if config.resume is not None else None,
+        "checkpoint": checkpoint,
     }
+
+
+def _reset_envs(envs: EnvPool, config: RLConfig, rank: int, updates: int) -> None:
+    """The checkpoint boundary: worker ``rank``'s environments reset with seeds of their index and update."""
+    first = (rank - 1) * config.num_envs
+    envs.reset_all([boundary_seed(config.seed, first + i, updates) for i in range(envs.num_envs)])

@@ -50,7 +50,12 @@ def policy_gradient_loss(
         policy_loss = -torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages).mean()
     value_loss = 0.5 * (returns - values).pow(2).mean()
     loss = policy_loss + value_coef * value_loss - entropy_coef * entropy
-    info = {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(), "entropy": entropy.item()}
+    info = {
+        "loss": loss.item(),
+        "policy_loss": policy_loss.item(),
+        "value_loss": value_loss.item(),
+        "entropy": entropy.item(),
+    }
     return loss, info
 
 
@@ -64,7 +69,9 @@ def pg_update(
     allreduce_: Any = None,
     world_size: int = 1,
 ) -> dict[str, float]:
-    """One A2C step or PPO's ``ppo_epochs x minibatches`` steps on ``rollout``; returns the last losses.
+    """One A2C step or PPO's ``ppo_epochs x minibatches`` steps on ``rollout``.
+
+    Returns the last minibatch's losses, with ``loss`` the mean total loss over the update's minibatches.
 
     ``allreduce_(tensor)`` (optional) sums a tensor over the replicas in place: the gradients (then divided by
     ``world_size``) and the advantage-normalisation sums, so R replicas with ``N`` environments each take
@@ -85,6 +92,7 @@ def pg_update(
     else:
         epochs = config.ppo_epochs
     info: dict[str, float] = {}
+    losses: list[float] = []
     for _ in range(epochs):
         if config.algo != "a2c":
             chunks = list(torch.randperm(steps, generator=generator).chunk(config.minibatches))
@@ -112,6 +120,7 @@ def pg_update(
                 value_coef=config.value_coef,
                 entropy_coef=config.entropy_coef,
             )
+            losses.append(info["loss"])
             optimizer.zero_grad(set_to_none=False)
             loss.backward()
             if allreduce_ is not None and world_size > 1:
@@ -125,4 +134,4 @@ def pg_update(
             if config.max_grad_norm > 0:
                 nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
-    return info
+    return {**info, "loss": sum(losses) / len(losses)}

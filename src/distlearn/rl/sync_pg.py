@@ -40,6 +40,7 @@ import torch.distributed as dist
 from distlearn.comm.reducers import create_reducer
 from distlearn.launch import in_torchrun, init_distributed, shutdown
 from distlearn.optim import Adam
+from distlearn.rl.checkpointing import boundary_seed, cut_metrics, load_rl_checkpoint, save_rl_checkpoint
 from distlearn.rl.common import (
     ActorCritic,
     EnvPool,
@@ -48,10 +49,12 @@ from distlearn.rl.common import (
     collect_rollout,
     env_generators,
     pg_update,
+    restore_stats,
     save_policy,
     solved_threshold,
+    stats_state,
 )
-from distlearn.rl.config import RLConfig, resolve
+from distlearn.rl.config import RLConfig, flat_values, resolve
 
 __all__ = ["run_sync_pg"]
 
@@ -90,6 +93,21 @@ def _train(config: RLConfig, rank: int, world_size: int, out: Path) -> dict[str,
     allreduce_ = reducer.allreduce_ if reducer is not None else None
     # every replica keeps ceil(100 / R) episodes: the solved test averages 100 episodes of the whole job
     stats = EpisodeStats(solved_threshold(config.env), window=math.ceil(100 / world_size))
+    values = {**flat_values(config), "algorithm": "sync-pg"}
+    first_update, solved_at, wall_offset, checkpoint = 0, None, 0.0, None
+    if config.resume is not None:
+        saved, mine = load_rl_checkpoint(config.resume, values, rank=rank, world_size=world_size)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        minibatch_generator.set_state(saved["minibatch_generator"])
+        first_update, wall_offset = saved["updates"], saved["wall_time"]
+        solved_at = tuple(saved["solved_at"]) if saved.get("solved_at") else None
+        restore_stats(stats, mine["stats"])
+        for generator, state in zip(generators, mine["generators"], strict=True):
+            generator.set_state(state)
+        _reset_envs(envs, config, first_env, first_update)
+        if rank == 0:
+            cut_metrics(out, first_update)
     metrics = RLMetrics(
         out if rank == 0 else None,
         rank=rank,
@@ -98,19 +116,22 @@ def _train(config: RLConfig, rank: int, world_size: int, out: Path) -> dict[str,
         algorithm=f"sync-pg/{config.algo}",
         env_id=config.env,
         quiet=config.quiet or rank != 0,
+        tensorboard=config.tensorboard,
+        append=config.resume is not None,
     )
+    metrics.resumed(stats.env_steps, first_update, wall_offset)
     batch = config.num_envs * config.rollout_steps * world_size
     num_updates = max(1, config.total_steps // batch)
     start = last_log = time.perf_counter()
-    solved_at: tuple[int, float] | None = None
-    updates = 0
+    updates = first_update
+    verdict = torch.tensor([stats.mean_return or 0.0, 0.0, 0.0])
     try:
-        for updates in range(1, num_updates + 1):
+        for updates in range(first_update + 1, num_updates + 1):
             if config.anneal_lr:
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * (1.0 - (updates - 1) / num_updates)
             rollout = collect_rollout(model, envs, config.rollout_steps, generators, stats)
-            pg_update(
+            info = pg_update(
                 model,
                 optimizer,
                 rollout,
@@ -119,6 +140,7 @@ def _train(config: RLConfig, rank: int, world_size: int, out: Path) -> dict[str,
                 allreduce_=allreduce_,
                 world_size=world_size,
             )
+            metrics.add_loss(info["loss"])
             # one small collective per update: the job's mean return, whether all windows are full, and
             # rank 0's time-limit verdict, so every replica stops after the same update
             elapsed = time.perf_counter() - start
@@ -133,7 +155,7 @@ def _train(config: RLConfig, rank: int, world_size: int, out: Path) -> dict[str,
                 stats.threshold is not None and verdict[1] == world_size and verdict[0] >= stats.threshold
             )
             if job_solved and solved_at is None:
-                solved_at = (stats.env_steps * world_size, elapsed)
+                solved_at = (stats.env_steps * world_size, wall_offset + elapsed)
             now = time.perf_counter()
             if now - last_log >= config.log_every:
                 last_log = now
@@ -141,9 +163,25 @@ def _train(config: RLConfig, rank: int, world_size: int, out: Path) -> dict[str,
                 metrics.log(
                     updates,
                     stats,
+                    lr=optimizer.param_groups[0]["lr"],
                     bytes_sent=reducer.bytes_sent if reducer else 0,
                     job_episode_return=float(verdict[0]),
                 )
+            if config.checkpoint_every and updates % config.checkpoint_every == 0:
+                shared = {
+                    "algorithm": "sync-pg",
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "minibatch_generator": minibatch_generator.get_state(),
+                    "solved_at": list(solved_at) if solved_at else None,
+                    "wall_time": wall_offset + time.perf_counter() - start,
+                }
+                mine = {"stats": stats_state(stats), "generators": [g.get_state() for g in generators]}
+                path = save_rl_checkpoint(
+                    out, updates, shared, mine, rank=rank, world_size=world_size, config_values=values
+                )
+                checkpoint = str(path) if path else checkpoint
+                _reset_envs(envs, config, first_env, updates)
             if (job_solved and config.stop_when_solved) or verdict[2] > 0:
                 break
         stats.solved_at = solved_at
@@ -166,4 +204,11 @@ def _train(config: RLConfig, rank: int, world_size: int, out: Path) -> dict[str,
         "solved_seconds": solved_at[1] if solved_at else None,
         "final_return": float(verdict[0]),
         "env_steps_per_s": summary_record.samples_per_s * world_size,
+        "resumed_from_update": first_update if config.resume is not None else None,
+        "checkpoint": checkpoint,
     }
+
+
+def _reset_envs(envs: EnvPool, config: RLConfig, first_env: int, updates: int) -> None:
+    """The checkpoint boundary: every environment reset with a seed of its index and the update."""
+    envs.reset_all([boundary_seed(config.seed, first_env + i, updates) for i in range(envs.num_envs)])

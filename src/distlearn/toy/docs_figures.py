@@ -21,6 +21,7 @@ from pathlib import Path
 
 from distlearn import optim
 from distlearn.errors import ConfigError
+from distlearn.tables import markdown_table as _markdown_table
 from distlearn.toy.config import ToyConfig
 from distlearn.toy.experiment import ProblemResult, run_toy
 
@@ -33,10 +34,7 @@ COMMAND = "python -m distlearn.toy.docs_figures"
 def markdown_table(results: list[ProblemResult], tolerance: float) -> str:
     """One markdown table: a row per problem, a column per optimizer, "steps (gradient evaluations)"."""
     optimizers = [row.optimizer for row in results[0].rows]
-    lines = [
-        "| problem | " + " | ".join(optimizers) + " |",
-        "|---|" + "---:|" * len(optimizers),
-    ]
+    body: list[list[str]] = []
     for result in results:
         cells = []
         for row in result.rows:
@@ -49,8 +47,8 @@ def markdown_table(results: list[ProblemResult], tolerance: float) -> str:
                 cells.append(f"{row.steps_to_tolerance} ({row.evaluations_to_tolerance} ev.)")
             else:
                 cells.append(str(row.steps_to_tolerance))
-        lines.append(f"| {result.problem} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append([result.problem, *cells])
+    return _markdown_table(["problem", *optimizers], body, align="l" + "r" * len(optimizers))
 
 
 def main(argv: list[str] | None = None) -> int:

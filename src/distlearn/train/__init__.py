@@ -3,12 +3,19 @@
     from distlearn.train import TrainConfig, train
     result = train(TrainConfig(dataset="fashion-mnist", model="lenet", optimizer="adam", epochs=2))
 
+    import distlearn
+    result = distlearn.train(distlearn.TrainConfig(strategy="sync", workers=2))   # the package is callable
+
 Modules: :mod:`~distlearn.train.config` (the common options composed with the strategy's),
 :mod:`~distlearn.train.loop` (the loop), :mod:`~distlearn.train.state` (the run's position, RNG states,
 what a checkpoint resumes), :mod:`~distlearn.train.schedule` (the learning-rate schedule),
 :mod:`~distlearn.train.report` (progress and summary). Evaluation is :func:`distlearn.evaluation.evaluate`
 and the data :func:`distlearn.data.prepare.prepare_data`, shared with the DNI pipeline.
 """
+
+import sys
+import types
+from typing import Any
 
 from distlearn.config import parse_options
 from distlearn.data.user import TrainData as ImageDataset
@@ -34,3 +41,14 @@ __all__ = [
     "train",
     "validate_config",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    """``distlearn.train(config)`` calls :func:`distlearn.train.loop.train`: the package is also the function
+    (``from distlearn.train import train`` gives the function itself)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> TrainResult:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

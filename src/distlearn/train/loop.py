@@ -34,10 +34,8 @@ Python API::
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -69,7 +67,14 @@ from distlearn.train.report import (
 )
 from distlearn.train.report import status_of as _status
 from distlearn.train.schedule import make_scheduler
-from distlearn.train.state import RunState, check_resume, rng_state, seed_everything, set_rng_state
+from distlearn.train.state import (
+    RunState,
+    check_resume,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    torch_settings,
+)
 
 __all__ = ["TrainResult", "train"]
 
@@ -116,7 +121,7 @@ def train(
             )
     model, loss_fn, train_data, test_data = resolve_inputs(config, model, loss_fn, train_data, test_data)
     strategy = strategy if strategy is not None else create_strategy(config.strategy, run=config)
-    with _torch_settings(config):
+    with torch_settings(config):
         strategy.setup(config.seed)
         try:
             if not strategy.trains:  # e.g. a parameter server: its whole life is serving the workers
@@ -129,21 +134,6 @@ def train(
             return _Run(config, strategy, data, model, optimizer, loss_fn, started=started).run()
         finally:
             strategy.close()
-
-
-@contextlib.contextmanager
-def _torch_settings(config: TrainConfig) -> Iterator[None]:
-    """Deterministic algorithms and the thread count for the run; the previous settings come back after."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    threads = torch.get_num_threads()
-    torch.use_deterministic_algorithms(config.deterministic)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        torch.set_num_threads(threads)
 
 
 class _Run:

@@ -177,26 +177,6 @@ def status_of(record: MetricRecord) -> str:
     return f"test loss {record.loss:.4f}" if record.accuracy is None else f"test acc {record.accuracy:.4f}"
 
 
-def served_result(strategy: Any) -> TrainResult:
-    """The result of a process that served the job instead of training (e.g. a parameter server)."""
-    return TrainResult(
-        model=nn.Identity(),
-        test_accuracy=math.nan,
-        test_loss=math.nan,
-        best_accuracy=math.nan,
-        steps=0,
-        epochs=0.0,
-        samples_per_s=0.0,
-        train_seconds=0.0,
-        wall_time=0.0,
-        seconds_per_epoch=[],
-        metrics_path=None,
-        checkpoint=None,
-        evaluations=[],
-        summary={"role": strategy.role, "strategy": strategy.describe()},
-    )
-
-
 def progress_wanted(config: Any, is_main: bool) -> tuple[bool, float | None]:
     """(the bar, the plain lines' period) that ``config`` asks of this process."""
     if not is_main or config.quiet or config.progress == "off":
@@ -272,3 +252,23 @@ def print_summary(
         if value:
             table.add_row(key, str(value))
     Console().print(table)
+
+
+def served_result(strategy: Any) -> TrainResult:
+    """The result a rank that only serves (a parameter server) returns: no model, no accuracy."""
+    return TrainResult(
+        model=nn.Identity(),
+        test_accuracy=math.nan,
+        test_loss=math.nan,
+        best_accuracy=math.nan,
+        steps=0,
+        epochs=0.0,
+        samples_per_s=0.0,
+        train_seconds=0.0,
+        wall_time=0.0,
+        seconds_per_epoch=[],
+        metrics_path=None,
+        checkpoint=None,
+        evaluations=[],
+        summary={"role": strategy.role, "strategy": strategy.describe()},
+    )

@@ -8,7 +8,9 @@ resumed from any checkpoint -- mid-epoch included -- ends with bit-identical wei
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +19,7 @@ import torch
 
 from distlearn.errors import ConfigError
 
-__all__ = ["RunState", "check_resume", "rng_state", "seed_everything", "set_rng_state"]
+__all__ = ["RunState", "check_resume", "rng_state", "seed_everything", "set_rng_state", "torch_settings"]
 
 
 @dataclass
@@ -125,3 +127,18 @@ def check_resume(config: Any, saved: dict[str, Any]) -> None:
                 f"--resume: the checkpoint was written with {flag} {then!r} but this run has {now!r}; "
                 f"pass {flag} {then!r} to continue it, or drop --resume to start afresh"
             )
+
+
+@contextlib.contextmanager
+def torch_settings(config: Any) -> Iterator[None]:
+    """Deterministic algorithms and the thread count for the run; the previous settings come back after."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(config.deterministic)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
