@@ -3,18 +3,19 @@
 * :func:`write_summary`: the job's main process writes its summary (and the flat config) as JSON.
 * :func:`print_summary`: the summary as a two-column rich table, like ``distlearn train``'s.
 * :func:`check_out`: an OUT that holds an earlier run is refused unless ``--resume`` or ``--overwrite``
-  (``--overwrite`` removes its metrics, summary and checkpoints first).
+  (``--overwrite`` removes its metrics, summary and checkpoints first): :func:`distlearn.rundir.prepare_out`,
+  as for ``distlearn train``.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from distlearn.errors import ConfigError
 from distlearn.metrics import METRICS_FILE
+from distlearn.rundir import prepare_out
 
 __all__ = ["SUMMARY_FILE", "check_out", "is_main", "print_summary", "read_summary", "write_summary"]
 
@@ -34,21 +35,7 @@ def check_out(config: Any) -> None:
             f"--resume {config.resume}: no such file or directory; pass a checkpoint written by a run with "
             "--checkpoint-every (OUT/checkpoints/step-*.pt, or that directory for its newest)"
         )
-    earlier = [p for p in (out / METRICS_FILE, out / SUMMARY_FILE, out / "checkpoints") if p.exists()]
-    if not earlier or config.resume is not None:
-        return
-    if not config.overwrite:
-        raise ConfigError(
-            f"--out {out} holds an earlier run ({', '.join(p.name for p in earlier)}); pass --overwrite to "
-            "replace it, --resume OUT/checkpoints to continue it, or another --out"
-        )
-    for path in earlier:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    for path in out.glob("metrics.rank*.jsonl"):
-        path.unlink()
+    prepare_out(config, out)
 
 
 def is_main(summary: dict[str, Any]) -> bool:

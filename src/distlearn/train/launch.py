@@ -34,9 +34,9 @@ from distlearn.launch import in_torchrun, launch_local
 from distlearn.metrics import METRICS_FILE, read_metrics
 from distlearn.models import create_model
 from distlearn.parallel import strategy_class
+from distlearn.rundir import prepare_out
 from distlearn.train.config import TrainConfig, config_to_toml, validate_config
 from distlearn.train.inputs import check_fit, check_importable, resolve_inputs, run_data
-from distlearn.train.outdir import prepare_out
 from distlearn.train.report import TrainResult
 
 __all__ = ["launch_from_python", "launch_workers", "processes_to_launch", "read_result", "run_config"]

@@ -53,10 +53,10 @@ from distlearn.evaluation import evaluate
 from distlearn.metrics import METRICS_FILE, MetricRecord, MetricsWriter
 from distlearn.models import count_parameters, create_model
 from distlearn.parallel import Strategy, create_strategy
+from distlearn.rundir import prepare_out
 from distlearn.train.config import TrainConfig, validate_config
 from distlearn.train.inputs import LossFn, check_fit, has_objects, resolve_inputs, run_data
 from distlearn.train.launch import launch_from_python
-from distlearn.train.outdir import prepare_out
 from distlearn.train.report import (
     Progress,
     TrainResult,

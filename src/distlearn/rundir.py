@@ -6,7 +6,7 @@ and ``ps-server<k>-final.pt`` and, for DNI, ``summary.json`` and ``messages.rank
 into a directory that holds such files would mix its records and checkpoints with the earlier run's (and
 ``--resume OUT/checkpoints`` would then pick the earlier run's newest checkpoint), so
 :func:`prepare_out` refuses it unless ``--resume`` continues that run or ``--overwrite`` removes those
-files first -- only those: anything else in ``OUT`` stays.
+files first -- only those: anything else in ``OUT`` stays. ``distlearn train`` and ``distlearn rl`` share it.
 """
 
 from __future__ import annotations
@@ -45,33 +45,33 @@ def earlier_run(out: str | Path) -> list[Path]:
     return sorted(found)
 
 
-def prepare_out(config: Any) -> None:
+def prepare_out(config: Any, out: str | Path | None = None) -> None:
     """Refuse an ``--out`` holding an earlier run unless ``--resume`` or ``--overwrite`` (which removes it).
 
-    Runs before any worker starts (the launcher) and again in each worker before its rendezvous, where no
-    process has written anything yet.
+    ``config`` has ``out``, ``resume`` and ``overwrite`` (``out`` overrides ``config.out``, for a command
+    with a default directory). Runs before any worker starts (the launcher) and again in each worker before
+    its rendezvous, where no process has written anything yet.
     """
+    out = Path(out if out is not None else config.out)
     if config.resume is not None and config.overwrite:
         raise ConfigError(
             "--resume continues the run in --out and --overwrite deletes it: pass only one of them"
         )
     if config.resume is not None:
         return
-    found = earlier_run(config.out)
+    found = earlier_run(out)
     if not found:
         return
     if not config.overwrite:
-        out = Path(config.out)
         shown = ", ".join(str(path.relative_to(out)) for path in found[:4])
         more = f" and {len(found) - 4} more" if len(found) > 4 else ""
         raise ConfigError(
-            f"--out {config.out} holds an earlier run ({shown}{more}); pass --resume {out / 'checkpoints'} "
+            f"--out {out} holds an earlier run ({shown}{more}); pass --resume {out / 'checkpoints'} "
             "to continue it, --overwrite to delete its metrics, checkpoints and TensorBoard events first, "
             "or another --out"
         )
     for path in found:
         path.unlink(missing_ok=True)  # another worker of this job may have removed it already
-    out = Path(config.out)
     for directory in [*sorted((out / "tensorboard").glob("rank*")), out / "tensorboard", out / "checkpoints"]:
         with contextlib.suppress(OSError):  # kept when it holds files distlearn did not write
             directory.rmdir()
