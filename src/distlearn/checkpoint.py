@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import re
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from distlearn.errors import CheckpointError
 
 __all__ = [
+    "global_rng_state",
+    "set_global_rng_state",
     "FORMAT",
     "checkpoint_path",
     "latest_checkpoint",
@@ -140,3 +144,32 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a distlearn checkpoint (no format={FORMAT!r}); {fallback}")
     state["path"] = str(path)
     return state
+
+
+def global_rng_state() -> dict[str, Any]:
+    """The global torch, NumPy and Python RNG states as tensors and plain values (a ``weights_only`` load
+    reads them back); :func:`set_global_rng_state` restores them."""
+    version, python_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": list(python_state), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+    }
+
+
+def set_global_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`global_rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["cached"])
+    )

@@ -32,6 +32,8 @@ __all__ = [
     "ConfigError",
     "add_arguments",
     "flag",
+    "flags_of",
+    "foreign_flag",
     "from_args",
     "from_dict",
     "help_of",
@@ -308,3 +310,22 @@ def _toml_value(value: Any, name: str) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v, name) for v in value) + "]"
     raise ConfigError(f"{name}={value!r} ({type(value).__name__}) cannot be written to a TOML config file")
+
+
+def flags_of(names: Any) -> set[str]:
+    """The command-line flags of field ``names``: ``--name-with-dashes`` and its ``--no-`` form."""
+    return {prefix + name.replace("_", "-") for name in names for prefix in ("--", "--no-")}
+
+
+def foreign_flag(argv: list[str], mine: set[str], owners: Any) -> tuple[str, list[str]] | None:
+    """The first flag of ``argv`` that is not in ``mine`` but an option of others (``owners(name)`` lists
+    them: strategies, algorithms), as ``(flag, owners)``; None when every flag is ours or unknown to all
+    (tyro then reports an unknown one)."""
+    for word in argv:
+        given = word.split("=", 1)[0]
+        if not given.startswith("--") or given in mine:
+            continue
+        belongs = owners(given.removeprefix("--").removeprefix("no-").replace("-", "_"))
+        if belongs:
+            return given, list(belongs)
+    return None

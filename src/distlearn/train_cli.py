@@ -29,7 +29,7 @@ from typing import Annotated, Any
 
 import tyro
 
-from distlearn.config import read_file
+from distlearn.config import flags_of, foreign_flag, read_file
 from distlearn.errors import ConfigError, DistlearnError
 from distlearn.parallel import STRATEGIES, strategy_class
 from distlearn.parallel.base import option_names
@@ -42,28 +42,15 @@ __all__ = ["command", "launch_workers", "parse_config", "run_config"]
 PROG = "distlearn train"
 
 
-def _flags_of(options_class: type) -> set[str]:
-    names = set()
-    for name in option_names(options_class):
-        names |= {"--" + name.replace("_", "-"), "--no-" + name.replace("_", "-")}
-    return names
-
-
 def _refuse_foreign_flags(argv: list[str], strategy: str, options_class: type) -> None:
     """ConfigError for a flag that is no option of this run but of another strategy, naming that one."""
-    mine = _flags_of(options_class) | {"--" + name.replace("_", "-") for name in COMMON}
-    mine |= {"--no-" + name.replace("_", "-") for name in COMMON}
-    for word in argv:
-        given = word.split("=", 1)[0]
-        if not given.startswith("--") or given in mine:
-            continue
-        name = given.removeprefix("--").removeprefix("no-").replace("-", "_")
-        belongs = owners(name)
-        if belongs:
-            raise ConfigError(
-                f"{given} is an option of --strategy {' / '.join(belongs)}, not of --strategy {strategy}; "
-                f"drop it, or pass --strategy {belongs[0]}"
-            )
+    found = foreign_flag(argv, flags_of([*option_names(options_class), *COMMON]), owners)
+    if found:
+        given, belongs = found
+        raise ConfigError(
+            f"{given} is an option of --strategy {' / '.join(belongs)}, not of --strategy {strategy}; "
+            f"drop it, or pass --strategy {belongs[0]}"
+        )
 
 
 def _optional_switches(argv: list[str], *classes: type) -> list[str]:

@@ -16,14 +16,10 @@ resumed from any of its checkpoints therefore take exactly the same steps: equal
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from distlearn.checkpoint import load_checkpoint, save_checkpoint
+from distlearn.checkpoint import global_rng_state, load_checkpoint, save_checkpoint, set_global_rng_state
 from distlearn.errors import ConfigError
 from distlearn.metrics import METRICS_FILE, MetricRecord
 
@@ -47,31 +43,8 @@ def boundary_seed(seed: int, global_index: int, updates: int) -> int:
     return (seed * 1_000_003 + global_index * 7_919 + updates * 104_729) % 2**31
 
 
-def rng_state() -> dict[str, Any]:
-    """The global torch, numpy and python RNG states, as tensors and plain values."""
-    version, python_state, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "python": {"version": version, "state": list(python_state), "gauss": gauss},
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "position": int(position),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        },
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
-    n = state["numpy"]
-    np.random.set_state(
-        (n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["cached"])
-    )
+rng_state = global_rng_state
+set_rng_state = set_global_rng_state
 
 
 def _gather(value: Any, rank: int, world_size: int) -> list[Any] | None:

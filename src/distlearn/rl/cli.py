@@ -25,7 +25,7 @@ import os
 import sys
 from typing import Annotated, Any
 
-from distlearn.config import read_file
+from distlearn.config import flags_of, foreign_flag, read_file
 from distlearn.errors import DistlearnError
 from distlearn.launch import ENV_LAUNCHED, in_torchrun, launch_local
 from distlearn.rl.config import (
@@ -50,27 +50,18 @@ HELPS = {
 }
 
 
-def _flags(names: Any) -> set[str]:
-    return {prefix + name.replace("_", "-") for name in names for prefix in ("--", "--no-")}
-
-
 def _refuse_foreign_flags(argv: list[str], algorithm: str) -> None:
     """ConfigError for a flag of another algorithm, naming the algorithm it belongs to (before tyro)."""
     own = [f.name for f in dataclasses.fields(OPTIONS[algorithm])]
-    mine = _flags([*COMMON, *own]) | {"--help", "--config"}
-    for word in argv:
-        given = word.split("=", 1)[0]
-        if not given.startswith("--") or given in mine:
-            continue
-        name = given.removeprefix("--").removeprefix("no-").replace("-", "_")
-        belongs = owners(name)
-        if belongs:
-            from distlearn.errors import ConfigError
+    found = foreign_flag(argv, flags_of([*COMMON, *own]) | {"--help", "--config"}, owners)
+    if found:
+        from distlearn.errors import ConfigError
 
-            raise ConfigError(
-                f"{given} is an option of {' / '.join(belongs)}, not of {algorithm}; drop it, "
-                f"or run `distlearn rl {belongs[0]}`"
-            )
+        given, belongs = found
+        raise ConfigError(
+            f"{given} is an option of {' / '.join(belongs)}, not of {algorithm}; drop it, "
+            f"or run `distlearn rl {belongs[0]}`"
+        )
 
 
 def parse_config(algorithm: str, argv: list[str]) -> RLConfig:

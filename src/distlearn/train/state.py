@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distlearn.checkpoint import global_rng_state, set_global_rng_state
 from distlearn.errors import ConfigError
 
 __all__ = ["RunState", "check_resume", "rng_state", "seed_everything", "set_rng_state", "torch_settings"]
@@ -70,36 +71,11 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state(augment_generator: torch.Generator) -> dict[str, Any]:
-    version, python_state, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "python": {"version": version, "state": list(python_state), "gauss": gauss},
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "position": int(position),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        },
-        "augment": augment_generator.get_state(),
-    }
+    return {**global_rng_state(), "augment": augment_generator.get_state()}
 
 
 def set_rng_state(state: dict[str, Any], augment_generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            numpy_state["kind"],
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["position"],
-            numpy_state["has_gauss"],
-            numpy_state["cached"],
-        )
-    )
+    set_global_rng_state(state)
     augment_generator.set_state(state["augment"])
 
 
