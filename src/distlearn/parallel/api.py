@@ -43,7 +43,9 @@ The rules, beside DDP's:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,6 +61,21 @@ __all__ = ["parallelize"]
 
 STATE_KEY = "distlearn"
 """The key of ``optimizer.state_dict()`` that holds the strategy's state and the step count."""
+
+
+def _check_alone(strategy: Any) -> None:
+    """ConfigError for a strategy with server ranks in a script started without torchrun (one process)."""
+    if in_torchrun() or (dist.is_available() and dist.is_initialized()):
+        return
+    servers = {"ps": "the parameter server's rank 0 serves and the workers are ranks 1 and up"}
+    if getattr(strategy.options, "easgd_mode", None) == "async":
+        servers["easgd"] = "asynchronous EASGD's rank 0 holds the centre and the workers are ranks 1 and up"
+    if strategy.name in servers:
+        raise ConfigError(
+            f"strategy {strategy.name!r} needs 2 processes or more ({servers[strategy.name]}), but this "
+            "script was started as one process; start it with `torchrun --nproc-per-node 2 script.py` "
+            "(or more processes)"
+        )
 
 
 def _join_alone() -> bool:
@@ -96,7 +113,9 @@ def parallelize(
         options.setdefault("optimizer", _server_optimizer(optimizer))
         options.setdefault("lr", float(optimizer.param_groups[0]["lr"]))
     chosen = create_strategy(strategy, **options)
+    _check_alone(chosen)
     made_group = _join_alone()
+    _register_exit()
     try:
         chosen.setup(seed)
     except BaseException:
@@ -105,6 +124,8 @@ def parallelize(
         raise
     if made_group:
         chosen._owns_group = True  # type: ignore[attr-defined]  # close() leaves the group made here
+    elif getattr(chosen, "_owns_group", False):
+        _keep_job_group(chosen)
     if not chosen.trains:
         try:
             chosen.serve()
@@ -130,6 +151,13 @@ def parallelize(
         state = dict(state)
         ours = state.pop(STATE_KEY, None)
         if ours is not None:
+            if chosen.name == "ps" and int(ours["step"]) > 0:
+                raise ConfigError(
+                    "a parameter-server run cannot be resumed in a user's loop: its weights and optimizer "
+                    "state live on the server ranks, which restart from the first worker's weights; resume "
+                    "ps runs with `distlearn train --strategy ps --resume`, or load only the model's "
+                    "state_dict (the workers then pull the servers' weights at the next step)"
+                )
             step["t"] = int(ours["step"])
             if chosen.name != "ps":
                 chosen.load_state_dict(ours["strategy"])
@@ -143,6 +171,39 @@ def parallelize(
     if not hasattr(model, "no_sync"):  # torch's DDP module (strategy "ddp") has its own
         model.no_sync = _no_sync_of(chosen)  # type: ignore[method-assign]
     return model, optimizer
+
+
+def _keep_job_group(strategy: Any) -> None:
+    """Keep the torchrun job's process group that ``strategy`` created past its ``close()``.
+
+    Destroying it and joining again in the same process (a second :func:`parallelize` after ``close()``)
+    makes a new group on the same rendezvous store, where the previous group's gloo keys (every rank's
+    address) are still present: a rank can read a peer's stale address and fail to connect. So the first
+    group stays up, a later :func:`parallelize` reuses it, and it is destroyed when the process exits
+    (:func:`_leave_at_exit`).
+    """
+    strategy._owns_group = False
+
+
+_AT_EXIT = {"registered": False}
+
+
+def _leave_at_exit() -> None:
+    """At interpreter exit, before finalization: drop the communication layer's cached side groups and
+    leave the job (also after the user's own ``dist.destroy_process_group()``, which leaves those side
+    groups to be torn down during finalization, where gloo's threads abort the process)."""
+    from distlearn.comm.groups import release_groups
+    from distlearn.launch import shutdown
+
+    release_groups()
+    shutdown()
+    gc.collect()
+
+
+def _register_exit() -> None:
+    if not _AT_EXIT["registered"]:
+        atexit.register(_leave_at_exit)
+        _AT_EXIT["registered"] = True
 
 
 def _server_optimizer(optimizer: torch.optim.Optimizer) -> Any:
