@@ -156,7 +156,8 @@ def resume(names: list[str]) -> None:
         resumed = flat(model)
         optimizer.distlearn_strategy.close()
         check(torch.equal(uninterrupted, resumed), f"{name}: resumed run equals the uninterrupted one")
-        check(replicas_equal(resumed) or name == "local-sgd", f"{name}: replicas equal at the end")
+        if name.startswith("sync"):  # local SGD and EASGD replicas differ between exchanges
+            check(replicas_equal(resumed), f"{name}: replicas equal at the end")
 
 
 PS = {

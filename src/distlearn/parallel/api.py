@@ -154,9 +154,9 @@ def parallelize(
             if chosen.name == "ps" and int(ours["step"]) > 0:
                 raise ConfigError(
                     "a parameter-server run cannot be resumed in a user's loop: its weights and optimizer "
-                    "state live on the server ranks, which restart from the first worker's weights; resume "
-                    "ps runs with `distlearn train --strategy ps --resume`, or load only the model's "
-                    "state_dict (the workers then pull the servers' weights at the next step)"
+                    "state live on the server ranks, which start from the first worker's weights and are "
+                    "not in this checkpoint (a worker's next pull would replace the weights loaded into "
+                    "it); resume ps runs with `distlearn train --strategy ps --resume`"
                 )
             step["t"] = int(ours["step"])
             if chosen.name != "ps":
