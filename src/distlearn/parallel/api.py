@@ -9,7 +9,8 @@
 
 Run the script with ``torchrun --nproc-per-node R script.py``, or with plain ``python script.py``: with no
 job to join, :func:`parallelize` makes a local process group of one process and the strategy runs with
-``R = 1``. It joins the job, checks that every rank built the same model, broadcasts rank 0's weights and
+``R = 1`` (sync, local SGD, sync EASGD; ``ps`` and async EASGD need a server rank and 2 processes or more,
+and say so with a ConfigError naming torchrun). It joins the job, checks that every rank built the same model, broadcasts rank 0's weights and
 installs the strategy's hooks around ``optimizer.step()`` with torch's own
 ``Optimizer.register_step_pre_hook`` / ``register_step_post_hook``: before the step the strategy combines
 gradients (sync: waits for the bucket allreduces started during backward; ps: push and pull), after it the
@@ -31,8 +32,15 @@ The rules, beside DDP's:
 * **Checkpoints.** ``optimizer.state_dict()`` carries the strategy's state under the key ``"distlearn"``
   (codec residuals, PowerSGD's ``Q``, local SGD's and EASGD's counters, EASGD's centre, the step count), and
   ``optimizer.load_state_dict()`` restores it, so saving ``model.state_dict()`` and
-  ``optimizer.state_dict()`` resumes exactly. (The parameter server keeps its weights on the servers: its
-  state in a user's loop is not checkpointed; use ``distlearn train`` for resumable ps runs.)
+  ``optimizer.state_dict()`` and loading them into a fresh model, optimizer and :func:`parallelize` resumes
+  bitwise (the data of each step is the user's to regenerate). The parameter server keeps its weights and
+  its optimizer state on the servers: a worker's ``optimizer.state_dict()`` holds only the step count, and
+  ``optimizer.load_state_dict()`` of a ps state past step 0 raises ConfigError (a worker's next pull would
+  silently replace what was loaded); resumable ps runs are ``distlearn train --strategy ps --resume``.
+* **The process group.** Under torchrun the first :func:`parallelize` joins the job's default group (unless
+  the script made it) and keeps it past ``close()``: a later :func:`parallelize` in the same process reuses
+  it (joining again on the same rendezvous store could read the old group's stale addresses and fail to
+  connect), and it is left at interpreter exit. A group the script made itself is the script's to destroy.
 * **Server ranks.** Strategies with processes that do not train (``ps``: ranks ``0 .. servers-1``; EASGD
   async: rank 0) serve inside :func:`parallelize` until every worker has closed its strategy, and then the
   process exits (``SystemExit(0)``): the rest of the user's script runs on the worker ranks only. Workers
@@ -99,8 +107,8 @@ def parallelize(
     ``strategy`` is a name of :data:`distlearn.parallel.STRATEGIES` or an import path ``module:Class``;
     ``options`` are the fields of its options dataclass, under the names of the ``distlearn train`` flags
     (``reducer``, ``bucket_mb``, ``compression``, ``density``, ``average_every``, ``staleness_aware``,
-    ``comm_timeout``, ...; the older ``timeout_s``, ``period`` are accepted too), or ``options=`` an instance
-    of it; for ``ps`` also ``optimizer=``/``lr=`` (the servers' optimizer; default: the name and rate of
+    ``comm_timeout``, ...; the older ``timeout_s``, ``period`` are accepted too; an unknown one raises
+    ConfigError listing them), or ``options=`` an instance of it; for ``ps`` also ``optimizer=``/``lr=`` (the servers' optimizer; default: the name and rate of
     ``optimizer``'s class when it is ``torch.optim.SGD``).
     """
     if strategy == "hogwild":
