@@ -8,10 +8,10 @@
         optimizer.step(); optimizer.zero_grad()
 
 Run the script with ``torchrun --nproc-per-node R script.py``, or with plain ``python script.py``: with no
-job to join, :func:`parallelize` makes a local process group of one process and the strategy runs with
-``R = 1`` (sync, local SGD, sync EASGD; ``ps`` and async EASGD need a server rank and 2 processes or more,
-and say so with a ConfigError naming torchrun). It joins the job, checks that every rank built the same model, broadcasts rank 0's weights and
-installs the strategy's hooks around ``optimizer.step()`` with torch's own
+job to join, :func:`parallelize` makes a local process group of one process and the strategy runs with ``R =
+1`` (sync, local SGD, sync EASGD; ``ps`` and async EASGD need a server rank and 2 processes or more, and say
+so with a ConfigError naming torchrun). It joins the job, checks that every rank built the same model,
+broadcasts rank 0's weights and installs the strategy's hooks around ``optimizer.step()`` with torch's own
 ``Optimizer.register_step_pre_hook`` / ``register_step_post_hook``: before the step the strategy combines
 gradients (sync: waits for the bucket allreduces started during backward; ps: push and pull), after it the
 strategy combines weights (local SGD, EASGD).
@@ -108,8 +108,9 @@ def parallelize(
     ``options`` are the fields of its options dataclass, under the names of the ``distlearn train`` flags
     (``reducer``, ``bucket_mb``, ``compression``, ``density``, ``average_every``, ``staleness_aware``,
     ``comm_timeout``, ...; the older ``timeout_s``, ``period`` are accepted too; an unknown one raises
-    ConfigError listing them), or ``options=`` an instance of it; for ``ps`` also ``optimizer=``/``lr=`` (the servers' optimizer; default: the name and rate of
-    ``optimizer``'s class when it is ``torch.optim.SGD``).
+    ConfigError listing them), or ``options=`` an instance of it; for ``ps`` also ``optimizer=``/``lr=``
+    (the servers' optimizer; default: the name and rate of ``optimizer``'s class when it is
+    ``torch.optim.SGD``).
     """
     if strategy == "hogwild":
         raise ConfigError(
