@@ -8,13 +8,13 @@
         optimizer.step(); optimizer.zero_grad()
 
 Run the script with ``torchrun --nproc-per-node R script.py``, or with plain ``python script.py``: with no
-job to join, :func:`parallelize` makes a local process group of one process and the strategy runs with ``R =
-1`` (sync, local SGD, sync EASGD; ``ps`` and async EASGD need a server rank and 2 processes or more, and say
-so with a ConfigError naming torchrun). It joins the job, checks that every rank built the same model,
-broadcasts rank 0's weights and installs the strategy's hooks around ``optimizer.step()`` with torch's own
-``Optimizer.register_step_pre_hook`` / ``register_step_post_hook``: before the step the strategy combines
-gradients (sync: waits for the bucket allreduces started during backward; ps: push and pull), after it the
-strategy combines weights (local SGD, EASGD).
+job to join, :func:`parallelize` makes a local process group of one process and the strategy runs with
+``R = 1`` (sync, local SGD, sync EASGD; ``ps`` and async EASGD need a server rank and 2 processes or more,
+and say so with a ConfigError naming torchrun). It joins the job, checks that every rank built the same
+model, broadcasts rank 0's weights and installs the strategy's hooks around ``optimizer.step()`` with
+torch's own ``Optimizer.register_step_pre_hook`` / ``register_step_post_hook``: before the step the
+strategy combines gradients (sync: waits for the bucket allreduces started during backward; ps: push and
+pull), after it the strategy combines weights (local SGD, EASGD).
 
 What comes back: the same ``model`` object (``model(x)``, ``model.parameters()``, its ``state_dict()`` are
 unchanged) with a ``no_sync()`` method bound to it, and the same ``optimizer`` with the strategy attached as
