@@ -83,15 +83,20 @@ def test_checkpoint_resume_in_a_users_loop_equals_the_uninterrupted_run(tmp_path
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("variant", ["plain", "staleness-aware", "softsync", "backup-workers", "local-steps"])
+@pytest.mark.parametrize(
+    "variant", ["plain", "staleness-aware", "softsync", "backup-workers", "local-steps", "easgd-async"]
+)
 def test_parameter_server_variants_through_parallelize(tmp_path, variant):
-    """Rank 0 serves and exits 0 inside parallelize(); ranks 1 and 2 train, the loss falls; loading a ps
-    optimizer state (which cannot carry the servers' weights) is refused."""
-    codes = run_ranks([sys.executable, WORKER, "ps", variant], 3, tmp_path, timeout=75)
-    logs = _logs(tmp_path, 3)
-    assert codes == [0, 0, 0], logs
+    """Rank 0 serves (ps; async EASGD's centre) and exits 0 inside parallelize(); the other ranks train, the
+    loss falls; loading such an optimizer state (which cannot carry the server's state) is refused."""
+    ranks = (
+        3 if variant in ("staleness-aware", "softsync", "backup-workers") else 2
+    )  # two workers: stale pushes
+    codes = run_ranks([sys.executable, WORKER, "ps", variant], ranks, tmp_path, timeout=75)
+    logs = _logs(tmp_path, ranks)
+    assert codes == [0] * ranks, logs
     assert logs[0] == "", logs  # the server's life ended inside parallelize()
-    for rank in (1, 2):
+    for rank in range(1, ranks):
         assert f"OK ps {variant}: rank {rank} loss" in logs[rank], logs
         assert f"OK ps {variant}: loading a ps state is refused" in logs[rank], logs
 

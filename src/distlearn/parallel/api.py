@@ -34,9 +34,12 @@ The rules, beside DDP's:
   ``optimizer.load_state_dict()`` restores it, so saving ``model.state_dict()`` and
   ``optimizer.state_dict()`` and loading them into a fresh model, optimizer and :func:`parallelize` resumes
   bitwise (the data of each step is the user's to regenerate). The parameter server keeps its weights and
-  its optimizer state on the servers: a worker's ``optimizer.state_dict()`` holds only the step count, and
-  ``optimizer.load_state_dict()`` of a ps state past step 0 raises ConfigError (a worker's next pull would
-  silently replace what was loaded); resumable ps runs are ``distlearn train --strategy ps --resume``.
+  its optimizer state on the servers (async EASGD its centre on rank 0): a worker's
+  ``optimizer.state_dict()`` holds only the step count, and ``optimizer.load_state_dict()`` of such a state
+  past step 0 raises ConfigError (a worker's next exchange would silently replace what was loaded);
+  resumable ps runs are ``distlearn train --strategy ps --resume``, resumable EASGD is the sync mode. Load
+  the optimizer's state *after* :func:`parallelize` (torch's own ``load_state_dict`` ignores the
+  ``"distlearn"`` entry).
 * **The process group.** Under torchrun the first :func:`parallelize` joins the job's default group (unless
   the script made it) and keeps it past ``close()``: a later :func:`parallelize` in the same process reuses
   it (joining again on the same rendezvous store could read the old group's stale addresses and fail to
@@ -69,6 +72,15 @@ __all__ = ["parallelize"]
 
 STATE_KEY = "distlearn"
 """The key of ``optimizer.state_dict()`` that holds the strategy's state and the step count."""
+
+
+def _served(strategy: Any) -> str:
+    """The name of a strategy whose state lives on server ranks (ps, async EASGD), else ``""``."""
+    if strategy.name == "ps":
+        return "the parameter server"
+    if strategy.name == "easgd" and getattr(strategy.options, "easgd_mode", None) == "async":
+        return "asynchronous EASGD"
+    return ""
 
 
 def _check_alone(strategy: Any) -> None:
@@ -152,7 +164,7 @@ def parallelize(
         step["t"] += 1
 
     def saved(opt: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
-        strategy_state = {} if chosen.name == "ps" else chosen.state_dict()
+        strategy_state = {} if _served(chosen) else chosen.state_dict()
         state[STATE_KEY] = {"step": step["t"], "strategy": strategy_state}
         return state
 
@@ -160,15 +172,19 @@ def parallelize(
         state = dict(state)
         ours = state.pop(STATE_KEY, None)
         if ours is not None:
-            if chosen.name == "ps" and int(ours["step"]) > 0:
+            if _served(chosen) and int(ours["step"]) > 0:
                 raise ConfigError(
-                    "a parameter-server run cannot be resumed in a user's loop: its weights and optimizer "
-                    "state live on the server ranks, which start from the first worker's weights and are "
-                    "not in this checkpoint (a worker's next pull would replace the weights loaded into "
-                    "it); resume ps runs with `distlearn train --strategy ps --resume`"
+                    f"{_served(chosen)} cannot resume in a user's loop: its state lives on the server "
+                    "rank(s), which start afresh and are not in this checkpoint (a worker's next exchange "
+                    "would undo what was loaded into it); "
+                    + (
+                        "resume ps runs with `distlearn train --strategy ps --resume`"
+                        if chosen.name == "ps"
+                        else "use easgd_mode='sync' (its centre is in the checkpoint) to resume"
+                    )
                 )
             step["t"] = int(ours["step"])
-            if chosen.name != "ps":
+            if not _served(chosen):
                 chosen.load_state_dict(ours["strategy"])
         return state
 
