@@ -9,11 +9,12 @@
 
 Run the script with ``torchrun --nproc-per-node R script.py``, or with plain ``python script.py``: with no
 job to join, :func:`parallelize` makes a local process group of one process and the strategy runs with
-``R = 1``. It joins the job, checks that every rank built the same model, broadcasts rank 0's weights and
-installs the strategy's hooks around ``optimizer.step()`` with torch's own
-``Optimizer.register_step_pre_hook`` / ``register_step_post_hook``: before the step the strategy combines
-gradients (sync: waits for the bucket allreduces started during backward; ps: push and pull), after it the
-strategy combines weights (local SGD, EASGD).
+``R = 1`` (sync, local SGD, sync EASGD; ``ps`` and async EASGD need a server rank and 2 processes or more,
+and say so with a ConfigError naming torchrun). It joins the job, checks that every rank built the same
+model, broadcasts rank 0's weights and installs the strategy's hooks around ``optimizer.step()`` with
+torch's own ``Optimizer.register_step_pre_hook`` / ``register_step_post_hook``: before the step the
+strategy combines gradients (sync: waits for the bucket allreduces started during backward; ps: push and
+pull), after it the strategy combines weights (local SGD, EASGD).
 
 What comes back: the same ``model`` object (``model(x)``, ``model.parameters()``, its ``state_dict()`` are
 unchanged) with a ``no_sync()`` method bound to it, and the same ``optimizer`` with the strategy attached as
@@ -31,8 +32,18 @@ The rules, beside DDP's:
 * **Checkpoints.** ``optimizer.state_dict()`` carries the strategy's state under the key ``"distlearn"``
   (codec residuals, PowerSGD's ``Q``, local SGD's and EASGD's counters, EASGD's centre, the step count), and
   ``optimizer.load_state_dict()`` restores it, so saving ``model.state_dict()`` and
-  ``optimizer.state_dict()`` resumes exactly. (The parameter server keeps its weights on the servers: its
-  state in a user's loop is not checkpointed; use ``distlearn train`` for resumable ps runs.)
+  ``optimizer.state_dict()`` and loading them into a fresh model, optimizer and :func:`parallelize` resumes
+  bitwise (the data of each step is the user's to regenerate). The parameter server keeps its weights and
+  its optimizer state on the servers (async EASGD its centre on rank 0): a worker's
+  ``optimizer.state_dict()`` holds only the step count, and ``optimizer.load_state_dict()`` of such a state
+  past step 0 raises ConfigError (a worker's next exchange would silently replace what was loaded);
+  resumable ps runs are ``distlearn train --strategy ps --resume``, resumable EASGD is the sync mode. Load
+  the optimizer's state *after* :func:`parallelize` (torch's own ``load_state_dict`` ignores the
+  ``"distlearn"`` entry).
+* **The process group.** Under torchrun the first :func:`parallelize` joins the job's default group (unless
+  the script made it) and keeps it past ``close()``: a later :func:`parallelize` in the same process reuses
+  it (joining again on the same rendezvous store could read the old group's stale addresses and fail to
+  connect), and it is left at interpreter exit. A group the script made itself is the script's to destroy.
 * **Server ranks.** Strategies with processes that do not train (``ps``: ranks ``0 .. servers-1``; EASGD
   async: rank 0) serve inside :func:`parallelize` until every worker has closed its strategy, and then the
   process exits (``SystemExit(0)``): the rest of the user's script runs on the worker ranks only. Workers
@@ -43,7 +54,9 @@ The rules, beside DDP's:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,6 +72,30 @@ __all__ = ["parallelize"]
 
 STATE_KEY = "distlearn"
 """The key of ``optimizer.state_dict()`` that holds the strategy's state and the step count."""
+
+
+def _served(strategy: Any) -> str:
+    """The name of a strategy whose state lives on server ranks (ps, async EASGD), else ``""``."""
+    if strategy.name == "ps":
+        return "the parameter server"
+    if strategy.name == "easgd" and getattr(strategy.options, "easgd_mode", None) == "async":
+        return "asynchronous EASGD"
+    return ""
+
+
+def _check_alone(strategy: Any) -> None:
+    """ConfigError for a strategy with server ranks in a script started without torchrun (one process)."""
+    if in_torchrun() or (dist.is_available() and dist.is_initialized()):
+        return
+    servers = {"ps": "the parameter server's rank 0 serves and the workers are ranks 1 and up"}
+    if getattr(strategy.options, "easgd_mode", None) == "async":
+        servers["easgd"] = "asynchronous EASGD's rank 0 holds the centre and the workers are ranks 1 and up"
+    if strategy.name in servers:
+        raise ConfigError(
+            f"strategy {strategy.name!r} needs 2 processes or more ({servers[strategy.name]}), but this "
+            "script was started as one process; start it with `torchrun --nproc-per-node 2 script.py` "
+            "(or more processes)"
+        )
 
 
 def _join_alone() -> bool:
@@ -82,9 +119,10 @@ def parallelize(
     ``strategy`` is a name of :data:`distlearn.parallel.STRATEGIES` or an import path ``module:Class``;
     ``options`` are the fields of its options dataclass, under the names of the ``distlearn train`` flags
     (``reducer``, ``bucket_mb``, ``compression``, ``density``, ``average_every``, ``staleness_aware``,
-    ``comm_timeout``, ...; the older ``timeout_s``, ``period`` are accepted too), or ``options=`` an instance
-    of it; for ``ps`` also ``optimizer=``/``lr=`` (the servers' optimizer; default: the name and rate of
-    ``optimizer``'s class when it is ``torch.optim.SGD``).
+    ``comm_timeout``, ...; the older ``timeout_s``, ``period`` are accepted too; an unknown one raises
+    ConfigError listing them), or ``options=`` an instance of it; for ``ps`` also ``optimizer=``/``lr=``
+    (the servers' optimizer; default: the name and rate of ``optimizer``'s class when it is
+    ``torch.optim.SGD``).
     """
     if strategy == "hogwild":
         raise ConfigError(
@@ -96,7 +134,9 @@ def parallelize(
         options.setdefault("optimizer", _server_optimizer(optimizer))
         options.setdefault("lr", float(optimizer.param_groups[0]["lr"]))
     chosen = create_strategy(strategy, **options)
+    _check_alone(chosen)
     made_group = _join_alone()
+    _register_exit()
     try:
         chosen.setup(seed)
     except BaseException:
@@ -105,6 +145,8 @@ def parallelize(
         raise
     if made_group:
         chosen._owns_group = True  # type: ignore[attr-defined]  # close() leaves the group made here
+    elif getattr(chosen, "_owns_group", False):
+        _keep_job_group(chosen)
     if not chosen.trains:
         try:
             chosen.serve()
@@ -122,7 +164,7 @@ def parallelize(
         step["t"] += 1
 
     def saved(opt: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
-        strategy_state = {} if chosen.name == "ps" else chosen.state_dict()
+        strategy_state = {} if _served(chosen) else chosen.state_dict()
         state[STATE_KEY] = {"step": step["t"], "strategy": strategy_state}
         return state
 
@@ -130,8 +172,19 @@ def parallelize(
         state = dict(state)
         ours = state.pop(STATE_KEY, None)
         if ours is not None:
+            if _served(chosen) and int(ours["step"]) > 0:
+                raise ConfigError(
+                    f"{_served(chosen)} cannot resume in a user's loop: its state lives on the server "
+                    "rank(s), which start afresh and are not in this checkpoint (a worker's next exchange "
+                    "would undo what was loaded into it); "
+                    + (
+                        "resume ps runs with `distlearn train --strategy ps --resume`"
+                        if chosen.name == "ps"
+                        else "use easgd_mode='sync' (its centre is in the checkpoint) to resume"
+                    )
+                )
             step["t"] = int(ours["step"])
-            if chosen.name != "ps":
+            if not _served(chosen):
                 chosen.load_state_dict(ours["strategy"])
         return state
 
@@ -143,6 +196,39 @@ def parallelize(
     if not hasattr(model, "no_sync"):  # torch's DDP module (strategy "ddp") has its own
         model.no_sync = _no_sync_of(chosen)  # type: ignore[method-assign]
     return model, optimizer
+
+
+def _keep_job_group(strategy: Any) -> None:
+    """Keep the torchrun job's process group that ``strategy`` created past its ``close()``.
+
+    Destroying it and joining again in the same process (a second :func:`parallelize` after ``close()``)
+    makes a new group on the same rendezvous store, where the previous group's gloo keys (every rank's
+    address) are still present: a rank can read a peer's stale address and fail to connect. So the first
+    group stays up, a later :func:`parallelize` reuses it, and it is destroyed when the process exits
+    (:func:`_leave_at_exit`).
+    """
+    strategy._owns_group = False
+
+
+_AT_EXIT = {"registered": False}
+
+
+def _leave_at_exit() -> None:
+    """At interpreter exit, before finalization: drop the communication layer's cached side groups and
+    leave the job (also after the user's own ``dist.destroy_process_group()``, which leaves those side
+    groups to be torn down during finalization, where gloo's threads abort the process)."""
+    from distlearn.comm.groups import release_groups
+    from distlearn.launch import shutdown
+
+    release_groups()
+    shutdown()
+    gc.collect()
+
+
+def _register_exit() -> None:
+    if not _AT_EXIT["registered"]:
+        atexit.register(_leave_at_exit)
+        _AT_EXIT["registered"] = True
 
 
 def _server_optimizer(optimizer: torch.optim.Optimizer) -> Any:
