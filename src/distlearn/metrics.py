@@ -240,15 +240,16 @@ _RANK_FILE = re.compile(r"metrics\.rank(\d+)\.jsonl")
 
 
 def metrics_files(run_dir: str | Path) -> list[Path]:
-    """The metrics files of a run directory: ``metrics.jsonl`` first, then ``metrics.rank<k>.jsonl`` by k."""
+    """The metrics files of a run directory: ``metrics.jsonl`` first, then ``metrics.rank<k>.jsonl`` by k
+    ([] when the directory cannot be listed)."""
     run_dir = Path(run_dir)
-    ranked = sorted(
-        (int(match.group(1)), path)
-        for path in run_dir.glob("metrics.rank*.jsonl")
-        if (match := _RANK_FILE.fullmatch(path.name))
-    )
-    main = [run_dir / METRICS_FILE] if (run_dir / METRICS_FILE).is_file() else []
-    return main + [path for _, path in ranked]
+    try:
+        names = os.listdir(run_dir)
+    except OSError:
+        return []
+    ranked = sorted((int(m.group(1)), name) for name in names if (m := _RANK_FILE.fullmatch(name)))
+    files = [run_dir / METRICS_FILE] if METRICS_FILE in names else []
+    return files + [run_dir / name for _, name in ranked]
 
 
 def read_run(path: str | Path) -> list[MetricRecord]:

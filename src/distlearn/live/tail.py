@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from distlearn.errors import DataError
-from distlearn.metrics import METRICS_FILE, MetricRecord
+from distlearn.metrics import MetricRecord, metrics_files
 
 __all__ = ["Event", "FileTail", "RunDiscovery", "RunTail", "is_run_dir", "metrics_files"]
 
@@ -47,17 +47,6 @@ _SERVER_REPORT = re.compile(r"^ps-server(\d+)\.json$")
 
 # Read at most this much of a file per read, so one huge file cannot stall the other runs' updates.
 MAX_BYTES_PER_POLL = 4 * 1024 * 1024
-
-
-def metrics_files(directory: Path) -> list[Path]:
-    """The metrics files of a run directory: ``metrics.jsonl`` first, then ``metrics.rank<k>.jsonl`` by k."""
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    ranked = sorted((int(m.group(1)), name) for name in names if (m := _RANK_FILE.match(name)))
-    files = [directory / METRICS_FILE] if METRICS_FILE in names else []
-    return files + [directory / name for _, name in ranked]
 
 
 def is_run_dir(directory: Path) -> bool:

@@ -75,27 +75,23 @@ STATE_KEY = "distlearn"
 
 
 def _served(strategy: Any) -> str:
-    """The name of a strategy whose state lives on server ranks (ps, async EASGD), else ``""``."""
+    """Who holds the state of a strategy with server ranks (ps, async EASGD), else ``""``."""
     if strategy.name == "ps":
-        return "the parameter server"
+        return "the parameter server's rank 0 serves and the workers are ranks 1 and up"
     if strategy.name == "easgd" and getattr(strategy.options, "easgd_mode", None) == "async":
-        return "asynchronous EASGD"
+        return "asynchronous EASGD's rank 0 holds the centre and the workers are ranks 1 and up"
     return ""
 
 
 def _check_alone(strategy: Any) -> None:
     """ConfigError for a strategy with server ranks in a script started without torchrun (one process)."""
-    if in_torchrun() or (dist.is_available() and dist.is_initialized()):
+    if in_torchrun() or (dist.is_available() and dist.is_initialized()) or not _served(strategy):
         return
-    servers = {"ps": "the parameter server's rank 0 serves and the workers are ranks 1 and up"}
-    if getattr(strategy.options, "easgd_mode", None) == "async":
-        servers["easgd"] = "asynchronous EASGD's rank 0 holds the centre and the workers are ranks 1 and up"
-    if strategy.name in servers:
-        raise ConfigError(
-            f"strategy {strategy.name!r} needs 2 processes or more ({servers[strategy.name]}), but this "
-            "script was started as one process; start it with `torchrun --nproc-per-node 2 script.py` "
-            "(or more processes)"
-        )
+    raise ConfigError(
+        f"strategy {strategy.name!r} needs 2 processes or more ({_served(strategy)}), but this "
+        "script was started as one process; start it with `torchrun --nproc-per-node 2 script.py` "
+        "(or more processes)"
+    )
 
 
 def _join_alone() -> bool:
@@ -146,7 +142,11 @@ def parallelize(
     if made_group:
         chosen._owns_group = True  # type: ignore[attr-defined]  # close() leaves the group made here
     elif getattr(chosen, "_owns_group", False):
-        _keep_job_group(chosen)
+        # Keep the torchrun job's group past close(): destroying it and joining again in this process (a
+        # second parallelize()) makes a new group on the same rendezvous store, where the old group's gloo
+        # keys (every rank's address) are still present, so a rank can read a stale address and fail to
+        # connect. A later parallelize() reuses it; it is left at exit (_leave_at_exit).
+        chosen._owns_group = False
     if not chosen.trains:
         try:
             chosen.serve()
@@ -173,8 +173,9 @@ def parallelize(
         ours = state.pop(STATE_KEY, None)
         if ours is not None:
             if _served(chosen) and int(ours["step"]) > 0:
+                what = "the parameter server" if chosen.name == "ps" else "asynchronous EASGD"
                 raise ConfigError(
-                    f"{_served(chosen)} cannot resume in a user's loop: its state lives on the server "
+                    f"{what} cannot resume in a user's loop: its state lives on the server "
                     "rank(s), which start afresh and are not in this checkpoint (a worker's next exchange "
                     "would undo what was loaded into it); "
                     + (
@@ -196,18 +197,6 @@ def parallelize(
     if not hasattr(model, "no_sync"):  # torch's DDP module (strategy "ddp") has its own
         model.no_sync = _no_sync_of(chosen)  # type: ignore[method-assign]
     return model, optimizer
-
-
-def _keep_job_group(strategy: Any) -> None:
-    """Keep the torchrun job's process group that ``strategy`` created past its ``close()``.
-
-    Destroying it and joining again in the same process (a second :func:`parallelize` after ``close()``)
-    makes a new group on the same rendezvous store, where the previous group's gloo keys (every rank's
-    address) are still present: a rank can read a peer's stale address and fail to connect. So the first
-    group stays up, a later :func:`parallelize` reuses it, and it is destroyed when the process exits
-    (:func:`_leave_at_exit`).
-    """
-    strategy._owns_group = False
 
 
 _AT_EXIT = {"registered": False}

@@ -29,9 +29,7 @@ __all__ = [
     "check_resume",
     "cut_metrics",
     "load_rl_checkpoint",
-    "rng_state",
     "save_rl_checkpoint",
-    "set_rng_state",
 ]
 
 FREE = ("out", "resume", "overwrite", "quiet", "log_every", "time_limit", "timeout", "tensorboard")
@@ -41,10 +39,6 @@ FREE = ("out", "resume", "overwrite", "quiet", "log_every", "time_limit", "timeo
 def boundary_seed(seed: int, global_index: int, updates: int) -> int:
     """The seed environment ``global_index`` is reset with at the checkpoint boundary after ``updates``."""
     return (seed * 1_000_003 + global_index * 7_919 + updates * 104_729) % 2**31
-
-
-rng_state = global_rng_state
-set_rng_state = set_global_rng_state
 
 
 def _gather(value: Any, rank: int, world_size: int) -> list[Any] | None:
@@ -76,7 +70,7 @@ def save_rl_checkpoint(
         "updates": updates,
         "world_size": world_size,
         "ranks": ranks,
-        "rng": rng_state(),
+        "rng": global_rng_state(),
         "config": {k: v for k, v in config_values.items() if v is not None},
     }
     return save_checkpoint(state, out / "checkpoints", updates)
@@ -116,7 +110,7 @@ def load_rl_checkpoint(
             f"{config_values.get('algorithm')!r}; pass a checkpoint of this algorithm"
         )
     check_resume(config_values, state, world_size)
-    set_rng_state(state["rng"])
+    set_global_rng_state(state["rng"])
     return state, state["ranks"][rank]
 
 

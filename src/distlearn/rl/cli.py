@@ -35,6 +35,7 @@ from distlearn.rl.config import (
     RLConfig,
     config_for,
     flat_values,
+    foreign_option,
     from_file_values,
     owners,
 )
@@ -55,13 +56,7 @@ def _refuse_foreign_flags(argv: list[str], algorithm: str) -> None:
     own = [f.name for f in dataclasses.fields(OPTIONS[algorithm])]
     found = foreign_flag(argv, flags_of([*COMMON, *own]) | {"--help", "--config"}, owners)
     if found:
-        from distlearn.errors import ConfigError
-
-        given, belongs = found
-        raise ConfigError(
-            f"{given} is an option of {' / '.join(belongs)}, not of {algorithm}; drop it, "
-            f"or run `distlearn rl {belongs[0]}`"
-        )
+        raise foreign_option(*found, algorithm)
 
 
 def parse_config(algorithm: str, argv: list[str]) -> RLConfig:

@@ -35,6 +35,7 @@ __all__ = [
     "SyncPGOptions",
     "config_for",
     "flat_values",
+    "foreign_option",
     "from_file_values",
     "owners",
     "refuse_foreign",
@@ -217,6 +218,14 @@ def owners(name: str) -> list[str]:
     return [algorithm for algorithm in ALGORITHMS if name in _option_names(algorithm)]
 
 
+def foreign_option(option: str, belongs: list[str], algorithm: str, where: str = "") -> ConfigError:
+    """The error for ``option`` (a flag) of the algorithms ``belongs`` given to ``algorithm``."""
+    return ConfigError(
+        f"{where}{option} is an option of {' / '.join(belongs)}, not of {algorithm}; drop it, "
+        f"or run `distlearn rl {belongs[0]}`"
+    )
+
+
 def refuse_foreign(algorithm: str, names: Any, *, source: str = "") -> None:
     """ConfigError for an option ``algorithm`` does not take, naming the algorithm(s) it belongs to."""
     mine = set(COMMON) | _option_names(algorithm)
@@ -227,10 +236,7 @@ def refuse_foreign(algorithm: str, names: Any, *, source: str = "") -> None:
         option = "--" + name.replace("_", "-")
         belongs = owners(name)
         if belongs:
-            raise ConfigError(
-                f"{where}{option} is an option of {' / '.join(belongs)}, not of {algorithm}; drop it, "
-                f"or run `distlearn rl {belongs[0]}`"
-            )
+            raise foreign_option(option, belongs, algorithm, where)
         known = ", ".join(sorted("--" + n.replace("_", "-") for n in mine))
         raise ConfigError(f"{where}unknown option {option} for {algorithm}; its options are: {known}")
 
