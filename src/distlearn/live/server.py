@@ -11,8 +11,15 @@ Routes:
   comment line every 15 s to keep the connection open;
 * ``/api/runs``: the same run list as JSON;
 * ``/api/session/end`` (POST): the page is closing; with ``--demo`` the runs stop when no page reconnects
-  within a few seconds (a reload reconnects in time);
+  within a few seconds (a reload reconnects in time). Only the page's own explicit message ends a demo: a
+  client that merely disconnects (a ``curl`` of the event stream, a screenshot, a dropped connection)
+  never does;
 * ``/api/toy/...``: the toy-problem view (:mod:`distlearn.live.toy`).
+
+Every request must name this server in its ``Host`` header (``127.0.0.1`` or ``localhost``:
+Starlette's ``TrustedHostMiddleware``), so a page of another site that rebinds its DNS name to 127.0.0.1
+cannot read the run list; a request that changes state (POST) must come from the page itself: its
+``Origin``, when present, is this server's (``403`` otherwise).
 
 A malformed line or a missing run directory becomes a ``problem`` event (shown on the page) and a warning in
 the log; every other run keeps streaming. :class:`LiveServer` runs the app in a background thread (for
@@ -43,6 +50,8 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -51,7 +60,7 @@ from starlette.staticfiles import StaticFiles
 from distlearn.errors import ConfigError
 from distlearn.live.sse import sse_message
 from distlearn.live.tail import Event, RunDiscovery, RunTail
-from distlearn.live.toy import toy_routes
+from distlearn.live.toy import preload, toy_routes
 from distlearn.live.watch import ChangeWatch
 
 if TYPE_CHECKING:
@@ -63,6 +72,11 @@ log = logging.getLogger("distlearn.live")
 
 HOST = "127.0.0.1"
 """The dashboard only ever listens on the loopback interface."""
+
+HOST_NAMES = ("127.0.0.1", "localhost")
+"""The names a request's ``Host`` header may give (with any port): the loopback interface's."""
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 KEEPALIVE_SECONDS = 15.0
 DISCOVERY_SECONDS = 1.0
@@ -96,15 +110,13 @@ class LiveState:
     demo: DemoLauncher | None = None
     poll_interval: float = 0.25
     """Seconds over which file changes are gathered before the streams read them (see ChangeWatch)."""
-    session_grace: float = 10.0
-    """Seconds without any connected page after which a demo's session counts as ended."""
     closing_grace: float = 3.0
-    """The same, after the page said it was closing (a reload reconnects well within this)."""
+    """Seconds after the page said it was closing, with no page connected, after which a demo's session
+    counts as ended (a reload reconnects well within this)."""
     runs: list[RunInfo] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
     on_session_end: Callable[[], None] | None = None
     clients: int = 0
-    ever_connected: bool = False
     last_client_left: float | None = None
     page_closing: bool = False
 
@@ -143,7 +155,6 @@ class LiveState:
     def client_connected(self) -> None:
         with self._lock:
             self.clients += 1
-            self.ever_connected = True
             self.page_closing = False
             self.last_client_left = None
 
@@ -154,12 +165,15 @@ class LiveState:
                 self.last_client_left = time.monotonic()
 
     def session_ended(self, now: float | None = None) -> bool:
-        """True when a page was open, none is now, and none came back within the grace period."""
+        """True when the page said it was closing, no page is connected, and none came back in time.
+
+        A client that disconnects without saying so (``curl``, a screenshot, a dropped connection) never
+        ends the session: the demo's runs go on until Ctrl-C or their last step.
+        """
         with self._lock:
-            if not self.ever_connected or self.clients > 0 or self.last_client_left is None:
+            if not self.page_closing or self.clients > 0 or self.last_client_left is None:
                 return False
-            grace = self.closing_grace if self.page_closing else self.session_grace
-            return (time.monotonic() if now is None else now) - self.last_client_left >= grace
+            return (time.monotonic() if now is None else now) - self.last_client_left >= self.closing_grace
 
 
 def _poll_all(tails: list[RunTail]) -> list[Event]:
@@ -251,6 +265,32 @@ async def _index(request: Request) -> Response:
     return FileResponse(static_dir() / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+class SameOriginWrites:
+    """ASGI middleware: a request that is not a GET/HEAD/OPTIONS must come from this server's own page.
+
+    Browsers send ``Origin`` with every cross-site POST (``fetch``, forms, ``sendBeacon``), so a request
+    whose ``Origin`` names another site is refused with 403 before it reaches a route; a request without
+    ``Origin`` (``curl``, a script on this machine) is let through, as the page itself is on 127.0.0.1.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] not in SAFE_METHODS:
+            headers = dict(scope["headers"])
+            origin = headers.get(b"origin", b"").decode("latin-1")
+            host = headers.get(b"host", b"").decode("latin-1")
+            if origin and origin != f"http://{host}":
+                response = Response(
+                    f"refused: a {scope['method']} from {origin} (this page is http://{host})\n",
+                    status_code=403,
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(state: LiveState) -> Starlette:
     """The Starlette application serving the page, the event streams and the toy view for ``state``."""
 
@@ -271,6 +311,10 @@ def create_app(state: LiveState) -> Starlette:
             Route("/api/session/end", _session_end, methods=["POST"]),
             *toy_routes(),
             Mount("/static", app=StaticFiles(directory=static_dir()), name="static"),
+        ],
+        middleware=[
+            Middleware(TrustedHostMiddleware, allowed_hosts=list(HOST_NAMES)),
+            Middleware(SameOriginWrites),
         ],
         lifespan=lifespan,
     )
@@ -335,7 +379,8 @@ class LiveServer:
             or when the page's session ends.
         poll_interval: seconds over which changes of the metrics files are gathered before they are read
             (the page lags a write by about this); without a change they are read every second.
-        session_grace: seconds without a connected page after which a demo's session has ended.
+        closing_grace: seconds after the page said it was closing, with no page connected, after which a
+            demo's session has ended.
 
     :meth:`start` serves in a background thread; :meth:`serve` in the calling thread (handles Ctrl-C).
     """
@@ -348,7 +393,7 @@ class LiveServer:
         discover_root: str | Path | None = None,
         demo: DemoLauncher | None = None,
         poll_interval: float = 0.25,
-        session_grace: float = 10.0,
+        closing_grace: float = 3.0,
     ) -> None:
         if poll_interval <= 0:
             raise ConfigError(f"poll interval must be positive, got {poll_interval}; try 0.25")
@@ -357,15 +402,16 @@ class LiveServer:
             discover_root=Path(discover_root) if discover_root is not None else None,
             demo=demo,
             poll_interval=poll_interval,
-            session_grace=session_grace,
+            closing_grace=closing_grace,
         )
         self.app = create_app(self.state)
+        preload()  # the toy view's modules, before the first request (not inside one, on the event loop)
         self.socket = _bind(port)
         self.port: int = self.socket.getsockname()[1]
         config = uvicorn.Config(
             self.app,
             log_level="warning",
-            timeout_graceful_shutdown=2,
+            timeout_graceful_shutdown=1,  # streams end within a tick of the stop flag; Ctrl-C in <= 2 s
             lifespan="on",
         )
         self.server = _Server(config, self.state)

@@ -17,13 +17,21 @@ Routes (added to the app by :func:`toy_routes`):
 * ``/api/toy/run?function=&optimizers=a,b&lr=&steps=&delay=``: server-sent events ``start``, ``step``
   (every optimizer's point and loss after step t) and ``done``; bad input gives one ``problem`` event
   with the fix, and the stream ends.
+
+Work per request is bounded: the optimizer list is de-duplicated, optimizers x steps may not exceed
+:data:`MAX_OPTIMIZER_STEPS`, at most :data:`MAX_CONCURRENT_RUNS` computations run at once (a request beyond
+that gets a ``problem`` event saying the server is busy), each computation stops at
+:data:`COMPUTE_DEADLINE_S`, and every computation checks the server's stop flag before each optimizer step,
+so Ctrl-C ends the server within a step's time whatever is computing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio.to_thread
@@ -35,14 +43,52 @@ from starlette.routing import Route
 from distlearn.errors import ConfigError, require_extra
 from distlearn.live.sse import sse_message
 
-__all__ = ["MAX_STEPS", "contour_surface", "parse_run_request", "toy_options", "toy_routes", "trajectories"]
+__all__ = [
+    "COMPUTE_DEADLINE_S",
+    "MAX_CONCURRENT_RUNS",
+    "MAX_OPTIMIZER_STEPS",
+    "MAX_STEPS",
+    "contour_surface",
+    "parse_run_request",
+    "toy_options",
+    "toy_routes",
+    "trajectories",
+]
 
 MAX_STEPS = 5000
 """The most steps one request may ask for (a page draws at most this many points per path)."""
 
+MAX_OPTIMIZER_STEPS = 20_000
+"""The most optimizer steps one request may ask for, summed over its optimizers (every optimizer at 2,000
+steps fits; a step takes about a millisecond here, so one request is a few seconds of one core at most)."""
+
+MAX_CONCURRENT_RUNS = 2
+"""Toy computations running at once; one more request is told the server is busy (2 cores here)."""
+
+COMPUTE_DEADLINE_S = 30.0
+"""A computation still running after this many seconds is stopped and reported (a backstop: the limits
+above keep a request to a few seconds)."""
+
+_running = threading.BoundedSemaphore(MAX_CONCURRENT_RUNS)
+
 CONTOUR_LEVELS = 24
 SHADING_RESOLUTION = 120
 CONTOUR_RESOLUTION = 240
+
+
+def preload() -> None:
+    """Import the toy problems and optimizers now (the server calls this before it accepts requests).
+
+    Importing them takes a second or more on a busy machine (and an optimizer's first step imports more of
+    torch); done inside a request it would hold the event loop or a computation past a Ctrl-C. So each
+    optimizer takes one step here, before the server accepts requests.
+    """
+    from distlearn.toy.problems import PROBLEM_NAMES, get_problem
+    from distlearn.toy.runner import optimizer_names, run_optimizer
+
+    problem = get_problem(PROBLEM_NAMES[0])
+    for name in optimizer_names():
+        run_optimizer(problem, name, steps=1)
 
 
 def toy_options() -> dict[str, Any]:
@@ -66,7 +112,12 @@ def toy_options() -> dict[str, Any]:
                 "tuned_lr": {opt: default_lr(name, opt) for opt in optimizers},
             }
         )
-    return {"problems": problems, "optimizers": optimizers, "max_steps": MAX_STEPS}
+    return {
+        "problems": problems,
+        "optimizers": optimizers,
+        "max_steps": MAX_STEPS,
+        "max_optimizer_steps": MAX_OPTIMIZER_STEPS,
+    }
 
 
 def contour_surface(name: str) -> dict[str, Any]:
@@ -125,7 +176,10 @@ def parse_run_request(params: dict[str, str]) -> dict[str, Any]:
 
     name = params.get("function", "rosenbrock")
     get_problem(name)
-    optimizers = resolve_optimizers(params.get("optimizers", "sgd,momentum,adam"))
+    spec = params.get("optimizers", "sgd,momentum,adam")
+    if len(spec) > 20_000:  # a bound on the parsing; each name counts once below
+        raise ConfigError("the optimizer list is too long; name each optimizer once, or pass all")
+    optimizers = list(dict.fromkeys(resolve_optimizers(spec)))  # each once, in the given order
     lr_text = params.get("lr", "").strip()
     lr: float | None = None
     if lr_text:
@@ -148,16 +202,67 @@ def parse_run_request(params: dict[str, str]) -> dict[str, Any]:
         raise ConfigError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
     if not 0 <= delay <= 1:
         raise ConfigError(f"delay must be between 0 and 1 second per step, got {delay}")
+    if len(optimizers) * steps > MAX_OPTIMIZER_STEPS:
+        fewer = max(1, MAX_OPTIMIZER_STEPS // len(optimizers))
+        raise ConfigError(
+            f"{len(optimizers)} optimizers x {steps} steps is more than the {MAX_OPTIMIZER_STEPS:,} "
+            f"optimizer steps one request may ask for; ask for at most {fewer} steps, or fewer optimizers"
+        )
     return {"function": name, "optimizers": optimizers, "lr": lr, "steps": steps, "delay": delay}
 
 
-def trajectories(function: str, optimizers: list[str], lr: float | None, steps: int) -> list[dict[str, Any]]:
-    """Each optimizer's trajectory from :func:`distlearn.toy.runner.run_optimizer`, as plain dicts."""
+class Stopped(Exception):
+    """A computation was stopped: the server is stopping, or the deadline passed (``reason`` says which)."""
+
+
+def trajectories(
+    function: str,
+    optimizers: list[str],
+    lr: float | None,
+    steps: int,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[dict[str, Any]]:
+    """Each optimizer's trajectory from :func:`distlearn.toy.runner.run_optimizer`, as plain dicts.
+
+    ``should_stop`` is checked before every step; once it returns true, :class:`Stopped` is raised.
+    """
     from distlearn.toy.problems import get_problem
     from distlearn.toy.runner import run_optimizer
 
     problem = get_problem(function)
-    return [run_optimizer(problem, name, steps=steps, lr=lr).to_dict() for name in optimizers]
+    runs = []
+    for name in optimizers:
+        runs.append(run_optimizer(problem, name, steps=steps, lr=lr, should_stop=should_stop).to_dict())
+        if should_stop is not None and should_stop():
+            raise Stopped
+    return runs
+
+
+def _compute(stopping: threading.Event, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run one request's trajectories in a worker thread, bounded by the deadline and the stop flag."""
+    deadline = time.monotonic() + COMPUTE_DEADLINE_S
+
+    def should_stop() -> bool:
+        return stopping.is_set() or time.monotonic() > deadline
+
+    if not _running.acquire(blocking=False):
+        raise ConfigError(
+            f"the server is already computing {MAX_CONCURRENT_RUNS} toy runs; try again when one has finished"
+        )
+    try:
+        runs = trajectories(
+            spec["function"], spec["optimizers"], spec["lr"], spec["steps"], should_stop=should_stop
+        )
+    except Stopped:
+        if stopping.is_set():
+            raise
+        raise ConfigError(
+            f"the computation took longer than {COMPUTE_DEADLINE_S:g} s and was stopped; ask for fewer steps"
+        ) from None
+    finally:
+        _running.release()
+    return runs
 
 
 async def _options(request: Request) -> Response:
@@ -177,13 +282,15 @@ async def _run(request: Request) -> Response:
     state = request.app.state.live
 
     async def stream() -> AsyncIterator[str]:
+        if state.stopping.is_set():
+            return
         try:
             spec = parse_run_request(dict(request.query_params))
-            runs = await anyio.to_thread.run_sync(
-                trajectories, spec["function"], spec["optimizers"], spec["lr"], spec["steps"]
-            )
+            runs = await anyio.to_thread.run_sync(_compute, state.stopping, spec, abandon_on_cancel=True)
         except ConfigError as error:
             yield sse_message("problem", {"type": "problem", "message": str(error)})
+            return
+        except Stopped:  # the server is stopping
             return
         yield sse_message(
             "start",

@@ -21,7 +21,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -122,11 +122,14 @@ def run_optimizer(
     lr: float | None = None,
     start: Sequence[float] | None = None,
     hparams: Mapping[str, Any] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Trajectory:
     """Run ``optimizer`` for ``steps`` steps on ``problem`` from ``start`` (default: the problem's start).
 
     Computation is in float64, so the recorded trajectory is reproducible to the last bit and rounding
-    does not hide convergence at small tolerances.
+    does not hide convergence at small tolerances. ``should_stop``, called before every step, ends the run
+    early when it returns true (the live page's server stops a computation on Ctrl-C or past its deadline);
+    the trajectory then holds the steps done so far.
     """
     if steps < 0:
         raise ConfigError(f"steps must be >= 0, got {steps}; try --steps 500")
@@ -154,6 +157,8 @@ def run_optimizer(
     trajectory.losses.append(float(problem(z.detach())))
     trajectory.gradient_evaluations.append(0)
     for _ in range(steps):
+        if should_stop is not None and should_stop():
+            break
         if with_closure:
             optimizer_object.step(closure)
         else:
