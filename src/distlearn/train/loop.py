@@ -51,7 +51,7 @@ from distlearn.data.user import TrainData
 from distlearn.errors import ConfigError
 from distlearn.evaluation import evaluate
 from distlearn.metrics import METRICS_FILE, MetricRecord, MetricsWriter
-from distlearn.models import count_parameters, create_model
+from distlearn.models import create_model
 from distlearn.parallel import Strategy, create_strategy
 from distlearn.rundir import prepare_out
 from distlearn.train.config import TrainConfig, validate_config
@@ -63,6 +63,7 @@ from distlearn.train.report import (
     Window,
     print_summary,
     progress_wanted,
+    run_summary,
     served_result,
 )
 from distlearn.train.report import status_of as _status
@@ -418,7 +419,7 @@ class _Run:
     def _finish(self) -> TrainResult:
         state, strategy = self.state, self.strategy
         final = self.evaluations[-1] if self.evaluations else None
-        summary = self._summary(final)
+        summary = run_summary(self, final)
         samples = state.samples - self.start_samples
         samples_per_s = samples / self.train_seconds if self.train_seconds > 0 else 0.0
         # The job's throughput: every replica trains on its own share of each global batch at the same pace.
@@ -451,36 +452,3 @@ class _Run:
             evaluations=self.evaluations,
             summary=summary,
         )
-
-    def _summary(self, final: MetricRecord | None) -> dict[str, Any]:
-        config, state, data = self.config, self.state, self.data
-        return {
-            "dataset": getattr(data.train, "name", config.dataset),
-            "dataset_source": getattr(data.train, "source", None),
-            "dataset_note": getattr(data.train, "note", None),
-            "train_examples": self.n_train,
-            "test_examples": len(data.test_labels),
-            "model": type(self.model).__name__ if self.user_model else config.model,
-            "parameters": count_parameters(self.model),
-            "optimizer": type(self.optimizer).__name__ if self.user_optimizer else config.optimizer,
-            "optimizer_class": type(self.optimizer).__name__,
-            "lr": config.lr,
-            "schedule": config.schedule,
-            "global_batch": self.global_batch,
-            "strategy": self.strategy.describe(),
-            "augment": repr(data.transform) if data.augment else "none",
-            "steps": state.step,
-            "resumed_from_step": self.resumed_from,
-            "steps_this_run": state.step - (self.resumed_from or 0),
-            "epochs": state.step / self.steps_per_epoch,
-            "test_accuracy": final.accuracy if final else None,
-            "test_loss": final.loss if final else None,
-            "best_accuracy": state.best_accuracy if state.best_accuracy >= 0 else None,
-            "train_seconds": self.train_seconds,
-            "seconds_per_epoch": state.seconds_per_epoch,
-            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-            "seed": config.seed,
-            "threads": torch.get_num_threads(),
-            "replicas": self.strategy.replicas,
-            "classification": self.data.classification,
-        }
