@@ -48,6 +48,7 @@ from distlearn.checkpoint import load_checkpoint, save_checkpoint
 from distlearn.config import parse_options
 from distlearn.data.prepare import RunData
 from distlearn.data.user import TrainData
+from distlearn.devices import module_device, place_model, synchronize, to_device, to_host
 from distlearn.errors import ConfigError
 from distlearn.evaluation import evaluate
 from distlearn.metrics import METRICS_FILE, MetricRecord, MetricsWriter
@@ -122,7 +123,10 @@ def train(
             )
     model, loss_fn, train_data, test_data = resolve_inputs(config, model, loss_fn, train_data, test_data)
     strategy = strategy if strategy is not None else create_strategy(config.strategy, run=config)
-    with torch_settings(config):
+    # -- device: --device, or (auto) where a user's model and optimizer already are; see distlearn.devices
+    mine = config.device == "auto" and optimizer is not None and module_device(model) is not None
+    device = strategy.place(module_device(model) if mine else config.device)
+    with torch_settings(config, device):
         strategy.setup(config.seed)
         try:
             if not strategy.trains:  # e.g. a parameter server: its whole life is serving the workers
@@ -153,6 +157,7 @@ class _Run:
     ) -> None:
         self.started = started  # the run's clock starts before its data is loaded
         self.config, self.strategy, self.data = config, strategy, data
+        self.device = strategy.device  # model, batches, optimizer state (strategy.place(--device))
         self.user_model, self.user_optimizer = model is not None, optimizer is not None
         self.n_train = len(data.train_labels)
         self.global_batch = config.batch_size
@@ -166,7 +171,7 @@ class _Run:
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self._build(model, optimizer)
         self.state = RunState()
-        self.window = Window(classify=data.classification)
+        self.window = Window(classify=data.classification, device=self.device)
         self.resumed_from: int | None = None  # the checkpoint's step when this run continues another
         if config.resume is not None:
             self._restore(config.resume)
@@ -202,6 +207,7 @@ class _Run:
             model = create_model(
                 config.model, in_channels=channels, num_classes=self.data.num_classes, image_size=height
             )
+        model = place_model(model, self.device, optimizer)  # before the optimizer is built on it
         self.closure_needed = bool(getattr(optimizer, "requires_closure", False)) or isinstance(
             optimizer, torch.optim.LBFGS
         )
@@ -214,7 +220,7 @@ class _Run:
         self.augment_generator = torch.Generator().manual_seed(config.seed * 7919 + 17 + self.strategy.rank)
 
     def _restore(self, path: str) -> None:
-        saved = load_checkpoint(path)
+        saved = load_checkpoint(path, map_location=self.device)  # written as CPU tensors
         check_resume(self.config, saved["config"])
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -222,7 +228,7 @@ class _Run:
             self.scheduler.load_state_dict(saved["scheduler"])
         self.strategy.load_state_dict(saved["strategy"])
         self.state = RunState.from_position(saved["position"])
-        set_rng_state(saved["rng"], self.augment_generator)
+        set_rng_state(saved["rng"], self.augment_generator, self.device)
         if saved.get("window") is not None and self.strategy.is_main:  # the partial window it saved
             self.window.load_state_dict(saved["window"])
 
@@ -254,7 +260,7 @@ class _Run:
         for indices in batches:
             generator = self.augment_generator if self.data.augment else None
             x = self.data.transform(self.data.train_images[indices], generator)
-            y = self.data.train_labels[indices]
+            x, y = to_device((x, self.data.train_labels[indices]), self.device)  # pinned, non-blocking
             loss, logits = self._step_with_closure(x, y) if self.closure_needed else self._step(x, y)
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -330,6 +336,7 @@ class _Run:
 
     def _end_epoch(self) -> None:
         state, config = self.state, self.config
+        synchronize(self.device)  # the epoch's queued GPU work counts in its time
         finished = time.perf_counter()
         self.train_seconds += finished - self.segment_started
         self.epoch_train_seconds += finished - self.segment_started
@@ -368,8 +375,8 @@ class _Run:
 
     def _write_window(self) -> None:
         window = self.window
+        mean_loss = window.loss.item() / window.samples  # (first: on a GPU it waits for the window's steps)
         elapsed = time.perf_counter() - window.started
-        mean_loss = window.loss.item() / window.samples
         record = self._record(
             "train",
             loss=mean_loss,
@@ -390,6 +397,7 @@ class _Run:
             self.config.eval_batch_size,
             loss_fn=self.loss_fn if self.loss_fn is not nn.functional.cross_entropy else None,
             classification=self.data.classification,
+            device=self.device,
         )
         if accuracy is not None:
             self.state.best_accuracy = max(self.state.best_accuracy, accuracy)
@@ -407,14 +415,14 @@ class _Run:
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "strategy": self.strategy.state_dict(),
             "position": self.state.position(self.now(), epoch_complete),
-            "rng": rng_state(self.augment_generator),
+            "rng": rng_state(self.augment_generator, self.device),
             "window": self.window.state_dict(),  # the next train record's steps so far
             "config": asdict(self.config),
             "versions": {"torch": str(torch.__version__)},
         }
         directory = Path(self.config.out) / "checkpoints"
         keep = self.config.keep_checkpoints
-        self.last_checkpoint = save_checkpoint(saved, directory, self.state.step, keep=keep)
+        self.last_checkpoint = save_checkpoint(to_host(saved), directory, self.state.step, keep=keep)
 
     def _finish(self) -> TrainResult:
         state, strategy = self.state, self.strategy

@@ -62,10 +62,10 @@ class TrainResult:
 class Window:
     """The training records' accumulators: tensors, so no ``.item()`` except when a record is written."""
 
-    def __init__(self, classify: bool = True) -> None:
+    def __init__(self, classify: bool = True, device: torch.device | None = None) -> None:
         self.classify = classify  # targets are class labels: count arg-max hits
-        self.loss = torch.zeros(())
-        self.correct = torch.zeros((), dtype=torch.int64)
+        self.loss = torch.zeros((), device=device)  # on the run's device: no synchronisation per step
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.samples = 0
         self.started = time.perf_counter()
         self.comm = 0.0  # seconds of the window spent blocked in the strategy's step hooks (communication)
@@ -212,6 +212,7 @@ def print_summary(
             f"{summary['optimizer']} ({summary['optimizer_class']}), schedule {summary['schedule']}",
         ),
         ("strategy", f"{summary['strategy']}, global batch {summary['global_batch']}"),
+        ("device", summary.get("device")),
         (
             "steps",
             f"{summary['steps']} ({summary['epochs']:.2f} epochs)"
@@ -287,6 +288,7 @@ def run_summary(run: Any, final: MetricRecord | None) -> dict[str, Any]:
         "seed": config.seed,
         "threads": torch.get_num_threads(),
         "replicas": run.strategy.replicas,
+        "device": str(run.device),
         "classification": run.data.classification,
     }
 
