@@ -229,10 +229,10 @@ def validate_config(
         raise ConfigError(
             f"--resume {config.resume}: no such file or directory; pass a checkpoint written by a run"
         )
-    if config.device == "cuda":
-        resolve_device("cuda", 0)  # a ConfigError naming the fix where torch sees no CUDA device
     if check_optimizer and check_strategy:
         config.options.check(config)  # strategies that cannot use CUDA refuse --device cuda here
+    if config.device == "cuda":
+        resolve_device("cuda", 0)  # a ConfigError naming the fix where torch sees no CUDA device
 
 
 def config_from_dict(values: dict[str, Any], *, source: str = "config") -> TrainConfig:
