@@ -219,3 +219,18 @@ def test_device_cuda_without_cuda_is_refused_before_launch():
     config = TrainConfig.build(strategy="sync", workers=2, device="cuda")
     with pytest.raises(ConfigError, match="--device cpu"):
         validate_config(config)
+
+
+def test_more_local_processes_than_gpus_are_refused_before_launch(monkeypatch):
+    from distlearn.train.launch import check_gpus
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for device in ("auto", "cuda"):
+        config = TrainConfig.build(strategy="sync", workers=2, device=device)
+        with pytest.raises(ConfigError, match="--workers 1 or fewer, or --device cpu"):
+            check_gpus(config, 2)
+    check_gpus(TrainConfig.build(strategy="sync", workers=1, device="cuda"), 1)
+    check_gpus(TrainConfig.build(strategy="sync", workers=2, device="cpu"), 2)  # the CPU: any number
+    check_gpus(TrainConfig.build(strategy="ps", workers=3, device="cuda"), 3)  # ps ranks share the GPU
+    check_gpus(TrainConfig.build(strategy="hogwild", workers=2), 2)  # auto: the CPU for hogwild

@@ -85,8 +85,8 @@ def init_distributed(
 
     ``backend`` defaults to the one of ``device`` (:func:`distlearn.devices.backend_for`): NCCL for a CUDA
     device, gloo for the CPU or no device (the tensors the caller communicates live where it computes,
-    whatever the machine has). On a CUDA device ``torch.cuda.set_device(device)`` comes first, so NCCL's
-    communicator and the collectives' streams are on this process's GPU. ``timeout_s`` bounds the
+    whatever the machine has). For NCCL on a CUDA device ``torch.cuda.set_device(device)`` comes first, so
+    NCCL's communicator and the collectives' streams are on this process's GPU. ``timeout_s`` bounds the
     rendezvous and every collective of the default group: a peer that dies or hangs makes the others fail
     within it instead of waiting forever. Idempotent: when the default group already exists its context is
     returned.
@@ -95,8 +95,9 @@ def init_distributed(
         raise CommError("this torch build has no torch.distributed; install a build with distributed support")
     if timeout_s <= 0:
         raise ConfigError(f"timeout_s must be positive, got {timeout_s}")
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.set_device(torch.device(device))
+    backend = backend or backend_for(device)
+    if backend == "nccl" and device is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))  # (not for gloo: a CPU-only rank makes no CUDA context)
     if dist.is_initialized():
         return DistContext(
             rank=dist.get_rank(),
@@ -111,7 +112,6 @@ def init_distributed(
             f"no distributed job to join: {', '.join(missing)} not set. Start workers with "
             "`distlearn train --workers N ...` on one machine, or under `torchrun ... -m distlearn ...`"
         )
-    backend = backend or backend_for(device)
     if (
         backend == "gloo"
         and "GLOO_SOCKET_IFNAME" not in os.environ

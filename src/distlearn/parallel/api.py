@@ -99,10 +99,12 @@ def _check_alone(strategy: Any) -> None:
     )
 
 
-def _join_alone(backend: str) -> bool:
+def _join_alone(backend: str, device: torch.device) -> bool:
     """With no torchrun job and no process group: a local group of one process (True when made here)."""
     if in_torchrun() or not dist.is_available() or dist.is_initialized():
         return False
+    if backend == "nccl":
+        torch.cuda.set_device(device)
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
 
@@ -165,7 +167,7 @@ def parallelize(
     chosen = create_strategy(strategy, **options)
     chosen.place(_check_device(model, optimizer, device))  # before setup: the group's backend follows it
     _check_alone(chosen)
-    made_group = _join_alone(chosen.backend)
+    made_group = _join_alone(chosen.backend, chosen.device)
     _register_exit()
     try:
         chosen.setup(seed)
