@@ -107,8 +107,10 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, *, 
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint file, or the newest one of a directory, with ``weights_only=True``.
+
+    Its tensors are loaded onto ``map_location`` (the CPU by default; a run resumes onto its device).
 
     Raises :class:`CheckpointError` when the file is missing, truncated, corrupt, not a distlearn
     checkpoint, or holds objects ``weights_only`` refuses; the message names the previous checkpoint.
@@ -130,7 +132,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         else "there is no earlier checkpoint in that directory"
     )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         if "weights_only" in str(error) or "Unsupported global" in str(error):
             raise CheckpointError(

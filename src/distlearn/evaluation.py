@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from distlearn.devices import to_device
+
 __all__ = ["evaluate"]
 
 
@@ -28,16 +30,23 @@ def evaluate(
     *,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     classification: bool = True,
+    device: torch.device | None = None,
 ) -> tuple[float, float | None]:
-    """Mean loss and accuracy (None unless ``classification``) of ``model`` on ``(images, labels)``."""
+    """Mean loss and accuracy (None unless ``classification``) of ``model`` on ``(images, labels)``.
+
+    ``device``: where ``model`` computes; each transformed batch is copied there (pinned, non-blocking,
+    :func:`distlearn.devices.to_device`) and the sums stay there until the end (one synchronisation).
+    """
+    device = device if device is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.int64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     with torch.no_grad():
         for start in range(0, len(labels), batch_size):
             x = transform(images[start : start + batch_size])
             y = labels[start : start + batch_size]
+            x, y = to_device((x, y), device)
             outputs = model(x)
             if loss_fn is None:
                 loss_sum += nn.functional.cross_entropy(outputs, y, reduction="sum").double()

@@ -10,7 +10,8 @@ themselves: the workers see the same environment, so nothing else changes.
 Every process this module starts ends by itself: the launcher runs in its own process group, is waited for
 with a deadline, and on a deadline, an error or Ctrl-C the whole group is terminated, then killed.
 
-Libraries: ``torch.distributed`` (c10d; gloo on CPU, NCCL on GPU) and ``torch.distributed.run``.
+Libraries: ``torch.distributed`` (c10d; gloo on CPU, NCCL on GPU: the backend follows the device the
+caller computes on, not what the machine has) and ``torch.distributed.run``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distlearn.devices import backend_for
 from distlearn.errors import CommError, ConfigError
 
 __all__ = [
@@ -76,21 +78,26 @@ def in_torchrun() -> bool:
     return all(name in os.environ for name in _TORCHRUN_VARIABLES)
 
 
-def _default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-def init_distributed(backend: str | None = None, *, timeout_s: float = 60.0) -> DistContext:
+def init_distributed(
+    backend: str | None = None, *, timeout_s: float = 60.0, device: torch.device | str | None = None
+) -> DistContext:
     """Join the job described by torchrun's environment and return this process's place in it.
 
-    ``timeout_s`` bounds the rendezvous and every collective of the default group: a peer that dies
-    or hangs makes the others fail within it instead of waiting forever. Idempotent: when the default
-    group already exists its context is returned.
+    ``backend`` defaults to the one of ``device`` (:func:`distlearn.devices.backend_for`): NCCL for a CUDA
+    device, gloo for the CPU or no device (the tensors the caller communicates live where it computes,
+    whatever the machine has). For NCCL on a CUDA device ``torch.cuda.set_device(device)`` comes first, so
+    NCCL's communicator and the collectives' streams are on this process's GPU. ``timeout_s`` bounds the
+    rendezvous and every collective of the default group: a peer that dies or hangs makes the others fail
+    within it instead of waiting forever. Idempotent: when the default group already exists its context is
+    returned.
     """
     if not dist.is_available():
         raise CommError("this torch build has no torch.distributed; install a build with distributed support")
     if timeout_s <= 0:
         raise ConfigError(f"timeout_s must be positive, got {timeout_s}")
+    backend = backend or backend_for(device)
+    if backend == "nccl" and device is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))  # (not for gloo: a CPU-only rank makes no CUDA context)
     if dist.is_initialized():
         return DistContext(
             rank=dist.get_rank(),
@@ -105,7 +112,6 @@ def init_distributed(backend: str | None = None, *, timeout_s: float = 60.0) -> 
             f"no distributed job to join: {', '.join(missing)} not set. Start workers with "
             "`distlearn train --workers N ...` on one machine, or under `torchrun ... -m distlearn ...`"
         )
-    backend = backend or _default_backend()
     if (
         backend == "gloo"
         and "GLOO_SOCKET_IFNAME" not in os.environ

@@ -98,7 +98,8 @@ def test_checkpoint_holds_everything_needed(tmp_path, synthetic):
     result = train(config(tmp_path, epochs=1), train_data=synthetic[0], test_data=synthetic[1])
     saved = load_checkpoint(result.checkpoint)
     assert {"model", "optimizer", "scheduler", "strategy", "position", "rng", "config"} <= saved.keys()
-    assert set(saved["rng"]) == {"torch", "numpy", "python", "augment"}
+    on_cuda = {"cuda"} if torch.cuda.is_available() else set()  # --device auto: the GPU's generator too
+    assert set(saved["rng"]) == {"torch", "numpy", "python", "augment"} | on_cuda
     assert saved["position"]["step"] == 12 and saved["position"]["epoch_complete"]
     for key, value in result.model.state_dict().items():
         assert torch.equal(saved["model"][key], value)

@@ -46,11 +46,13 @@ def check_same_model(model: nn.Module, rank: int, world_size: int) -> None:
 
 def weights_checksum(model: nn.Module) -> torch.Tensor:
     """Two float64 numbers that change if any weight changes: sum and a position-weighted sum."""
-    total = torch.zeros(2, dtype=torch.float64)
+    parameters = list(model.parameters())
+    device = parameters[0].device if parameters else torch.device("cpu")  # the collective's device too
+    total = torch.zeros(2, dtype=torch.float64, device=device)
     offset = 0
-    for p in model.parameters():
+    for p in parameters:
         flat = p.detach().reshape(-1).double()
-        weights = torch.arange(offset + 1, offset + flat.numel() + 1, dtype=torch.float64)
+        weights = torch.arange(offset + 1, offset + flat.numel() + 1, dtype=torch.float64, device=device)
         total[0] += flat.sum()
         total[1] += (flat * weights).sum()
         offset += flat.numel()

@@ -48,6 +48,10 @@ The rules, beside DDP's:
   async: rank 0) serve inside :func:`parallelize` until every worker has closed its strategy, and then the
   process exits (``SystemExit(0)``): the rest of the user's script runs on the worker ranks only. Workers
   must call ``optimizer.distlearn_strategy.close()`` when they are done (that ends the servers).
+* **The device.** The replica computes where the model is (``device=`` may say so, and must agree):
+  NCCL for a model on ``cuda:k``, gloo for one on the CPU; the parameter server always uses gloo (its
+  servers stay on the CPU; a CUDA worker stages its payloads through pinned host memory). Hogwild! and
+  asynchronous EASGD refuse a CUDA model with a ConfigError saying why.
 * **Hogwild!** shares one model between local processes and keeps its own entry point
   (``distlearn train --strategy hogwild``, :func:`distlearn.parallel.hogwild.launch_hogwild`).
 """
@@ -64,6 +68,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distlearn.devices import module_device, resolve_device
 from distlearn.errors import ConfigError
 from distlearn.launch import in_torchrun
 from distlearn.parallel import create_strategy
@@ -94,12 +99,35 @@ def _check_alone(strategy: Any) -> None:
     )
 
 
-def _join_alone() -> bool:
+def _join_alone(backend: str, device: torch.device) -> bool:
     """With no torchrun job and no process group: a local group of one process (True when made here)."""
     if in_torchrun() or not dist.is_available() or dist.is_initialized():
         return False
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
+
+
+def _check_device(model: nn.Module, optimizer: torch.optim.Optimizer, device: Any) -> torch.device:
+    """The device of the replica: the model's, which ``device=`` (if given) must name; ConfigError if not."""
+    where = module_device(model) or torch.device("cpu")
+    if device is not None:
+        wanted = resolve_device(device)
+        if wanted != where:
+            raise ConfigError(
+                f"parallelize(device={str(device)!r}) means {wanted}, but the model is on {where}; move it "
+                f"first (model.to({str(wanted)!r}), then build the optimizer on model.parameters()), as "
+                "torch's DDP asks, or leave device= out to follow the model"
+            )
+    for state in optimizer.state.values():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.device != where:
+                raise ConfigError(
+                    f"the optimizer's state {name!r} is on {value.device} but the model is on {where}; build "
+                    "(or load) the optimizer after moving the model"
+                )
+    return where
 
 
 def parallelize(
@@ -108,6 +136,7 @@ def parallelize(
     strategy: str = "sync",
     *,
     seed: int = 0,
+    device: str | torch.device | None = None,
     **options: Any,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Make ``model`` and ``optimizer`` train as one replica of ``strategy`` (see the module docstring).
@@ -119,6 +148,12 @@ def parallelize(
     ConfigError listing them), or ``options=`` an instance of it; for ``ps`` also ``optimizer=``/``lr=``
     (the servers' optimizer; default: the name and rate of ``optimizer``'s class when it is
     ``torch.optim.SGD``).
+
+    ``device``: where the replica computes. By default the model's (its first parameter's): a model on
+    ``cuda:k`` communicates over NCCL, one on the CPU over gloo. Given (``"cpu"``, ``"cuda"`` for
+    ``cuda:LOCAL_RANK``, ``"cuda:1"``, a ``torch.device``), it must be where the model already is, as for
+    torch's DDP (the optimizer holds the model's parameters there): a model elsewhere is a ConfigError
+    saying to move it first.
     """
     if strategy == "hogwild":
         raise ConfigError(
@@ -130,8 +165,9 @@ def parallelize(
         options.setdefault("optimizer", _server_optimizer(optimizer))
         options.setdefault("lr", float(optimizer.param_groups[0]["lr"]))
     chosen = create_strategy(strategy, **options)
+    chosen.place(_check_device(model, optimizer, device))  # before setup: the group's backend follows it
     _check_alone(chosen)
-    made_group = _join_alone()
+    made_group = _join_alone(chosen.backend, chosen.device)
     _register_exit()
     try:
         chosen.setup(seed)

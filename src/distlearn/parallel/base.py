@@ -8,6 +8,7 @@ methods differing only in *how and when* they combine. :func:`distlearn.train.tr
 
 Contract (what the loop calls, in order)::
 
+    strategy.place(device)                         # --device (trainer) or the model's (parallelize)
     strategy.setup(seed)                           # join the job (process group, roles); idempotent
     model, optimizer = strategy.prepare(model, optimizer)   # e.g. broadcast rank 0's weights
     for epoch ...:
@@ -30,6 +31,16 @@ Rules every strategy keeps:
   ``M = B / R`` examples per step (:meth:`local_batch`), and the union over replicas of one step's
   batches is the single-process batch of that step. ``B`` must be divisible by ``R``.
 * Collectives and connections carry timeouts; a dead peer raises :class:`distlearn.errors.CommError`.
+* **The device.** Whoever drives the strategy calls :meth:`place` before :meth:`setup`: the trainer with
+  ``--device`` (``auto``, ``cpu``, ``cuda``), :func:`distlearn.parallelize` with the model's device (or its
+  ``device=``). It resolves the device of this process (:func:`distlearn.devices.resolve_device`:
+  ``cuda:LOCAL_RANK``) and keeps it in :attr:`device`; :meth:`setup` joins the job on
+  :attr:`backend` (NCCL for a CUDA device, gloo for the CPU: :meth:`join_job`), and :meth:`prepare` receives
+  the model and optimizer already on :attr:`device`, so collectives work on the device's tensors. A
+  strategy that cannot compute on CUDA says why in its options' :meth:`StrategyOptions.cuda_refusal`:
+  ``--device cuda`` is then refused before any process starts (:meth:`StrategyOptions.check`) and
+  ``auto`` means the CPU. A strategy whose ranks may share a GPU (the parameter server: its servers stay
+  on the CPU) sets :attr:`Strategy.shares_device`.
 * :meth:`state_dict` / :meth:`load_state_dict` hold whatever the strategy must resume exactly
   (error-feedback residuals, step counters); they go into the checkpoint and may hold only tensors and
   plain Python values (checkpoints load with ``weights_only=True``).
@@ -52,6 +63,7 @@ from torch import nn
 
 from distlearn.comm.replicas import check_same_model
 from distlearn.config import positive
+from distlearn.devices import backend_for, resolve_device
 from distlearn.errors import CommError, ConfigError
 
 __all__ = ["Strategy", "StrategyOptions", "StrategyStats", "epoch_batches", "make_options", "option_names"]
@@ -81,7 +93,16 @@ class StrategyOptions:
         positive("comm_timeout", self.comm_timeout)
 
     def check(self, run: Any) -> None:
-        """ConfigError for a combination with the run's common options (``run``: a TrainConfig)."""
+        """ConfigError for a combination with the run's common options (``run``: a TrainConfig).
+
+        The base check refuses ``--device cuda`` for options whose :meth:`cuda_refusal` says why.
+        """
+        if getattr(run, "device", "auto") == "cuda" and self.cuda_refusal():
+            raise ConfigError(f"--device cuda: {self.cuda_refusal()}")
+
+    def cuda_refusal(self) -> str:
+        """Why these options cannot compute on a CUDA device, and what to use instead ("" when they can)."""
+        return ""
 
 
 def option_names(options_class: type) -> list[str]:
@@ -178,6 +199,9 @@ class Strategy:
     launcher: ClassVar[str] = "torchrun"
     """How ``distlearn train`` starts the job's processes: ``"torchrun"`` (one process per rank, also on
     many machines) or ``"pool"`` (a local process pool sharing memory: :meth:`launch`)."""
+    shares_device: ClassVar[bool] = False
+    """True when several local ranks may share one GPU (``cuda:(LOCAL_RANK mod GPUs)``) because only some of
+    them compute on it; otherwise each local rank needs a GPU of its own."""
 
     @classmethod
     def processes(cls, options: StrategyOptions, run: Any) -> int:
@@ -205,6 +229,8 @@ class Strategy:
         self.rank = 0
         self.world_size = 1
         self.role = "worker"
+        self.device = torch.device("cpu")
+        """Where this process computes: set by :meth:`place` before :meth:`setup` (the CPU until then)."""
 
     # -- who am I ---------------------------------------------------------------------------------------
     @property
@@ -233,6 +259,26 @@ class Strategy:
         return self.rank
 
     # -- life cycle -------------------------------------------------------------------------------------
+    def place(self, spec: str | torch.device | None) -> torch.device:
+        """Choose this process's device from ``spec`` and keep it in :attr:`device` (before :meth:`setup`).
+
+        ``spec`` is ``--device`` (``"auto"``, ``"cpu"``, ``"cuda"``) or a ``torch.device``; ``"auto"`` is
+        the CPU for options that refuse CUDA (:meth:`StrategyOptions.cuda_refusal`), and CUDA for them is
+        a ConfigError saying why.
+        """
+        refusal = self.options.cuda_refusal()
+        if refusal and str(spec).startswith("cuda"):
+            raise ConfigError(f"--device cuda: {refusal}")
+        if refusal and spec in (None, "auto"):
+            spec = "cpu"
+        self.device = resolve_device(spec, shared=self.shares_device)
+        return self.device
+
+    @property
+    def backend(self) -> str:
+        """The c10d backend of this strategy's process group: NCCL on a CUDA device, gloo on the CPU."""
+        return backend_for(self.device)
+
     def setup(self, seed: int) -> None:
         """Join the job (process group, roles). Called once, before the model is built."""
 
@@ -240,7 +286,8 @@ class Strategy:
         """Join the torchrun job once: sets ``rank``, ``world_size``, ``_context`` and ``_owns_group``.
 
         Returns False when this strategy has joined already. Outside torchrun, with no process group, a
-        ConfigError says ``"the <name> strategy <usage>"`` (how to start it).
+        ConfigError says ``"the <name> strategy <usage>"`` (how to start it). The group's backend is
+        :attr:`backend`; on CUDA :attr:`device` becomes the current device first (NCCL's rule).
         """
         from distlearn.launch import in_torchrun, init_distributed
 
@@ -249,7 +296,7 @@ class Strategy:
         already = torch.distributed.is_available() and torch.distributed.is_initialized()
         if not already and not in_torchrun():
             raise ConfigError(f"the {self.name} strategy {usage}")
-        self._context = init_distributed(timeout_s=timeout_s)
+        self._context = init_distributed(self.backend, timeout_s=timeout_s, device=self.device)
         self._owns_group = not already
         self.rank, self.world_size = self._context.rank, self._context.world_size
         return True

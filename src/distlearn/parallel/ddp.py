@@ -1,7 +1,8 @@
 """torch's own DistributedDataParallel as a strategy: the reference every sync variant is measured against.
 
 ``distlearn train --strategy ddp --workers R`` wraps the model in
-``torch.nn.parallel.DistributedDataParallel`` (its own bucketing, overlap and gloo/NCCL allreduce) and
+``torch.nn.parallel.DistributedDataParallel`` (its own bucketing, overlap and gloo/NCCL allreduce; on
+``--device cuda`` NCCL, with ``device_ids=[cuda:LOCAL_RANK]`` as DDP expects) and
 otherwise runs the same loop, data shards and metrics as every other strategy, so ``distlearn bench``
 compares ``sync`` and DDP on exactly the same work. Nothing here is ours but the wiring.
 """
@@ -53,7 +54,7 @@ class TorchDDP(Strategy):
         already = dist.is_available() and dist.is_initialized()
         if not already and not in_torchrun():
             raise ConfigError("the ddp strategy runs one process per replica: use `--workers N` or torchrun")
-        context = init_distributed(timeout_s=self.timeout_s)
+        context = init_distributed(self.backend, timeout_s=self.timeout_s, device=self.device)
         self._owns_group = not already
         self.rank, self.world_size = context.rank, context.world_size
 
@@ -62,7 +63,10 @@ class TorchDDP(Strategy):
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         self._parameters = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         self._steps = 0
-        return DistributedDataParallel(model, bucket_cap_mb=self.bucket_mb), optimizer
+        # DDP's rule for one device per process: the module on it already, and device_ids=[it] on CUDA
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=self.bucket_mb)
+        return wrapped, optimizer
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         self._steps += 1

@@ -45,6 +45,12 @@ class DNIOptions(StrategyOptions):
         super().check(run)
         dni_config_of(run, self)
 
+    def cuda_refusal(self) -> str:
+        return (
+            "the DNI pipeline's stages run on the CPU and pass activations and gradients as CPU tensors "
+            "over gloo point-to-point; use --device cpu (or auto)"
+        )
+
 
 def dni_config_of(config: Any, options: DNIOptions | None = None) -> DNIConfig:
     """The :class:`~distlearn.dni.pipeline.DNIConfig` of a run's config and its DNI options."""

@@ -128,6 +128,15 @@ class EASGDOptions(StrategyOptions):
         "tau": "elastic_tau",
     }
 
+    def cuda_refusal(self) -> str:
+        if self.easgd_mode != "async":
+            return ""  # sync mode allreduces the elastic differences on the device
+        return (
+            "asynchronous EASGD's centre rank and workers exchange weights as CPU tensors over gloo "
+            "point-to-point, one request at a time; use --easgd-mode sync (an allreduce on the device) to "
+            "train on GPUs, or --device cpu"
+        )
+
     def validate(self) -> None:
         super().validate()
         if self.easgd_mode not in ("sync", "async"):
@@ -376,7 +385,7 @@ class ElasticAveraging(Strategy):
             return
         self.exchanges = int(state.get("exchanges", 0))
         if "centre" in state:
-            self.centre = state["centre"].clone()
+            self.centre = state["centre"].to(self.device, copy=True)  # x~ lives where the weights do
 
     def describe(self) -> str:
         rate = f"rho={self.rho:g}" if self.rho is not None else f"alpha={self.alpha(1.0):g}"

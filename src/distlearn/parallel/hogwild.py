@@ -116,6 +116,13 @@ class HogwildOptions(StrategyOptions):
     buckwild: bool = False
     """8-bit shared weights with unbiased stochastic rounding (Buckwild!)"""
 
+    def cuda_refusal(self) -> str:
+        return (
+            "Hogwild!'s processes update one copy of the weights in shared CPU memory "
+            "(Tensor.share_memory_), which a GPU's memory cannot be; it runs on the CPU: use --device cpu "
+            "(or auto), or --strategy sync / ddp to train on GPUs"
+        )
+
 
 class Hogwild(Strategy):
     """Lock-free shared-memory SGD (see the module docstring). One instance per process.

@@ -65,6 +65,15 @@ The servers stop when every live worker has said it is done. Checkpoints: when t
 worker rank) checkpoints, each server saves its shard, optimizer state, version and logs next to it
 (``ps-server<rank>-step<N>.pt``); ``--resume`` brings them back and the version count continues.
 
+Devices: the servers keep their shards and optimizer state in host memory whatever ``--device`` says, and
+every payload travels as a CPU tensor over gloo (``backend`` is gloo on every rank). A worker on CUDA
+(``--device cuda``; ranks may share a GPU, ``cuda:(LOCAL_RANK mod GPUs)``, since the servers use none)
+computes on its GPU and stages each exchange through pinned host buffers: the gradient is copied to the
+host before the push, the weights of the reply to the device after it. Why not NCCL: servers shared by
+several workers answer one request at a time in arrival order (any-source receives, which NCCL does not
+have), several ranks of one machine may share one GPU (NCCL refuses two ranks on one device), and the
+shared-memory path between a worker and a server of one machine needs host memory anyway.
+
 Not synchronised: module buffers (BatchNorm running statistics) stay local to each worker, as in Downpour.
 The server's parameters are 1-D views of one flat buffer (one message per server per push), which every
 element-wise optimizer (all of distlearn.optim's first-order ones, torch's SGD/Adam/...) treats exactly as
@@ -183,6 +192,13 @@ class ParameterServer(Strategy):
 
     name = "ps"
     Options = PSOptions
+    shares_device = True  # the servers compute nothing on a GPU: workers may share one with them
+
+    @property
+    def backend(self) -> str:
+        """gloo whatever the device: the servers keep their state in host memory and every payload goes
+        point-to-point as a CPU tensor (gloo's send/recv); CUDA workers stage it through pinned buffers."""
+        return "gloo"
 
     def __init__(
         self,
@@ -339,6 +355,7 @@ class ParameterServer(Strategy):
             compressor=self.compressor,
             staleness_seen=self.staleness_seen,
             versions=self._versions,
+            device=self.device,
         )
         self._worker.start()
         return model, optimizer

@@ -3,6 +3,11 @@
 See :mod:`distlearn.parallel.ps` for the algorithm and :mod:`distlearn.comm.paramserver` for the protocol;
 this module keeps one :class:`~distlearn.comm.paramserver.ServerLink` per server and the worker's own state
 (the accumulated gradient of ``k`` local steps, the push count, the staleness the servers reported).
+
+On a CUDA worker the parameters and gradients live on the GPU and every payload is staged in host memory
+(the servers and the gloo transport work on CPU tensors): each link's reply buffer and push buffer are
+pinned, the pushed gradient is copied device -> host before the send, and the reply's weights host ->
+device (non-blocking copies, one synchronisation per reply before its buffer is reused).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class DownpourWorker:
             settings of the same names.
         staleness_seen: the list the per-push staleness is appended to (the strategy's).
         versions: the list kept equal to :attr:`versions` (the strategy's ``_versions``).
+        device: where ``params`` live (CUDA: payloads staged through pinned host buffers).
     """
 
     def __init__(
@@ -66,14 +72,18 @@ class DownpourWorker:
         compressor: Any,
         staleness_seen: list[list[int]],
         versions: list[int] | None = None,
+        device: torch.device | None = None,
     ) -> None:
+        self.device = device if device is not None else torch.device("cpu")
+        self.pinned = self.device.type == "cuda"  # host staging buffers page-locked for the GPU's copies
         self.transport = transport
         self.rank = transport.rank
         self.servers = servers
         self.params = params
         self.plan = shard_parameters([p.numel() for p in params], servers)
         self.links = [
-            ServerLink(transport, s, sum(params[i].numel() for i in self.plan[s])) for s in range(servers)
+            ServerLink(transport, s, sum(params[i].numel() for i in self.plan[s]), pin=self.pinned)
+            for s in range(servers)
         ]
         self.replica_index = replica_index
         self.local_steps = local_steps
@@ -116,7 +126,7 @@ class DownpourWorker:
         if not indices:
             return sizes
         values = torch.cat([self.params[i].detach().reshape(-1).double() for i in indices])
-        return torch.cat([sizes, values])
+        return torch.cat([sizes, values.cpu()])  # (a CUDA worker's initial values come to the host)
 
     def pull(self, initial: bool) -> None:
         """Send INIT (our layout and initial values) to every server and load the weights they answer.
@@ -181,7 +191,9 @@ class DownpourWorker:
                 if shared and _can_live_in(p, source):
                     p.data = source  # from now on the pull costs no copy (the block is ours until we push)
                 else:
-                    p.copy_(source)
+                    p.copy_(source, non_blocking=self.pinned)  # host -> GPU from the pinned reply buffer
+        if self.pinned:
+            torch.cuda.current_stream(self.device).synchronize()  # before the buffer takes the next reply
         return header
 
     def _beat(self) -> None:
@@ -226,7 +238,9 @@ class DownpourWorker:
         replies = [link.post(f"the pull after push {self.pushes}") for link in self.links]
         if not self._push_buffers:  # the shared push block where the server mapped one
             self._push_buffers = [
-                link.shared.push.tensor if link.shared is not None else torch.empty(link.flat.numel())
+                link.shared.push.tensor
+                if link.shared is not None
+                else torch.empty(link.flat.numel(), pin_memory=self.pinned)
                 for link in self.links
             ]
         pending = []
@@ -234,7 +248,11 @@ class DownpourWorker:
             indices = self.plan[server]
             payload = self._push_buffers[server]  # reused: the send completes before the next push
             if indices:
-                torch.cat([gradients[i].detach().reshape(-1).float() for i in indices], out=payload)
+                pieces = [gradients[i].detach().reshape(-1).float() for i in indices]
+                if self.pinned:  # device -> host before the send (a blocking copy: the send reads it next)
+                    payload.copy_(torch.cat(pieces))
+                else:
+                    torch.cat(pieces, out=payload)
             flag = 0
             if self.compressor is not None and payload.numel():
                 sizes = [self.params[i].numel() for i in indices]
@@ -310,7 +328,7 @@ class DownpourWorker:
         if self.compressor is not None and "compression" in state:
             self.compressor.load_state_dict(state["compression"])
         if "accumulated" in state:
-            self.accumulated = [t.clone() for t in state["accumulated"]]
+            self.accumulated = [t.to(self.device, copy=True) for t in state["accumulated"]]
         self.pull(initial=False)  # the trainer just loaded the checkpoint's weights: take the servers'
 
     def stop_heartbeat(self) -> None:

@@ -31,6 +31,7 @@ import tyro
 
 from distlearn import optim
 from distlearn.config import from_dict, mapping_to_toml, parse_options, positive, read_file
+from distlearn.devices import DEVICE_CHOICES, resolve_device
 from distlearn.errors import ConfigError
 from distlearn.models import MODELS
 from distlearn.models.factory import is_import_path
@@ -96,6 +97,10 @@ class TrainConfig:
     package.module:Class); each has its own options: distlearn train --strategy NAME --help"""
     workers: int = 1
     """processes on this machine (torchrun underneath); under torchrun: its world size"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where each process computes: cuda (GPU LOCAL_RANK of its machine: one GPU per process, NCCL between
+    them), cpu (gloo), or auto (cuda where torch sees a GPU and the strategy can use it, else cpu); training
+    data stays in host memory and each batch is copied over through pinned memory"""
     seed: int = 0
     """seed for weights, data order, dropout and augmentation"""
     deterministic: bool = True
@@ -165,6 +170,8 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown loss {self.loss!r}; use cross-entropy, or give your own as package.module:name"
             )
+        if self.device not in DEVICE_CHOICES:
+            raise ConfigError(f"--device {self.device!r}: choose one of {', '.join(DEVICE_CHOICES)}")
         if self.keep_checkpoints < 2:
             raise ConfigError(
                 "--keep-checkpoints must be >= 2 so the previous good checkpoint survives, "
@@ -223,7 +230,9 @@ def validate_config(
             f"--resume {config.resume}: no such file or directory; pass a checkpoint written by a run"
         )
     if check_optimizer and check_strategy:
-        config.options.check(config)
+        config.options.check(config)  # strategies that cannot use CUDA refuse --device cuda here
+    if config.device == "cuda":
+        resolve_device("cuda", 0)  # a ConfigError naming the fix where torch sees no CUDA device
 
 
 def config_from_dict(values: dict[str, Any], *, source: str = "config") -> TrainConfig:

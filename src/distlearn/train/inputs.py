@@ -20,6 +20,7 @@ from torch import nn
 
 from distlearn.data.prepare import RunData, prepare_data
 from distlearn.data.user import user_run_data
+from distlearn.devices import module_device, to_device
 from distlearn.errors import ConfigError
 from distlearn.models.factory import build_datasets, build_model, is_import_path, load_loss, load_object
 from distlearn.train.config import TrainConfig
@@ -101,6 +102,7 @@ def check_fit(config: TrainConfig, model: nn.Module | None, loss_fn: LossFn | No
     if len(data.train_labels) == 0:
         raise ConfigError("the training set is empty")
     x, y = data.transform(data.train_images[:2]), data.train_labels[:2]
+    x, y = to_device((x, y), module_device(model) or torch.device("cpu"))  # a user's model on its GPU
     was_training = model.training
     model.eval()
     try:

@@ -39,7 +39,14 @@ from distlearn.train.config import TrainConfig, config_to_toml, validate_config
 from distlearn.train.inputs import check_fit, check_importable, resolve_inputs, run_data
 from distlearn.train.report import TrainResult
 
-__all__ = ["launch_from_python", "launch_workers", "processes_to_launch", "read_result", "run_config"]
+__all__ = [
+    "check_gpus",
+    "launch_from_python",
+    "launch_workers",
+    "processes_to_launch",
+    "read_result",
+    "run_config",
+]
 
 TrainFn = Callable[..., Any]
 
@@ -56,9 +63,26 @@ def check_before_launch(config: TrainConfig) -> None:
     """Everything a worker would find wrong, found here: the config, its import paths, the data's fit."""
     validate_config(config)
     check_importable(config)
+    check_gpus(config, processes_to_launch(config))
     model, loss_fn, train_data, test_data = resolve_inputs(config, None, None, None, None)
     if model is not None or train_data is not None:
         check_fit(config, model, loss_fn, run_data(config, train_data, test_data))
+
+
+def check_gpus(config: TrainConfig, processes: int) -> None:
+    """On CUDA each process this machine starts computes on a GPU of its own (``cuda:LOCAL_RANK``): more
+    processes than GPUs is refused here, before any starts (the parameter server's ranks share them)."""
+    cls = strategy_class(config.strategy)
+    if config.device == "cpu" or cls.shares_device or config.options.cuda_refusal():
+        return
+    if not torch.cuda.is_available():  # auto: the CPU (cuda was refused by validate_config)
+        return
+    gpus = torch.cuda.device_count()
+    if processes > gpus:
+        raise ConfigError(
+            f"--device {config.device}: each of the {processes} processes would compute on a GPU of its own "
+            f"(cuda:LOCAL_RANK) but this machine shows {gpus}; use --workers {gpus} or fewer, or --device cpu"
+        )
 
 
 def run_config(config: TrainConfig, train: TrainFn) -> int:

@@ -48,10 +48,11 @@ from distlearn.checkpoint import load_checkpoint, save_checkpoint
 from distlearn.config import parse_options
 from distlearn.data.prepare import RunData
 from distlearn.data.user import TrainData
+from distlearn.devices import module_device, place_model, synchronize, to_device, to_host
 from distlearn.errors import ConfigError
 from distlearn.evaluation import evaluate
 from distlearn.metrics import METRICS_FILE, MetricRecord, MetricsWriter
-from distlearn.models import count_parameters, create_model
+from distlearn.models import create_model
 from distlearn.parallel import Strategy, create_strategy
 from distlearn.rundir import prepare_out
 from distlearn.train.config import TrainConfig, validate_config
@@ -63,6 +64,7 @@ from distlearn.train.report import (
     Window,
     print_summary,
     progress_wanted,
+    run_summary,
     served_result,
 )
 from distlearn.train.report import status_of as _status
@@ -121,7 +123,10 @@ def train(
             )
     model, loss_fn, train_data, test_data = resolve_inputs(config, model, loss_fn, train_data, test_data)
     strategy = strategy if strategy is not None else create_strategy(config.strategy, run=config)
-    with torch_settings(config):
+    # -- device: --device, or (auto) where a user's model and optimizer already are; see distlearn.devices
+    mine = config.device == "auto" and optimizer is not None and module_device(model) is not None
+    device = strategy.place(module_device(model) if mine else config.device)
+    with torch_settings(config, device):
         strategy.setup(config.seed)
         try:
             if not strategy.trains:  # e.g. a parameter server: its whole life is serving the workers
@@ -152,6 +157,7 @@ class _Run:
     ) -> None:
         self.started = started  # the run's clock starts before its data is loaded
         self.config, self.strategy, self.data = config, strategy, data
+        self.device = strategy.device  # model, batches, optimizer state (strategy.place(--device))
         self.user_model, self.user_optimizer = model is not None, optimizer is not None
         self.n_train = len(data.train_labels)
         self.global_batch = config.batch_size
@@ -165,7 +171,7 @@ class _Run:
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self._build(model, optimizer)
         self.state = RunState()
-        self.window = Window(classify=data.classification)
+        self.window = Window(classify=data.classification, device=self.device)
         self.resumed_from: int | None = None  # the checkpoint's step when this run continues another
         if config.resume is not None:
             self._restore(config.resume)
@@ -201,6 +207,7 @@ class _Run:
             model = create_model(
                 config.model, in_channels=channels, num_classes=self.data.num_classes, image_size=height
             )
+        model = place_model(model, self.device, optimizer)  # before the optimizer is built on it
         self.closure_needed = bool(getattr(optimizer, "requires_closure", False)) or isinstance(
             optimizer, torch.optim.LBFGS
         )
@@ -213,7 +220,7 @@ class _Run:
         self.augment_generator = torch.Generator().manual_seed(config.seed * 7919 + 17 + self.strategy.rank)
 
     def _restore(self, path: str) -> None:
-        saved = load_checkpoint(path)
+        saved = load_checkpoint(path, map_location=self.device)  # written as CPU tensors
         check_resume(self.config, saved["config"])
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -221,7 +228,7 @@ class _Run:
             self.scheduler.load_state_dict(saved["scheduler"])
         self.strategy.load_state_dict(saved["strategy"])
         self.state = RunState.from_position(saved["position"])
-        set_rng_state(saved["rng"], self.augment_generator)
+        set_rng_state(saved["rng"], self.augment_generator, self.device)
         if saved.get("window") is not None and self.strategy.is_main:  # the partial window it saved
             self.window.load_state_dict(saved["window"])
 
@@ -253,7 +260,7 @@ class _Run:
         for indices in batches:
             generator = self.augment_generator if self.data.augment else None
             x = self.data.transform(self.data.train_images[indices], generator)
-            y = self.data.train_labels[indices]
+            x, y = to_device((x, self.data.train_labels[indices]), self.device)  # pinned, non-blocking
             loss, logits = self._step_with_closure(x, y) if self.closure_needed else self._step(x, y)
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -329,6 +336,7 @@ class _Run:
 
     def _end_epoch(self) -> None:
         state, config = self.state, self.config
+        synchronize(self.device)  # the epoch's queued GPU work counts in its time
         finished = time.perf_counter()
         self.train_seconds += finished - self.segment_started
         self.epoch_train_seconds += finished - self.segment_started
@@ -367,8 +375,8 @@ class _Run:
 
     def _write_window(self) -> None:
         window = self.window
+        mean_loss = window.loss.item() / window.samples  # (first: on a GPU it waits for the window's steps)
         elapsed = time.perf_counter() - window.started
-        mean_loss = window.loss.item() / window.samples
         record = self._record(
             "train",
             loss=mean_loss,
@@ -389,6 +397,7 @@ class _Run:
             self.config.eval_batch_size,
             loss_fn=self.loss_fn if self.loss_fn is not nn.functional.cross_entropy else None,
             classification=self.data.classification,
+            device=self.device,
         )
         if accuracy is not None:
             self.state.best_accuracy = max(self.state.best_accuracy, accuracy)
@@ -406,19 +415,19 @@ class _Run:
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "strategy": self.strategy.state_dict(),
             "position": self.state.position(self.now(), epoch_complete),
-            "rng": rng_state(self.augment_generator),
+            "rng": rng_state(self.augment_generator, self.device),
             "window": self.window.state_dict(),  # the next train record's steps so far
             "config": asdict(self.config),
             "versions": {"torch": str(torch.__version__)},
         }
         directory = Path(self.config.out) / "checkpoints"
         keep = self.config.keep_checkpoints
-        self.last_checkpoint = save_checkpoint(saved, directory, self.state.step, keep=keep)
+        self.last_checkpoint = save_checkpoint(to_host(saved), directory, self.state.step, keep=keep)
 
     def _finish(self) -> TrainResult:
         state, strategy = self.state, self.strategy
         final = self.evaluations[-1] if self.evaluations else None
-        summary = self._summary(final)
+        summary = run_summary(self, final)
         samples = state.samples - self.start_samples
         samples_per_s = samples / self.train_seconds if self.train_seconds > 0 else 0.0
         # The job's throughput: every replica trains on its own share of each global batch at the same pace.
@@ -451,36 +460,3 @@ class _Run:
             evaluations=self.evaluations,
             summary=summary,
         )
-
-    def _summary(self, final: MetricRecord | None) -> dict[str, Any]:
-        config, state, data = self.config, self.state, self.data
-        return {
-            "dataset": getattr(data.train, "name", config.dataset),
-            "dataset_source": getattr(data.train, "source", None),
-            "dataset_note": getattr(data.train, "note", None),
-            "train_examples": self.n_train,
-            "test_examples": len(data.test_labels),
-            "model": type(self.model).__name__ if self.user_model else config.model,
-            "parameters": count_parameters(self.model),
-            "optimizer": type(self.optimizer).__name__ if self.user_optimizer else config.optimizer,
-            "optimizer_class": type(self.optimizer).__name__,
-            "lr": config.lr,
-            "schedule": config.schedule,
-            "global_batch": self.global_batch,
-            "strategy": self.strategy.describe(),
-            "augment": repr(data.transform) if data.augment else "none",
-            "steps": state.step,
-            "resumed_from_step": self.resumed_from,
-            "steps_this_run": state.step - (self.resumed_from or 0),
-            "epochs": state.step / self.steps_per_epoch,
-            "test_accuracy": final.accuracy if final else None,
-            "test_loss": final.loss if final else None,
-            "best_accuracy": state.best_accuracy if state.best_accuracy >= 0 else None,
-            "train_seconds": self.train_seconds,
-            "seconds_per_epoch": state.seconds_per_epoch,
-            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-            "seed": config.seed,
-            "threads": torch.get_num_threads(),
-            "replicas": self.strategy.replicas,
-            "classification": self.data.classification,
-        }

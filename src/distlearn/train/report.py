@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from distlearn.metrics import MetricRecord
+from distlearn.models import count_parameters
 
 __all__ = [
     "Progress",
@@ -31,6 +32,7 @@ __all__ = [
     "Window",
     "print_summary",
     "progress_wanted",
+    "run_summary",
     "served_result",
     "status_of",
 ]
@@ -60,10 +62,10 @@ class TrainResult:
 class Window:
     """The training records' accumulators: tensors, so no ``.item()`` except when a record is written."""
 
-    def __init__(self, classify: bool = True) -> None:
+    def __init__(self, classify: bool = True, device: torch.device | None = None) -> None:
         self.classify = classify  # targets are class labels: count arg-max hits
-        self.loss = torch.zeros(())
-        self.correct = torch.zeros((), dtype=torch.int64)
+        self.loss = torch.zeros((), device=device)  # on the run's device: no synchronisation per step
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.samples = 0
         self.started = time.perf_counter()
         self.comm = 0.0  # seconds of the window spent blocked in the strategy's step hooks (communication)
@@ -210,6 +212,7 @@ def print_summary(
             f"{summary['optimizer']} ({summary['optimizer_class']}), schedule {summary['schedule']}",
         ),
         ("strategy", f"{summary['strategy']}, global batch {summary['global_batch']}"),
+        ("device", summary.get("device")),
         (
             "steps",
             f"{summary['steps']} ({summary['epochs']:.2f} epochs)"
@@ -252,6 +255,42 @@ def print_summary(
         if value:
             table.add_row(key, str(value))
     Console().print(table)
+
+
+def run_summary(run: Any, final: MetricRecord | None) -> dict[str, Any]:
+    """The summary of a finished run (the trainer's ``_Run``): the metrics' summary record and the table."""
+    config, state, data = run.config, run.state, run.data
+    return {
+        "dataset": getattr(data.train, "name", config.dataset),
+        "dataset_source": getattr(data.train, "source", None),
+        "dataset_note": getattr(data.train, "note", None),
+        "train_examples": run.n_train,
+        "test_examples": len(data.test_labels),
+        "model": type(run.model).__name__ if run.user_model else config.model,
+        "parameters": count_parameters(run.model),
+        "optimizer": type(run.optimizer).__name__ if run.user_optimizer else config.optimizer,
+        "optimizer_class": type(run.optimizer).__name__,
+        "lr": config.lr,
+        "schedule": config.schedule,
+        "global_batch": run.global_batch,
+        "strategy": run.strategy.describe(),
+        "augment": repr(data.transform) if data.augment else "none",
+        "steps": state.step,
+        "resumed_from_step": run.resumed_from,
+        "steps_this_run": state.step - (run.resumed_from or 0),
+        "epochs": state.step / run.steps_per_epoch,
+        "test_accuracy": final.accuracy if final else None,
+        "test_loss": final.loss if final else None,
+        "best_accuracy": state.best_accuracy if state.best_accuracy >= 0 else None,
+        "train_seconds": run.train_seconds,
+        "seconds_per_epoch": state.seconds_per_epoch,
+        "checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None,
+        "seed": config.seed,
+        "threads": torch.get_num_threads(),
+        "replicas": run.strategy.replicas,
+        "device": str(run.device),
+        "classification": run.data.classification,
+    }
 
 
 def served_result(strategy: Any) -> TrainResult:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from distlearn.checkpoint import global_rng_state, set_global_rng_state
+from distlearn.devices import cuda_rng_state, deterministic_settings, set_cuda_rng_state, to_host
 from distlearn.errors import ConfigError
 
 __all__ = ["RunState", "check_resume", "rng_state", "seed_everything", "set_rng_state", "torch_settings"]
@@ -70,13 +71,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state(augment_generator: torch.Generator) -> dict[str, Any]:
-    return {**global_rng_state(), "augment": augment_generator.get_state()}
+def rng_state(augment_generator: torch.Generator, device: torch.device | None = None) -> dict[str, Any]:
+    """Every RNG state of the run; on a CUDA ``device`` also its generator's (``"cuda"``)."""
+    state = {**global_rng_state(), "augment": augment_generator.get_state()}
+    cuda = cuda_rng_state(device) if device is not None else None
+    return state if cuda is None else {**state, "cuda": cuda}
 
 
-def set_rng_state(state: dict[str, Any], augment_generator: torch.Generator) -> None:
+def set_rng_state(
+    state: dict[str, Any], augment_generator: torch.Generator, device: torch.device | None = None
+) -> None:
+    """Restore :func:`rng_state` (loaded onto any device: generator states are CPU tensors again here)."""
+    state = to_host(state)
     set_global_rng_state(state)
     augment_generator.set_state(state["augment"])
+    if device is not None:
+        set_cuda_rng_state(state.get("cuda"), device)
 
 
 _MUST_MATCH = (
@@ -106,15 +116,17 @@ def check_resume(config: Any, saved: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def torch_settings(config: Any) -> Iterator[None]:
-    """Deterministic algorithms and the thread count for the run; the previous settings come back after."""
+def torch_settings(config: Any, device: torch.device | None = None) -> Iterator[None]:
+    """Deterministic algorithms (on ``device``: :func:`distlearn.devices.deterministic_settings`) and the
+    thread count for the run; the previous settings come back after."""
     deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     threads = torch.get_num_threads()
-    torch.use_deterministic_algorithms(config.deterministic)
+    deterministic_settings(config.deterministic, device if device is not None else torch.device("cpu"))
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(deterministic)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.set_num_threads(threads)

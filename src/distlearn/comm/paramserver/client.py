@@ -31,11 +31,12 @@ class ServerLink:
     worker's blocks), which is safe because a worker has one request to a server in flight at a time.
     """
 
-    def __init__(self, transport: Transport, server: int, numel: int) -> None:
+    def __init__(self, transport: Transport, server: int, numel: int, *, pin: bool = False) -> None:
         self.transport = transport
         self.server = server
         self.head = torch.empty(HEADER_SIZE, dtype=torch.float64)
-        self.flat = torch.empty(numel, dtype=torch.float32)
+        # pin: page-locked, for a worker that copies the replies on to a GPU (needs CUDA)
+        self.flat = torch.empty(numel, dtype=torch.float32, pin_memory=pin)
         self.shared: SharedPair | None = None
         self.version = 0  # of the server's state in the last reply
 
