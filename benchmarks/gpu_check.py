@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import re
@@ -128,9 +127,15 @@ def machine(device: str) -> dict[str, Any]:
         except Exception as error:  # noqa: BLE001
             info["nccl"] = f"unknown ({type(error).__name__})"
     try:
-        info["commit"] = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip() or None
+        info["commit"] = (
+            subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
     except Exception:  # noqa: BLE001 -- a copy without .git
         info["commit"] = None
     return info
@@ -158,17 +163,34 @@ def part_in_process(name: str, device: str, quick: bool, timeout_s: float, out: 
     """``python gpu_check.py --part name`` with ``timeout_s``; its result file, or what went wrong."""
     result_path = out / f"part-{name}.json"
     result_path.unlink(missing_ok=True)
-    command = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--device", device,
-               "--result", str(result_path), "--part-timeout-s", f"{max(1.0, timeout_s - 10):.0f}"]  # fmt: skip
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--part",
+        name,
+        "--device",
+        device,
+        "--result",
+        str(result_path),
+        "--part-timeout-s",
+        f"{max(1.0, timeout_s - 10):.0f}",
+    ]
     if quick:
         command.append("--quick")
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=environment())
     except subprocess.TimeoutExpired as expired:
-        return {"status": "failed", "error": f"timed out after {timeout_s:.0f} s", "log": tail(expired.stdout)}
+        return {
+            "status": "failed",
+            "error": f"timed out after {timeout_s:.0f} s",
+            "log": tail(expired.stdout),
+        }
     if not result_path.is_file():
-        return {"status": "failed", "error": f"exit {done.returncode}, no result",
-                "log": tail(done.stdout + done.stderr)}  # fmt: skip
+        return {
+            "status": "failed",
+            "error": f"exit {done.returncode}, no result",
+            "log": tail(done.stdout + done.stderr),
+        }
     result = json.loads(result_path.read_text())
     result_path.unlink()
     if result.get("status") == "failed":
@@ -176,7 +198,7 @@ def part_in_process(name: str, device: str, quick: bool, timeout_s: float, out: 
     return result
 
 
-# -- (b) training ---------------------------------------------------------------------------------------------
+# -- (b) training --------------------------------------------------------------------------------------------
 
 
 def dataset_for(name: str, quick: bool) -> tuple[str, bool]:
@@ -189,25 +211,68 @@ def dataset_for(name: str, quick: bool) -> tuple[str, bool]:
     return (dataset, False) if find_dataset(dataset) is not None else (synthetic, True)
 
 
-def train_run(model: str, device: str, amp: str, steps: int, quick: bool, out: Path,
-              timeout_s: float, options: dict[str, bool], stand_in: bool) -> dict[str, Any]:  # fmt: skip
+def train_run(
+    model: str,
+    device: str,
+    amp: str,
+    steps: int,
+    quick: bool,
+    out: Path,
+    timeout_s: float,
+    options: dict[str, bool],
+    stand_in: bool,
+) -> dict[str, Any]:
     """One ``distlearn train`` process; samples/s from its summary and from its train records (the median
     of the windows after the first, which holds the warm-up: cuDNN's autotuning, the allocator)."""
     dataset, synthetic = dataset_for(model, quick)
-    item: dict[str, Any] = {"model": model, "device": device, "amp": amp, "steps": steps,
-                            "dataset": dataset, "synthetic_data": synthetic}  # fmt: skip
-    missing = [flag for flag, wanted in (("device", device != "cpu"), ("amp", amp != "none"))
-               if wanted and not options[flag]]  # fmt: skip
+    item: dict[str, Any] = {
+        "model": model,
+        "device": device,
+        "amp": amp,
+        "steps": steps,
+        "dataset": dataset,
+        "synthetic_data": synthetic,
+    }
+    missing = [
+        flag
+        for flag, wanted in (("device", device != "cpu"), ("amp", amp != "none"))
+        if wanted and not options[flag]
+    ]
     if missing:
         text = ", ".join(f"--{flag} (TrainConfig.{flag})" for flag in missing)
         item.update(status="unavailable" if stand_in else "failed", error=f"this distlearn has no {text}")
         return item
     run_dir = out / "runs" / f"{model}-{device}-{amp}"
     batch = 64 if quick else 128
-    command = [sys.executable, "-m", "distlearn", "train", "--model", model, "--dataset", dataset,
-               "--steps", str(steps), "--batch-size", str(batch), "--test-samples", "256",
-               "--eval-batch-size", "256", "--log-every", str(max(1, steps // 5)), "--out", str(run_dir),
-               "--overwrite", "--no-checkpoints", "--progress", "off", "--tensorboard", "off", "--quiet"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "distlearn",
+        "train",
+        "--model",
+        model,
+        "--dataset",
+        dataset,
+        "--steps",
+        str(steps),
+        "--batch-size",
+        str(batch),
+        "--test-samples",
+        "256",
+        "--eval-batch-size",
+        "256",
+        "--log-every",
+        str(max(1, steps // 5)),
+        "--out",
+        str(run_dir),
+        "--overwrite",
+        "--no-checkpoints",
+        "--progress",
+        "off",
+        "--tensorboard",
+        "off",
+        "--quiet",
+    ]
     if options["device"]:
         command += ["--device", device]
     if amp != "none":
@@ -225,13 +290,19 @@ def train_run(model: str, device: str, amp: str, steps: int, quick: bool, out: P
     summary = [r for r in records if r.get("kind") == "summary"]
     if done.returncode != 0 or not summary:
         message = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
-        item.update(status="failed", error=f"exit {done.returncode}: {message[-1] if message else ''}"[:400],
-                    log=tail(done.stdout + done.stderr))  # fmt: skip
+        item.update(
+            status="failed",
+            error=f"exit {done.returncode}: {message[-1] if message else ''}"[:400],
+            log=tail(done.stdout + done.stderr),
+        )
         return item
     windows = [r["samples_per_s"] for r in records if r.get("kind") == "train" and r.get("samples_per_s")]
-    item.update(status="ok", samples_per_s=summary[-1]["samples_per_s"],
-                steady_samples_per_s=statistics.median(windows[1:]) if len(windows) > 1 else None,
-                test_accuracy=summary[-1].get("accuracy"))  # fmt: skip
+    item.update(
+        status="ok",
+        samples_per_s=summary[-1]["samples_per_s"],
+        steady_samples_per_s=statistics.median(windows[1:]) if len(windows) > 1 else None,
+        test_accuracy=summary[-1].get("accuracy"),
+    )
     return item
 
 
@@ -249,40 +320,66 @@ def training(device: str, quick: bool, timeout_s: float, out: Path, stand_in: bo
             if stand_in and run_device == "cpu" and amp == "none" and baseline is not None:
                 continue
             if left < 10:
-                item = {"model": model, "device": run_device, "amp": amp, "status": "skipped",
-                        "error": "out of the part's time"}  # fmt: skip
+                item = {
+                    "model": model,
+                    "device": run_device,
+                    "amp": amp,
+                    "status": "skipped",
+                    "error": "out of the part's time",
+                }
             elif stand_in and (run_device, amp) == (device, "none") and baseline is not None:
                 item = {**baseline, "device": f"{device} (stand-in: the cpu run)"}
             else:
-                item = train_run(model, run_device, amp, steps, quick, out, min(120.0, left), options, stand_in)
+                item = train_run(
+                    model, run_device, amp, steps, quick, out, min(120.0, left), options, stand_in
+                )
             if (run_device, amp) == ("cpu", "none"):
                 baseline = item
             if baseline and baseline.get("samples_per_s") and item.get("samples_per_s"):
                 item["vs_cpu"] = item["samples_per_s"] / baseline["samples_per_s"]
             items.append(item)
-            print(f"train {model} {run_device} {amp}: {item['status']} {item.get('samples_per_s')}", flush=True)
+            print(
+                f"train {model} {run_device} {amp}: {item['status']} {item.get('samples_per_s')}", flush=True
+            )
     failed = any(i["status"] == "failed" for i in items)
     return {"status": "failed" if failed else "passed", "items": items, "train_options": options}
 
 
-# -- (a) the gpu-marked tests -----------------------------------------------------------------------------------
+# -- (a) the gpu-marked tests --------------------------------------------------------------------------------
 
 
 def gpu_tests(quick: bool, timeout_s: float) -> dict[str, Any]:
     """``pytest -m gpu`` over the test suite (quick: tests/models alone); the counts of its last line."""
     paths = ["tests/models/test_models.py"] if quick else ["tests"]
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-               "--continue-on-collection-errors", *paths]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--continue-on-collection-errors",
+        *paths,
+    ]
     result: dict[str, Any] = {"command": " ".join(command[1:])}
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=environment(),
-                              cwd=REPO)  # fmt: skip
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout_s, env=environment(), cwd=REPO
+        )
     except subprocess.TimeoutExpired as expired:
-        return {**result, "status": "failed", "error": f"timed out after {timeout_s:.0f} s",
-                "log": tail(expired.stdout)}  # fmt: skip
+        return {
+            **result,
+            "status": "failed",
+            "error": f"timed out after {timeout_s:.0f} s",
+            "log": tail(expired.stdout),
+        }
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     counts = {word: 0 for word in ("passed", "failed", "skipped", "deselected", "errors")}
-    for number, word in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?)\b", lines[-1] if lines else ""):
+    for number, word in re.findall(
+        r"(\d+) (passed|failed|skipped|deselected|errors?)\b", lines[-1] if lines else ""
+    ):
         counts["errors" if word.startswith("error") else word] += int(number)
     result.update(counts, returncode=done.returncode, summary=lines[-1] if lines else "")
     # 5: nothing collected (no gpu-marked test in the paths), which is not a failure of the code
@@ -293,7 +390,7 @@ def gpu_tests(quick: bool, timeout_s: float) -> dict[str, Any]:
     return result
 
 
-# -- the report ------------------------------------------------------------------------------------------------
+# -- the report ----------------------------------------------------------------------------------------------
 
 
 def _ms(seconds: float | None) -> str:
@@ -310,49 +407,117 @@ def _cell(item: dict[str, Any]) -> str:
 
 def render(report: dict[str, Any]) -> str:
     info, parts = report["machine"], report["parts"]
-    where = "cpu stand-in (no CUDA: every part ran on the CPU, gloo for NCCL)" if report["stand_in"] else (
-        f"{info.get('gpu')} ({info.get('gpu_memory_gib')} GiB, sm {info.get('gpu_capability')})")
+    where = (
+        "cpu stand-in (no CUDA: every part ran on the CPU, gloo for NCCL)"
+        if report["stand_in"]
+        else (f"{info.get('gpu')} ({info.get('gpu_memory_gib')} GiB, sm {info.get('gpu_capability')})")
+    )
     lines = [
-        "# distlearn GPU check", "",
+        "# distlearn GPU check",
+        "",
         f"- device: {where}",
         f"- torch {info['torch']}, CUDA {info['cuda_runtime']}, NCCL {info.get('nccl', 'n/a')}, "
-        f"cuDNN {info.get('cudnn', 'n/a')}, Python {info['python']}, {info['cpus']} CPUs, commit {info['commit']}",
-        f"- command: `{report['command']}` ({report['elapsed_s']:.0f} s of a {report['budget_s']:.0f} s budget)",
+        f"cuDNN {info.get('cudnn', 'n/a')}, Python {info['python']}, {info['cpus']} CPUs, "
+        f"commit {info['commit']}",
+        f"- command: `{report['command']}` ({report['elapsed_s']:.0f} s of a "
+        f"{report['budget_s']:.0f} s budget)",
         "- parts: " + ", ".join(f"{name} {part['status']}" for name, part in parts.items()),
-    ]  # fmt: skip
+    ]
     if "training" in parts and parts["training"].get("items"):
-        rows = [[i["model"], i["device"], i.get("amp", ""), i.get("dataset", ""),
-                 f"{i['samples_per_s']:,.0f}" if i.get("samples_per_s") else "",
-                 f"{i['steady_samples_per_s']:,.0f}" if i.get("steady_samples_per_s") else "",
-                 _x(i.get("vs_cpu")), _cell(i)] for i in parts["training"]["items"]]  # fmt: skip
-        lines += ["", "## (b) one-process training", "",
-                  markdown_table(["model", "device", "amp", "data", "samples/s", "steady samples/s",
-                                  "vs cpu", "status"], rows, align="llllrrrl")]  # fmt: skip
+        rows = [
+            [
+                i["model"],
+                i["device"],
+                i.get("amp", ""),
+                i.get("dataset", ""),
+                f"{i['samples_per_s']:,.0f}" if i.get("samples_per_s") else "",
+                f"{i['steady_samples_per_s']:,.0f}" if i.get("steady_samples_per_s") else "",
+                _x(i.get("vs_cpu")),
+                _cell(i),
+            ]
+            for i in parts["training"]["items"]
+        ]
+        lines += [
+            "",
+            "## (b) one-process training",
+            "",
+            markdown_table(
+                ["model", "device", "amp", "data", "samples/s", "steady samples/s", "vs cpu", "status"],
+                rows,
+                align="llllrrrl",
+            ),
+        ]
     codecs = parts.get("codecs", {})
     if codecs.get("items"):
         dense = codecs["dense_allreduce"]
-        rows = [[i["name"], i.get("timed", ""), _ms(i.get("median_s")), _x(i.get("vs_dense_allreduce")),
-                 "" if i.get("syncs") is None else i["syncs"],
-                 "" if i.get("relative_error") is None else f"{i['relative_error']:.3f}", _cell(i)]
-                for i in codecs["items"]]  # fmt: skip
-        lines += ["", f"## (c) codecs on a {codecs['bucket']} bucket ({codecs['numel']:,} float32)", "",
-                  f"Dense allreduce of the same {dense['bytes']:,} bytes on a one-rank {dense['backend']} "
-                  f"group: {_ms(dense.get('median_s')) or _cell(dense)} ms.", "",
-                  markdown_table(["codec", "timed", "median ms", "vs dense allreduce", "host syncs",
-                                  "relative error", "status"], rows, align="llrrrrl")]  # fmt: skip
+        rows = [
+            [
+                i["name"],
+                i.get("timed", ""),
+                _ms(i.get("median_s")),
+                _x(i.get("vs_dense_allreduce")),
+                "" if i.get("syncs") is None else i["syncs"],
+                "" if i.get("relative_error") is None else f"{i['relative_error']:.3f}",
+                _cell(i),
+            ]
+            for i in codecs["items"]
+        ]
+        lines += [
+            "",
+            f"## (c) codecs on a {codecs['bucket']} bucket ({codecs['numel']:,} float32)",
+            "",
+            f"Dense allreduce of the same {dense['bytes']:,} bytes on a one-rank {dense['backend']} "
+            f"group: {_ms(dense.get('median_s')) or _cell(dense)} ms.",
+            "",
+            markdown_table(
+                [
+                    "codec",
+                    "timed",
+                    "median ms",
+                    "vs dense allreduce",
+                    "host syncs",
+                    "relative error",
+                    "status",
+                ],
+                rows,
+                align="llrrrrl",
+            ),
+        ]
     r1 = parts.get("reducers_r1", {})
     if r1.get("items"):
-        rows = [[i["name"], i["backend"], i.get("exact", ""), _ms(i.get("median_s")), _cell(i)] for i in r1["items"]]
-        lines += ["", "## (d) reducers at R = 1", "",
-                  markdown_table(["reducer", "backend", "exact", "median ms", "status"], rows, align="lllrl")]
+        rows = [
+            [i["name"], i["backend"], i.get("exact", ""), _ms(i.get("median_s")), _cell(i)]
+            for i in r1["items"]
+        ]
+        lines += [
+            "",
+            "## (d) reducers at R = 1",
+            "",
+            markdown_table(["reducer", "backend", "exact", "median ms", "status"], rows, align="lllrl"),
+        ]
     r2 = parts.get("reducers_r2", {})
     if r2.get("items"):
-        rows = [[i["name"], i.get("tensor", ""), "host-staged" if i.get("staged") else "direct",
-                 i.get("exact", i.get("ranks_agree", "")), _ms(i.get("seconds")), _cell(i)] for i in r2["items"]]  # fmt: skip
-        lines += ["", "## (e) reducers at R = 2 on one device, gloo", "",
-                  f"Direct: {r2.get('direct_ok', 0)} ok; staged through host memory: {r2.get('staged_ok', 0)} ok.", "",
-                  markdown_table(["reducer", "tensor", "path", "exact / ranks agree", "ms", "status"], rows,
-                                 align="llllrl")]  # fmt: skip
+        rows = [
+            [
+                i["name"],
+                i.get("tensor", ""),
+                "host-staged" if i.get("staged") else "direct",
+                i.get("exact", i.get("ranks_agree", "")),
+                _ms(i.get("seconds")),
+                _cell(i),
+            ]
+            for i in r2["items"]
+        ]
+        lines += [
+            "",
+            "## (e) reducers at R = 2 on one device, gloo",
+            "",
+            f"Direct: {r2.get('direct_ok', 0)} ok; staged through host memory: {r2.get('staged_ok', 0)} ok.",
+            "",
+            markdown_table(
+                ["reducer", "tensor", "path", "exact / ranks agree", "ms", "status"], rows, align="llllrl"
+            ),
+        ]
     tests = parts.get("tests", {})
     if "passed" in tests:
         lines += ["", "## (a) gpu-marked tests", "", f"`{tests['command']}`: {tests['summary']}"]
@@ -367,7 +532,7 @@ def write(report: dict[str, Any], out: Path) -> None:
     (out / "gpu_check.md").write_text(render(report))
 
 
-# -- the cost-model projection ----------------------------------------------------------------------------------
+# -- the cost-model projection -------------------------------------------------------------------------------
 
 LINKS = {  # ASSUMED figures, not measurements: the class of each link, per direction
     "NVLink (H100 NVLink 4-class, ~300 GB/s)": (300.0, 3e-6),
@@ -393,18 +558,49 @@ def projection(out: Path) -> int:
             for p in (2, 4, 8):
                 seconds = project("ring", p, nbytes, network)
                 latency = 2 * (p - 1) * alpha
-                points.append({"model": model, "parameters": numel, "bytes": nbytes, "link": name,
-                               "GBps": gbytes, "alpha_s": alpha, "gamma_s_per_byte": GAMMA, "p": p,
-                               "ring_allreduce_s": seconds, "latency_share": latency / seconds})  # fmt: skip
-                rows.append([model, f"{nbytes / 1e6:.2f}", name, p, f"{seconds * 1e6:,.1f}",
-                             f"{latency / seconds:.0%}"])  # fmt: skip
+                points.append(
+                    {
+                        "model": model,
+                        "parameters": numel,
+                        "bytes": nbytes,
+                        "link": name,
+                        "GBps": gbytes,
+                        "alpha_s": alpha,
+                        "gamma_s_per_byte": GAMMA,
+                        "p": p,
+                        "ring_allreduce_s": seconds,
+                        "latency_share": latency / seconds,
+                    }
+                )
+                rows.append(
+                    [
+                        model,
+                        f"{nbytes / 1e6:.2f}",
+                        name,
+                        p,
+                        f"{seconds * 1e6:,.1f}",
+                        f"{latency / seconds:.0%}",
+                    ]
+                )
     command = "python benchmarks/gpu_check.py --project-only --out " + str(out)
-    table = markdown_table(["model", "gradient MB", "link (ASSUMED)", "GPUs", "ring allreduce us",
-                            "latency share"], rows, align="lrlrrr")  # fmt: skip
+    table = markdown_table(
+        ["model", "gradient MB", "link (ASSUMED)", "GPUs", "ring allreduce us", "latency share"],
+        rows,
+        align="lrlrrr",
+    )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_projection.json").write_text(json.dumps(
-        {"command": command, "model": "distlearn.comm.cost_model.project('ring', p, bytes, link(...))",
-         "assumed": {"links": LINKS, "gamma_s_per_byte": GAMMA}, "points": points}, indent=1) + "\n")  # fmt: skip
+    (out / "gpu_projection.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "model": "distlearn.comm.cost_model.project('ring', p, bytes, link(...))",
+                "assumed": {"links": LINKS, "gamma_s_per_byte": GAMMA},
+                "points": points,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     (out / "gpu_projection.md").write_text(
         f"Projected, not measured (`{command}`): the alpha-beta-gamma ring allreduce of one float32 gradient "
         "on ASSUMED links.\n\n" + table + "\n"
@@ -413,7 +609,7 @@ def projection(out: Path) -> int:
     return 0
 
 
-# -- main ---------------------------------------------------------------------------------------------------------
+# -- main ----------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,19 +636,28 @@ def main(argv: list[str] | None = None) -> int:
         return projection(args.out)
     cuda = torch.cuda.is_available()
     if not cuda and not args.allow_cpu:
-        print("gpu_check: no CUDA device is visible (torch.cuda.is_available() is False); run it on a machine "
-              "with a GPU, or pass --allow-cpu to run every part on the CPU as a stand-in", file=sys.stderr)  # fmt: skip
+        print(
+            "gpu_check: no CUDA device is visible (torch.cuda.is_available() is False); run it on a machine "
+            "with a GPU, or pass --allow-cpu to run every part on the CPU as a stand-in",
+            file=sys.stderr,
+        )
         return 2
     device, stand_in = ("cuda", False) if cuda else ("cpu", True)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     deadline = started + args.budget_s
     report: dict[str, Any] = {
-        "schema": 1, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "schema": 1,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "device": device, "stand_in": stand_in, "quick": args.quick, "budget_s": args.budget_s,
-        "machine": machine(device), "parts": {}, "elapsed_s": 0.0,
-    }  # fmt: skip
+        "device": device,
+        "stand_in": stand_in,
+        "quick": args.quick,
+        "budget_s": args.budget_s,
+        "machine": machine(device),
+        "parts": {},
+        "elapsed_s": 0.0,
+    }
     for index, name in enumerate(PARTS):
         reserve = PART_FLOOR_S * (len(PARTS) - index - 1)
         timeout_s = min(PART_CAPS_S[name], deadline - time.monotonic() - reserve)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-SIZES = {  # the bucket the codecs and reducers are timed on: a model's gradient, laid out as the bucketer does
+SIZES = {  # the bucket the codecs and reducers are timed on: a gradient, laid out as the bucketer does
     "quick": ("mlp-small", [(64, 32), (64,), (10, 64), (10,)]),
 }
 CODEC_OPTIONS: dict[str, dict[str, Any]] = {
@@ -121,8 +121,13 @@ def summarise(items: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
 def codecs(device: torch.device, quick: bool) -> dict[str, Any]:
     """Every codec's encode + decode (PowerSGD: its ``reduce`` at R = 1) on ``device``, against the dense
     allreduce of the same float32 bucket on a one-rank group (NCCL on CUDA: a device copy, not a network)."""
-    from distlearn.comm.compression import COMPRESSORS, BucketContext, CollectiveCodec, Exchange
-    from distlearn.comm.compression import create_compressor
+    from distlearn.comm.compression import (
+        COMPRESSORS,
+        BucketContext,
+        CollectiveCodec,
+        Exchange,
+        create_compressor,
+    )
 
     model, shapes = bucket_shapes(quick)
     numel = sum(math.prod(s) for s in shapes)
@@ -159,7 +164,9 @@ def codecs(device: torch.device, quick: bool) -> dict[str, Any]:
                 item["timed"] = "encode + decode"
             out = run()
             if out.device != gradient.device or out.shape != gradient.shape:
-                raise RuntimeError(f"decoded {tuple(out.shape)} on {out.device}, expected {numel} on {device}")
+                raise RuntimeError(
+                    f"decoded {tuple(out.shape)} on {out.device}, expected {numel} on {device}"
+                )
             if not bool(torch.isfinite(out).all()):
                 raise RuntimeError("the decoded bucket holds inf or NaN")
             times = median_seconds(run, device, warmup=warmup, trials=trials)
@@ -203,10 +210,13 @@ def reducers_r1(device: torch.device, quick: bool) -> dict[str, Any]:
                 work = original.clone()
                 reducer.allreduce_(work)
                 exact = bool(torch.equal(work, original))
-                times = median_seconds(lambda r=reducer, w=work: r.allreduce_(w), device, warmup=warmup,
-                                       trials=trials)  # fmt: skip
+                times = median_seconds(
+                    lambda r=reducer, w=work: r.allreduce_(w), device, warmup=warmup, trials=trials
+                )
                 reducer.close()
-                item.update(status="ok" if exact else "failed", exact=exact, median_s=statistics.median(times))
+                item.update(
+                    status="ok" if exact else "failed", exact=exact, median_s=statistics.median(times)
+                )
                 if not exact:
                     item["error"] = "the one-rank sum differs from the input"
             except Exception as error:  # noqa: BLE001
@@ -337,7 +347,7 @@ def reducers_r2(device: torch.device, quick: bool, deadline_s: float) -> dict[st
     return result
 
 
-# -- one part, in this process --------------------------------------------------------------------------------
+# -- one part, in this process -------------------------------------------------------------------------------
 
 
 def run_part(name: str, device_name: str, quick: bool, deadline_s: float) -> dict[str, Any]:

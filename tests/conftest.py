@@ -33,7 +33,7 @@ def _deterministic_torch():
     ]
 )
 def device(request) -> torch.device:
-    """Run the test on the CPU, and again on CUDA where a GPU is visible (marked ``gpu``; skipped elsewhere)."""
+    """The test's device: the CPU, and CUDA where a GPU is visible (marked ``gpu``; skipped elsewhere)."""
     return torch.device(request.param)
 
 
