@@ -101,4 +101,18 @@ def test_projection_is_the_ring_formula_on_the_assumed_links(tmp_path):
         by_hand += (p - 1) / p * n * network.gamma
         assert point["ring_allreduce_s"] == pytest.approx(by_hand, rel=1e-12)
         assert point["ring_allreduce_s"] == pytest.approx(project("ring", p, n, network), rel=1e-12)
-    assert "ASSUMED" in (tmp_path / "gpu_projection.md").read_text()
+    fresh = (tmp_path / "gpu_projection.md").read_text()
+    assert "ASSUMED" in fresh
+    committed = (REPO / "benchmarks" / "results" / "gpu_projection.md").read_text()
+    assert [x for x in fresh.splitlines() if x.startswith("|")] == [
+        x for x in committed.splitlines() if x.startswith("|")
+    ], "the committed projection is out of date: rerun the command it names"
+
+
+def test_docs_gpu_quotes_the_committed_projection_and_names_the_check():
+    page = (REPO / "docs" / "gpu.md").read_text()
+    committed = (REPO / "benchmarks" / "results" / "gpu_projection.md").read_text()
+    table = "\n".join(line for line in committed.splitlines() if line.startswith("|"))
+    assert table and table in page, "docs/gpu.md must quote benchmarks/results/gpu_projection.md's table"
+    assert "python benchmarks/gpu_check.py --project-only --out benchmarks/results" in page
+    assert "python benchmarks/gpu_check.py --out DIR" in page
