@@ -673,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         reserve = PART_FLOOR_S * (len(PARTS) - index - 1)
         timeout_s = min(PART_CAPS_S[name], deadline - time.monotonic() - reserve)
         print(f"gpu_check: {name} ({timeout_s:.0f} s at most)", flush=True)
+        part_started = time.monotonic()
         if timeout_s < PART_FLOOR_S:
             part: dict[str, Any] = {"status": "skipped", "error": "out of the time budget"}
         elif name == "training":
@@ -684,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
             part = gpu_tests(args.quick, timeout_s)
         else:
             part = part_in_process(name, device, args.quick, timeout_s, args.out)
-        part.setdefault("seconds", None)
+        part["wall_s"] = time.monotonic() - part_started  # with the process's start and imports
         report["parts"][name] = part
         report["elapsed_s"] = time.monotonic() - started
         write(report, args.out)
