@@ -32,6 +32,7 @@ def ran(part: dict) -> bool:
     return part["status"] != "skipped" and not str(part.get("error", "")).startswith("timed out")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_quick_cpu_stand_in_runs_every_part_and_writes_its_report(tmp_path):
     # about 70 s on an idle machine; the budget bounds it on a loaded one
