@@ -20,6 +20,23 @@ def _deterministic_torch():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            ],
+        ),
+    ]
+)
+def device(request) -> torch.device:
+    """The test's device: the CPU, and CUDA where a GPU is visible (marked ``gpu``; skipped elsewhere)."""
+    return torch.device(request.param)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The read-only data directory beside the repository (../shared/data)."""

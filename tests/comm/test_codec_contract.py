@@ -1,5 +1,8 @@
 """The codec contract (pure encode/decode), the memory wrappers against hand computations, and one codec
-object through the three adapters (the bucketer's reducer, the parameter-server push, a DDP comm hook)."""
+object through the three adapters (the bucketer's reducer, the parameter-server push, a DDP comm hook).
+
+The pure codec and the memory wrappers run on every ``device`` (tests/conftest.py: the CPU always, CUDA
+where visible), with the CPU's exact assertions: the hand computations are exact in float32 anywhere."""
 
 from __future__ import annotations
 
@@ -50,12 +53,12 @@ def innermost(codec):
 
 
 @pytest.mark.parametrize("name", [n for n in COMPRESSORS if n != "powersgd"])
-def test_decoding_changes_no_state_and_the_inner_codec_is_pure(name):
+def test_decoding_changes_no_state_and_the_inner_codec_is_pure(name, device):
     """decode leaves the stack's state as it was (any holder can decode); the inner codec's encode changes
     neither its input nor anything else: twice the same input, twice the same payload (given the same
     random stream)."""
     stack = create_compressor(name)
-    g = gradient(0)
+    g = gradient(0).to(device)
     payload = stack.encode(g.clone(), context())
     before = io.BytesIO()
     torch.save(stack.state_dict(), before)
@@ -63,6 +66,8 @@ def test_decoding_changes_no_state_and_the_inner_codec_is_pure(name):
     after = io.BytesIO()
     torch.save(stack.state_dict(), after)
     assert torch.equal(first, second) and before.getvalue() == after.getvalue()
+    assert first.device.type == device.type
+    assert all(t.device.type == device.type for t in payload.tensors.values())
 
     codec = innermost(stack)
     assert not isinstance(codec, CodecWrapper)
@@ -85,27 +90,27 @@ def test_only_two_kinds_of_exchange_and_one_collective_codec():
 # -- error feedback -------------------------------------------------------------------------------------
 
 
-def test_error_feedback_keeps_input_plus_old_residual_minus_what_was_sent_by_hand():
+def test_error_feedback_keeps_input_plus_old_residual_minus_what_was_sent_by_hand(device):
     codec = ErrorFeedback(TopK(density=0.5))
     c = context([(4,)])
-    sent = codec.decode(codec.encode(torch.tensor([1.0, -5.0, 3.0, 0.5]), c), c)
+    sent = codec.decode(codec.encode(torch.tensor([1.0, -5.0, 3.0, 0.5], device=device), c), c)
     # v = g (no residual yet) = [1, -5, 3, 0.5]; top 2 of |v|: -5, 3; e' = v - sent = [1, 0, 0, 0.5]
     assert sent.tolist() == [0.0, -5.0, 3.0, 0.0]
     assert codec.state.residuals["0"].tolist() == [1.0, 0.0, 0.0, 0.5]
-    sent = codec.decode(codec.encode(torch.tensor([0.25, 1.0, -4.0, 0.25]), c), c)
+    sent = codec.decode(codec.encode(torch.tensor([0.25, 1.0, -4.0, 0.25], device=device), c), c)
     # v = g + e = [1.25, 1, -4, 0.75]; top 2: -4, 1.25; e' = [0, 1, 0, 0.75]
     assert sent.tolist() == [1.25, 0.0, -4.0, 0.0]
     assert codec.state.residuals["0"].tolist() == [0.0, 1.0, 0.0, 0.75]
     assert codec.state.steps == {"0": 2}
 
 
-def test_error_feedback_is_the_same_formula_around_any_codec():
+def test_error_feedback_is_the_same_formula_around_any_codec(device):
     """e' = (g + e) - decode(encode(g + e)) for a codec that keeps no memory itself (fp16 here)."""
     codec = ErrorFeedback(FP16Cast())
     c = context()
-    previous = torch.zeros(NUMEL)
+    previous = torch.zeros(NUMEL, device=device)
     for step in range(3):
-        g = gradient(step) * 1e-3
+        g = gradient(step).to(device) * 1e-3
         v = g + previous
         expected_residual = v - FP16Cast().decode(FP16Cast().encode(v, c), c)
         codec.encode(g, c)
@@ -116,13 +121,13 @@ def test_error_feedback_is_the_same_formula_around_any_codec():
 # -- momentum correction and the optimizer check ---------------------------------------------------------
 
 
-def test_momentum_correction_encodes_the_velocity_by_hand_and_masks_what_was_sent():
+def test_momentum_correction_encodes_the_velocity_by_hand_and_masks_what_was_sent(device):
     codec = MomentumCorrection(TopK(density=0.5), 0.5, mask_sent=True)
     c = context([(4,)])
-    codec.encode(torch.tensor([4.0, 1.0, 0.0, -2.0]), c)
+    codec.encode(torch.tensor([4.0, 1.0, 0.0, -2.0], device=device), c)
     # u = g = [4, 1, 0, -2]; sent: 4, -2; masking zeroes u there
     assert codec.state.velocities["0"].tolist() == [0.0, 1.0, 0.0, 0.0]
-    payload = codec.encode(torch.tensor([1.0, 1.0, 1.0, 1.0]), c)
+    payload = codec.encode(torch.tensor([1.0, 1.0, 1.0, 1.0], device=device), c)
     # u = 0.5 [0, 1, 0, 0] + 1 = [1, 1.5, 1, 1]: sends 1.5 and one of the 1s
     assert codec.decode(payload, c).tolist().count(1.5) == 1
     with pytest.raises(ConfigError, match="needs a sparse codec whose payload holds 'indices'"):

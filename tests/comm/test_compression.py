@@ -1,6 +1,7 @@
 """Gradient codecs against hand computations: error bounds, unbiasedness, residuals, payload sizes, bad input.
 
-Single-process checks of encode/decode and of PowerSGD's ``reduce`` with no process group (R = 1); the
+Single-process checks of encode/decode and of PowerSGD's ``reduce`` with no process group (R = 1), on every
+``device`` (tests/conftest.py: the CPU always, CUDA where visible; the same tolerances there); the
 last test runs a real 2-process torchrun job (compression_worker.py) that trains with several codecs
 through the sync strategy and checks every codec's exchange against a re-enactment of both ranks'
 encodings.
@@ -59,10 +60,12 @@ def residual(codec, key: str = "0") -> torch.Tensor:
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 33])
-def test_bits_pack_densely_and_round_trip(bits, count):
+def test_bits_pack_densely_and_round_trip(bits, count, device):
     generator = torch.Generator().manual_seed(count)
     codes = torch.randint(0, 2**bits, (count,), generator=generator, dtype=torch.uint8)
+    codes = codes.to(device)
     packed = pack_bits(codes, bits)
+    assert packed.device.type == device.type
     assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(count * bits / 8)
     assert torch.equal(unpack_bits(packed, bits, count), codes)
 
@@ -75,9 +78,9 @@ def test_one_bit_packing_puts_eight_signs_in_a_byte():
 
 
 @pytest.mark.parametrize(("name", "relative"), [("fp16", 2**-11), ("bf16", 2**-8)])
-def test_casts_round_to_their_precision_and_halve_the_bytes(name, relative):
+def test_casts_round_to_their_precision_and_halve_the_bytes(name, relative, device):
     codec = create_compressor(name)
-    g = gradient() + 0.5 * torch.sign(gradient())  # magnitudes in fp16's normal range
+    g = (gradient() + 0.5 * torch.sign(gradient())).to(device)  # magnitudes in fp16's normal range
     payload = codec.encode(g, context())
     assert payload.nbytes == 2 * NUMEL
     decoded = codec.decode(payload, context())
@@ -87,9 +90,9 @@ def test_casts_round_to_their_precision_and_halve_the_bytes(name, relative):
 # -- 8 bit -----------------------------------------------------------------------------------------
 
 
-def test_linear_8bit_error_is_at_most_half_a_step_of_each_tensors_scale():
+def test_linear_8bit_error_is_at_most_half_a_step_of_each_tensors_scale(device):
     codec = Linear8Bit()
-    g = gradient()
+    g = gradient().to(device)
     g[:30] *= 100  # the matrix has its own, larger scale
     payload = codec.encode(g, context())
     assert payload.nbytes == NUMEL + 4 * len(SHAPES)
@@ -112,8 +115,8 @@ def test_dynamic_tree_codebook_is_dettmers_layout():
     assert positive.min() == pytest.approx(1e-6) and positive.max() == pytest.approx(1.0)
 
 
-def test_dynamic_tree_keeps_small_values_that_linear_8bit_rounds_away():
-    g = torch.tensor([1.0, 0.5, -0.12, 3e-3, -4e-4, 2e-5])
+def test_dynamic_tree_keeps_small_values_that_linear_8bit_rounds_away(device):
+    g = torch.tensor([1.0, 0.5, -0.12, 3e-3, -4e-4, 2e-5], device=device)
     c = context([(6,)])
     tree = DynamicTree8Bit().decode(DynamicTree8Bit().encode(g, c), c)
     linear = Linear8Bit().decode(Linear8Bit().encode(g, c), c)
@@ -132,26 +135,26 @@ def test_dynamic_tree_keeps_small_values_that_linear_8bit_rounds_away():
 # -- threshold (Strom) -----------------------------------------------------------------------------
 
 
-def test_strom_threshold_by_hand():
+def test_strom_threshold_by_hand(device):
     codec = create_compressor("threshold", threshold=1.0)
     c = context([(4,)])
-    first = codec.encode(torch.tensor([0.5, 1.5, -2.5, 0.2]), c)
+    first = codec.encode(torch.tensor([0.5, 1.5, -2.5, 0.2], device=device), c)
     assert first.tensors["words"].tolist() == [1 << 1, (2 << 1) | 1]  # index << 1 | negative
     assert codec.decode(first, c).tolist() == [0.0, 1.0, -1.0, 0.0]
-    assert torch.allclose(residual(codec), torch.tensor([0.5, 0.5, -1.5, 0.2]))
-    second = codec.decode(codec.encode(torch.tensor([0.6, 0.0, 0.0, 0.1]), c), c)
+    assert torch.allclose(residual(codec).cpu(), torch.tensor([0.5, 0.5, -1.5, 0.2]))
+    second = codec.decode(codec.encode(torch.tensor([0.6, 0.0, 0.0, 0.1], device=device), c), c)
     assert second.tolist() == [1.0, 0.0, -1.0, 0.0]
-    assert torch.allclose(residual(codec), torch.tensor([0.1, 0.5, -0.5, 0.3]))
+    assert torch.allclose(residual(codec).cpu(), torch.tensor([0.1, 0.5, -0.5, 0.3]))
 
 
 @pytest.mark.parametrize("name", ["threshold", "onebit", "topk", "randomk"])
-def test_residual_carries_exactly_what_was_not_sent(name):
+def test_residual_carries_exactly_what_was_not_sent(name, device):
     options = {"threshold": {"threshold": 0.5}, "topk": {"density": 0.1}, "randomk": {"density": 0.1}}
     codec = create_compressor(name, **options.get(name, {}))
-    total_gradient = torch.zeros(NUMEL, dtype=torch.float64)
-    total_sent = torch.zeros(NUMEL, dtype=torch.float64)
+    total_gradient = torch.zeros(NUMEL, dtype=torch.float64, device=device)
+    total_sent = torch.zeros(NUMEL, dtype=torch.float64, device=device)
     for step in range(20):
-        g = gradient(step)
+        g = gradient(step).to(device)
         payload = codec.encode(g, context())
         total_gradient += g.double()
         total_sent += codec.decode(payload, context()).double()
@@ -163,17 +166,17 @@ def test_residual_carries_exactly_what_was_not_sent(name):
 # -- 1 bit -----------------------------------------------------------------------------------------
 
 
-def test_onebit_by_hand_and_its_payload_is_one_bit_per_sign():
+def test_onebit_by_hand_and_its_payload_is_one_bit_per_sign(device):
     codec = create_compressor("onebit")
     c = context([(4,)])
-    payload = codec.encode(torch.tensor([1.0, 3.0, -2.0, -4.0]), c)
+    payload = codec.encode(torch.tensor([1.0, 3.0, -2.0, -4.0], device=device), c)
     assert payload.tensors["signs"].tolist() == [0b0011]
     assert payload.tensors["levels"].tolist() == [2.0, -3.0]  # mean of positives, of negatives
     assert codec.decode(payload, c).tolist() == [2.0, 2.0, -3.0, -3.0]
     assert residual(codec).tolist() == [-1.0, 1.0, 1.0, -1.0]
     lenet = [(6, 1, 5, 5), (6,), (16, 6, 5, 5), (16,), (120, 256), (120,), (84, 120), (84,), (10, 84), (10,)]
     numel = sum(math.prod(s) for s in lenet)
-    big = codec.encode(gradient(0, numel), context(lenet, "1"))
+    big = codec.encode(gradient(0, numel).to(device), context(lenet, "1"))
     assert big.nbytes == math.ceil(numel / 8) + 8 * len(lenet)
     assert 4 * numel / big.nbytes >= 30
 
@@ -213,19 +216,20 @@ def test_onebit_momentum_correction_by_hand_and_where_it_cannot_serve():
 # -- TernGrad and QSGD -----------------------------------------------------------------------------
 
 
-def test_terngrad_is_unbiased_and_ternary():
+def test_terngrad_is_unbiased_and_ternary(device):
     codec = create_compressor("terngrad", clip_sigma=None)
     c = context(seed=3)
-    g = gradient()
+    g = gradient().to(device)
     draws = 2000
-    total = torch.zeros(NUMEL, dtype=torch.float64)
+    total = torch.zeros(NUMEL, dtype=torch.float64, device=device)
     for _ in range(draws):
         payload = codec.encode(g, c)
         decoded = codec.decode(payload, c)
         total += decoded.double()
     scales = payload.tensors["scales"]
     assert set(decoded[:30].abs().unique().tolist()) <= {0.0, float(scales[0])}
-    spans = torch.repeat_interleave(scales, torch.tensor([math.prod(s) for s in SHAPES])).double()
+    spans = torch.repeat_interleave(scales.cpu(), torch.tensor([math.prod(s) for s in SHAPES])).double()
+    total, g = total.cpu(), g.cpu()
     variance = spans * g.abs().double() - g.double() ** 2  # Bernoulli(|g|/s) scaled by s
     standard_error = (variance / draws).sqrt()
     assert ((total / draws - g.double()).abs() <= 5 * standard_error + 1e-6).all()
@@ -240,12 +244,12 @@ def test_terngrad_clipping_bounds_the_scale():
 
 
 @pytest.mark.parametrize("levels", [1, 4, 16])
-def test_qsgd_is_unbiased_and_within_its_bounds(levels):
+def test_qsgd_is_unbiased_and_within_its_bounds(levels, device):
     codec = create_compressor("qsgd", levels=levels, chunk=16)
     c = context(rank=1, world_size=2)
-    g = gradient()
+    g = gradient().to(device)
     draws = 1500
-    total = torch.zeros(NUMEL, dtype=torch.float64)
+    total = torch.zeros(NUMEL, dtype=torch.float64, device=device)
     squared_error = 0.0
     chunks = torch.nn.functional.pad(g, (0, (-NUMEL) % 16)).view(-1, 16)
     norms = torch.repeat_interleave(chunks.norm(dim=1), 16)[:NUMEL]
@@ -270,10 +274,10 @@ def test_qsgd_code_width_follows_the_levels():
 # -- sparsification --------------------------------------------------------------------------------
 
 
-def test_topk_by_hand():
+def test_topk_by_hand(device):
     codec = create_compressor("topk", density=0.5)
     c = context([(4,)])
-    payload = codec.encode(torch.tensor([1.0, -5.0, 3.0, 0.5]), c)
+    payload = codec.encode(torch.tensor([1.0, -5.0, 3.0, 0.5], device=device), c)
     assert sorted(payload.tensors["indices"].tolist()) == [1, 2]
     assert codec.decode(payload, c).tolist() == [0.0, -5.0, 3.0, 0.0]
     assert residual(codec).tolist() == [1.0, 0.0, 0.0, 0.5]
@@ -286,11 +290,14 @@ def test_topk_at_a_tenth_of_a_percent_compresses_over_250x():
     assert 4 * numel / payload.nbytes >= 250
 
 
-def test_randomk_draws_the_same_indices_on_every_rank_and_new_ones_each_step():
+def test_randomk_draws_the_same_indices_on_every_rank_and_new_ones_each_step(device):
     ranks = [create_compressor("randomk", density=0.2) for _ in range(2)]
     contexts = [context(rank=rank, world_size=2, seed=7) for rank in range(2)]
-    first = [codec.encode(gradient(rank), contexts[rank]) for rank, codec in enumerate(ranks)]
-    second = [codec.encode(gradient(rank), contexts[rank]) for rank, codec in enumerate(ranks)]
+    first = [codec.encode(gradient(rank).to(device), contexts[rank]) for rank, codec in enumerate(ranks)]
+    second = [codec.encode(gradient(rank).to(device), contexts[rank]) for rank, codec in enumerate(ranks)]
+    decoded = ranks[0].decode(first[0], contexts[0])
+    assert decoded.device.type == device.type
+    assert int((decoded != 0).sum()) <= first[0].meta["indices"].numel()
     assert torch.equal(first[0].meta["indices"], first[1].meta["indices"])
     assert not torch.equal(first[0].meta["indices"], second[0].meta["indices"])
     assert first[0].nbytes == 4 * math.ceil(0.2 * NUMEL)  # values only: the indices are never sent
@@ -299,17 +306,17 @@ def test_randomk_draws_the_same_indices_on_every_rank_and_new_ones_each_step():
 # -- DGC -------------------------------------------------------------------------------------------
 
 
-def test_dgc_momentum_correction_and_factor_masking_by_hand():
+def test_dgc_momentum_correction_and_factor_masking_by_hand(device):
     codec = create_compressor("dgc", density=0.5, momentum=0.5)
     c = context([(2,)])
-    first = codec.decode(codec.encode(torch.tensor([1.0, 0.1]), c), c)
+    first = codec.decode(codec.encode(torch.tensor([1.0, 0.1], device=device), c), c)
     assert first.tolist() == [1.0, 0.0]  # u = v = g; send the larger; zero u and v there
-    assert torch.allclose(codec.state.velocities["0"], torch.tensor([0.0, 0.1]))
-    second = codec.decode(codec.encode(torch.tensor([0.1, 0.1]), c), c)
+    assert torch.allclose(codec.state.velocities["0"].cpu(), torch.tensor([0.0, 0.1]))
+    second = codec.decode(codec.encode(torch.tensor([0.1, 0.1], device=device), c), c)
     # u = 0.5 [0, 0.1] + [0.1, 0.1] = [0.1, 0.15];  v = [0, 0.1] + u = [0.1, 0.25] -> send 0.25
-    assert torch.allclose(second, torch.tensor([0.0, 0.25]))
-    assert torch.allclose(residual(codec), torch.tensor([0.1, 0.0]))
-    assert torch.allclose(codec.state.velocities["0"], torch.tensor([0.1, 0.0]))
+    assert torch.allclose(second.cpu(), torch.tensor([0.0, 0.25]))
+    assert torch.allclose(residual(codec).cpu(), torch.tensor([0.1, 0.0]))
+    assert torch.allclose(codec.state.velocities["0"].cpu(), torch.tensor([0.1, 0.0]))
 
 
 def test_dgc_warmup_follows_the_papers_exponential_schedule_and_clips_locally():
@@ -326,11 +333,11 @@ def test_dgc_warmup_follows_the_papers_exponential_schedule_and_clips_locally():
 # -- PowerSGD --------------------------------------------------------------------------------------
 
 
-def test_powersgd_is_exact_on_a_rank_one_matrix_and_sends_the_small_tensors_dense():
+def test_powersgd_is_exact_on_a_rank_one_matrix_and_sends_the_small_tensors_dense(device):
     codec = PowerSGD(rank=1)
     shapes = [(20, 30), (20,)]
     matrix = torch.outer(gradient(1, 20), gradient(2, 30))
-    flat = torch.cat([matrix.reshape(-1), gradient(3, 20)])
+    flat = torch.cat([matrix.reshape(-1), gradient(3, 20)]).to(device)
     exchange = Exchange()
     out = codec.reduce(flat.clone(), context(shapes), exchange)
     assert torch.allclose(out, flat, atol=1e-5)
@@ -338,10 +345,10 @@ def test_powersgd_is_exact_on_a_rank_one_matrix_and_sends_the_small_tensors_dens
     assert codec.expected_nbytes(context(shapes)) == 4 * ((20 + 30) * 1 + 20)
 
 
-def test_powersgd_warm_start_converges_to_the_best_rank_r_approximation():
+def test_powersgd_warm_start_converges_to_the_best_rank_r_approximation(device):
     codec = PowerSGD(rank=2)
     shapes = [(30, 40)]
-    matrix = gradient(4, 1200).view(30, 40)
+    matrix = gradient(4, 1200).view(30, 40).to(device)
     best = torch.linalg.svdvals(matrix)[2:].square().sum().sqrt()  # Eckart-Young
     errors = []
     for _ in range(30):
@@ -351,13 +358,13 @@ def test_powersgd_warm_start_converges_to_the_best_rank_r_approximation():
     assert errors[-1] <= 1.02 * float(best) < errors[0]
 
 
-def test_powersgd_residual_is_the_input_minus_the_approximation():
+def test_powersgd_residual_is_the_input_minus_the_approximation(device):
     codec = PowerSGD(rank=1)
     shapes = [(10, 12)]
-    g = gradient(5, 120)
+    g = gradient(5, 120).to(device)
     out = codec.reduce(g.clone(), context(shapes), Exchange())
     assert torch.allclose(out + codec.state.residuals["0"], g, atol=1e-5)
-    g2 = gradient(6, 120)
+    g2 = gradient(6, 120).to(device)
     previous = codec.state.residuals["0"].clone()
     out2 = codec.reduce(g2.clone(), context(shapes), Exchange())
     assert torch.allclose(out2 + codec.state.residuals["0"], g2 + previous, atol=1e-5)
@@ -367,9 +374,9 @@ def test_powersgd_residual_is_the_input_minus_the_approximation():
 
 
 @pytest.mark.parametrize("name", ["onebit", "terngrad", "qsgd", "topk", "randomk", "dgc", "threshold"])
-def test_state_survives_a_weights_only_checkpoint(name):
+def test_state_survives_a_weights_only_checkpoint(name, device):
     def run(codec, steps):
-        return [codec.encode(gradient(s), context(rank=1, world_size=2, seed=4)) for s in steps]
+        return [codec.encode(gradient(s).to(device), context(rank=1, world_size=2, seed=4)) for s in steps]
 
     codec = create_compressor(name)
     run(codec, range(3))

@@ -1,4 +1,7 @@
-"""Models: output shapes, parameter counts from hand-written formulas, the registry, bad sizes."""
+"""Models: output shapes, parameter counts from hand-written formulas, the registry, bad sizes.
+
+Forward and backward run on every ``device`` (tests/conftest.py): the CPU always, CUDA where visible.
+"""
 
 from __future__ import annotations
 
@@ -20,25 +23,38 @@ def conv(c_in: int, c_out: int, k: int, bias: bool = True) -> int:
     return c_in * c_out * k * k + (c_out if bias else 0)
 
 
-def test_mlp_parameter_count_and_shape():
+def forward_backward(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``model(x)`` on ``device``, after checking that a backward pass fills every parameter's gradient there
+    with finite values."""
+    model, x = model.to(device), x.to(device)
+    out = model(x)
+    out.square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.device.type == device.type, f"{name}: no gradient on {device}"
+        assert torch.isfinite(p.grad).all(), f"{name}: non-finite gradient"
+    assert out.device.type == device.type
+    return out
+
+
+def test_mlp_parameter_count_and_shape(device):
     model = MLP(784, 10, hidden=(256, 128))
     assert count_parameters(model) == linear(784, 256) + linear(256, 128) + linear(128, 10)
-    assert model(torch.randn(5, 1, 28, 28)).shape == (5, 10)
+    assert forward_backward(model, torch.randn(5, 1, 28, 28), device).shape == (5, 10)
 
 
-def test_mlp_without_hidden_layers_is_logistic_regression():
-    model = MLP(12, 3, hidden=())
+def test_mlp_without_hidden_layers_is_logistic_regression(device):
+    model = MLP(12, 3, hidden=()).to(device)
     assert count_parameters(model) == linear(12, 3)
     layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    x = torch.randn(4, 12)
+    x = torch.randn(4, 12).to(device)
     torch.testing.assert_close(model(x), x @ layers[0].weight.T + layers[0].bias)
 
 
-def test_lenet_parameter_count_and_shape():
+def test_lenet_parameter_count_and_shape(device):
     model = LeNet(1, 10, channels=(32, 64), hidden=256)
     expected = conv(1, 32, 5) + conv(32, 64, 5) + linear(64 * 5 * 5, 256) + linear(256, 10)
     assert count_parameters(model) == expected
-    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    assert forward_backward(model, torch.randn(3, 1, 28, 28), device).shape == (3, 10)
 
 
 def test_lenet5_size_matches_the_paper_layer_sizes():
@@ -60,7 +76,7 @@ def projection(c_in: int, c_out: int) -> int:
 
 
 @pytest.mark.parametrize("depth", [8, 14, 20])
-def test_resnet_parameter_count_and_shape(depth: int):
+def test_resnet_parameter_count_and_shape(depth: int, device):
     n = (depth - 2) // 6
     expected = conv(3, 16, 3, False) + batch_norm(16)
     expected += n * basic_block(16, 16)
@@ -69,7 +85,7 @@ def test_resnet_parameter_count_and_shape(depth: int):
     expected += linear(64, 10)
     model = ResNet(depth)
     assert count_parameters(model) == expected
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert forward_backward(model, torch.randn(2, 3, 32, 32), device).shape == (2, 10)
     # depth = 6n + 2 weighted layers: the stem, two 3x3 convolutions per block, the classifier
     weighted = [m for m in model.modules() if isinstance(m, nn.Linear)]
     weighted += [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
@@ -96,9 +112,9 @@ def test_registry_names_match_the_config_choices():
 @pytest.mark.parametrize(
     "name,channels,side", [("mlp", 1, 28), ("lenet", 1, 28), ("lenet", 3, 32), ("resnet8", 3, 32)]
 )
-def test_create_model_builds_for_the_input_shape(name: str, channels: int, side: int):
+def test_create_model_builds_for_the_input_shape(name: str, channels: int, side: int, device):
     model = create_model(name, in_channels=channels, num_classes=7, image_size=side)
-    assert model(torch.randn(2, channels, side, side)).shape == (2, 7)
+    assert forward_backward(model, torch.randn(2, channels, side, side), device).shape == (2, 7)
 
 
 def test_create_model_unknown_name_lists_the_known_ones():

@@ -1,5 +1,11 @@
 """Our optimizers against torch.optim on a real model, the fast path against the readable one, and
-the Optimizer contract (param groups, state_dict, errors)."""
+the Optimizer contract (param groups, state_dict, errors).
+
+The comparisons run on every ``device`` (tests/conftest.py): on the CPU always, on CUDA where a GPU is
+visible. Tolerances are the CPU's on CUDA too, except that "exact" equivalents are held to 1e-7 there
+instead of 1e-9: CUDA's compiler fuses a multiply and an add into one rounding (FMA) in some kernels and
+not in others, so two formulas equal on paper round differently.
+"""
 
 from __future__ import annotations
 
@@ -25,14 +31,14 @@ SETTINGS = {
 }
 
 
-def model_and_data(seed: int = 0):
+def model_and_data(seed: int = 0, device: torch.device | str = "cpu"):
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3)
     ).double()
     x = torch.randn(100 * 16, 10, dtype=torch.float64)
     y = (x[:, 0] + x[:, 1] * x[:, 2] > 0).long() + (x[:, 3] > 1).long()
-    return model, x, y
+    return model.to(device), x.to(device), y.to(device)
 
 
 def train(model, opt, x, y, steps=100, batch=16):
@@ -47,22 +53,26 @@ def train(model, opt, x, y, steps=100, batch=16):
 
 
 @pytest.mark.parametrize("key", list(SETTINGS))
-def test_trajectory_matches_torch_optim_for_100_steps(key):
+def test_trajectory_matches_torch_optim_for_100_steps(key, device):
     name = key.removesuffix("-eps-hat")
     hyper = SETTINGS[key]
-    ours_model, x, y = model_and_data()
+    ours_model, x, y = model_and_data(device=device)
     theirs_model = copy.deepcopy(ours_model)
     ours = optim.create(name, ours_model.parameters(), **hyper)
     equivalent = optim.torch_equivalent(name, **hyper)
     theirs = equivalent.create(theirs_model.parameters())
     assert isinstance(theirs, torch.optim.Optimizer) and type(theirs).__module__.startswith("torch.optim")
     a, b = train(ours_model, ours, x, y), train(theirs_model, theirs, x, y)
-    start = torch.cat([p.detach().reshape(-1) for p in model_and_data()[0].parameters()])
+    assert a[-1].device.type == device.type and all(
+        state.device.type == device.type for group in ours.state.values() for state in group.values()
+        if isinstance(state, torch.Tensor)
+    ), "the optimizer's state must live on the parameters' device"
+    start = torch.cat([p.detach().reshape(-1) for p in model_and_data(device=device)[0].parameters()])
     assert (a[-1] - start).abs().max() > 1e-3, "the weights must move for the comparison to mean something"
     worst = max(float((u - v).abs().max()) for u, v in zip(a, b, strict=True))
     assert worst <= 1e-6, f"{key}: trajectories differ by {worst:.2e}"
     if equivalent.exact:
-        assert worst <= 1e-9
+        assert worst <= (1e-9 if device.type == "cpu" else 1e-7)
 
 
 def test_torch_equivalent_rejects_cg_and_epoch_counting():
@@ -73,10 +83,10 @@ def test_torch_equivalent_rejects_cg_and_epoch_counting():
 
 
 @pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam"])
-def test_foreach_path_equals_per_tensor_path(name):
+def test_foreach_path_equals_per_tensor_path(name, device):
     runs = []
     for foreach in (False, True):
-        model, x, y = model_and_data(seed=1)
+        model, x, y = model_and_data(seed=1, device=device)
         opt = optim.create(name, model.parameters(), foreach=foreach, weight_decay=1e-3)
         runs.append(train(model, opt, x, y, steps=30))
     for u, v in zip(*runs, strict=True):
@@ -84,8 +94,8 @@ def test_foreach_path_equals_per_tensor_path(name):
 
 
 @pytest.mark.parametrize("name", ["momentum", "adam", "rmsprop"])
-def test_param_groups_take_their_own_hyperparameters(name):
-    model, x, y = model_and_data(seed=2)
+def test_param_groups_take_their_own_hyperparameters(name, device):
+    model, x, y = model_and_data(seed=2, device=device)
     first, rest = list(model.parameters())[:2], list(model.parameters())[2:]
     opt = optim.create(name, [{"params": first, "lr": 0.0}, {"params": rest}], lr=1e-2)
     before = [p.detach().clone() for p in first]
@@ -98,15 +108,15 @@ def test_param_groups_take_their_own_hyperparameters(name):
 
 
 @pytest.mark.parametrize("name", ["momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "cg-hs"])
-def test_state_dict_round_trip_continues_the_same_trajectory(name):
-    model, x, y = model_and_data(seed=3)
+def test_state_dict_round_trip_continues_the_same_trajectory(name, device):
+    model, x, y = model_and_data(seed=3, device=device)
     hyper = {"line_search": None, "lr": 0.01} if name.startswith("cg") else {}
     opt = optim.create(name, model.parameters(), **hyper)
     train(model, opt, x[:160], y[:160], steps=10)
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     straight = train(model, opt, x[160:], y[160:], steps=10)
 
-    resumed_model, _, _ = model_and_data(seed=99)
+    resumed_model, _, _ = model_and_data(seed=99, device=device)
     resumed_model.load_state_dict(saved_model)
     resumed = optim.create(name, resumed_model.parameters(), **hyper)
     resumed.load_state_dict(saved_opt)

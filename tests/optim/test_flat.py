@@ -14,14 +14,14 @@ from distlearn.errors import ConfigError
 METHODS = ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam"]
 
 
-def model_and_data(seed: int = 0):
+def model_and_data(seed: int = 0, device: torch.device | str = "cpu"):
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3)
     ).double()
     x = torch.randn(30 * 16, 10, dtype=torch.float64)
     y = (x[:, 0] + x[:, 1] * x[:, 2] > 0).long() + (x[:, 3] > 1).long()
-    return model, x, y
+    return model.to(device), x.to(device), y.to(device)
 
 
 def train(model, opt, x, y, steps=30, batch=16, zero=None):
@@ -38,14 +38,16 @@ def storage_of(tensors) -> set[int]:
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_flat_path_equals_foreach_path(name):
+def test_flat_path_equals_foreach_path(name, device):
+    """On every device (tests/conftest.py); the same tolerance on CUDA (float64, the same kernels)."""
     results = []
     for flat in (False, True):
-        model, x, y = model_and_data(seed=1)
+        model, x, y = model_and_data(seed=1, device=device)
         opt = optim.create(name, model.parameters(), flat=flat, weight_decay=1e-3)
         results.append(train(model, opt, x, y))
         if flat:  # every parameter, gradient and state buffer is a slice of one buffer per kind
             params = list(model.parameters())
+            assert all(p.device.type == device.type and p.grad.device.type == device.type for p in params)
             assert len(storage_of(params)) == 1 and len(storage_of(p.grad for p in params)) == 1
             for buffer in type(opt).state_names:
                 assert len(storage_of(opt.state[p][buffer] for p in params)) == 1

@@ -99,7 +99,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         return packed[:count].clone()
     mask = (1 << bits) - 1
     per_byte = 8 // bits
-    codes = torch.empty(packed.numel(), per_byte, dtype=torch.uint8)  # (bytes, codes per byte)
+    # (bytes, codes per byte)
+    codes = torch.empty(packed.numel(), per_byte, dtype=torch.uint8, device=packed.device)
     for position in range(per_byte):
         torch.bitwise_and(packed >> (position * bits), mask, out=codes[:, position])
     return codes.reshape(-1)[:count].clone()
@@ -131,7 +132,7 @@ def payload_to_bytes(tensors: Sequence[torch.Tensor], *, header: bool) -> torch.
     """
     parts = []
     if header:
-        counts = torch.tensor([t.numel() for t in tensors], dtype=torch.int32)
+        counts = torch.tensor([t.numel() for t in tensors], dtype=torch.int32, device=tensors[0].device)
         parts.append(counts.view(torch.uint8))
     for t in tensors:
         parts.append(t.contiguous().reshape(-1).view(torch.uint8))

@@ -52,10 +52,10 @@ class _EightBit(Codec):
         flat = tensor
         spans = parameter_spans(context.shapes)
         maxima = [float(flat[a:b].abs().max()) if b > a else 0.0 for a, b in spans]
-        x = torch.empty(flat.numel(), dtype=torch.float32)
+        x = torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
         for (a, b), scale in zip(spans, maxima, strict=True):  # x = g / s per tensor (s = 0: x = g = 0)
             torch.mul(flat[a:b], 1.0 / scale if scale > 0 else 1.0, out=x[a:b])
-        scales = torch.tensor(maxima, dtype=torch.float32)
+        scales = torch.tensor(maxima, dtype=torch.float32, device=flat.device)
         return Payload({"codes": self._quantise(x), "scales": scales})
 
     def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:
@@ -100,6 +100,8 @@ class DynamicTree8Bit(_EightBit):
         built), so one comparison with the next midpoint finishes the count: exactly ``searchsorted``.
         """
         base, upper = self._lookup()
+        if base.device != x.device:  # built on the CPU once, kept on the device of the input
+            base, upper = self._table = (base.to(x.device), upper.to(x.device))
         cell = (x.contiguous().view(torch.int32) >> 12) & 0xFFFFF
         count = base[cell.to(torch.int64)]
         return count.add_(upper[count.to(torch.int64)] < x).to(torch.uint8)
@@ -119,4 +121,6 @@ class DynamicTree8Bit(_EightBit):
         return self._table
 
     def _dequantise(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.codebook.device != codes.device:
+            self.codebook = self.codebook.to(codes.device)
         return self.codebook[codes.long()]

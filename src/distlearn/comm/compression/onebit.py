@@ -73,7 +73,7 @@ class OneBitSGD(Codec):
             plus = up_total / ups if ups else 0.0  # a side with no elements gets 0
             minus = (total - up_total) / (b - a - ups) if b - a - ups else 0.0
             pairs.append((plus, minus))
-        levels = torch.tensor(pairs, dtype=torch.float32).reshape(len(shapes), 2)
+        levels = torch.tensor(pairs, dtype=torch.float32, device=v.device).reshape(len(shapes), 2)
         return Payload({"signs": pack_bits(positive, 1), "levels": levels.reshape(-1)})
 
     def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:
@@ -83,7 +83,7 @@ class OneBitSGD(Codec):
     @staticmethod
     def _expand(ones: torch.Tensor, levels: torch.Tensor, shapes: Shapes) -> torch.Tensor:
         """``a+`` where ``ones`` is 1, ``a-`` where it is 0, per tensor: ``a- + ones * (a+ - a-)``."""
-        out = torch.empty(ones.numel(), dtype=torch.float32)
+        out = torch.empty(ones.numel(), dtype=torch.float32, device=ones.device)
         for (a, b), (plus, minus) in zip(parameter_spans(shapes), levels.tolist(), strict=True):
             torch.mul(ones[a:b], plus - minus, out=out[a:b]).add_(minus)
         return out

@@ -162,7 +162,7 @@ class PowerSGD(CollectiveCodec):
             if self.warm_start and index in kept:
                 qs.append(_orthogonalise(kept[index]))
             else:
-                qs.append(self.initial_q(context.seed, key, index, step, m, r))
+                qs.append(self.initial_q(context.seed, key, index, step, m, r).to(v.device))
         # exchange 1: the uncompressed tensors and every P = M Q, in one allreduce
         ps = [matrix @ q for (_, matrix), q in zip(matrices, qs, strict=True)]  # (n, r) each
         first = torch.cat([t.reshape(-1) for t in dense + ps]) if dense or ps else v.new_zeros(0)

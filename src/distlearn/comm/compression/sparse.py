@@ -43,7 +43,7 @@ def keep_count(numel: int, density: float) -> int:
 
 def scatter_indexed(payload: Payload, numel: int) -> torch.Tensor:
     """The dense vector of an (``indices``, ``values``) payload: zeros elsewhere (repeated indices add)."""
-    out = torch.zeros(numel, dtype=torch.float32)
+    out = torch.zeros(numel, dtype=torch.float32, device=payload.tensors["values"].device)
     out.index_put_((payload.tensors["indices"].long(),), payload.tensors["values"], accumulate=True)
     return out
 
@@ -95,11 +95,11 @@ class RandomK(Codec):
         return torch.randperm(numel, generator=generator)[: keep_count(numel, self.density)]
 
     def encode(self, tensor: torch.Tensor, context: BucketContext) -> Payload:
-        indices = self.indices(context.seed, context.key, context.step, tensor.numel())
+        indices = self.indices(context.seed, context.key, context.step, tensor.numel()).to(tensor.device)
         return Payload({"values": tensor[indices].clone()}, {"indices": indices})
 
     def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:
-        out = torch.zeros(context.numel, dtype=torch.float32)
+        out = torch.zeros(context.numel, dtype=torch.float32, device=payload.tensors["values"].device)
         out[payload.meta["indices"]] = payload.tensors["values"]
         return out
 

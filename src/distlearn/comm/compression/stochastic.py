@@ -80,26 +80,28 @@ class TernGrad(Codec):
     def encode(self, tensor: torch.Tensor, context: BucketContext) -> Payload:
         spans = parameter_spans(context.shapes)
         g = tensor.clone()
-        scales = torch.zeros(len(spans), dtype=torch.float32)
+        scales = torch.zeros(len(spans), dtype=torch.float32, device=g.device)
         for index, (a, b) in enumerate(spans):
             part = g[a:b]
             if self.clip_sigma is not None and b - a > 1:
                 bound = float(self.clip_sigma * part.std())
                 part.clamp_(-bound, bound)
             scales[index] = part.abs().max() if b > a else 0.0
-        lengths = torch.tensor([b - a for a, b in spans])
+        lengths = torch.tensor([b - a for a, b in spans], device=g.device)
         per_element = torch.repeat_interleave(scales, lengths)
         probability = torch.where(
             per_element > 0, g.abs() / per_element.clamp_min(1e-30), torch.zeros_like(g)
         )
-        keep = torch.rand(g.numel(), generator=_generator(context, self.name)) < probability
+        generator = _generator(context, self.name)
+        keep = torch.rand(g.numel(), generator=generator, device=generator.device).to(g.device) < probability
         ternary = torch.sign(g) * keep  # -1, 0, 1
         return Payload({"codes": pack_bits((ternary + 1).to(torch.uint8), 2), "scales": scales})
 
     def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:
         ternary = unpack_bits(payload.tensors["codes"], 2, context.numel).to(torch.float32) - 1
-        lengths = torch.tensor([math.prod(s) for s in context.shapes])
-        return ternary * torch.repeat_interleave(payload.tensors["scales"], lengths)
+        scales = payload.tensors["scales"]
+        lengths = torch.tensor([math.prod(s) for s in context.shapes], device=scales.device)
+        return ternary * torch.repeat_interleave(scales, lengths)
 
     def expected_nbytes(self, context: BucketContext) -> int:
         return (context.numel + 3) // 4 + 4 * len(context.shapes)
@@ -139,7 +141,9 @@ class QSGD(Codec):
         norms = chunks.norm(dim=1).to(torch.float32)  # (chunks,)
         scaled = chunks.abs() / norms.clamp_min(1e-30).unsqueeze(1) * self.levels  # in [0, s]
         lower = scaled.floor()
-        up = torch.rand(scaled.shape, generator=_generator(context, self.name)) < (scaled - lower)
+        generator = _generator(context, self.name)
+        up = torch.rand(scaled.shape, generator=generator, device=generator.device).to(scaled.device)
+        up = up < (scaled - lower)
         level = (lower + up).clamp_max(self.levels)
         signed = (torch.sign(chunks) * level).reshape(-1)[: flat.numel()]
         codes = (signed + self.levels).to(torch.uint8)  # 0 .. 2s

@@ -54,13 +54,13 @@ class StromThreshold(Codec):
     def _words(self, chosen: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``index << 1 | (v < 0)`` for every chosen element, as int32, in index order."""
         codes = self.__dict__.get("_codes")  # 2i for every position: a cache of constants, not state
-        if codes is None or codes.numel() < v.numel():
-            codes = self.__dict__["_codes"] = torch.arange(v.numel(), dtype=torch.int32) << 1
+        if codes is None or codes.numel() < v.numel() or codes.device != v.device:
+            codes = self.__dict__["_codes"] = torch.arange(v.numel(), dtype=torch.int32, device=v.device) << 1
         return torch.masked_select(codes[: v.numel()] | torch.signbit(v).to(torch.int32), chosen)
 
     def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:
         words = payload.tensors["words"]
         values = (words & 1).to(torch.float32).mul_(-2 * self.threshold).add_(self.threshold)  # +-tau
-        out = torch.zeros(context.numel, dtype=torch.float32)
+        out = torch.zeros(context.numel, dtype=torch.float32, device=words.device)
         out.index_put_(((words >> 1).to(torch.int64),), values)
         return out
