@@ -238,8 +238,10 @@ def main() -> None:
         elif mode == "batched":
             batched(rank, world, failures, results)
         else:
+            batched_rounds = "batched" in sys.argv[4:] and {"batched": True}
             for name in REDUCERS:  # a job that worked until now (this also creates the duplex twin group)
-                create_reducer(name).allreduce_(torch.ones(10))
+                options = batched_rounds if batched_rounds and name != "backend" else {}
+                create_reducer(name, **options).allreduce_(torch.ones(10))
             dist.barrier()
             failure_mode(mode, rank, results, float(sys.argv[3]))
     except Exception:  # noqa: BLE001 -- reported to the test

@@ -49,15 +49,17 @@ def twin_group(group: Any, timeout_s: float) -> Any:
     return entry[2]
 
 
-def warm_group(group: Any, device: torch.device) -> None:
-    """Run one collective on ``group`` (None: the default group) with a tensor on ``device``, once per
-    process until :func:`release_groups` (collectively: every member at the same point of its program)."""
+def warm_group(group: Any, device: torch.device, timeout_s: float) -> None:
+    """Run one collective on ``group`` (None: the default group) with a tensor on ``device``, waited for at
+    most ``timeout_s``, once per process until :func:`release_groups` (collectively: every member at the
+    same point of its program)."""
     world = dist.group.WORLD
     key = (id(group), id(world), str(device))
     with _LOCK:
         if key in _WARM:
             return
-        dist.all_reduce(torch.zeros(1, device=device), group=group)
+        work = dist.all_reduce(torch.zeros(1, device=device), group=group, async_op=True)
+        work.wait(timedelta(seconds=timeout_s))
         _WARM[key] = (group, world)  # holding them keeps their ids unique
 
 

@@ -360,12 +360,14 @@ class Reducer:
         if not (self.point_to_point and dist.is_initialized()) or dist.get_world_size(group) < 2:
             return
         if self._batched_for(tensor, group):
+            timeout_s = self.timeout_s if timeout_s is None else timeout_s
             try:
-                warm_group(group, tensor.device)
+                warm_group(group, tensor.device, timeout_s)
             except Exception as error:
                 raise CommError(
                     f"{self.name} allreduce: rank {dist.get_rank(group)} could not run the group's first "
-                    f"collective ({type(error).__name__}: {_backend_message(error)}); a peer may have died"
+                    f"collective within {timeout_s:g} s ({type(error).__name__}: {_backend_message(error)}); "
+                    "a peer may have died or stopped calling allreduce"
                 ) from error
         else:
             self._twin(group, timeout_s)
