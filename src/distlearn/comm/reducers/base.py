@@ -13,6 +13,7 @@ posted ahead for a later round. See the package docstring ("On NCCL").
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -39,6 +40,9 @@ __all__ = [
 
 DEFAULT_TIMEOUT_S = 60.0
 """Deadline of each point-to-point operation unless the reducer or the call says otherwise."""
+
+BATCHED_ENV = "DISTLEARN_BATCHED_P2P"
+"""Set to 1: reducers built with ``batched=None`` run batched rounds on any backend (for tests on gloo)."""
 
 DEFAULT_TAG = 0x4452
 """c10d message tag of the reducers' point-to-point traffic (any value, the same on every rank)."""
@@ -229,7 +233,8 @@ class Reducer:
             take turns on gloo's per-connection lock. Ignored by ``backend`` and in batched rounds.
         batched: run each exchange round as one ``batch_isend_irecv`` on ``group`` (what NCCL needs);
             None (the default): batched exactly when the tensor is on a CUDA device and the group's
-            backend is NCCL. True forces it on any backend (gloo too: how the CPU tests run it).
+            backend is NCCL (or when ``DISTLEARN_BATCHED_P2P=1``). True forces it on any backend (gloo
+            too: how the CPU tests run it).
 
     Attributes:
         name: the algorithm's name in :data:`REDUCERS`.
@@ -348,9 +353,12 @@ class Reducer:
     # ---- internals --------------------------------------------------------------------------------------
 
     def _batched_for(self, tensor: torch.Tensor, group: Any) -> bool:
-        """Whether a call on ``tensor`` runs in batched rounds (see ``batched``)."""
+        """Whether a call on ``tensor`` runs in batched rounds (see ``batched``; the environment variable
+        ``DISTLEARN_BATCHED_P2P=1`` makes None mean True, to run a whole job's reducers batched on gloo)."""
         if self.batched is not None:
             return self.batched
+        if os.environ.get(BATCHED_ENV) == "1":
+            return True
         return tensor.is_cuda and "nccl" in str(dist.get_backend(group)).lower()
 
     def _prepare(self, tensor: torch.Tensor, group: Any, timeout_s: float | None) -> None:
