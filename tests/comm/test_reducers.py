@@ -156,7 +156,7 @@ def test_batched_rounds_match_gloo_allreduce_and_the_unbatched_algorithm(tmp_pat
             assert batched == plain == expected, (name, n)
 
 
-def test_batched_rounds_are_chosen_for_nccl_and_can_be_forced():
+def test_batched_rounds_are_chosen_for_nccl_and_can_be_forced(monkeypatch):
     from distlearn.comm.reducers import Message
 
     ring = create_reducer("ring")
@@ -166,6 +166,9 @@ def test_batched_rounds_are_chosen_for_nccl_and_can_be_forced():
     assert create_reducer("tree", batched=True).batched is True
     with pytest.raises(ConfigError, match="batched must be true, false or None"):
         create_reducer("ring", batched="yes")
+    monkeypatch.setenv("DISTLEARN_BATCHED_P2P", "1")  # None then means batched, on any backend
+    assert ring._batched_for(torch.ones(3), None) is True
+    assert create_reducer("ring", batched=False)._batched_for(torch.ones(3), None) is False
     message = Message(True, torch.ones(2), 1, "chunk 0")
     assert message.sending and message.then is None
 
