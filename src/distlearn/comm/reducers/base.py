@@ -128,9 +128,11 @@ class Channel:
         """Post ``messages`` as one batch (``batch_isend_irecv``; without ``batched``: one isend/irecv
         each) and wait for all of them with the deadline. Sends count towards ``bytes_sent``."""
         if not self.batched:
-            return self.wait_all(
-                [(self.isend if m.sending else self.irecv)(m.tensor, m.peer, m.what) for m in messages]
-            )
+            posted: list[_Op | None] = [
+                (self.isend if m.sending else self.irecv)(m.tensor, m.peer, m.what) for m in messages
+            ]
+            self.wait_all(posted)
+            return
         tag = self.reducer.tag
         p2p = [
             dist.P2POp(
