@@ -22,7 +22,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from distlearn.comm.reducers import REDUCERS, create_reducer
+from distlearn.comm.reducers import REDUCERS, Channel, create_reducer
 from distlearn.errors import CommError
 from distlearn.launch import init_distributed, shutdown
 
@@ -171,6 +171,14 @@ def batched(rank: int, world: int, failures: list[str], results: dict) -> None:
                             if not torch.allclose(got.double(), exact, rtol=tol, atol=tol * world):
                                 failures.append(f"{label}: far from the exact sum")
     results["cases"] = case
+    for name in P2P:  # the rounds posted one message at a time (Channel.exchange unbatched): the same sums
+        reducer = create_reducer(name, batched=False)
+        mine = make_input(rank, 30_000, 1001, torch.float32, False)
+        plain = reducer.allreduce_(mine.clone())
+        channel = Channel(reducer, None, 60.0, batched=False)
+        channel.run_rounds(reducer._rounds(mine, channel))
+        if not torch.equal(mine, plain):
+            failures.append(f"{name}: rounds posted one by one differ from the algorithm")
     results["bytes"] = {}
     for name in P2P:
         for mode in (True, False):
