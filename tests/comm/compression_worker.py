@@ -4,7 +4,9 @@ For "none" and every codec: (1) train a small MLP for a few steps with the sync 
 check that both ranks end with identical weights and record the bytes sent; (2) reduce one bucket through
 the codec's real exchange (allreduce or all-gather) and compare it with a local re-enactment: each rank's
 payload encoded by a fresh codec in that rank's context, decoded and summed (PowerSGD: its two power-iteration
-allreduces written out). Rank 0 writes OUT/result.txt: ``name equal|differ bytes_sent exchange_error``.
+allreduces written out); (3) count the host synchronisations of one more bucket's exchange
+(:func:`distlearn.comm.syncs.count_syncs`). Rank 0 writes OUT/result.txt:
+``name equal|differ bytes_sent exchange_error syncs``.
 
     python -m torch.distributed.run --nproc-per-node 2 tests/comm/compression_worker.py OUT
 """
@@ -26,10 +28,13 @@ from distlearn.comm.compression import (  # noqa: E402
     COMPRESSORS,
     BucketContext,
     CompressedReducer,
+    Exchange,
     create_compressor,
+    reduce_bucket,
     stream_seed,
 )
 from distlearn.comm.compression.powersgd import _orthogonalise  # noqa: E402
+from distlearn.comm.syncs import count_syncs  # noqa: E402
 from distlearn.launch import init_distributed, shutdown  # noqa: E402
 from distlearn.parallel.sync import SyncDataParallel  # noqa: E402
 from distlearn.train import train  # noqa: E402
@@ -120,7 +125,7 @@ def main() -> int:
             equal = all(torch.equal(other, flat) for other in gathered)
             sent = strategy.stats()["bytes_sent"]
 
-            error = 0.0
+            error, syncs = 0.0, ""
             if name != "none":
                 codec = create_compressor(name, **options)
                 reducer = CompressedReducer(codec, seed=0, timeout_s=60)
@@ -130,7 +135,14 @@ def main() -> int:
                 expected = reenact(name, [bucket_of(r) for r in range(context.world_size)])
                 error = float((received - expected).abs().max() / expected.abs().max())
                 reducer.close()
-            lines.append(f"{name} {'equal' if equal else 'differ'} {sent} {error:.3e}")
+                counted = create_compressor(name, **options)  # in this thread: the count is per thread
+                context_of = BucketContext("0", SHAPES, world_size=context.world_size, seed=0,
+                                                    stream_seed=stream_seed(0, context.rank))  # fmt: skip
+                reduce_bucket(counted, bucket_of(context.rank), context_of, Exchange(timeout_s=60))
+                with count_syncs() as counter:
+                    reduce_bucket(counted, bucket_of(context.rank) * 2, context_of, Exchange(timeout_s=60))
+                syncs = f" {counter.count}"
+            lines.append(f"{name} {'equal' if equal else 'differ'} {sent} {error:.3e}{syncs}")
         lines.append(ddp_hook_line(context.rank))
     finally:
         shutdown()

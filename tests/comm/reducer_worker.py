@@ -4,8 +4,11 @@
 
 MODE ``check`` compares every algorithm with ``dist.all_reduce`` and with the sum computed locally from every
 rank's (deterministic) input, records ``bytes_sent`` of single calls, and exercises async futures and a
-subgroup. MODE ``die``: rank 1 leaves before the allreduce; ``hang``: rank 1 stays but never calls. Each
-rank writes ``OUT/rank{r}.json`` (failures are recorded there, not raised, so the test can show them all).
+subgroup. MODE ``batched`` runs every point-to-point algorithm in batched rounds (``batched=True``, the
+NCCL path, here on gloo) against ``dist.all_reduce``, the exact sum, and the same algorithm unbatched
+(bitwise: the same sums in the same order), and records both paths' ``bytes_sent``. MODE ``die``: rank 1
+leaves before the allreduce; ``hang``: rank 1 stays but never calls. Each rank writes ``OUT/rank{r}.json``
+(failures are recorded there, not raised, so the test can show them all).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from distlearn.comm.reducers import REDUCERS, create_reducer
+from distlearn.comm.reducers import REDUCERS, Channel, create_reducer
 from distlearn.errors import CommError
 from distlearn.launch import init_distributed, shutdown
 
@@ -131,9 +134,85 @@ def check(rank: int, world: int, failures: list[str], results: dict) -> None:
         dist.barrier()
 
 
+def batched(rank: int, world: int, failures: list[str], results: dict) -> None:
+    lengths = sorted({0, 1, 2, 3, max(world - 1, 0), world, world + 1, 7, 1001, 65537})
+    variants = {
+        "ring": [{}],
+        "rabenseifner": [{}],
+        "segmented-ring": [{"segment_bytes": 8}, {"segment_bytes": 4096}],
+        "tree": [{"segment_bytes": 8}, {"segment_bytes": 4096}, {"segment_bytes": None}],
+    }
+    case = 0
+    for n in lengths:
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            for integer in (True, False):
+                case += 1
+                mine = make_input(rank, case, n, dtype, integer)
+                reference = mine.clone()
+                dist.all_reduce(reference)
+                exact = sum(make_input(r, case, n, torch.float64, integer) for r in range(world))
+                for name, options in variants.items():
+                    for option in options:
+                        if option.get("segment_bytes") == 8 and n > 1001:
+                            continue  # thousands of 2-element rounds: slow, and nothing new
+                        got = create_reducer(name, batched=True, **option).allreduce_(mine.clone())
+                        plain = create_reducer(name, batched=False, **option).allreduce_(mine.clone())
+                        label = f"batched {name} {option} n={n} {dtype} integer={integer}"
+                        if got.dtype != dtype or got.shape != mine.shape:
+                            failures.append(f"{label}: dtype/shape changed")
+                        elif not torch.equal(got, plain):
+                            failures.append(f"{label}: differs from the unbatched {name}")
+                        elif integer and not (
+                            torch.equal(got, reference) and torch.equal(got.double(), exact)
+                        ):
+                            failures.append(f"{label}: integer sum differs from dist.all_reduce")
+                        elif not integer:
+                            tol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype, 2e-2)
+                            if not torch.allclose(got.double(), exact, rtol=tol, atol=tol * world):
+                                failures.append(f"{label}: far from the exact sum")
+    results["cases"] = case
+    for name in P2P:  # the rounds posted one message at a time (Channel.exchange unbatched): the same sums
+        reducer = create_reducer(name, batched=False)
+        mine = make_input(rank, 30_000, 1001, torch.float32, False)
+        plain = reducer.allreduce_(mine.clone())
+        channel = Channel(reducer, None, 60.0, batched=False)
+        channel.run_rounds(reducer._rounds(mine, channel))
+        if not torch.equal(mine, plain):
+            failures.append(f"{name}: rounds posted one by one differ from the algorithm")
+    results["bytes"] = {}
+    for name in P2P:
+        for mode in (True, False):
+            for n in (1000, 5, 1):
+                options = {"segment_bytes": 12} if name in ("segmented-ring", "tree") else {}
+                reducer = create_reducer(name, batched=mode, **options)
+                reducer.allreduce_(torch.ones(n))
+                results["bytes"][f"{name} batched={mode} n={n}"] = reducer.bytes_sent
+    for name in P2P:  # async calls in batched rounds, then a synchronous one while they are pending
+        reducer = create_reducer(name, batched=True)
+        tensors = [make_input(rank, 20_000 + i, 3000 + 17 * i, torch.float32, True) for i in range(4)]
+        futures = [reducer.allreduce_async(t) for t in tensors[:3]]
+        values = [future.wait() for future in futures] + [reducer.allreduce_(tensors[3])]
+        for i, value in enumerate(values):
+            exact = sum(make_input(r, 20_000 + i, 3000 + 17 * i, torch.float64, True) for r in range(world))
+            if value is not tensors[i] or not torch.equal(value.double(), exact):
+                failures.append(f"batched {name}: async call {i} wrong (or not in place)")
+        reducer.close()
+    if world >= 3:  # a subgroup without rank 1 (ranks renumbered)
+        members = [r for r in range(world) if r != 1]
+        group = dist.new_group(members)
+        if rank in members:
+            for name in P2P:
+                value = torch.full((11,), float(rank))
+                create_reducer(name, batched=True).allreduce_(value, group)
+                if not (value == float(sum(members))).all():
+                    failures.append(f"batched {name}: subgroup {members} sum wrong")
+        dist.barrier()
+
+
 def failure_mode(mode: str, rank: int, results: dict, timeout_s: float) -> None:
     # after a timeout the group is broken, so a hang is tested with one algorithm per job
     names = list(REDUCERS) if mode == "die" else [sys.argv[4]]
+    forced = {"batched": True} if "batched" in sys.argv[4:] else {}  # the batched rounds' errors
     if rank == 1:
         if mode == "die":
             os._exit(0)  # gone without a word: the sockets close
@@ -143,7 +222,8 @@ def failure_mode(mode: str, rank: int, results: dict, timeout_s: float) -> None:
     for name in names:
         start = time.monotonic()
         try:
-            create_reducer(name, timeout_s=timeout_s).allreduce_(torch.ones(1000))
+            options = forced if name != "backend" else {}
+            create_reducer(name, timeout_s=timeout_s, **options).allreduce_(torch.ones(1000))
             errors[name] = {"error": None}
         except CommError as error:
             errors[name] = {"error": str(error), "seconds": time.monotonic() - start}
@@ -163,9 +243,13 @@ def main() -> None:
     try:
         if mode == "check":
             check(rank, world, failures, results)
+        elif mode == "batched":
+            batched(rank, world, failures, results)
         else:
+            batched_rounds = "batched" in sys.argv[4:] and {"batched": True}
             for name in REDUCERS:  # a job that worked until now (this also creates the duplex twin group)
-                create_reducer(name).allreduce_(torch.ones(10))
+                options = batched_rounds if batched_rounds and name != "backend" else {}
+                create_reducer(name, **options).allreduce_(torch.ones(10))
             dist.barrier()
             failure_mode(mode, rank, results, float(sys.argv[3]))
     except Exception:  # noqa: BLE001 -- reported to the test
@@ -173,7 +257,7 @@ def main() -> None:
     results["failures"] = failures
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
-    if mode == "check":
+    if mode in ("check", "batched"):
         shutdown()
     else:
         os._exit(0)  # the group is broken; leave without a collective goodbye

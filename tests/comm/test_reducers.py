@@ -138,10 +138,46 @@ def test_every_algorithm_matches_gloo_allreduce(tmp_path, world):
         )
 
 
-def test_a_peer_that_leaves_gives_comm_error_for_every_algorithm(tmp_path):
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_batched_rounds_match_gloo_allreduce_and_the_unbatched_algorithm(tmp_path, world):
+    """The NCCL path (one batch_isend_irecv per round), forced on gloo: exact for integer values, bitwise the
+    unbatched algorithm's sums, the same bytes sent as the unbatched path and as the formulas."""
+    results = _run(tmp_path, world, "batched")
+    for result in results:
+        assert result["failures"] == [], "\n".join(result["failures"])
+        assert result["cases"] >= 42
+    for name in REDUCERS:
+        if name == "backend":
+            continue
+        for n in (1000, 5, 1):
+            batched = [result["bytes"][f"{name} batched=True n={n}"] for result in results]
+            plain = [result["bytes"][f"{name} batched=False n={n}"] for result in results]
+            expected = [4 * FORMULAS[name](rank, world, n) for rank in range(world)]
+            assert batched == plain == expected, (name, n)
+
+
+def test_batched_rounds_are_chosen_for_nccl_and_can_be_forced(monkeypatch):
+    from distlearn.comm.reducers import Message
+
+    ring = create_reducer("ring")
+    assert ring.batched is None and not ring._batched_for(torch.ones(3), None)  # automatic: CUDA on NCCL only
+    assert create_reducer("ring", batched=False)._batched_for(torch.ones(3), None) is False
+    assert create_reducer("tree", batched=True)._batched_for(torch.ones(3), None) is True
+    assert create_reducer("tree", batched=True).batched is True
+    with pytest.raises(ConfigError, match="batched must be true, false or None"):
+        create_reducer("ring", batched="yes")
+    monkeypatch.setenv("DISTLEARN_BATCHED_P2P", "1")  # None then means batched, on any backend
+    assert ring._batched_for(torch.ones(3), None) is True
+    assert create_reducer("ring", batched=False)._batched_for(torch.ones(3), None) is False
+    message = Message(True, torch.ones(2), 1, "chunk 0")
+    assert message.sending and message.then is None
+
+
+@pytest.mark.parametrize("mode", ["", "batched"])
+def test_a_peer_that_leaves_gives_comm_error_for_every_algorithm(tmp_path, mode):
     timeout_s = 20
     start = time.monotonic()
-    results = _run(tmp_path, 2, "die", str(timeout_s))
+    results = _run(tmp_path, 2, "die", str(timeout_s), *([mode] if mode else []))
     assert time.monotonic() - start < 60
     errors = results[0]["errors"]
     assert set(errors) == set(REDUCERS)
@@ -150,12 +186,16 @@ def test_a_peer_that_leaves_gives_comm_error_for_every_algorithm(tmp_path):
         assert error["error"].startswith(f"{name} allreduce: rank 0 ")
         assert "peer may have died" in error["error"]
         assert error["seconds"] < timeout_s
-    assert "receiving chunk 1 (reduce-scatter step 0) from rank 1" in errors["ring"]["error"]
+    if mode:  # a round's messages are waited in order: the first one posted, the send, reports
+        pattern = r"(receiving chunk 1|sending chunk 0) \(reduce-scatter step 0\) (from|to) rank 1"
+        assert re.search(pattern, errors["ring"]["error"])
+    else:
+        assert "receiving chunk 1 (reduce-scatter step 0) from rank 1" in errors["ring"]["error"]
 
 
-@pytest.mark.parametrize("name", ["ring", "rabenseifner"])
-def test_a_peer_that_never_calls_times_out_with_a_clear_error(tmp_path, name):
-    results = _run(tmp_path, 2, "hang", "2", name)
+@pytest.mark.parametrize("name, mode", [("ring", ""), ("rabenseifner", ""), ("tree", "batched")])
+def test_a_peer_that_never_calls_times_out_with_a_clear_error(tmp_path, name, mode):
+    results = _run(tmp_path, 2, "hang", "2", name, *([mode] if mode else []))
     error = results[0]["errors"][name]
     assert not error.get("wrong_type"), error
     # gloo completes a send only once the receiver has posted its receive, so either side can time out
@@ -188,7 +228,7 @@ def test_create_reducer_names_the_choices_and_checks_options():
     with pytest.raises(ConfigError, match="choose one of: backend, ring, tree, rabenseifner, segmented-ring"):
         create_reducer("butterfly")
     with pytest.raises(
-        ConfigError, match="does not take segment_bytes; its options are: timeout_s, tag, duplex"
+        ConfigError, match="does not take segment_bytes; its options are: timeout_s, tag, duplex, batched"
     ):
         create_reducer("ring", segment_bytes=1024)
     with pytest.raises(ConfigError, match="segment_bytes must be a positive integer"):

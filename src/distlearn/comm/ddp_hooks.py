@@ -77,7 +77,8 @@ def compression_ddp_comm_hook(
         with torch.no_grad():
             reduce_bucket(codec, flat, context, exchange)
             flat.div_(world_size)
-        future: torch.futures.Future = torch.futures.Future()
+        # CUDA: a CUDA-aware future, completed on the current stream (DDP's later kernels are ordered after)
+        future: torch.futures.Future = torch.futures.Future(devices=[flat.device] if flat.is_cuda else None)
         future.set_result(flat)
         return future
 

@@ -9,6 +9,9 @@ A twin is created collectively on the group's first duplex allreduce (every memb
 same point of its program) and cached for the process, shared by every reducer. Its life cycle is public:
 
 * :func:`twin_group` ``(group, timeout_s)``: the twin of ``group``, created on first use;
+* :func:`warm_group` ``(group, device)``: one allreduce of a single zero on ``group`` the first time a
+  reducer runs batched rounds there (NCCL sets up the group's communicator on its first collective, and
+  ``batch_isend_irecv`` as a group's first operation must involve every rank, which a round need not);
 * :func:`release_groups`: forget every cached group. Call it before destroying the default process group
   (:func:`distlearn.launch.shutdown` does): a group still referenced from here at interpreter exit would
   be torn down during finalization, where gloo's threads can abort the process ("terminate called
@@ -21,11 +24,13 @@ import threading
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
-__all__ = ["release_groups", "twin_group"]
+__all__ = ["release_groups", "twin_group", "warm_group"]
 
 _TWINS: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
+_WARM: dict[tuple[int, int, str], tuple[Any, Any]] = {}
 _LOCK = threading.Lock()
 
 
@@ -44,8 +49,23 @@ def twin_group(group: Any, timeout_s: float) -> Any:
     return entry[2]
 
 
+def warm_group(group: Any, device: torch.device, timeout_s: float) -> None:
+    """Run one collective on ``group`` (None: the default group) with a tensor on ``device``, waited for at
+    most ``timeout_s``, once per process until :func:`release_groups` (collectively: every member at the
+    same point of its program)."""
+    world = dist.group.WORLD
+    key = (id(group), id(world), str(device))
+    with _LOCK:
+        if key in _WARM:
+            return
+        work = dist.all_reduce(torch.zeros(1, device=device), group=group, async_op=True)
+        work.wait(timedelta(seconds=timeout_s))
+        _WARM[key] = (group, world)  # holding them keeps their ids unique
+
+
 def release_groups() -> None:
-    """Forget every cached twin group (and the groups they were keyed on); the next duplex allreduce
-    creates its twin afresh. Call before ``torch.distributed.destroy_process_group``."""
+    """Forget every cached twin group (and the groups they were keyed on) and which groups are warm; the
+    next duplex allreduce creates its twin afresh. Call before ``torch.distributed.destroy_process_group``."""
     with _LOCK:
         _TWINS.clear()
+        _WARM.clear()

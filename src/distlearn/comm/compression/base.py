@@ -42,6 +42,7 @@ name (e.g. ``"dgc"``: ``MomentumCorrection(ErrorFeedback(DGCSparsifier))``).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -62,7 +63,9 @@ __all__ = [
     "bytes_to_payload",
     "pack_bits",
     "payload_to_bytes",
+    "span_index",
     "stream_seed",
+    "to_device",
     "unpack_bits",
 ]
 
@@ -132,7 +135,8 @@ def payload_to_bytes(tensors: Sequence[torch.Tensor], *, header: bool) -> torch.
     """
     parts = []
     if header:
-        counts = torch.tensor([t.numel() for t in tensors], dtype=torch.int32, device=tensors[0].device)
+        device = tensors[0].device if tensors else torch.device("cpu")
+        counts = to_device(torch.tensor([t.numel() for t in tensors], dtype=torch.int32), device)
         parts.append(counts.view(torch.uint8))
     for t in tensors:
         parts.append(t.contiguous().reshape(-1).view(torch.uint8))
@@ -142,11 +146,18 @@ def payload_to_bytes(tensors: Sequence[torch.Tensor], *, header: bool) -> torch.
 def bytes_to_payload(
     buffer: torch.Tensor, dtypes: Sequence[torch.dtype], counts: Sequence[int] | None
 ) -> list[torch.Tensor]:
-    """Inverse of :func:`payload_to_bytes` (``counts`` None: read them from the header)."""
+    """Inverse of :func:`payload_to_bytes` (``counts`` None: read them from the header).
+
+    A payload of one tensor with a header needs no look at it: its count follows from the buffer's length
+    (a host read of a device buffer is a synchronisation; with several tensors the header is read).
+    """
     offset = 0
     if counts is None:
         header_bytes = 4 * len(dtypes)
-        counts = buffer[:header_bytes].clone().view(torch.int32).tolist()
+        if len(dtypes) == 1:
+            counts = [(buffer.numel() - header_bytes) // torch.empty(0, dtype=dtypes[0]).element_size()]
+        else:  # a synchronisation per payload on a GPU (no codec of ours sends several variable tensors)
+            counts = buffer[:header_bytes].clone().view(torch.int32).tolist()
         offset = header_bytes
     tensors = []
     for dtype, count in zip(dtypes, counts, strict=True):
@@ -302,6 +313,35 @@ def check_positive(name: str, value: float, what: str, *, integer: bool = False)
     if integer and int(value) != value:
         raise ConfigError(f"{what}: {name} must be an integer, got {value!r}")
     return value
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor``, built on the host, on ``device`` without a host synchronisation: on CUDA it is staged in
+    pinned memory and copied asynchronously on the current stream (a plain copy from pageable memory
+    synchronises); on the CPU it is returned as it is."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return tensor
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _span_index(shapes: tuple[tuple[int, ...], ...], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = [math.prod(shape) for shape in shapes]
+    counts = torch.tensor(lengths, dtype=torch.int64)
+    index = torch.repeat_interleave(torch.arange(len(lengths)), counts, output_size=sum(lengths))
+    return to_device(index, device), to_device(counts.to(torch.float64), device)
+
+
+def span_index(shapes: Shapes, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a bucket laid out as ``shapes``: the parameter each element belongs to (int64, one per element)
+    and each parameter's element count (float64), on ``device``. Built once per layout and device (cached;
+    constants, not state), so per-tensor reductions and expansions are single tensor operations
+    (``scatter_reduce`` over the index, ``values[index]``) with no loop and no host synchronisation."""
+    key = tuple(tuple(int(n) for n in shape) for shape in shapes)
+    return _span_index(key, str(torch.device(device)))
 
 
 def parameter_spans(shapes: Shapes) -> list[tuple[int, int]]:

@@ -16,13 +16,18 @@ rank has its own scales. No residual (the paper has none).
 
 Where we differ: the byte sent is the index of the value in the sorted code book (the same 256 values as
 the paper's bit layout, in a different order), which makes decoding one table lookup.
+
+On a GPU: the scales are one ``scatter_reduce`` (``amax``) over the bucket's parameter index
+(:func:`~.base.span_index`) and are applied by gathering them per element, so no value is read on the
+host; the code book and the lookup table are copied to each device once. The arithmetic is the one of the
+per-tensor loop it replaces (``x = g * float32(1 / s)``), so the payload has the same bits.
 """
 
 from __future__ import annotations
 
 import torch
 
-from distlearn.comm.compression.base import BucketContext, Codec, Payload, WireFormat, parameter_spans
+from distlearn.comm.compression.base import BucketContext, Codec, Payload, WireFormat, span_index, to_device
 
 __all__ = ["DynamicTree8Bit", "Linear8Bit", "dynamic_tree_codebook"]
 
@@ -50,20 +55,19 @@ class _EightBit(Codec):
 
     def encode(self, tensor: torch.Tensor, context: BucketContext) -> Payload:
         flat = tensor
-        spans = parameter_spans(context.shapes)
-        maxima = [float(flat[a:b].abs().max()) if b > a else 0.0 for a, b in spans]
-        x = torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
-        for (a, b), scale in zip(spans, maxima, strict=True):  # x = g / s per tensor (s = 0: x = g = 0)
-            torch.mul(flat[a:b], 1.0 / scale if scale > 0 else 1.0, out=x[a:b])
-        scales = torch.tensor(maxima, dtype=torch.float32, device=flat.device)
+        index, _ = span_index(context.shapes, flat.device)
+        # s = max |g| per tensor (0 for an empty one): exact in any order
+        scales = flat.new_zeros(len(context.shapes), dtype=torch.float32)
+        scales.scatter_reduce_(0, index, flat.abs().to(torch.float32), "amax")
+        # x = g / s per tensor as g * float32(1 / s), 1 / s in double (s = 0: x = g = 0)
+        inverse = torch.where(scales > 0, 1.0 / scales.double(), 1.0).to(torch.float32)
+        x = flat * inverse[index]
         return Payload({"codes": self._quantise(x), "scales": scales})
 
     def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:
         out = self._dequantise(payload.tensors["codes"])
-        scales = payload.tensors["scales"].tolist()
-        for (a, b), scale in zip(parameter_spans(context.shapes), scales, strict=True):
-            out[a:b].mul_(scale)
-        return out
+        index, _ = span_index(context.shapes, out.device)
+        return out.mul_(payload.tensors["scales"][index])
 
     def expected_nbytes(self, context: BucketContext) -> int:
         return context.numel + 4 * len(context.shapes)
@@ -90,6 +94,7 @@ class DynamicTree8Bit(_EightBit):
         self.codebook = dynamic_tree_codebook()
         self.midpoints = (self.codebook[1:] + self.codebook[:-1]) / 2
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # constants
 
     def _quantise(self, x: torch.Tensor) -> torch.Tensor:
         """The index of the nearest code value: how many midpoints lie below ``x`` (``searchsorted``).
@@ -99,12 +104,18 @@ class DynamicTree8Bit(_EightBit):
         number of midpoints below the cell. No cell holds two midpoints (checked when the table is
         built), so one comparison with the next midpoint finishes the count: exactly ``searchsorted``.
         """
-        base, upper = self._lookup()
-        if base.device != x.device:  # built on the CPU once, kept on the device of the input
-            base, upper = self._table = (base.to(x.device), upper.to(x.device))
+        base, upper, _ = self._constants(x.device)
         cell = (x.contiguous().view(torch.int32) >> 12) & 0xFFFFF
         count = base[cell.to(torch.int64)]
         return count.add_(upper[count.to(torch.int64)] < x).to(torch.uint8)
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The lookup table (:meth:`_lookup`) and the code book on ``device``, copied there once."""
+        key = str(device)
+        if key not in self._on_device:
+            tables = (*self._lookup(), self.codebook)
+            self._on_device[key] = tuple(to_device(t, device) for t in tables)  # type: ignore[assignment]
+        return self._on_device[key]
 
     def _lookup(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._table is None:
@@ -121,6 +132,4 @@ class DynamicTree8Bit(_EightBit):
         return self._table
 
     def _dequantise(self, codes: torch.Tensor) -> torch.Tensor:
-        if self.codebook.device != codes.device:
-            self.codebook = self.codebook.to(codes.device)
-        return self.codebook[codes.long()]
+        return self._constants(codes.device)[2][codes.long()]

@@ -6,6 +6,10 @@ allreduce of ``n`` bytes on ``R`` ranks the ``2 (R - 1) / R n`` of gloo's ring (
 :class:`distlearn.comm.reducers.BackendReducer`), for an all-gather of a ``b``-byte payload the ``(R - 1) b``
 of a ring all-gather (including padding to the largest payload and the small length exchange of codecs
 with variable-size payloads). Counted from the tensors actually handed to ``torch.distributed``.
+
+On a GPU the exchange reads one thing on the host: for a variable-size payload (``same_size=False``) the
+all-gathered lengths, one synchronisation per bucket (the receive buffers' sizes depend on them); the
+payloads themselves stay on the device.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from distlearn.comm.compression.base import (
     Payload,
     bytes_to_payload,
     payload_to_bytes,
+    to_device,
 )
 from distlearn.errors import CommError
 
@@ -66,12 +71,12 @@ class Exchange:
             return [payload]
         lengths = [payload.numel()] * size
         if not same_size:
-            mine = torch.tensor([payload.numel()], dtype=torch.int64)
+            mine = to_device(torch.tensor([payload.numel()], dtype=torch.int64), payload.device)
             gathered = [torch.empty_like(mine) for _ in range(size)]
             self.bytes_sent += (size - 1) * mine.numel() * mine.element_size()
             self.messages += size - 1
             self._wait(dist.all_gather(gathered, mine, group=self.group, async_op=True), f"lengths of {what}")
-            lengths = [int(t) for t in gathered]
+            lengths = torch.cat(gathered).tolist()  # the one host read (synchronisation) per bucket
             longest = max(lengths)
             if payload.numel() < longest:
                 payload = torch.cat([payload, payload.new_zeros(longest - payload.numel())])

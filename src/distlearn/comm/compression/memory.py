@@ -13,6 +13,11 @@ stays pure. Wrappers compose by wrapping: ``MomentumCorrection(ErrorFeedback(Top
   so the optimizer must have none: :func:`check_optimizer` is that check, one call per entry point.
 * :class:`RandomStream`: this rank's ``torch.Generator`` for stochastic rounding (TernGrad, QSGD), seeded
   from ``context.stream_seed`` on first use, saved in checkpoints so a resumed run repeats the draws.
+
+On a GPU: the state tensors are created like the bucket (``zeros_like``: its device); DGC's clipping
+compares the norm with the bound and scales on the device (no host read of the norm); a random stream
+keeps one generator per device (a CUDA tensor needs a CUDA generator), each seeded from the same
+``stream_seed`` when first used.
 """
 
 from __future__ import annotations
@@ -126,18 +131,39 @@ class MomentumState:
 
 class RandomStreamState:
     """This rank's random generator (one for every bucket, drawn from in call order) and whether it has been
-    seeded yet (it is seeded from ``context.stream_seed`` at the first encode, unless restored)."""
+    seeded yet (it is seeded from ``context.stream_seed`` at the first encode, unless restored).
+
+    ``generator`` draws for CPU tensors; a tensor on another device draws from that device's generator
+    (:meth:`generator_for`, in ``devices``), created and seeded from the same ``stream_seed`` on first use.
+    Every generator's state is saved (``"generator"``: the CPU one, as before; ``"devices"``: the others).
+    """
 
     def __init__(self) -> None:
         self.generator = torch.Generator().manual_seed(0)
         self.seeded = False
+        self.devices: dict[str, torch.Generator] = {}
+        self._saved: dict[str, torch.Tensor] = {}  # restored states of device generators not created yet
+
+    def generator_for(self, device: torch.device, seed: int) -> torch.Generator:
+        """The generator for tensors on ``device`` (seeded from ``seed`` when created, unless restored)."""
+        if device.type == "cpu":
+            return self.generator
+        key = str(device)
+        generator = self.devices.get(key)
+        if generator is None:
+            generator = self.devices[key] = torch.Generator(device=device).manual_seed(seed)
+            if key in self._saved:
+                generator.set_state(self._saved.pop(key))
+        return generator
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "seeded": self.seeded}
+        devices = {**self._saved, **{k: g.get_state() for k, g in self.devices.items()}}
+        return {"generator": self.generator.get_state(), "seeded": self.seeded, "devices": devices}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         self.seeded = bool(state.get("seeded", True))
+        self.devices, self._saved = {}, dict(state.get("devices", {}))
 
 
 # -- wrappers ----------------------------------------------------------------------------------------------
@@ -257,11 +283,10 @@ class MomentumCorrection(CodecWrapper):
     def encode(self, tensor: torch.Tensor, context: BucketContext) -> Payload:
         velocity = self.state.velocity(context.key, tensor)  # u
         g = tensor
-        if self.clip_norm is not None:
+        if self.clip_norm is not None:  # g * float32(bound / norm) where norm > bound, on the device
             bound = self.clip_norm / math.sqrt(context.world_size)
-            norm = float(g.norm())
-            if norm > bound:
-                g = g * (bound / norm)
+            norm = g.norm().to(torch.float64)
+            g = g * torch.where(norm > bound, bound / norm, 1.0).to(g.dtype)
         velocity.mul_(self.momentum).add_(g)
         payload = self.codec.encode(velocity, context)
         if self.mask_sent:
@@ -283,7 +308,8 @@ class RandomStream(CodecWrapper):
         if not self.state.seeded:
             self.state.generator.manual_seed(context.stream_seed)
             self.state.seeded = True
-        return self.codec.encode(tensor, replace(context, generator=self.state.generator))
+        generator = self.state.generator_for(tensor.device, context.stream_seed)
+        return self.codec.encode(tensor, replace(context, generator=generator))
 
 
 # -- the optimizer check -------------------------------------------------------------------------------------

@@ -32,6 +32,12 @@ Composition: :class:`OneBitSGD` quantises ``v``; the residual is :class:`~.memor
 velocity :class:`~.memory.MomentumCorrection` around it (``create_compressor("onebit", momentum=0.9)``
 builds ``MomentumCorrection(ErrorFeedback(OneBitSGD()))``).
 
+On a GPU: the counts of non-negative entries are one ``index_add_`` over the bucket's parameter index
+(:func:`~.base.span_index`), the sums ``sum v`` and ``sum_{v >= 0} v`` stay per-tensor reductions (the
+same kernels as before, so the same bits) but as device tensors, and ``a+``, ``a-`` follow by tensor
+arithmetic in double, as the Python floats did: nothing is read on the host. Decoding gathers each
+element's ``a-`` and ``a+ - a-`` through the index.
+
 Where we differ: Seide et al. reconstruct per *column* of each weight matrix; we use one pair per tensor
 (per-row pairs for LeNet would add ~25% to the payload and cost the 30x goal; per-row and per-column pairs
 measured no better than per-tensor with the momentum correction).
@@ -49,6 +55,7 @@ from distlearn.comm.compression.base import (
     WireFormat,
     pack_bits,
     parameter_spans,
+    span_index,
     unpack_bits,
 )
 
@@ -65,15 +72,18 @@ class OneBitSGD(Codec):
         v, shapes = tensor, context.shapes
         positive = v >= 0
         ones = positive.to(torch.float32)  # 1 where v_i >= 0: sums over a side are dot products
-        pairs = []  # (a+, a-) per tensor
-        for a, b in parameter_spans(shapes):
-            part, up = v[a:b], ones[a:b]
-            ups = int(up.sum())
-            total, up_total = float(part.sum()), float(torch.dot(part, up))
-            plus = up_total / ups if ups else 0.0  # a side with no elements gets 0
-            minus = (total - up_total) / (b - a - ups) if b - a - ups else 0.0
-            pairs.append((plus, minus))
-        levels = torch.tensor(pairs, dtype=torch.float32, device=v.device).reshape(len(shapes), 2)
+        index, lengths = span_index(shapes, v.device)
+        spans = parameter_spans(shapes)
+        ups = lengths.new_zeros(len(shapes)).index_add_(0, index, ones.to(torch.float64))  # exact counts
+        downs = lengths - ups
+        if spans:  # per tensor, as 0-d device tensors: the same reductions (and bits) as a host loop
+            total = torch.stack([v[a:b].sum() for a, b in spans]).to(torch.float64)
+            up_total = torch.stack([torch.dot(v[a:b], ones[a:b]) for a, b in spans]).to(torch.float64)
+        else:
+            total = up_total = lengths.new_zeros(0)
+        plus = torch.where(ups > 0, up_total / ups, 0.0)  # a side with no elements gets 0
+        minus = torch.where(downs > 0, (total - up_total) / downs, 0.0)
+        levels = torch.stack([plus, minus], dim=1).to(torch.float32)  # (tensors, 2): a+, a-
         return Payload({"signs": pack_bits(positive, 1), "levels": levels.reshape(-1)})
 
     def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:
@@ -82,11 +92,12 @@ class OneBitSGD(Codec):
 
     @staticmethod
     def _expand(ones: torch.Tensor, levels: torch.Tensor, shapes: Shapes) -> torch.Tensor:
-        """``a+`` where ``ones`` is 1, ``a-`` where it is 0, per tensor: ``a- + ones * (a+ - a-)``."""
-        out = torch.empty(ones.numel(), dtype=torch.float32, device=ones.device)
-        for (a, b), (plus, minus) in zip(parameter_spans(shapes), levels.tolist(), strict=True):
-            torch.mul(ones[a:b], plus - minus, out=out[a:b]).add_(minus)
-        return out
+        """``a+`` where ``ones`` is 1, ``a-`` where it is 0, per tensor: ``a- + ones * (a+ - a-)``, with
+        ``a+ - a-`` rounded from double to float32 (as a Python-float difference was)."""
+        index, _ = span_index(shapes, ones.device)
+        plus, minus = levels[:, 0], levels[:, 1]
+        step = (plus.to(torch.float64) - minus.to(torch.float64)).to(torch.float32)
+        return (ones * step[index]).add_(minus[index])
 
     def expected_nbytes(self, context: BucketContext) -> int:
         return (context.numel + 7) // 8 + 8 * len(context.shapes)

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from distlearn.comm.compression.base import BucketContext, CollectiveCodec, Shapes, parameter_spans
+from distlearn.comm.compression.base import BucketContext, CollectiveCodec, Shapes, parameter_spans, to_device
 from distlearn.comm.compression.exchange import Exchange
 from distlearn.comm.compression.memory import ErrorFeedbackState, upgrade_state_dict
 from distlearn.errors import ConfigError
@@ -161,8 +161,8 @@ class PowerSGD(CollectiveCodec):
             matrices.append((index, v[a:b].view(n, m)))
             if self.warm_start and index in kept:
                 qs.append(_orthogonalise(kept[index]))
-            else:
-                qs.append(self.initial_q(context.seed, key, index, step, m, r).to(v.device))
+            else:  # drawn on the host (the same on every rank), copied without a synchronisation
+                qs.append(to_device(self.initial_q(context.seed, key, index, step, m, r), v.device))
         # exchange 1: the uncompressed tensors and every P = M Q, in one allreduce
         ps = [matrix @ q for (_, matrix), q in zip(matrices, qs, strict=True)]  # (n, r) each
         first = torch.cat([t.reshape(-1) for t in dense + ps]) if dense or ps else v.new_zeros(0)

@@ -31,7 +31,14 @@ from typing import Any
 
 import torch
 
-from distlearn.comm.compression.base import BucketContext, Codec, Payload, WireFormat, check_fraction
+from distlearn.comm.compression.base import (
+    BucketContext,
+    Codec,
+    Payload,
+    WireFormat,
+    check_fraction,
+    to_device,
+)
 
 __all__ = ["RandomK", "TopK", "keep_count", "scatter_indexed"]
 
@@ -43,8 +50,9 @@ def keep_count(numel: int, density: float) -> int:
 
 def scatter_indexed(payload: Payload, numel: int) -> torch.Tensor:
     """The dense vector of an (``indices``, ``values``) payload: zeros elsewhere (repeated indices add)."""
-    out = torch.zeros(numel, dtype=torch.float32, device=payload.tensors["values"].device)
-    out.index_put_((payload.tensors["indices"].long(),), payload.tensors["values"], accumulate=True)
+    values = payload.tensors["values"]
+    out = torch.zeros(numel, dtype=torch.float32, device=values.device)
+    out.index_put_((payload.tensors["indices"].long(),), values, accumulate=True)
     return out
 
 
@@ -95,7 +103,9 @@ class RandomK(Codec):
         return torch.randperm(numel, generator=generator)[: keep_count(numel, self.density)]
 
     def encode(self, tensor: torch.Tensor, context: BucketContext) -> Payload:
-        indices = self.indices(context.seed, context.key, context.step, tensor.numel()).to(tensor.device)
+        # drawn on the host (the same set on every rank whatever its device), copied without a synchronisation
+        drawn = self.indices(context.seed, context.key, context.step, tensor.numel())
+        indices = to_device(drawn, tensor.device)
         return Payload({"values": tensor[indices].clone()}, {"indices": indices})
 
     def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:

@@ -25,7 +25,14 @@ so ``|Q_s(v)_i - v_i| <= ||v|| / s`` and ``E ||Q_s(v) - v||^2 <= min(n / s^2, sq
 Random draws come from ``context.generator``: this rank's ``torch.Generator``, which
 :class:`~.memory.RandomStream` keeps (seeded from ``(seed, rank)``, saved in checkpoints), so the ranks'
 draws are independent and a resumed run repeats the same draws (``create_compressor("qsgd")`` builds
-``RandomStream(QSGD())``).
+``RandomStream(QSGD())``). The draws are made on the tensor's device with that device's generator
+(:class:`~.memory.RandomStreamState` keeps one per device, seeded alike; a CUDA generator draws other
+numbers than the CPU one, so a run on a GPU rounds differently from the same run on the CPU).
+
+On a GPU nothing is read on the host: TernGrad's clipping bound ``c * std`` stays a per-tensor device
+tensor (the same reduction as before, so the same bits), its scales are one ``scatter_reduce``
+(``amax``) over the bucket's parameter index (:func:`~.base.span_index`), and both expand per element by
+gathering through that index.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from distlearn.comm.compression.base import (
     check_positive,
     pack_bits,
     parameter_spans,
+    span_index,
     unpack_bits,
 )
 from distlearn.errors import ConfigError
@@ -80,28 +88,26 @@ class TernGrad(Codec):
     def encode(self, tensor: torch.Tensor, context: BucketContext) -> Payload:
         spans = parameter_spans(context.shapes)
         g = tensor.clone()
-        scales = torch.zeros(len(spans), dtype=torch.float32, device=g.device)
-        for index, (a, b) in enumerate(spans):
-            part = g[a:b]
-            if self.clip_sigma is not None and b - a > 1:
-                bound = float(self.clip_sigma * part.std())
-                part.clamp_(-bound, bound)
-            scales[index] = part.abs().max() if b > a else 0.0
-        lengths = torch.tensor([b - a for a, b in spans], device=g.device)
-        per_element = torch.repeat_interleave(scales, lengths)
+        if self.clip_sigma is not None:
+            for a, b in spans:
+                if b - a > 1:  # bound = c * std as a 0-d device tensor (no host read)
+                    bound = self.clip_sigma * g[a:b].std()
+                    g[a:b].clamp_(-bound, bound)
+        index, _ = span_index(context.shapes, g.device)
+        scales = g.new_zeros(len(spans), dtype=torch.float32).scatter_reduce_(0, index, g.abs(), "amax")
+        per_element = scales[index]
         probability = torch.where(
             per_element > 0, g.abs() / per_element.clamp_min(1e-30), torch.zeros_like(g)
         )
-        generator = _generator(context, self.name)
-        keep = torch.rand(g.numel(), generator=generator, device=generator.device).to(g.device) < probability
+        draws = torch.rand(g.numel(), generator=_generator(context, self.name), device=g.device)
+        keep = draws < probability
         ternary = torch.sign(g) * keep  # -1, 0, 1
         return Payload({"codes": pack_bits((ternary + 1).to(torch.uint8), 2), "scales": scales})
 
     def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:
         ternary = unpack_bits(payload.tensors["codes"], 2, context.numel).to(torch.float32) - 1
-        scales = payload.tensors["scales"]
-        lengths = torch.tensor([math.prod(s) for s in context.shapes], device=scales.device)
-        return ternary * torch.repeat_interleave(scales, lengths)
+        index, _ = span_index(context.shapes, ternary.device)
+        return ternary * payload.tensors["scales"][index]
 
     def expected_nbytes(self, context: BucketContext) -> int:
         return (context.numel + 3) // 4 + 4 * len(context.shapes)
@@ -141,9 +147,8 @@ class QSGD(Codec):
         norms = chunks.norm(dim=1).to(torch.float32)  # (chunks,)
         scaled = chunks.abs() / norms.clamp_min(1e-30).unsqueeze(1) * self.levels  # in [0, s]
         lower = scaled.floor()
-        generator = _generator(context, self.name)
-        up = torch.rand(scaled.shape, generator=generator, device=generator.device).to(scaled.device)
-        up = up < (scaled - lower)
+        draws = torch.rand(scaled.shape, generator=_generator(context, self.name), device=scaled.device)
+        up = draws < (scaled - lower)
         level = (lower + up).clamp_max(self.levels)
         signed = (torch.sign(chunks) * level).reshape(-1)[: flat.numel()]
         codes = (signed + self.levels).to(torch.uint8)  # 0 .. 2s

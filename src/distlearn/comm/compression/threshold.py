@@ -16,6 +16,10 @@ lengths, then the words (padded to the longest).
 The codec sends ``+-tau`` for ``v``; the residual is :class:`~.memory.ErrorFeedback` around it
 (``create_compressor("threshold")`` builds both).
 
+On a GPU: encoding selects the chosen words (``masked_select``), whose number the device must tell the
+host (the payload's size): one synchronisation per bucket, unavoidable for a variable-size payload, besides
+the all-gather of the payloads' lengths (:class:`~.exchange.Exchange`). Decoding has none.
+
 Tuning: ``tau`` sets the compression directly; too small sends most of the gradient, too large delays
 everything. Strom tuned it per model; a value near the typical gradient magnitude times 2-5 is a start.
 """
@@ -54,8 +58,11 @@ class StromThreshold(Codec):
     def _words(self, chosen: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``index << 1 | (v < 0)`` for every chosen element, as int32, in index order."""
         codes = self.__dict__.get("_codes")  # 2i for every position: a cache of constants, not state
-        if codes is None or codes.numel() < v.numel() or codes.device != v.device:
-            codes = self.__dict__["_codes"] = torch.arange(v.numel(), dtype=torch.int32, device=v.device) << 1
+        if codes is None or codes.numel() < v.numel():
+            codes = torch.arange(v.numel(), dtype=torch.int32, device=v.device) << 1
+            self.__dict__["_codes"] = codes
+        elif codes.device != v.device:
+            codes = self.__dict__["_codes"] = codes.to(v.device)
         return torch.masked_select(codes[: v.numel()] | torch.signbit(v).to(torch.int32), chosen)
 
     def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:

@@ -59,6 +59,23 @@ worker thread per reducer instance, so several outstanding calls run in the orde
 same order on every rank. Use one reducer from one calling thread (plus its worker), and the same
 sequence of calls on every rank of the group.
 
+On NCCL (batched rounds): NCCL wants the sends and receives of one exchange issued together
+(``torch.distributed.batch_isend_irecv``, a ``ncclGroupStart/End``); point-to-point operations posted one by
+one between the same pair of ranks can serialise on one stream and deadlock, and posting a receive ahead for
+a later step (as the paths above do) inside a batch deadlocks too. So every algorithm also exists as a list of
+*rounds* (:class:`Message` lists, built by ``_rounds``): a round holds every send and receive of one step, is
+posted as one batch on ``group`` (no duplex twin), waited with the deadline, and only then are its received
+pieces added and the next round posted. A message and its match at the peer are in the same round, so round
+t of every rank completes once every rank has posted round t: no deadlock. The ring and the tree keep their
+pipelining as a wavefront (segment k of step s travels in round s + k); Rabenseifner's steps are one round
+each. Each sum is taken in the same order as on the unbatched path, so both give the same bits, and send the
+same bytes (``bytes_sent``). Batched rounds are used when the tensor is on a CUDA device and the group's
+backend is NCCL (``batched=None``, the default), or always with ``batched=True`` (that is how the tests run
+them on gloo); before a group's first batched call every rank runs one tiny allreduce on it
+(:func:`distlearn.comm.groups.warm_group`), because NCCL requires a group's first batched point-to-point to
+involve every rank. The asynchronous worker runs a CUDA call on the tensor's device and on a stream ordered
+after the caller's (:mod:`distlearn.comm.reducers.worker`).
+
 Tuning: ``segment_bytes`` of the segmented ring (default 4 MiB; 1 MiB segments measured 0.91-0.99x gloo at
 16-64 MB with R = 2, 4 MiB ones 1.14-1.16x: a message costs much on loopback) trades per-message latency
 against overlap of transfer and summation; tensors smaller than one segment behave exactly like the ring. For
@@ -82,7 +99,9 @@ from distlearn.comm.reducers.base import (
     DEFAULT_TIMEOUT_S,
     BackendReducer,
     Channel,
+    Message,
     Reducer,
+    Rounds,
     chunk_bounds,
 )
 from distlearn.comm.reducers.ring import RingReducer, SegmentedRingReducer
@@ -94,10 +113,12 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "BackendReducer",
     "Channel",
+    "Message",
     "RabenseifnerReducer",
     "REDUCERS",
     "Reducer",
     "RingReducer",
+    "Rounds",
     "SegmentedRingReducer",
     "TreeReducer",
     "chunk_bounds",
@@ -124,8 +145,8 @@ REDUCERS: dict[str, type[Reducer]] = {
 def create_reducer(name: str, **options: Any) -> Reducer:
     """The reducer called ``name`` (a key of :data:`REDUCERS`) built with ``options``.
 
-    Options: ``timeout_s`` and ``tag`` for every reducer, ``segment_bytes`` for ``segmented-ring`` and
-    ``tree``.
+    Options: ``timeout_s``, ``tag``, ``duplex`` and ``batched`` for every reducer, ``segment_bytes`` for
+    ``segmented-ring`` and ``tree``.
     Does not touch the process group, so it can validate a configuration before the job starts.
     """
     if name not in REDUCERS:

@@ -6,10 +6,21 @@ import functools
 
 import torch
 
-from distlearn.comm.reducers.base import DEFAULT_TAG, DEFAULT_TIMEOUT_S, Channel, Reducer, _Op, chunk_bounds
+from distlearn.comm.reducers.base import (
+    DEFAULT_TAG,
+    DEFAULT_TIMEOUT_S,
+    Channel,
+    Message,
+    Reducer,
+    Rounds,
+    _Op,
+    chunk_bounds,
+)
 from distlearn.errors import ConfigError
 
 __all__ = ["RingReducer", "SegmentedRingReducer"]
+
+Span = tuple[int, int]
 
 
 class _Segmented(Reducer):
@@ -22,8 +33,9 @@ class _Segmented(Reducer):
         timeout_s: float = DEFAULT_TIMEOUT_S,
         tag: int = DEFAULT_TAG,
         duplex: bool = True,
+        batched: bool | None = None,
     ) -> None:
-        super().__init__(timeout_s=timeout_s, tag=tag, duplex=duplex)
+        super().__init__(timeout_s=timeout_s, tag=tag, duplex=duplex, batched=batched)
         if segment_bytes is not None and (
             not isinstance(segment_bytes, int) or isinstance(segment_bytes, bool) or segment_bytes <= 0
         ):
@@ -32,6 +44,18 @@ class _Segmented(Reducer):
                 f"got {segment_bytes!r}"
             )
         self.segment_bytes = segment_bytes
+
+    def _segments(self, flat: torch.Tensor, size: int) -> tuple[list[torch.Tensor], list[list[Span]]]:
+        """The ``size`` ring chunks of ``flat`` and each chunk's ``(start, stop)`` segments."""
+        chunks = [flat[start:stop] for start, stop in chunk_bounds(flat.numel(), size)]
+        step = None if self.segment_bytes is None else max(1, self.segment_bytes // flat.element_size())
+
+        def segments(chunk: torch.Tensor) -> list[tuple[int, int]]:
+            length = chunk.numel()
+            width = length if step is None else step
+            return [(a, min(a + width, length)) for a in range(0, length, max(width, 1))]
+
+        return chunks, [segments(chunk) for chunk in chunks]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(segment_bytes={self.segment_bytes}, timeout_s={self.timeout_s:g})"
@@ -60,19 +84,41 @@ class SegmentedRingReducer(_Segmented):
 
     name = "segmented-ring"
 
+    def _rounds(self, flat: torch.Tensor, channel: Channel) -> Rounds:
+        """The ring as batched rounds, pipelined as a wavefront: with the ``2(p-1)`` steps numbered
+        ``s = 0..2p-3`` (reduce-scatter, then all-gather), segment ``k`` of step ``s`` travels in round
+        ``s + k``. It needs segment ``k`` of step ``s - 1``, received and added in round ``s + k - 1``, and
+        both ends of a message compute the same round. Reduce-scatter receives land in a buffer at their
+        chunk's offset (the chunks received in one round differ), all-gather ones in the tensor."""
+        size, rank = channel.size, channel.rank
+        right, left = (rank + 1) % size, (rank - 1) % size
+        chunks, plans = self._segments(flat, size)
+        incoming = self._buffer(flat.dtype, flat.numel(), flat.device).split([c.numel() for c in chunks])
+        rounds: Rounds = {}
+        for s in range(2 * (size - 1)):
+            gather = s >= size - 1
+            t = s - (size - 1) if gather else s  # the step within its phase
+            sent = (rank + 1 - t if gather else rank - t) % size  # the chunk sent in this step
+            got = (rank - t if gather else rank - t - 1) % size  # the chunk received
+            phase = "all-gather" if gather else "reduce-scatter"
+            for k, (a, b) in enumerate(plans[sent]):
+                label = _label(sent, k, len(plans[sent]), phase, t)
+                rounds.setdefault(s + k, []).append(Message(True, chunks[sent][a:b], right, label))
+            for k, (a, b) in enumerate(plans[got]):
+                label = _label(got, k, len(plans[got]), phase, t)
+                if gather:
+                    message = Message(False, chunks[got][a:b], left, label)
+                else:
+                    into = incoming[got][a:b]
+                    add = functools.partial(chunks[got][a:b].add_, into)
+                    message = Message(False, into, left, label, add)
+                rounds.setdefault(s + k, []).append(message)
+        return rounds
+
     def _reduce(self, flat: torch.Tensor, channel: Channel) -> None:
         size, rank = channel.size, channel.rank
         right, left = (rank + 1) % size, (rank - 1) % size
-        bounds = chunk_bounds(flat.numel(), size)
-        chunks = [flat[start:stop] for start, stop in bounds]
-        step = None if self.segment_bytes is None else max(1, self.segment_bytes // flat.element_size())
-
-        def segments(chunk: int) -> list[tuple[int, int]]:
-            length = chunks[chunk].numel()
-            width = length if step is None else step
-            return [(a, min(a + width, length)) for a in range(0, length, max(width, 1))]
-
-        plans = [segments(c) for c in range(size)]
+        chunks, plans = self._segments(flat, size)
         longest = chunks[0].numel()  # chunk 0 is the longest
         received = self._buffer(flat.dtype, (2 if size > 2 else 1) * longest, flat.device)
         rs_recv: dict[tuple[int, int], _Op] = {}
@@ -81,8 +127,7 @@ class SegmentedRingReducer(_Segmented):
         sends: list[_Op] = []
 
         def what(chunk: int, k: int, phase: str, s: int) -> str:
-            part = f" segment {k}" if len(plans[chunk]) > 1 else ""
-            return f"chunk {chunk}{part} ({phase} step {s})"
+            return _label(chunk, k, len(plans[chunk]), phase, s)
 
         def post_rs_recv(s: int, k: int) -> None:
             chunk = (rank - s - 1) % size
@@ -163,9 +208,19 @@ class RingReducer(SegmentedRingReducer):
     name = "ring"
 
     def __init__(
-        self, *, timeout_s: float = DEFAULT_TIMEOUT_S, tag: int = DEFAULT_TAG, duplex: bool = True
+        self,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        tag: int = DEFAULT_TAG,
+        duplex: bool = True,
+        batched: bool | None = None,
     ) -> None:
-        super().__init__(segment_bytes=None, timeout_s=timeout_s, tag=tag, duplex=duplex)
+        super().__init__(segment_bytes=None, timeout_s=timeout_s, tag=tag, duplex=duplex, batched=batched)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(timeout_s={self.timeout_s:g})"
+
+
+def _label(chunk: int, k: int, segments: int, phase: str, step: int) -> str:
+    part = f" segment {k}" if segments > 1 else ""
+    return f"chunk {chunk}{part} ({phase} step {step})"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from distlearn.comm.reducers.base import Channel, Reducer, _Op, chunk_bounds
+from distlearn.comm.reducers.base import Channel, Message, Reducer, Rounds, _Op, chunk_bounds
 from distlearn.comm.reducers.ring import _Segmented
 
 __all__ = ["RabenseifnerReducer", "TreeReducer"]
@@ -32,19 +34,58 @@ class TreeReducer(_Segmented):
 
     name = "tree"
 
-    def _reduce(self, flat: torch.Tensor, channel: Channel) -> None:
+    def _rounds(self, flat: torch.Tensor, channel: Channel) -> Rounds:
+        """The tree as batched rounds, both trees pipelined as a wavefront over the segments: a rank whose
+        lowest set bit is ``2**j`` sends segment ``k`` up in round ``j + k`` (after its children's parts,
+        which came in rounds ``i + k``, ``i < j``); rank ``c`` receives segment ``k`` from its parent in
+        round ``L + popcount(c) - 1 + k`` (``L = ceil(log2 p)``), after its parent had it. Every segment is
+        summed in the same order as :meth:`_reduce` (children by mask), so the results are the same bits."""
         size, rank, n = channel.size, channel.rank, flat.numel()
+        lowest, parent, masks, children, segments = self._shape(flat, size, rank)
+        levels = (size - 1).bit_length()  # L: the root's children are 1, 2, ..., 2**(L-1)
+        incoming = self._buffer(flat.dtype, len(children) * n, flat.device)
+        what = functools.partial(_what, len(segments))
+        rounds: Rounds = {}
+        for k, (a, b) in enumerate(segments):
+            for c, (mask, child) in enumerate(zip(masks, children, strict=True)):
+                into = incoming[c * n + a : c * n + b]
+                add = functools.partial(flat[a:b].add_, into)
+                label = what(k, "the partial sum (reduce)", mask)
+                rounds.setdefault(mask.bit_length() - 1 + k, []).append(
+                    Message(False, into, child, label, add)
+                )
+            if parent is not None:
+                label = what(k, "the partial sum (reduce)", lowest)
+                rounds.setdefault(lowest.bit_length() - 1 + k, []).append(
+                    Message(True, flat[a:b], parent, label)
+                )
+                label = what(k, "the result (broadcast)", lowest)
+                when = levels + rank.bit_count() - 1 + k
+                rounds.setdefault(when, []).append(Message(False, flat[a:b], parent, label))
+            for mask, child in zip(reversed(masks), reversed(children), strict=True):
+                label = what(k, "the result (broadcast)", mask)
+                when = levels + child.bit_count() - 1 + k
+                rounds.setdefault(when, []).append(Message(True, flat[a:b], child, label))
+        return rounds
+
+    def _shape(
+        self, flat: torch.Tensor, size: int, rank: int
+    ) -> tuple[int, int | None, list[int], list[int], list[tuple[int, int]]]:
+        """This rank's lowest set bit, parent, children's masks, children, and the segments of ``flat``."""
+        n = flat.numel()
         lowest = rank & -rank if rank else 1 << size.bit_length()  # the root has every mask below it
         parent = rank - lowest if rank else None
         masks = [1 << k for k in range(size.bit_length()) if (1 << k) < lowest and rank + (1 << k) < size]
         children = [rank + mask for mask in masks]  # reduce order: mask 1, 2, 4, ...
         width = n if self.segment_bytes is None else max(1, self.segment_bytes // flat.element_size())
         segments = [(a, min(a + width, n)) for a in range(0, n, max(width, 1))]
-        incoming = self._buffer(flat.dtype, len(children) * n, flat.device) if children else None
+        return lowest, parent, masks, children, segments
 
-        def what(k: int, part: str, mask: int) -> str:
-            piece = f"segment {k} of " if len(segments) > 1 else ""
-            return f"{piece}{part} (mask {mask})"
+    def _reduce(self, flat: torch.Tensor, channel: Channel) -> None:
+        size, rank, n = channel.size, channel.rank, flat.numel()
+        lowest, parent, masks, children, segments = self._shape(flat, size, rank)
+        incoming = self._buffer(flat.dtype, len(children) * n, flat.device) if children else None
+        what = functools.partial(_what, len(segments))
 
         from_children = {
             (c, k): channel.irecv(
@@ -102,6 +143,58 @@ class RabenseifnerReducer(Reducer):
     """
 
     name = "rabenseifner"
+
+    def _rounds(self, flat: torch.Tensor, channel: Channel) -> Rounds:
+        """Rabenseifner's steps as batched rounds: the fold-in (round 0), each halving step, each doubling
+        step, the fold-out (round ``2 log2 p' + 1``); each step's exchange is one round, summed as in
+        :meth:`_reduce`."""
+        size, rank, n = channel.size, channel.rank, flat.numel()
+        active = 1 << (size.bit_length() - 1)
+        extra = size - active
+        halvings = active.bit_length() - 1
+        incoming = self._buffer(flat.dtype, n, flat.device)
+        rounds: Rounds = {}
+        fold_in, fold_out = "the whole vector (fold-in pre-step)", "the result (fold-out post-step)"
+        if rank < 2 * extra:
+            if rank % 2 == 0:
+                rounds[0] = [Message(True, flat, rank + 1, fold_in)]
+                rounds[2 * halvings + 1] = [Message(False, flat, rank + 1, fold_out)]
+                return rounds
+            rounds[0] = [Message(False, incoming, rank - 1, fold_in, functools.partial(flat.add_, incoming))]
+            rounds[2 * halvings + 1] = [Message(True, flat, rank - 1, fold_out)]
+            virtual = rank // 2
+        else:
+            virtual = rank - extra
+        offsets = [start for start, _ in chunk_bounds(n, active)] + [n]
+        low, high, mask, index = 0, active, active >> 1, 1
+        while mask:
+            middle = (low + high) // 2
+            keep, give = (
+                ((middle, high), (low, middle)) if virtual & mask else ((low, middle), (middle, high))
+            )
+            partner = 2 * (virtual ^ mask) + 1 if (virtual ^ mask) < extra else (virtual ^ mask) + extra
+            k0, k1, g0, g1 = offsets[keep[0]], offsets[keep[1]], offsets[give[0]], offsets[give[1]]
+            into = incoming[: k1 - k0]
+            label = f"(halving, distance {mask})"
+            rounds[index] = [
+                Message(
+                    False,
+                    into,
+                    partner,
+                    f"{_blocks(keep)} {label}",
+                    functools.partial(flat[k0:k1].add_, into),
+                ),
+                Message(True, flat[g0:g1], partner, f"{_blocks(give)} {label}"),
+            ]
+            label = f"(doubling, distance {mask})"
+            rounds[2 * halvings + 1 - index] = [
+                Message(False, flat[g0:g1], partner, f"{_blocks(give)} {label}"),
+                Message(True, flat[k0:k1], partner, f"{_blocks(keep)} {label}"),
+            ]
+            low, high = keep
+            mask >>= 1
+            index += 1
+        return rounds
 
     def _reduce(self, flat: torch.Tensor, channel: Channel) -> None:
         size, rank = channel.size, channel.rank
@@ -165,3 +258,8 @@ class RabenseifnerReducer(Reducer):
 
 def _blocks(span: tuple[int, int]) -> str:
     return f"block {span[0]}" if span[1] - span[0] == 1 else f"blocks {span[0]}..{span[1] - 1}"
+
+
+def _what(segments: int, k: int, part: str, mask: int) -> str:
+    piece = f"segment {k} of " if segments > 1 else ""
+    return f"{piece}{part} (mask {mask})"
