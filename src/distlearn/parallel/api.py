@@ -48,6 +48,24 @@ The rules, beside DDP's:
   async: rank 0) serve inside :func:`parallelize` until every worker has closed its strategy, and then the
   process exits (``SystemExit(0)``): the rest of the user's script runs on the worker ranks only. Workers
   must call ``optimizer.distlearn_strategy.close()`` when they are done (that ends the servers).
+* **Mixed precision.** bf16 needs nothing: run the forward pass and the loss under
+  ``torch.autocast(device_type, dtype=torch.bfloat16)``. fp16 with a loss scaler: pass it to
+  ``parallelize(..., grad_scaler=scaler)`` (strategies ``sync`` and ``ddp``) and combine the gradients
+  before the scaler reads them::
+
+      scaler = torch.amp.GradScaler("cuda")
+      model, optimizer = distlearn.parallelize(model, optimizer, compression="topk", grad_scaler=scaler)
+      with torch.autocast("cuda", dtype=torch.float16):
+          loss = loss_fn(model(x), y)
+      scaler.scale(loss).backward()
+      optimizer.combine_gradients()      # waits for the buckets; with a codec: unscaled before encoding
+      scaler.unscale_(optimizer)         # optional, for clipping: clip_grad_norm_(model.parameters(), c)
+      scaler.step(optimizer)             # skipped alike on every rank when any rank had inf/NaN
+      scaler.update()
+      optimizer.zero_grad()
+
+  ``optimizer.step()`` without a ``combine_gradients()`` before it raises ConfigError (the scaler would
+  have read uncombined gradients). Save ``scaler.state_dict()`` beside the optimizer's to resume exactly.
 * **Hogwild!** shares one model between local processes and keeps its own entry point
   (``distlearn train --strategy hogwild``, :func:`distlearn.parallel.hogwild.launch_hogwild`).
 """
@@ -108,6 +126,7 @@ def parallelize(
     strategy: str = "sync",
     *,
     seed: int = 0,
+    grad_scaler: Any = None,
     **options: Any,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Make ``model`` and ``optimizer`` train as one replica of ``strategy`` (see the module docstring).
@@ -118,7 +137,8 @@ def parallelize(
     ``comm_timeout``, ...; the older ``timeout_s``, ``period`` are accepted too; an unknown one raises
     ConfigError listing them), or ``options=`` an instance of it; for ``ps`` also ``optimizer=``/``lr=``
     (the servers' optimizer; default: the name and rate of ``optimizer``'s class when it is
-    ``torch.optim.SGD``).
+    ``torch.optim.SGD``). ``grad_scaler``: the ``torch.amp.GradScaler`` of an fp16 loop (sync and ddp; see
+    "Mixed precision" in the module docstring).
     """
     if strategy == "hogwild":
         raise ConfigError(
@@ -130,6 +150,12 @@ def parallelize(
         options.setdefault("optimizer", _server_optimizer(optimizer))
         options.setdefault("lr", float(optimizer.param_groups[0]["lr"]))
     chosen = create_strategy(strategy, **options)
+    if grad_scaler is not None and chosen.name not in ("sync", "ddp"):
+        raise ConfigError(
+            f"grad_scaler= works with strategy 'sync' or 'ddp', not {chosen.name!r}: a step the scaler skips "
+            "on one rank must be skipped on all, which only they guarantee in a user's loop; use bf16 "
+            "autocast (no scaler) with this strategy"
+        )
     _check_alone(chosen)
     made_group = _join_alone()
     _register_exit()
@@ -154,9 +180,23 @@ def parallelize(
             chosen.close()
         raise SystemExit(0)  # a server's whole life is serve(): it never returns to the user's loop
     model, optimizer = chosen.prepare(model, optimizer)
-    step = {"t": 0}
+    chosen.use_grad_scaler(grad_scaler)
+    step = {"t": 0, "combined": False}
+
+    def combine_gradients() -> None:
+        chosen.before_step(model, optimizer, step["t"])
+        step["combined"] = True
 
     def before(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if step["combined"]:  # combine_gradients() ran since the last backward
+            step["combined"] = False
+            return
+        if grad_scaler is not None:
+            raise ConfigError(
+                "with grad_scaler=, call optimizer.combine_gradients() after scaler.scale(loss).backward() "
+                "and before scaler.unscale_()/scaler.step(optimizer): the scaler reads the gradients before "
+                "optimizer.step() runs"
+            )
         chosen.before_step(model, opt, step["t"])
 
     def after(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -194,6 +234,7 @@ def parallelize(
     optimizer.register_state_dict_post_hook(saved)
     optimizer.register_load_state_dict_pre_hook(loading)
     optimizer.distlearn_strategy = chosen  # type: ignore[attr-defined]
+    optimizer.combine_gradients = combine_gradients  # type: ignore[attr-defined]
     if not hasattr(model, "no_sync"):  # torch's DDP module (strategy "ddp") has its own
         model.no_sync = _no_sync_of(chosen)  # type: ignore[method-assign]
     return model, optimizer

@@ -183,6 +183,7 @@ class ParameterServer(Strategy):
 
     name = "ps"
     Options = PSOptions
+    amp_modes = ("none", "bf16")  # a worker pushes in before_step, before fp16's scaler could unscale or skip
 
     def __init__(
         self,
