@@ -4,6 +4,10 @@ tests/ranks.py: ``amp_worker.py skip CODECS`` and ``amp_worker.py trainer AMP:CO
 ``trainer``: the trainer loop with ``--amp`` and the sync strategy (replicas compared every step by
 ``check_every=1``, and at the end here); the training loss must fall.
 
+``unscaled``: one step of each codec with the loss scaled by ``S = 2^10`` against the same step unscaled:
+the codec's residuals are bitwise equal (S times larger if the codec encoded ``S g``) and the combined
+gradient is ``S`` times the unscaled one; a step with an inf leaves the codec's state as before it.
+
 ``skip``:
 
 For each codec (``none`` for plain allreduce) it trains a small MLP in a user's loop --
@@ -101,7 +105,9 @@ def same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def finite_state(state: dict[str, Any]) -> bool:
     return all(
-        torch.isfinite(t).all() for t in tensors_of(state).values() if isinstance(t, torch.Tensor) and t.is_floating_point()
+        torch.isfinite(t).all()
+        for t in tensors_of(state).values()
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
     )
 
 
@@ -189,6 +195,63 @@ def skip(codecs: list[str]) -> None:
         dist.destroy_process_group()
 
 
+def one_step(codec: str, rank: int, scaler: Any, inf: bool = False) -> tuple[list[torch.Tensor], dict, Any]:
+    """One step through parallelize(): the combined gradients, the codec's state after it, the guard."""
+    model, optimizer = build()
+    model, optimizer = distlearn.parallelize(
+        model,
+        optimizer,
+        "sync",
+        bucket_mb=BUCKET_MB,
+        grad_scaler=scaler,
+        comm_timeout=60,
+        **CODEC_OPTIONS[codec],
+    )
+    strategy = optimizer.distlearn_strategy
+    try:
+        x, y = data(0, rank)
+        loss = nn.functional.cross_entropy(model(x), y)
+        if inf and rank == 1:
+            loss = loss * float("inf")
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        optimizer.combine_gradients()
+        grads = [p.grad.clone() for p in model.parameters()]
+        return grads, strategy.compressor.state_dict(), strategy.bucketer.scaling
+    finally:
+        strategy.close()
+
+
+def unscaled(codecs: list[str]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, scale = dist.get_rank(), 2.0**10
+    try:
+        for codec in codecs:
+            part = "error_feedback" if codec != "powersgd" else "powersgd"
+            plain_grads, plain_state, guard = one_step(codec, rank, None)
+            before = plain_state[part]["residuals"]
+            check(guard is None and bool(before), f"{codec}: the plain run has residuals and no guard")
+            grads, state, guard = one_step(codec, rank, torch.amp.GradScaler("cpu", init_scale=scale))
+            after = state[part]["residuals"]
+            check(
+                guard.skipped == 0
+                and same_state(before, after)
+                and any(r.abs().max() > 0 for r in after.values()),
+                f"{codec}: residuals equal the unscaled run's",
+            )
+            check(
+                all(torch.equal(g, p * scale) for g, p in zip(grads, plain_grads, strict=True)),
+                f"{codec}: gradient is S times the unscaled one",
+            )
+            _, state, guard = one_step(codec, rank, torch.amp.GradScaler("cpu"), inf=True)
+            check(
+                guard.skipped == 1 and state[part]["residuals"] == {} and state[part]["steps"] == {},
+                f"{codec}: an inf step leaves the state as before",
+            )
+    finally:
+        dist.destroy_process_group()
+
+
 def trainer(out: Path, cases: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -199,12 +262,17 @@ def trainer(out: Path, cases: list[str]) -> None:
             options = dict(CODEC_OPTIONS[codec], bucket_mb=BUCKET_MB, check_every=1, timeout_s=60)
             config = config_for(out / f"run-{amp}-{codec}")
             config = dataclasses.replace(config, amp=amp, steps=40, optimizer="adam", lr=0.003, log_every=8)
-            result = train(config, strategy=SyncDataParallel(**options), train_data=train_set, test_data=test_set)
+            result = train(
+                config, strategy=SyncDataParallel(**options), train_data=train_set, test_data=test_set
+            )
             check(replicas_equal(flat(result.model)), f"trainer {case}: replicas equal")
             if dist.get_rank() == 0:
                 records = [json.loads(line) for line in Path(result.metrics_path).read_text().splitlines()]
                 losses = [r["loss"] for r in records if r["kind"] == "train"]
-                check(losses[-1] < 0.85 * losses[0], f"trainer {case}: loss falls {losses[0]:.3f} -> {losses[-1]:.3f}")
+                check(
+                    losses[-1] < 0.85 * losses[0],
+                    f"trainer {case}: loss falls {losses[0]:.3f} -> {losses[-1]:.3f}",
+                )
     finally:
         dist.destroy_process_group()
 
@@ -213,6 +281,8 @@ if __name__ == "__main__":
     mode, arguments = sys.argv[1], sys.argv[2:]
     if mode == "skip":
         skip(arguments[0].split(","))
+    elif mode == "unscaled":
+        unscaled(arguments[0].split(","))
     elif mode == "trainer":
         trainer(Path(arguments[0]), arguments[1].split(","))
     else:

@@ -28,7 +28,9 @@ def _run(tmp_path: Path, arguments: list[str], timeout: float) -> str:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("codecs", [["none", "topk", "dgc"], ["powersgd", "qsgd", "onebit", "topk-unguarded"]])
+@pytest.mark.parametrize(
+    "codecs", [["none", "topk", "dgc"], ["powersgd", "qsgd", "onebit", "topk-unguarded"]]
+)
 def test_a_step_with_an_inf_on_one_rank_is_skipped_on_every_rank_and_leaves_no_trace(tmp_path, codecs):
     output = _run(tmp_path, ["skip", ",".join(codecs)], timeout=270)
     for codec in codecs:
@@ -52,3 +54,14 @@ def test_the_trainer_with_amp_keeps_replicas_equal_and_learns(tmp_path):
     for case in cases:
         assert output.count(f"OK trainer {case}: replicas equal") == 2, output
         assert output.count(f"OK trainer {case}: loss falls") == 1, output
+
+
+@pytest.mark.timeout(200)
+def test_the_codec_encodes_the_unscaled_gradient(tmp_path):
+    """With the loss scaled by S = 2^10 the codec's residuals are bitwise those of the unscaled run (they
+    would be S times larger if it encoded S g), and the combined gradient is S times the unscaled one."""
+    output = _run(tmp_path, ["unscaled", "topk,powersgd"], timeout=180)
+    for codec in ("topk", "powersgd"):
+        for what in ("residuals equal the unscaled run's", "gradient is S times the unscaled one",
+                     "an inf step leaves the state as before"):  # fmt: skip
+            assert output.count(f"OK {codec}: {what}") == 2, output

@@ -258,7 +258,8 @@ class SyncDataParallel(Strategy):
         steps (:class:`distlearn.amp.LossScaleGuard`); without one, torch's own recipe needs nothing."""
         assert self.bucketer is not None, "prepare() must run before use_grad_scaler()"
         guarded = scaler is not None and self.compressor is not None
-        self.bucketer.scaling = LossScaleGuard(scaler, self.reducer, timeout_s=self.timeout_s) if guarded else None
+        guard = LossScaleGuard(scaler, self.reducer, timeout_s=self.timeout_s) if guarded else None
+        self.bucketer.scaling = guard
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         if self.check_every and (step + 1) % self.check_every == 0:
