@@ -16,8 +16,19 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "distlearn"
 
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
-    ("optim", "comm", "data", "models", "metrics", "checkpoint", "config", "evaluation", "tables", "rundir",
-     "amp"),
+    (
+        "optim",
+        "comm",
+        "data",
+        "models",
+        "metrics",
+        "checkpoint",
+        "config",
+        "evaluation",
+        "tables",
+        "rundir",
+        "amp",
+    ),
     ("launch", "pool"),
     ("parallel", "dni", "rl"),
     ("train",),
