@@ -22,6 +22,10 @@ can be sent while earlier layers are still being differentiated: *overlap*.
 With ``overlap=False`` nothing happens during backward; :meth:`finish` packs and reduces the buckets
 one after the other.
 
+fp16 loss scaling with a codec: :attr:`GradientBucketer.scaling` (a :class:`distlearn.amp.LossScaleGuard`,
+set by the sync strategy) unscales each bucket just before it is sent, and :meth:`finish` lets it agree with
+the other ranks on a skipped step before the averaged gradients, multiplied back by the scale, are written.
+
 Gradient accumulation: inside :meth:`GradientBucketer.paused` (what ``model.no_sync()`` of
 :func:`distlearn.parallelize` uses) the hooks do nothing, so backward only accumulates into ``param.grad``
 and the next backward outside it sends the accumulated gradient. A second backward *outside* it before

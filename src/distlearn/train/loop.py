@@ -11,10 +11,10 @@ where ``L`` is the cross-entropy, ``u`` is the optimizer's update (plain SGD, mo
 combine ``g_t`` or ``w`` (the single-process strategy does nothing). The loop::
 
     for epoch, for step:  x, y = batch(strategy)            # global batch B, this replica's M = B / R
-                          loss = L(model(x), y); loss.backward()
+                          loss = L(model(x), y); loss.backward()   # --amp: autocast; fp16 scales loss
                           strategy.before_step(...)          # e.g. allreduce the gradients
                           clip_grad_norm_(...)               # optional, on the combined gradient
-                          optimizer.step(); scheduler.step(); strategy.after_step(...)
+                          optimizer.step() (fp16: or skip); scheduler.step(); strategy.after_step(...)
                           every log_every steps: a metrics record; every eval_every: test accuracy;
                           every checkpoint_every: an atomic checkpoint
 
