@@ -12,7 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
 
+import distlearn
+from distlearn.errors import ConfigError
 from ranks import run_ranks
 
 HERE = Path(__file__).resolve().parent
@@ -65,3 +70,42 @@ def test_the_codec_encodes_the_unscaled_gradient(tmp_path):
         for what in ("residuals equal the unscaled run's", "gradient is S times the unscaled one",
                      "an inf step leaves the state as before"):  # fmt: skip
             assert output.count(f"OK {codec}: {what}") == 2, output
+
+
+def test_grad_scaler_is_refused_where_a_skip_could_differ_between_ranks():
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(
+        ConfigError, match="grad_scaler= works with strategy 'sync' or 'ddp', not 'local-sgd'"
+    ):
+        distlearn.parallelize(model, optimizer, "local-sgd", grad_scaler=torch.amp.GradScaler("cpu"))
+    assert not dist.is_initialized()  # refused before any group was made
+
+
+@pytest.mark.timeout(60)
+def test_a_step_without_combine_gradients_says_what_to_call():
+    """One process (a group of one): scaler.step() reads the gradients before optimizer.step(), so the
+    strategy must have combined them already; forgetting it is a ConfigError naming the call."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    scaler = torch.amp.GradScaler("cpu")
+    model, optimizer = distlearn.parallelize(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), grad_scaler=scaler
+    )
+    try:
+        x = torch.randn(4, 3)
+        scaler.scale(model(x).square().mean()).backward()
+        with pytest.raises(ConfigError, match=r"call optimizer.combine_gradients\(\) after"):
+            scaler.step(optimizer)
+        scaler.update()  # ends the scaler's iteration that the error interrupted
+        optimizer.zero_grad()
+        before = model.weight.detach().clone()
+        (gradient,) = torch.autograd.grad(model(x).square().mean(), model.weight)
+        scaler.scale(model(x).square().mean()).backward()
+        optimizer.combine_gradients()
+        scaler.step(optimizer)
+        scaler.update()
+        torch.testing.assert_close(model.weight.detach(), before - 0.1 * gradient)  # unscaled, once
+    finally:
+        optimizer.distlearn_strategy.close()
+    assert not dist.is_initialized()

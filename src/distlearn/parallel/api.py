@@ -150,7 +150,7 @@ def parallelize(
         options.setdefault("optimizer", _server_optimizer(optimizer))
         options.setdefault("lr", float(optimizer.param_groups[0]["lr"]))
     chosen = create_strategy(strategy, **options)
-    if grad_scaler is not None and chosen.name not in ("sync", "ddp"):
+    if grad_scaler is not None and chosen.name not in ("sync", "ddp", "single"):
         raise ConfigError(
             f"grad_scaler= works with strategy 'sync' or 'ddp', not {chosen.name!r}: a step the scaler skips "
             "on one rank must be skipped on all, which only they guarantee in a user's loop; use bf16 "
