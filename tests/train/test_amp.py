@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from distlearn.amp import Precision, check_amp
+from distlearn.amp import LossScaleGuard, Precision, check_amp
+from distlearn.comm.compression import CompressedReducer, Exchange, create_compressor
 from distlearn.errors import ConfigError
 from distlearn.models import create_model
 from distlearn.train import TrainConfig, train
@@ -112,3 +113,54 @@ def test_fp16_resumes_bitwise_with_its_scaler_and_refuses_another_amp(tmp_path, 
             train_data=train_set,
             test_data=test_set,
         )
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    ],
+)
+def test_the_guard_unscales_flags_and_restores_the_codec_state(device):
+    """LossScaleGuard alone, in one process: buckets divided by S exactly, an inf noted and zeroed before
+    encoding, the skip restores the codec's state and fills the buckets with NaN; a clean step keeps the
+    state. On CUDA the per-bucket work makes no host synchronisation."""
+    scale = 2.0**4
+    reducer = CompressedReducer(create_compressor("topk", density=0.5))
+    guard = LossScaleGuard(torch.amp.GradScaler(device, init_scale=scale), reducer)
+    generator = torch.Generator().manual_seed(0)
+    g1, g2 = torch.randn(10, generator=generator), torch.randn(6, generator=generator)
+    reducer.reduce_bucket(
+        g1.clone(), Exchange()
+    )  # the codec now has a residual (one process: its round trip)
+    snapshot = reducer.state_dict()
+    b1, b2 = (g1 * scale).to(device), (g2 * scale).to(device)
+    b2[3] = float("inf")
+    if device == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        guard.unscale(b1)
+        guard.unscale(b2)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(b1.cpu(), g1)
+    assert torch.isfinite(b2).all() and b2[3] == 0 and torch.equal(b2.cpu()[:3], g2[:3])
+    reducer.reduce_bucket(g1.clone(), Exchange())  # the step's encode changes the residual ...
+    assert not torch.equal(
+        reducer.state_dict()["error_feedback"]["residuals"]["flat10"],
+        snapshot["error_feedback"]["residuals"]["flat10"],
+    )
+    assert guard.settle([b1, b2]).item() == scale
+    assert guard.skipped == 1 and b1.isnan().all() and b2.isnan().all()
+    restored = reducer.state_dict()["error_feedback"]  # ... and the skip undoes it
+    assert torch.equal(restored["residuals"]["flat10"], snapshot["error_feedback"]["residuals"]["flat10"])
+    assert restored["steps"] == snapshot["error_feedback"]["steps"]
+    clean = (g1 * scale).to(device)
+    guard.unscale(clean)
+    reducer.reduce_bucket(g1.clone(), Exchange())
+    changed = reducer.state_dict()
+    assert guard.settle([clean]).item() == scale and guard.skipped == 1
+    assert torch.equal(clean.cpu(), g1)
+    assert changed["error_feedback"]["steps"] == reducer.state_dict()["error_feedback"]["steps"]
