@@ -76,7 +76,7 @@ def test_grad_scaler_is_refused_where_a_skip_could_differ_between_ranks():
     model = nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(
-        ConfigError, match="grad_scaler= works with strategy 'sync' or 'ddp', not 'local-sgd'"
+        ConfigError, match="grad_scaler= works with strategy 'sync', 'ddp' or 'single', not 'local-sgd'"
     ):
         distlearn.parallelize(model, optimizer, "local-sgd", grad_scaler=torch.amp.GradScaler("cpu"))
     assert not dist.is_initialized()  # refused before any group was made

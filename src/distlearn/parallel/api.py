@@ -152,9 +152,9 @@ def parallelize(
     chosen = create_strategy(strategy, **options)
     if grad_scaler is not None and chosen.name not in ("sync", "ddp", "single"):
         raise ConfigError(
-            f"grad_scaler= works with strategy 'sync' or 'ddp', not {chosen.name!r}: a step the scaler skips "
-            "on one rank must be skipped on all, which only they guarantee in a user's loop; use bf16 "
-            "autocast (no scaler) with this strategy"
+            f"grad_scaler= works with strategy 'sync', 'ddp' or 'single', not {chosen.name!r}: a step the "
+            "scaler skips on one rank must be skipped on all, which only they guarantee in a user's loop; "
+            "use bf16 autocast (no scaler) with this strategy"
         )
     _check_alone(chosen)
     made_group = _join_alone()
