@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "distlearn"
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
     ("optim", "comm", "data", "models", "metrics", "checkpoint", "config", "devices", "evaluation", "tables")
-    + ("rundir",),
+    + ("rundir", "amp"),
     ("launch", "pool"),
     ("parallel", "dni", "rl"),
     ("train",),

@@ -22,6 +22,10 @@ can be sent while earlier layers are still being differentiated: *overlap*.
 With ``overlap=False`` nothing happens during backward; :meth:`finish` packs and reduces the buckets
 one after the other.
 
+fp16 loss scaling with a codec: :attr:`GradientBucketer.scaling` (a :class:`distlearn.amp.LossScaleGuard`,
+set by the sync strategy) unscales each bucket just before it is sent, and :meth:`finish` lets it agree with
+the other ranks on a skipped step before the averaged gradients, multiplied back by the scale, are written.
+
 Gradient accumulation: inside :meth:`GradientBucketer.paused` (what ``model.no_sync()`` of
 :func:`distlearn.parallelize` uses) the hooks do nothing, so backward only accumulates into ``param.grad``
 and the next backward outside it sends the accumulated gradient. A second backward *outside* it before
@@ -136,6 +140,7 @@ class GradientBucketer:
         self._handles = []
         self._paused = False
         self._resend = False  # a second backward found sent buckets: reduce all again in finish()
+        self.scaling: Any = None  # a distlearn.amp.LossScaleGuard when fp16 loss scaling meets a codec
         self.overlap = overlap and len(self.buckets) > 1  # one bucket: nothing to overlap with
         if self.overlap:
             for p in trainable:
@@ -178,6 +183,8 @@ class GradientBucketer:
             bucket = self.buckets[self._next_launch]
             if len(bucket.ready) < len(bucket.params):
                 return
+            if self.scaling is not None:
+                self.scaling.unscale(bucket.buffer)
             bucket.future = self.reducer.allreduce_async(bucket.buffer)
             self._next_launch += 1
 
@@ -194,13 +201,19 @@ class GradientBucketer:
                     if position not in bucket.ready:
                         self._copy_in(bucket, position)  # unused this step, or overlap off
                 if not self.overlap:
+                    if self.scaling is not None:
+                        self.scaling.unscale(bucket.buffer)
                     self.reducer.allreduce_(bucket.buffer)
             if self.overlap:
                 self._launch_ready()
             for bucket in self.buckets:
                 if bucket.future is not None:
                     self._wait(bucket)
+            scale = None if self.scaling is None else self.scaling.settle([b.buffer for b in self.buckets])
+            for bucket in self.buckets:
                 bucket.buffer.div_(self.world_size)
+                if scale is not None:
+                    bucket.buffer.mul_(scale)  # back in the loss scaler's units (distlearn.amp)
                 for p, offset in zip(bucket.params, bucket.offsets, strict=True):
                     averaged = bucket.buffer[offset : offset + p.numel()].view_as(p)
                     if p.grad is None:
@@ -221,6 +234,8 @@ class GradientBucketer:
                 self._wait(bucket)
             bucket.future = None
             bucket.ready.clear()
+        if self.scaling is not None:
+            self.scaling.drop()  # their encode changed the codec's state: undone
         self._next_launch = 0
         self.overlap = False
         self.close()  # the hooks: every later step is packed and reduced in finish()

@@ -52,6 +52,24 @@ The rules, beside DDP's:
   NCCL for a model on ``cuda:k``, gloo for one on the CPU; the parameter server always uses gloo (its
   servers stay on the CPU; a CUDA worker stages its payloads through pinned host memory). Hogwild! and
   asynchronous EASGD refuse a CUDA model with a ConfigError saying why.
+* **Mixed precision.** bf16 needs nothing: run the forward pass and the loss under
+  ``torch.autocast(device_type, dtype=torch.bfloat16)``. fp16 with a loss scaler: pass it to
+  ``parallelize(..., grad_scaler=scaler)`` (strategies ``sync`` and ``ddp``) and combine the gradients
+  before the scaler reads them::
+
+      scaler = torch.amp.GradScaler("cuda")
+      model, optimizer = distlearn.parallelize(model, optimizer, compression="topk", grad_scaler=scaler)
+      with torch.autocast("cuda", dtype=torch.float16):
+          loss = loss_fn(model(x), y)
+      scaler.scale(loss).backward()
+      optimizer.combine_gradients()      # waits for the buckets; with a codec: unscaled before encoding
+      scaler.unscale_(optimizer)         # optional, for clipping: clip_grad_norm_(model.parameters(), c)
+      scaler.step(optimizer)             # skipped alike on every rank when any rank had inf/NaN
+      scaler.update()
+      optimizer.zero_grad()
+
+  ``optimizer.step()`` without a ``combine_gradients()`` before it raises ConfigError (the scaler would
+  have read uncombined gradients). Save ``scaler.state_dict()`` beside the optimizer's to resume exactly.
 * **Hogwild!** shares one model between local processes and keeps its own entry point
   (``distlearn train --strategy hogwild``, :func:`distlearn.parallel.hogwild.launch_hogwild`).
 """
@@ -137,6 +155,7 @@ def parallelize(
     *,
     seed: int = 0,
     device: str | torch.device | None = None,
+    grad_scaler: Any = None,
     **options: Any,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Make ``model`` and ``optimizer`` train as one replica of ``strategy`` (see the module docstring).
@@ -154,6 +173,9 @@ def parallelize(
     ``cuda:LOCAL_RANK``, ``"cuda:1"``, a ``torch.device``), it must be where the model already is, as for
     torch's DDP (the optimizer holds the model's parameters there): a model elsewhere is a ConfigError
     saying to move it first.
+
+    ``grad_scaler``: the ``torch.amp.GradScaler`` of an fp16 loop (sync and ddp; see
+    "Mixed precision" in the module docstring).
     """
     if strategy == "hogwild":
         raise ConfigError(
@@ -166,6 +188,12 @@ def parallelize(
         options.setdefault("lr", float(optimizer.param_groups[0]["lr"]))
     chosen = create_strategy(strategy, **options)
     chosen.place(_check_device(model, optimizer, device))  # before setup: the group's backend follows it
+    if grad_scaler is not None and chosen.name not in ("sync", "ddp", "single"):
+        raise ConfigError(
+            f"grad_scaler= works with strategy 'sync', 'ddp' or 'single', not {chosen.name!r}: a step the "
+            "scaler skips on one rank must be skipped on all, which only they guarantee in a user's loop; "
+            "use bf16 autocast (no scaler) with this strategy"
+        )
     _check_alone(chosen)
     made_group = _join_alone(chosen.backend, chosen.device)
     _register_exit()
@@ -190,9 +218,23 @@ def parallelize(
             chosen.close()
         raise SystemExit(0)  # a server's whole life is serve(): it never returns to the user's loop
     model, optimizer = chosen.prepare(model, optimizer)
-    step = {"t": 0}
+    chosen.use_grad_scaler(grad_scaler)
+    step = {"t": 0, "combined": False}
+
+    def combine_gradients() -> None:
+        chosen.before_step(model, optimizer, step["t"])
+        step["combined"] = True
 
     def before(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if step["combined"]:  # combine_gradients() ran since the last backward
+            step["combined"] = False
+            return
+        if grad_scaler is not None:
+            raise ConfigError(
+                "with grad_scaler=, call optimizer.combine_gradients() after scaler.scale(loss).backward() "
+                "and before scaler.unscale_()/scaler.step(optimizer): the scaler reads the gradients before "
+                "optimizer.step() runs"
+            )
         chosen.before_step(model, opt, step["t"])
 
     def after(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -230,6 +272,7 @@ def parallelize(
     optimizer.register_state_dict_post_hook(saved)
     optimizer.register_load_state_dict_pre_hook(loading)
     optimizer.distlearn_strategy = chosen  # type: ignore[attr-defined]
+    optimizer.combine_gradients = combine_gradients  # type: ignore[attr-defined]
     if not hasattr(model, "no_sync"):  # torch's DDP module (strategy "ddp") has its own
         model.no_sync = _no_sync_of(chosen)  # type: ignore[method-assign]
     return model, optimizer

@@ -196,6 +196,9 @@ class Strategy:
     name: str = "base"
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     """The strategy's typed options (a :class:`StrategyOptions` dataclass declared beside it)."""
+    amp_modes: ClassVar[tuple[str, ...]] = ("none", "bf16", "fp16")
+    """The ``--amp`` modes the strategy supports (:mod:`distlearn.amp`); fp16 needs one that lets a step be
+    skipped alike on every replica."""
     launcher: ClassVar[str] = "torchrun"
     """How ``distlearn train`` starts the job's processes: ``"torchrun"`` (one process per rank, also on
     many machines) or ``"pool"`` (a local process pool sharing memory: :meth:`launch`)."""
@@ -370,6 +373,12 @@ class Strategy:
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """After ``optimizer.step()``: combine parameters (local SGD averaging, EASGD's elastic pull)."""
+
+    def use_grad_scaler(self, scaler: Any) -> None:
+        """Told once after :meth:`prepare` of the fp16 loss scaler (a ``torch.amp.GradScaler``; None without
+        one). The default does nothing: gradients combined by dense sums carry one rank's inf or NaN to every
+        rank, so the scaler skips the step alike everywhere. The sync strategy with a codec unscales before
+        encoding and agrees on skips (:class:`distlearn.amp.LossScaleGuard`)."""
 
     def evaluation_model(self, model: nn.Module) -> nn.Module:
         """The model the test accuracy is reported for (e.g. EASGD's centre variable)."""

@@ -98,6 +98,7 @@ class DecoupledStages(Strategy):
 
     name = "dni"
     Options = DNIOptions
+    amp_modes = ("none",)  # its stages train in their own loop (distlearn.dni), not the trainer's
 
     def __init__(self, options: DNIOptions | None = None, /, *, run: Any = None, **fields: Any) -> None:
         super().__init__(options, run=run, **fields)

@@ -193,6 +193,7 @@ class ParameterServer(Strategy):
     name = "ps"
     Options = PSOptions
     shares_device = True  # the servers compute nothing on a GPU: workers may share one with them
+    amp_modes = ("none", "bf16")  # a worker pushes in before_step, before fp16's scaler could unscale or skip
 
     @property
     def backend(self) -> str:

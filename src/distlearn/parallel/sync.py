@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distlearn import optim
+from distlearn.amp import LossScaleGuard
 from distlearn.comm.bucketing import GradientBucketer
 from distlearn.comm.compression import CompressedReducer, check_optimizer, create_compressor
 from distlearn.comm.reducers import create_reducer
@@ -251,6 +252,14 @@ class SyncDataParallel(Strategy):
     def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         assert self.bucketer is not None, "prepare() must run before the first step"
         self.bucketer.finish()
+
+    def use_grad_scaler(self, scaler: Any) -> None:
+        """With a codec, the bucketer unscales each bucket before encoding and the ranks agree on skipped
+        steps (:class:`distlearn.amp.LossScaleGuard`); without one, torch's own recipe needs nothing."""
+        assert self.bucketer is not None, "prepare() must run before use_grad_scaler()"
+        guarded = scaler is not None and self.compressor is not None
+        guard = LossScaleGuard(scaler, self.reducer, timeout_s=self.timeout_s) if guarded else None
+        self.bucketer.scaling = guard
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         if self.check_every and (step + 1) % self.check_every == 0:

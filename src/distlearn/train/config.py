@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal
 import tyro
 
 from distlearn import optim
+from distlearn.amp import check_amp, check_closure
 from distlearn.config import from_dict, mapping_to_toml, parse_options, positive, read_file
 from distlearn.devices import DEVICE_CHOICES, resolve_device
 from distlearn.errors import ConfigError
@@ -84,6 +85,9 @@ class TrainConfig:
     """cosine schedule: final lr as a fraction of the peak lr"""
     clip_grad_norm: float | None = None
     """clip the global gradient 2-norm to this value before each step"""
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    """mixed precision: forward and loss under torch.autocast in bf16, or in fp16 with loss scaling
+    (torch.amp.GradScaler; steps with inf/NaN gradients are skipped on every replica); weights stay float32"""
     augment: bool | None = None
     """random crop + horizontal flip on training batches (default: on for cifar10 only)"""
     train_samples: int | None = None
@@ -178,6 +182,7 @@ class TrainConfig:
                 f"got {self.keep_checkpoints}"
             )
         self._validate_schedule()
+        self._validate_amp()
         if self.augment and self.dataset == "mnist":
             raise ConfigError(
                 "--augment flips and shifts images, and a mirrored digit is a different digit; "
@@ -191,6 +196,15 @@ class TrainConfig:
                 "no full batch; raise --train-samples or lower --batch-size"
             )
         parse_options(self.optimizer_option)
+
+    def _validate_amp(self) -> None:
+        check_amp(self.amp)
+        modes = strategy_class(self.strategy).amp_modes
+        if self.amp not in modes:
+            raise ConfigError(
+                f"--amp {self.amp} is not available with --strategy {self.strategy} (it supports --amp "
+                f"{', '.join(modes)}); use --amp {modes[-1]}"
+            )
 
     def _validate_schedule(self) -> None:
         if self.schedule == "step" and self.lr_decay_every < 1:
@@ -229,6 +243,8 @@ def validate_config(
         raise ConfigError(
             f"--resume {config.resume}: no such file or directory; pass a checkpoint written by a run"
         )
+    if check_optimizer:
+        check_closure(config.amp, optim.needs_closure(config.optimizer))
     if check_optimizer and check_strategy:
         config.options.check(config)  # strategies that cannot use CUDA refuse --device cuda here
     if config.device == "cuda":

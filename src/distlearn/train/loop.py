@@ -11,10 +11,10 @@ where ``L`` is the cross-entropy, ``u`` is the optimizer's update (plain SGD, mo
 combine ``g_t`` or ``w`` (the single-process strategy does nothing). The loop::
 
     for epoch, for step:  x, y = batch(strategy)            # global batch B, this replica's M = B / R
-                          loss = L(model(x), y); loss.backward()
+                          loss = L(model(x), y); loss.backward()   # --amp: autocast; fp16 scales loss
                           strategy.before_step(...)          # e.g. allreduce the gradients
                           clip_grad_norm_(...)               # optional, on the combined gradient
-                          optimizer.step(); scheduler.step(); strategy.after_step(...)
+                          optimizer.step() (fp16: or skip); scheduler.step(); strategy.after_step(...)
                           every log_every steps: a metrics record; every eval_every: test accuracy;
                           every checkpoint_every: an atomic checkpoint
 
@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from distlearn import optim
+from distlearn.amp import Precision, device_type_of
 from distlearn.checkpoint import load_checkpoint, save_checkpoint
 from distlearn.config import parse_options
 from distlearn.data.prepare import RunData
@@ -216,6 +217,8 @@ class _Run:
             optimizer = optim.create(config.optimizer, model.parameters(), lr=config.lr, **options)
             self.closure_needed = optim.needs_closure(config.optimizer)
         self.model, self.optimizer = self.strategy.prepare(model, optimizer)
+        self.precision = Precision(config.amp, device_type_of(self.model), closure=self.closure_needed)
+        self.strategy.use_grad_scaler(self.precision.scaler)  # None unless --amp fp16
         self.scheduler = make_scheduler(config, self.optimizer, self.total_steps)
         self.augment_generator = torch.Generator().manual_seed(config.seed * 7919 + 17 + self.strategy.rank)
 
@@ -227,6 +230,7 @@ class _Run:
         if self.scheduler is not None and saved["scheduler"] is not None:
             self.scheduler.load_state_dict(saved["scheduler"])
         self.strategy.load_state_dict(saved["strategy"])
+        self.precision.load_state_dict(saved.get("amp"))
         self.state = RunState.from_position(saved["position"])
         set_rng_state(saved["rng"], self.augment_generator, self.device)
         if saved.get("window") is not None and self.strategy.is_main:  # the partial window it saved
@@ -278,15 +282,14 @@ class _Run:
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(x)
-        loss = self.loss_fn(logits, y)
-        loss.backward()
+        with self.precision.autocast():
+            logits = self.model(x)
+            loss = self.loss_fn(logits, y)
+        self.precision.backward(loss)
         blocked = time.perf_counter()
         self.strategy.before_step(self.model, self.optimizer, self.state.step)
         self.window.comm += time.perf_counter() - blocked
-        if self.config.clip_grad_norm is not None:
-            nn.utils.clip_grad_norm_(self.parameters, self.config.clip_grad_norm)
-        self.optimizer.step()
+        self.precision.step(self.optimizer, self.parameters, self.config.clip_grad_norm)  # or skip (fp16)
         return loss, logits
 
     def _step_with_closure(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,8 +299,9 @@ class _Run:
 
         def closure() -> torch.Tensor:
             self.optimizer.zero_grad(set_to_none=True)
-            out = self.model(x)
-            value = self.loss_fn(out, y)
+            with self.precision.autocast():  # bf16 only: fp16's scaler refuses closures
+                out = self.model(x)
+                value = self.loss_fn(out, y)
             value.backward()
             blocked = time.perf_counter()
             self.strategy.before_step(self.model, self.optimizer, at)
@@ -389,16 +393,17 @@ class _Run:
         window.reset()
 
     def _evaluate(self) -> MetricRecord:
-        loss, accuracy = evaluate(
-            self.strategy.evaluation_model(self.model),
-            self.data.test_images,
-            self.data.test_labels,
-            self.data.transform,
-            self.config.eval_batch_size,
-            loss_fn=self.loss_fn if self.loss_fn is not nn.functional.cross_entropy else None,
-            classification=self.data.classification,
-            device=self.device,
-        )
+        with self.precision.autocast():
+            loss, accuracy = evaluate(
+                self.strategy.evaluation_model(self.model),
+                self.data.test_images,
+                self.data.test_labels,
+                self.data.transform,
+                self.config.eval_batch_size,
+                loss_fn=self.loss_fn if self.loss_fn is not nn.functional.cross_entropy else None,
+                classification=self.data.classification,
+                device=self.device,
+            )
         if accuracy is not None:
             self.state.best_accuracy = max(self.state.best_accuracy, accuracy)
         record = self._record("eval", loss=loss, accuracy=accuracy)
@@ -414,6 +419,7 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "strategy": self.strategy.state_dict(),
+            "amp": self.precision.state_dict(),
             "position": self.state.position(self.now(), epoch_complete),
             "rng": rng_state(self.augment_generator, self.device),
             "window": self.window.state_dict(),  # the next train record's steps so far
