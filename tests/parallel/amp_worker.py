@@ -1,4 +1,4 @@
-"""One rank of the mixed-precision checks (tests/parallel/test_amp.py), started as plain processes by
+"""One rank of the mixed-precision checks (tests/parallel/test_amp_ranks.py), started as plain processes by
 tests/ranks.py: ``amp_worker.py skip CODECS`` and ``amp_worker.py trainer AMP:CODEC,...``.
 
 ``trainer``: the trainer loop with ``--amp`` and the sync strategy (replicas compared every step by
