@@ -119,7 +119,10 @@ def test_fp16_resumes_bitwise_with_its_scaler_and_refuses_another_amp(tmp_path, 
     "device",
     [
         "cpu",
-        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+        ),
     ],
 )
 def test_the_guard_unscales_flags_and_restores_the_codec_state(device):
