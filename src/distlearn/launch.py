@@ -154,6 +154,8 @@ def _rendezvous_store(timeout_s: float) -> tuple[dist.Store, int, int]:
     connecting, but not the handshake after it: a program that holds the port, accepts connections and never
     answers keeps a rank waiting forever. So the store is made in a thread and waited for with a deadline; a
     thread still stuck there is left behind (a daemon: it ends with the process), with the error raised.
+    After a restart by torchrun (whose store serves every attempt) the keys go under a prefix of their own,
+    or a rank would read the addresses that the failed attempt's ranks published.
     """
     address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     rank_name = f"rank {os.environ['RANK']}"
@@ -164,6 +166,8 @@ def _rendezvous_store(timeout_s: float) -> tuple[dist.Store, int, int]:
         try:
             store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
             store.set_timeout(timeout)
+            if restart_count():  # torchrun's store outlives a restart: keep the failed attempt's keys apart
+                store = dist.PrefixStore(f"distlearn-restart-{restart_count()}", store)
             # what init_process_group does with a store it made itself: the default group's keys apart
             result["value"] = (dist.PrefixStore("default_pg", store), rank, world_size)
         except Exception as error:  # noqa: BLE001 -- reported below, in the caller's thread
