@@ -11,11 +11,11 @@ import pytest
 import torch
 from launch_jobs import Job, train_command
 
-from distlearn.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from distlearn.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from distlearn.errors import ConfigError
 from distlearn.metrics import read_metrics
 from distlearn.train import TrainConfig
-from distlearn.train.launch import check_restarts
+from distlearn.train.launch import after_restart, check_restarts
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 
@@ -88,3 +88,38 @@ def test_max_restarts_without_mid_epoch_checkpoints_warns(tmp_path, capsys):
     assert "resumes from the end of the last finished epoch" in capsys.readouterr().err
     check_restarts(TrainConfig.build(strategy="sync", workers=2, max_restarts=2, checkpoints=False), 2)
     assert "a restarted job starts over" in capsys.readouterr().err
+
+
+@pytest.fixture
+def restarted_worker(monkeypatch):
+    """This process seen as a worker that torchrun restarted once (its environment, as torchrun sets it)."""
+    for name, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="1", TORCHELASTIC_RESTART_COUNT="1").items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+
+
+def test_a_restarted_worker_resumes_from_the_newest_checkpoint_that_loads(tmp_path, restarted_worker, capsys):
+    config = TrainConfig.build(strategy="sync", workers=2, out=str(tmp_path), max_restarts=1)
+    assert after_restart(config).overwrite and after_restart(config).resume is None  # none yet: start over
+    assert "no checkpoint in" in capsys.readouterr().err
+
+    directory = tmp_path / "checkpoints"
+    for step in (10, 20):
+        save_checkpoint({"position": {"step": step}}, directory, step)
+    (directory / "step-00000030.pt").write_bytes(b"cut off")  # the newest, but it does not load
+    resumed = after_restart(config)
+    assert resumed.resume == str(directory / "step-00000020.pt") and not resumed.overwrite
+    assert f"restart 1 of 1: resuming from {directory / 'step-00000020.pt'}" in capsys.readouterr().err
+
+
+def test_a_restart_without_checkpoints_continues_the_user_s_resume(tmp_path, restarted_worker):
+    earlier = save_checkpoint({"position": {"step": 5}}, tmp_path / "elsewhere", 5)
+    config = TrainConfig.build(out=str(tmp_path / "run"), resume=str(earlier))
+    again = after_restart(config)
+    assert again.resume == str(earlier) and not again.overwrite
+
+
+def test_a_first_attempt_is_left_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    config = TrainConfig.build(out=str(tmp_path))
+    assert after_restart(config) is config
