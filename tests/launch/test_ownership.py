@@ -81,8 +81,10 @@ def test_kill_9_of_the_agent_stops_the_workers_and_the_command_says_so(tmp_path)
 def test_kill_9_of_a_worker_ends_the_job_naming_its_rank(tmp_path):
     job, agent, workers = _start(tmp_path)
     try:
+        started = time.monotonic()
         os.kill(workers[1], signal.SIGKILL)
         code = job.cli.wait(timeout=120)
+        print(f"the command ended {time.monotonic() - started:.2f} s after kill -9 of rank 1")
         assert code != 0
         assert "rank      : 1" in job.output() and "Signal 9 (SIGKILL)" in job.output(), job.output()
         wait_gone([agent, workers[0]], GONE_WITHIN_S)
