@@ -2,6 +2,10 @@
 
 import sys
 
-from distlearn.cli import main
+from distlearn.lifeline import tie_to_agent
+
+tie_to_agent()  # first of all: a worker of torchrun's agent dies with the agent, whatever kills it
+
+from distlearn.cli import main  # noqa: E402 -- after the tie, so a slow import is covered too
 
 sys.exit(main())

@@ -8,7 +8,10 @@ the user runs ``torchrun --nnodes 2 --nproc-per-node 4 --rdzv-endpoint HOST:PORT
 themselves: the workers see the same environment, so nothing else changes.
 
 Every process this module starts ends by itself: the launcher runs in its own process group, is waited for
-with a deadline, and on a deadline, an error or Ctrl-C the whole group is terminated, then killed.
+with a deadline, and on a deadline, an error or Ctrl-C the whole group is terminated, then killed. Whatever
+kills the launching process or torchrun's agent, ``kill -9`` included, the rest of the job dies with it
+(:mod:`distlearn.lifeline`). The rendezvous is bounded by the job's ``--comm-timeout``, torchrun's as well
+as the workers'.
 
 Libraries: ``torch.distributed`` (c10d; gloo on CPU, NCCL on GPU: the backend follows the device the
 caller computes on, not what the machine has) and ``torch.distributed.run``.
@@ -18,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +40,14 @@ import torch.distributed as dist
 
 from distlearn.devices import backend_for
 from distlearn.errors import CommError, ConfigError
+from distlearn.lifeline import (
+    ENV_LAUNCHER_PID,
+    ENV_PID_DIR,
+    dies_with_this_process,
+    new_pid_dir,
+    stop_recorded,
+    tie_to_agent,
+)
 
 __all__ = [
     "DistContext",
@@ -44,6 +57,7 @@ __all__ = [
     "in_torchrun",
     "init_distributed",
     "launch_local",
+    "restart_count",
     "shutdown",
     "stop_group",
     "stop_signals_raise",
@@ -112,6 +126,7 @@ def init_distributed(
             f"no distributed job to join: {', '.join(missing)} not set. Start workers with "
             "`distlearn train --workers N ...` on one machine, or under `torchrun ... -m distlearn ...`"
         )
+    tie_to_agent()  # a worker of torchrun's agent dies with it (distlearn.lifeline)
     if (
         backend == "gloo"
         and "GLOO_SOCKET_IFNAME" not in os.environ
@@ -119,8 +134,10 @@ def init_distributed(
     ):
         # gloo otherwise picks the interface the hostname resolves to; on loopback jobs use loopback.
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    timeout = timedelta(seconds=timeout_s)
+    store, rank, world_size = _rendezvous_store(timeout_s)
     try:
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     except Exception as error:  # rendezvous failures come as several exception types
         raise CommError(
             f"rank {os.environ['RANK']}: could not join the job at "
@@ -134,6 +151,62 @@ def init_distributed(
         backend=backend,
         timeout_s=timeout_s,
     )
+
+
+def _rendezvous_store(timeout_s: float) -> tuple[dist.Store, int, int]:
+    """The job's c10d store from torchrun's environment, reached within ``timeout_s`` or a CommError.
+
+    torch's own ``env://`` rendezvous (the store that rank 0 hosts, or torchrun's agent's store) bounds
+    connecting, but not the handshake after it: a program that holds the port, accepts connections and never
+    answers keeps a rank waiting forever. So the store is made in a thread and waited for with a deadline; a
+    thread still stuck there is left behind (a daemon: it ends with the process), with the error raised.
+    After a restart by torchrun (whose store serves every attempt) the keys go under a prefix of their own,
+    or a rank would read the addresses that the failed attempt's ranks published.
+    """
+    address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    rank_name = f"rank {os.environ['RANK']}"
+    timeout = timedelta(seconds=timeout_s)
+    result: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+            store.set_timeout(timeout)
+            if restart_count():  # torchrun's store outlives a restart: keep the failed attempt's keys apart
+                store = dist.PrefixStore(f"distlearn-restart-{restart_count()}", store)
+            # what init_process_group does with a store it made itself: the default group's keys apart
+            result["value"] = (dist.PrefixStore("default_pg", store), rank, world_size)
+        except Exception as error:  # noqa: BLE001 -- reported below, in the caller's thread
+            result["error"] = error
+
+    thread = threading.Thread(target=connect, name="distlearn-rendezvous", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise CommError(
+            f"{rank_name}: the rendezvous at {address} did not answer within {timeout_s:g} s: the port is "
+            "likely held by another program that accepts connections but is not this job's store (or rank "
+            "0 is stuck); free the port or choose another (MASTER_PORT, or torchrun's --rdzv-endpoint), "
+            "or raise --comm-timeout"
+        )
+    error = result.get("error")
+    if error is not None:
+        held = "EADDRINUSE" in str(error) or "address already in use" in str(error)
+        cause = (
+            "the port is held by another program; free it or choose another"
+            if held
+            else "check that every worker started and the port is free"
+        )
+        raise CommError(
+            f"{rank_name}: could not join the job at {address} within {timeout_s:g} s "
+            f"({type(error).__name__}: {error}); {cause}"
+        ) from error
+    return result["value"]
+
+
+def restart_count() -> int:
+    """How many times torchrun's agent has restarted this job's workers (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 def shutdown() -> None:
@@ -181,15 +254,21 @@ def torchrun_command(
     port: int = 0,
     module: bool = True,
     python: str = sys.executable,
+    max_restarts: int = 0,
+    rdzv_timeout_s: float | None = None,
 ) -> list[str]:
     """The ``torchrun`` command line that starts ``nproc`` workers of ``program`` on this machine.
 
     ``program`` is ``["distlearn", "train", ...]`` run as ``-m`` when ``module`` is true, else a script path
-    and its arguments. Port 0 lets the rendezvous pick a free port. No restarts: a worker that fails
-    ends the job, with its error shown, instead of a silent retry.
+    and its arguments. Port 0 lets the rendezvous pick a free port. ``max_restarts``: how many times the
+    agent starts the whole group again after a worker fails (default 0: a worker that fails ends the job,
+    with its error shown, instead of a silent retry). ``rdzv_timeout_s`` bounds the agent's own rendezvous
+    (joining it, and each read from its store; whole seconds, rounded up).
     """
     if nproc < 1:
         raise ConfigError(f"need at least one worker, got {nproc}")
+    if max_restarts < 0:
+        raise ConfigError(f"--max-restarts must be >= 0, got {max_restarts}")
     command = [
         python,
         "-m",
@@ -203,10 +282,13 @@ def torchrun_command(
         "--rdzv-endpoint",
         f"{host}:{port}",
         "--max-restarts",
-        "0",
+        str(max_restarts),
         "--monitor-interval",
         "0.2",
     ]
+    if rdzv_timeout_s is not None:
+        seconds = max(1, math.ceil(rdzv_timeout_s))
+        command += ["--rdzv-conf", f"join_timeout={seconds},read_timeout={seconds}"]
     if module:
         command.append("-m")
     return command + list(program)
@@ -221,12 +303,19 @@ def launch_local(
     module: bool = True,
     env: dict[str, str] | None = None,
     threads_per_worker: int | None = None,
+    max_restarts: int = 0,
+    comm_timeout_s: float | None = None,
 ) -> int:
     """Run ``nproc`` workers of ``program`` under torchrun on 127.0.0.1 and return the job's exit code.
 
     The launcher and its workers share a new session, so on a ``timeout_s`` deadline or Ctrl-C every one
     of them is stopped (SIGTERM, then SIGKILL after 5 s). ``threads_per_worker`` sets ``OMP_NUM_THREADS``
-    (default: the machine's cores divided among the workers, at least 1).
+    (default: the machine's cores divided among the workers, at least 1). ``max_restarts``: torchrun's
+    restarts of the whole group after a worker fails; ``comm_timeout_s`` bounds torchrun's rendezvous.
+
+    This process owns the job (:mod:`distlearn.lifeline`): if it dies, however it dies, the agent and the
+    workers die with it; if the agent dies (say ``kill -9``), the workers die with it, and a CommError names
+    the agent and its signal once every worker is gone.
     """
     if port:
         _check_port_free("127.0.0.1", port)
@@ -235,16 +324,42 @@ def launch_local(
     child_env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // nproc)
     child_env["OMP_NUM_THREADS"] = str(threads)
-    command = torchrun_command(program, nproc, port=port, module=module)
-    process = subprocess.Popen(command, env=child_env, start_new_session=True)
-    # the job runs in its own session (so a stop can reach every process of it at once)
+    command = torchrun_command(
+        program, nproc, port=port, module=module, max_restarts=max_restarts, rdzv_timeout_s=comm_timeout_s
+    )
+    pid_dir = new_pid_dir()
+    child_env[ENV_LAUNCHER_PID] = str(os.getpid())
+    child_env[ENV_PID_DIR] = pid_dir
     try:
-        return wait_or_stop(process, timeout_s)
-    except subprocess.TimeoutExpired:
-        raise CommError(
-            f"the job of {nproc} workers did not finish within {timeout_s:g} s and was stopped; "
-            "raise the time limit or shrink the run"
-        ) from None
+        # the job runs in its own session (so a stop can reach every process of it at once), and the agent
+        # gets a parent-death signal: it dies with this process
+        process = subprocess.Popen(
+            command, env=child_env, start_new_session=True, preexec_fn=dies_with_this_process()
+        )
+        try:
+            code = wait_or_stop(process, timeout_s)
+        except subprocess.TimeoutExpired:
+            raise CommError(
+                f"the job of {nproc} workers did not finish within {timeout_s:g} s and was stopped; "
+                "raise the time limit or shrink the run"
+            ) from None
+        if code < 0:  # the agent itself was killed: its workers die with it; make sure, then say so
+            stop_recorded(pid_dir)
+            raise CommError(
+                f"the torchrun agent (pid {process.pid}) was killed by {_signal_name(-code)}; "
+                "the workers were stopped"
+            )
+        return code
+    finally:
+        stop_recorded(pid_dir)
+        shutil.rmtree(pid_dir, ignore_errors=True)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def wait_or_stop(process: subprocess.Popen, timeout_s: float | None) -> int:

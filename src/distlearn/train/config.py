@@ -105,6 +105,9 @@ class TrainConfig:
     """where each process computes: cuda (GPU LOCAL_RANK of its machine: one GPU per process, NCCL between
     them), cpu (gloo), or auto (cuda where torch sees a GPU and the strategy can use it, else cpu); training
     data stays in host memory and each batch is copied over through pinned memory"""
+    max_restarts: int = 0
+    """after a worker fails, start the job's workers again up to N times (torchrun's restarts); each restart
+    resumes from the newest checkpoint in OUT/checkpoints (see --checkpoint-every), or starts over if none"""
     seed: int = 0
     """seed for weights, data order, dropout and augmentation"""
     deterministic: bool = True
@@ -156,7 +159,7 @@ class TrainConfig:
         """ConfigError for a value no run can use, naming the flag and the fix (the common options)."""
         for name in ("workers", "epochs", "batch_size", "eval_batch_size", "log_every"):
             positive(name, getattr(self, name))
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "progress_every"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "progress_every", "max_restarts"):
             positive(name, getattr(self, name), allow_zero=True)
         for name in ("steps", "lr", "clip_grad_norm", "train_samples", "test_samples", "threads"):
             positive(name, getattr(self, name), allow_none=True)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from distlearn.checkpoint import load_checkpoint
-from distlearn.errors import CommError, ConfigError
-from distlearn.launch import in_torchrun, launch_local
+from distlearn.checkpoint import list_checkpoints, load_checkpoint
+from distlearn.errors import CheckpointError, CommError, ConfigError
+from distlearn.launch import in_torchrun, launch_local, restart_count
 from distlearn.metrics import METRICS_FILE, read_metrics
 from distlearn.models import create_model
 from distlearn.parallel import strategy_class
@@ -40,9 +42,11 @@ from distlearn.train.inputs import check_fit, check_importable, resolve_inputs, 
 from distlearn.train.report import TrainResult
 
 __all__ = [
+    "after_restart",
     "check_gpus",
     "launch_from_python",
     "launch_workers",
+    "newest_loadable_checkpoint",
     "processes_to_launch",
     "read_result",
     "run_config",
@@ -87,10 +91,12 @@ def check_gpus(config: TrainConfig, processes: int) -> None:
 
 def run_config(config: TrainConfig, train: TrainFn) -> int:
     """``distlearn train``: check ``config`` whole, then train here or start the job's processes."""
+    config = after_restart(config)
     validate_config(config)
     check_importable(config)
     prepare_out(config)  # an earlier run in --out: refused, or removed with --overwrite
     processes = processes_to_launch(config)
+    check_restarts(config, processes)
     if not processes:
         train(config)
         return 0
@@ -99,6 +105,72 @@ def run_config(config: TrainConfig, train: TrainFn) -> int:
         strategy_class(config.strategy).launch(config, train)
         return 0
     return launch_workers(dataclasses.replace(config, workers=processes))
+
+
+def check_restarts(config: TrainConfig, processes: int) -> None:
+    """``--max-restarts`` needs a job that torchrun starts here; without checkpoints a restart starts over."""
+    if not config.max_restarts or in_torchrun():  # under a user's torchrun, its own --max-restarts rules
+        return
+    launcher = strategy_class(config.strategy).launcher
+    if not processes or launcher != "torchrun":
+        what = f"runs a local process pool (--strategy {config.strategy})" if processes else "is one process"
+        raise ConfigError(
+            f"--max-restarts {config.max_restarts} restarts the workers of a torchrun job, and this run "
+            f"{what}; "
+            "drop --max-restarts, or use a strategy whose workers torchrun starts (e.g. --strategy sync "
+            "--workers 2)"
+        )
+    if not config.checkpoints:
+        print(
+            "distlearn train: warning: --max-restarts with --no-checkpoints: a restarted job starts over",
+            file=sys.stderr,
+        )
+    elif not config.checkpoint_every:
+        print(
+            "distlearn train: warning: --max-restarts without --checkpoint-every: a restarted job resumes "
+            "from the end of the last finished epoch (add --checkpoint-every N to lose at most N steps)",
+            file=sys.stderr,
+        )
+
+
+def after_restart(config: TrainConfig) -> TrainConfig:
+    """In a worker that torchrun restarted: ``config`` resuming from the newest checkpoint in OUT/checkpoints.
+
+    On a first attempt ``config`` itself. After a restart the run continues from the newest checkpoint of
+    ``OUT/checkpoints`` that loads, as ``--resume`` would (records after its step are cut from the metrics);
+    with none there it continues from the user's ``--resume`` if one was given, else it starts over, the
+    failed attempt's files removed (as ``--overwrite`` would).
+    """
+    attempt = restart_count()
+    if not attempt or not in_torchrun():
+        return config
+    newest = newest_loadable_checkpoint(Path(config.out) / "checkpoints")
+    if newest is not None and config.resume == str(newest) and not config.overwrite:
+        return config  # done already (distlearn train's worker, then its train())
+    if newest is not None:
+        config = dataclasses.replace(config, resume=str(newest), overwrite=False)
+        how = f"resuming from {newest}"
+    elif config.resume is not None:
+        config = dataclasses.replace(config, overwrite=False)
+        how = f"no checkpoint in {Path(config.out) / 'checkpoints'}; resuming from --resume {config.resume}"
+    else:
+        config = dataclasses.replace(config, overwrite=True)
+        how = f"no checkpoint in {Path(config.out) / 'checkpoints'}; starting over"
+    if os.environ.get("RANK") == "0":
+        most = os.environ.get("TORCHELASTIC_MAX_RESTARTS", str(config.max_restarts))
+        print(f"distlearn train: restart {attempt} of {most}: {how}", file=sys.stderr, flush=True)
+    return config
+
+
+def newest_loadable_checkpoint(directory: Path) -> Path | None:
+    """The newest checkpoint in ``directory`` that loads (a corrupt or cut one is passed over), or None."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            load_checkpoint(path)
+        except CheckpointError:
+            continue
+        return path
+    return None
 
 
 def launch_workers(config: TrainConfig) -> int:
@@ -112,7 +184,12 @@ def launch_workers(config: TrainConfig) -> int:
         f"({config.strategy} strategy; config in {launch_file})",
         flush=True,
     )
-    return launch_local(["distlearn", "train", "--config", str(launch_file)], config.workers)
+    return launch_local(
+        ["distlearn", "train", "--config", str(launch_file)],
+        config.workers,
+        max_restarts=config.max_restarts,
+        comm_timeout_s=getattr(config.options, "comm_timeout", None),
+    )
 
 
 def launch_from_python(config: TrainConfig, train: TrainFn, objects: list[str]) -> TrainResult | None:

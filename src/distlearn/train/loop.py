@@ -58,7 +58,7 @@ from distlearn.parallel import Strategy, create_strategy
 from distlearn.rundir import prepare_out
 from distlearn.train.config import TrainConfig, validate_config
 from distlearn.train.inputs import LossFn, check_fit, has_objects, resolve_inputs, run_data
-from distlearn.train.launch import launch_from_python
+from distlearn.train.launch import after_restart, launch_from_python
 from distlearn.train.report import (
     Progress,
     TrainResult,
@@ -105,6 +105,7 @@ def train(
         train_data, test_data: a torch Dataset of ``(x, y)``, a pair of tensors or an ArrayDataset
             (:mod:`distlearn.data.user`) instead of ``config.dataset``.
     """
+    config = after_restart(config)  # torchrun restarted this worker: resume from OUT's newest checkpoint
     validate_config(config, check_optimizer=optimizer is None, check_strategy=False)
     if strategy is None:  # outside torchrun, a job of several processes is launched (train.launch)
         prepare_out(config)  # an earlier run in --out: refused, or removed with --overwrite
