@@ -83,6 +83,12 @@ class TrainConfig:
     """cosine schedule: final lr as a fraction of the peak lr"""
     clip_grad_norm: float | None = None
     """clip the global gradient 2-norm to this value before each step"""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """a non-finite loss or gradient: stop the run with an error naming the step (the last good checkpoint
+    kept), or skip the step (no update; counted in the summary; 25 in a row stop the run)"""
+    max_loss_factor: float = 1e4
+    """stop the run when the mean training loss exceeds this many times the first step's loss (at least
+    1.0): a finite divergence (0: never)"""
     augment: bool | None = None
     """random crop + horizontal flip on training batches (default: on for cifar10 only)"""
     train_samples: int | None = None
@@ -147,7 +153,7 @@ class TrainConfig:
         """ConfigError for a value no run can use, naming the flag and the fix (the common options)."""
         for name in ("workers", "epochs", "batch_size", "eval_batch_size", "log_every"):
             positive(name, getattr(self, name))
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "progress_every"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "progress_every", "max_loss_factor"):
             positive(name, getattr(self, name), allow_zero=True)
         for name in ("steps", "lr", "clip_grad_norm", "train_samples", "test_samples", "threads"):
             positive(name, getattr(self, name), allow_none=True)
@@ -164,6 +170,10 @@ class TrainConfig:
         if self.loss != "cross-entropy" and not is_import_path(self.loss):
             raise ConfigError(
                 f"unknown loss {self.loss!r}; use cross-entropy, or give your own as package.module:name"
+            )
+        if 0 < self.max_loss_factor <= 1:
+            raise ConfigError(
+                f"--max-loss-factor must be above 1 (or 0: no check), got {self.max_loss_factor}; e.g. 1e4"
             )
         if self.keep_checkpoints < 2:
             raise ConfigError(

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from distlearn import optim
-from distlearn.checkpoint import load_checkpoint, save_checkpoint
+from distlearn.checkpoint import check_fits, load_checkpoint, restoring, save_checkpoint
 from distlearn.config import parse_options
 from distlearn.data.prepare import RunData
 from distlearn.data.user import TrainData
@@ -55,6 +55,7 @@ from distlearn.models import count_parameters, create_model
 from distlearn.parallel import Strategy, create_strategy
 from distlearn.rundir import prepare_out
 from distlearn.train.config import TrainConfig, validate_config
+from distlearn.train.guard import DivergenceGuard
 from distlearn.train.inputs import LossFn, check_fit, has_objects, resolve_inputs, run_data
 from distlearn.train.launch import launch_from_python
 from distlearn.train.report import (
@@ -164,6 +165,7 @@ class _Run:
         self.total_steps = config.steps if config.steps is not None else config.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self._build(model, optimizer)
+        self.guard = DivergenceGuard(config, self.closure_needed, strategy.rank, strategy.world_size)
         self.state = RunState()
         self.window = Window(classify=data.classification)
         self.resumed_from: int | None = None  # the checkpoint's step when this run continues another
@@ -214,16 +216,18 @@ class _Run:
 
     def _restore(self, path: str) -> None:
         saved = load_checkpoint(path)
-        check_resume(self.config, saved["config"])
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        if self.scheduler is not None and saved["scheduler"] is not None:
-            self.scheduler.load_state_dict(saved["scheduler"])
-        self.strategy.load_state_dict(saved["strategy"])
-        self.state = RunState.from_position(saved["position"])
-        set_rng_state(saved["rng"], self.augment_generator)
-        if saved.get("window") is not None and self.strategy.is_main:  # the partial window it saved
-            self.window.load_state_dict(saved["window"])
+        with restoring(saved):  # a missing entry, a tensor of another shape: CheckpointError naming the file
+            check_resume(self.config, saved["config"])
+            check_fits(self.model, saved["model"], saved["path"])
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            if self.scheduler is not None and saved["scheduler"] is not None:
+                self.scheduler.load_state_dict(saved["scheduler"])
+            self.strategy.load_state_dict(saved["strategy"])
+            self.state = RunState.from_position(saved["position"])
+            set_rng_state(saved["rng"], self.augment_generator)
+            if saved.get("window") is not None and self.strategy.is_main:  # the partial window it saved
+                self.window.load_state_dict(saved["window"])
 
     # -- the loop -----------------------------------------------------------------------------------------
 
@@ -263,7 +267,8 @@ class _Run:
             state.step += 1
             state.step_in_epoch += 1
             state.samples += len(y)
-            self.window.add(loss, logits, y)
+            if not self.guard.skipped_last:  # (--on-nonfinite skip dropped the step)
+                self.window.add(loss, logits, y)
             self._after_step()
             if state.step >= self.total_steps:
                 break
@@ -279,7 +284,8 @@ class _Run:
         self.window.comm += time.perf_counter() - blocked
         if self.config.clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.parameters, self.config.clip_grad_norm)
-        self.optimizer.step()
+        if self.guard.step_allowed(loss, self.model, self.optimizer, self.state.step):
+            self.optimizer.step()
         return loss, logits
 
     def _step_with_closure(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,6 +307,7 @@ class _Run:
             return value
 
         self.optimizer.step(closure)
+        self.guard.observe(seen[0][0], at)
         self.window.comm += self.hook_seconds
         self.hook_seconds = 0.0
         return seen[0]
@@ -308,7 +315,7 @@ class _Run:
     def _after_step(self) -> None:
         """The record, evaluation and checkpoint due after this step; their time stays out of the figures."""
         step, config = self.state.step, self.config
-        if step % config.log_every == 0:
+        if step % config.log_every == 0 and self.window.samples:  # (none: every step of it skipped)
             self._write_window()
         elif step % self.progress_every == 0:
             self.progress.update(step, samples=self.state.samples)
@@ -360,6 +367,7 @@ class _Run:
 
     def _record(self, kind: str, **fields: Any) -> MetricRecord:
         step = self.state.step
+        self.guard.check(step, self.model, self.optimizer)  # no record of a diverged state: DivergenceError
         return MetricRecord(
             kind=kind, step=step, epoch=step / self.steps_per_epoch, wall_time=self.now(), lr=self._lr(),
             **self._stats(), **fields,
@@ -398,6 +406,7 @@ class _Run:
         return record
 
     def _save(self, epoch_complete: bool) -> None:
+        self.guard.check(self.state.step, self.model, self.optimizer)  # never a diverged checkpoint
         if not (self.config.checkpoints and self.strategy.is_main):
             return
         saved = {
@@ -423,6 +432,7 @@ class _Run:
         samples_per_s = samples / self.train_seconds if self.train_seconds > 0 else 0.0
         # The job's throughput: every replica trains on its own share of each global batch at the same pace.
         summary["job_samples_per_s"] = samples_per_s * strategy.replicas
+        summary["skipped_steps"] = self.guard.skipped  # --on-nonfinite skip
         record = self._record(
             "summary",
             loss=final.loss if final else None,
