@@ -57,6 +57,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "read_verified",
+    "restart_advice",
     "restoring",
     "resume_hint",
     "save_checkpoint",
@@ -255,6 +256,23 @@ def resume_hint(path: str | Path) -> str:
     if good is None:
         return f"there is no other good checkpoint in {path.parent}: start afresh (drop --resume)"
     return f"the last good checkpoint is {good}: resume from it with --resume {good}"
+
+
+def restart_advice(directory: str | Path | None) -> str:
+    """After a failed run: the last good checkpoint of ``directory`` (None: checkpoints were off) and the
+    ``--resume`` that continues from it, or how to start afresh."""
+    if directory is None:
+        return "No checkpoint was written (--no-checkpoints): start afresh with --overwrite and a lower --lr"
+    good = last_good_checkpoint(directory)
+    if good is None:
+        return (
+            f"No checkpoint was written before the divergence (in {directory}): start afresh with "
+            "--overwrite and a lower --lr"
+        )
+    return (
+        f"The last good checkpoint is kept: {good}; continue from it with --resume {good} and a lower --lr, "
+        "or start afresh with --overwrite"
+    )
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

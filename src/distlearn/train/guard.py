@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distlearn.checkpoint import last_good_checkpoint
+from distlearn.checkpoint import restart_advice
 from distlearn.errors import ConfigError, DivergenceError
 
 __all__ = ["MAX_SKIPS_IN_A_ROW", "DivergenceGuard"]
@@ -200,25 +200,8 @@ class DivergenceGuard:
             fixes += ", or add --clip-grad-norm 1.0"
         if self.mode == "stop" and nonfinite:
             fixes += " (--on-nonfinite skip drops a non-finite step instead of stopping)"
-        advice = self._resume_advice()
+        checkpoints = getattr(config, "checkpoints", True)
+        advice = restart_advice(Path(config.out) / "checkpoints" if checkpoints else None)
         return DivergenceError(
             f"{self.prefix}{what}. The learning rate is likely too high ({cause}): {fixes}. {advice}"
-        )
-
-    def _resume_advice(self) -> str:
-        config = self.config
-        if not getattr(config, "checkpoints", True):
-            return (
-                "No checkpoint was written (--no-checkpoints): start afresh with --overwrite and a lower --lr"
-            )
-        directory = Path(config.out) / "checkpoints"
-        good = last_good_checkpoint(directory)
-        if good is None:
-            return (
-                f"No checkpoint was written before the divergence (in {directory}): start afresh with "
-                "--overwrite and a lower --lr"
-            )
-        return (
-            f"The last good checkpoint is kept: {good}; continue from it with --resume {good} and a lower "
-            "--lr, or start afresh with --overwrite"
         )
