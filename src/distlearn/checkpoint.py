@@ -100,7 +100,7 @@ def _serialize(payload: dict[str, Any]) -> bytes:
 
 
 def _disk_full(error: OSError) -> bool:
-    return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def write_verified(payload: dict[str, Any], path: str | Path) -> Path:
@@ -134,6 +134,11 @@ def write_verified(payload: dict[str, Any], path: str | Path) -> Path:
             error = error.__cause__  # torch.save wraps the file's OSError in a RuntimeError
         if not isinstance(error, OSError):
             raise
+        if error.errno == errno.EFBIG:
+            raise CheckpointError(
+                f"could not write checkpoint {path}: the file exceeds the size limit for {directory} "
+                f"({error.strerror}); raise the limit (ulimit -f) or give the run another --out"
+            ) from error
         if _disk_full(error):
             raise CheckpointError(
                 f"could not write checkpoint {path}: the disk holding {directory} is full "

@@ -151,9 +151,10 @@ class DivergenceGuard:
         if weights:
             grads = self._bad_gradients(model)
             where = f" (non-finite gradient in {_names(grads)} at step {step})" if grads else ""
+            first = max(since, 0) + 1
+            when = f"at step {step}" if first >= step else f"between step {first} and step {step}"
             raise self._error(
-                f"training diverged between step {max(since, 0) + 1} and step {step}: non-finite weights in "
-                f"{_names(weights)}{where}",
+                f"training diverged {when}: non-finite weights in {_names(weights)}{where}",
                 optimizer,
             )
         if losses:

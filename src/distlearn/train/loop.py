@@ -67,7 +67,7 @@ from distlearn.train.report import (
     served_result,
 )
 from distlearn.train.report import status_of as _status
-from distlearn.train.schedule import make_scheduler
+from distlearn.train.schedule import make_scheduler, resume_lr
 from distlearn.train.state import (
     RunState,
     check_resume,
@@ -223,6 +223,7 @@ class _Run:
             self.optimizer.load_state_dict(saved["optimizer"])
             if self.scheduler is not None and saved["scheduler"] is not None:
                 self.scheduler.load_state_dict(saved["scheduler"])
+            resume_lr(self.optimizer, self.scheduler, self.config.lr, saved["config"].get("lr"))
             self.strategy.load_state_dict(saved["strategy"])
             self.state = RunState.from_position(saved["position"])
             set_rng_state(saved["rng"], self.augment_generator)
