@@ -103,6 +103,16 @@ def _disk_full(error: OSError) -> bool:
     return error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+def _os_error(error: BaseException | None) -> OSError | None:
+    """``error`` if it is an OSError, else the first OSError it was raised from or while handling."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
 def write_verified(payload: dict[str, Any], path: str | Path) -> Path:
     """Atomically write ``payload`` (tensors and plain values) to ``path`` inside a checksummed envelope.
 
@@ -130,10 +140,10 @@ def write_verified(payload: dict[str, Any], path: str | Path) -> Path:
     except BaseException as error:
         with contextlib.suppress(OSError):
             temporary.unlink(missing_ok=True)
-        if isinstance(error, RuntimeError) and isinstance(error.__cause__, OSError):
-            error = error.__cause__  # torch.save wraps the file's OSError in a RuntimeError
-        if not isinstance(error, OSError):
+        cause = _os_error(error)  # torch.save may raise a RuntimeError while handling the file's OSError
+        if cause is None:
             raise
+        error = cause
         if error.errno == errno.EFBIG:
             raise CheckpointError(
                 f"could not write checkpoint {path}: the file exceeds the size limit for {directory} "
@@ -185,7 +195,7 @@ def _load(source: Path | io.BytesIO, path: Path) -> Any:
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        if "Unsupported global" in str(error):  # a pickled class, not a damaged file
             raise CheckpointError(
                 f"checkpoint {path} holds Python objects that weights_only loading refuses ({error}); "
                 f"save only tensors and plain values in optimizer/strategy state"
