@@ -196,8 +196,10 @@ def _load(source: Path | io.BytesIO, path: Path) -> Any:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "Unsupported global" in str(error):  # a pickled class, not a damaged file
+            found = re.search(r"GLOBAL (\S+)", str(error))
             raise CheckpointError(
-                f"checkpoint {path} holds Python objects that weights_only loading refuses ({error}); "
+                f"checkpoint {path} holds a Python object that weights_only loading refuses "
+                f"({found.group(1) if found else _one_line(error)}); "
                 f"save only tensors and plain values in optimizer/strategy state"
             ) from error
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({_one_line(error)})") from error

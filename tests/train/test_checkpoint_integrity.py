@@ -102,6 +102,10 @@ def test_every_malformed_file_is_a_checkpoint_error(written, content, expected):
     assert str(newest) in message and expected in message and f"--resume {previous}" in message
 
 
+class NotATensor:
+    """A Python object, which a checkpoint must not hold (weights_only loading refuses it)."""
+
+
 def test_a_file_that_is_no_distlearn_checkpoint(tmp_path):
     path = tmp_path / "step-00000001.pt"
     torch.save({"weights": torch.ones(3)}, path)
@@ -109,6 +113,9 @@ def test_a_file_that_is_no_distlearn_checkpoint(tmp_path):
         load_checkpoint(path)
     torch.save(torch.ones(3), path)
     with pytest.raises(CheckpointError, match="there is no other good checkpoint"):
+        load_checkpoint(path)
+    torch.save({"format": FORMAT, "model": NotATensor()}, path)
+    with pytest.raises(CheckpointError, match=r"refuses \(.*NotATensor\); save only tensors"):
         load_checkpoint(path)
 
 
