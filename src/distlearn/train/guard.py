@@ -15,10 +15,12 @@ What it checks, and when:
 
 ``--on-nonfinite skip`` instead checks the loss and the combined gradients of every step before the
 optimizer's step (one synchronisation per step) and drops a non-finite step: gradients zeroed, no update,
-the step counted in the summary's ``skipped_steps``. More than :data:`MAX_SKIPS_IN_A_ROW` skipped steps in a
-row stop the run as above. A loss scaler (mixed precision with a ``GradScaler``) decides skipping itself:
-code that uses one sets :attr:`DivergenceGuard.scaler_decides` and calls :meth:`DivergenceGuard.note_skipped`
-for each step the scaler dropped; the guard then checks only the loss and the weights.
+the step counted in the summary's ``skipped_steps``; :data:`MAX_SKIPS_IN_A_ROW` skipped steps in a row stop
+the run as above. In a synchronous job the gradients checked are the allreduced ones, the same on every
+rank, so every rank drops the same steps. A loss scaler (mixed precision with a ``GradScaler``) decides
+skipping itself: code that uses one sets :attr:`DivergenceGuard.scaler_decides` and calls
+:meth:`DivergenceGuard.note_skipped` for each step the scaler dropped; the guard then checks only the loss
+and the weights.
 
 In a job of several processes every rank checks its own replica at the same boundaries. Synchronous
 strategies allreduce the gradients, so a non-finite value on one rank is non-finite on every rank and all
@@ -102,8 +104,8 @@ class DivergenceGuard:
             self.observe(loss, step)
             return True
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        norms = [torch.linalg.vector_norm(g.detach()).float().reshape(()) for g in grads]
-        if bool(torch.isfinite(torch.stack([loss.detach().float().reshape(()), *norms])).all()):
+        sums = [g.detach().sum().float().reshape(()) for g in grads]  # non-finite if an entry is
+        if bool(torch.isfinite(torch.stack([loss.detach().float().reshape(()), *sums])).all()):
             self.observe(loss, step)
             self.skipped_in_a_row = 0
             return True
