@@ -237,3 +237,24 @@ def test_a_resumed_run_takes_a_new_lr_and_keeps_the_schedules_position(tmp_path,
     assert got[4] == pytest.approx(4 * expected[4])  # before the resume: the first run's lr
     for step in range(9, 13):
         assert got[step] == pytest.approx(expected[step]), step
+
+
+def test_the_replica_check_passes_finite_weights_and_calls_nan_weights_divergence(tmp_path):
+    import torch.distributed as dist
+
+    from distlearn.parallel.sync import SyncDataParallel
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        strategy = SyncDataParallel(check_every=1, run=config(tmp_path))
+        model = nn.Linear(3, 2)
+        strategy.check_replicas(model, 5)  # equal and finite: nothing to say
+        with torch.no_grad():
+            model.weight[0, 0] = math.nan
+        with pytest.raises(DivergenceError) as caught:
+            strategy.check_replicas(model, 6)
+    finally:
+        dist.destroy_process_group()
+    message = str(caught.value)
+    assert message.startswith("rank 0: training diverged by step 6: this rank's weights are not finite")
+    assert "lower --lr" in message and "No checkpoint was written before the divergence" in message
