@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -34,11 +35,16 @@ def flags(data_root: str, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run(arguments: list[str]) -> tuple[int, float, str]:
+def run(arguments: list[str], file_limit: int | None = None) -> tuple[int, float, str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+
+    def limit() -> None:  # a disk that fills up: writes past file_limit bytes fail with EFBIG
+        if file_limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "distlearn.cli", "train", *arguments], capture_output=True,
-                          text=True, env=env, timeout=600)  # fmt: skip
+                          text=True, env=env, timeout=600, preexec_fn=limit)  # fmt: skip
     seconds = time.monotonic() - started
     error = next((line for line in (done.stderr + done.stdout).splitlines() if "error:" in line), "")
     return done.returncode, seconds, error
@@ -48,18 +54,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--out", default="benchmarks/results/fault_times.json")
+    parser.add_argument("--only", default="", help="run only the scenarios whose name contains this")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
 
-        def scenario(name: str, arguments: list[str]) -> None:
-            status, seconds, error = run(arguments)
+        def scenario(name: str, arguments: list[str], file_limit: int | None = None) -> None:
+            if args.only not in name:
+                return
+            status, seconds, error = run(arguments, file_limit)
             rows.append(
                 {"scenario": name, "exit": status, "seconds": round(seconds, 1), "error": error[:160]}
             )
             print(f"{name:<34} exit {status}  {seconds:6.1f} s  {error[:110]}", flush=True)
 
+        scenario("baseline: one step, no error", flags(args.data_root, base / "one", "--steps", "1"))
+        scenario(
+            "checkpoint write past a 1 MB file limit",
+            flags(
+                args.data_root,
+                base / "full",
+                "--optimizer",
+                "adam",
+                "--steps",
+                "40",
+                "--checkpoint-every",
+                "20",
+            ),
+            file_limit=1 << 20,
+        )
         for optimizer in ("sgd", "adam"):
             diverging = ["--optimizer", optimizer, "--lr", "1e6", "--epochs", "5"]
             scenario(f"--lr 1e6, {optimizer}", flags(args.data_root, base / optimizer, *diverging))
@@ -70,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             flags(args.data_root, base / "check", *sync, "--check-every", "1"),
         )
 
+        if args.only:
+            return 0
         good = base / "good"
         status, _, _ = run(flags(args.data_root, good, "--optimizer", "adam", "--steps", "64",
                                  "--checkpoint-every", "32"))  # fmt: skip

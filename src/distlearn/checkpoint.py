@@ -202,14 +202,16 @@ def _load(source: Path | io.BytesIO, path: Path) -> Any:
                 f"({found.group(1) if found else _one_line(error)}); "
                 f"save only tensors and plain values in optimizer/strategy state"
             ) from error
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({_one_line(error)})") from error
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(error))  # torch's long text: its cause
+        reason = found.group(1).strip() if found else _one_line(error)
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason})") from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, UnicodeDecodeError,
             AttributeError, IndexError, KeyError, TypeError, MemoryError) as error:  # fmt: skip
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({_one_line(error)})") from error
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
+    text = " ".join(str(error).split()) or type(error).__name__  # (an empty file: a bare EOFError)
     return text if len(text) <= 300 else text[:297] + "..."
 
 
