@@ -9,7 +9,15 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["DistlearnError", "ConfigError", "DataError", "CheckpointError", "CommError", "require_extra"]
+__all__ = [
+    "DistlearnError",
+    "ConfigError",
+    "DataError",
+    "CheckpointError",
+    "CommError",
+    "DivergenceError",
+    "require_extra",
+]
 
 
 class DistlearnError(Exception):
@@ -30,6 +38,11 @@ class CheckpointError(DistlearnError):
 
 class CommError(DistlearnError, RuntimeError):
     """A collective or point-to-point operation that failed or timed out, or a peer that died."""
+
+
+class DivergenceError(DistlearnError, ArithmeticError):
+    """Training diverged: a non-finite loss, gradient or weight, or a loss that exploded. The message names
+    the step, the value, the likely cause (the learning rate) and the last good checkpoint to resume from."""
 
 
 def require_extra(module: str, extra: str, needed_for: str) -> ModuleType:

@@ -11,7 +11,8 @@ One contract for every pool of local processes (Hogwild!, A3C's actor-learners, 
   :func:`spawn_context`; tensors go as shared memory). Each process leads a process group of its own and
   ends itself, with that group, if the parent dies (even by SIGKILL).
 * **results or errors**: each process sends back its return value (``wait`` returns them in rank order), or
-  its exception's type, message and traceback text. One that raises, or exits without a result
+  its exception's type, message and traceback text (none for a ``DistlearnError``, whose message is meant
+  for the user and says it all). One that raises, or exits without a result
   (``os._exit``, a signal), is a :class:`WorkerFailure`: the others are stopped at once and
   :class:`WorkerError` (a ``CommError``) names the rank, the exception and its traceback. With
   ``stop_on_failure=False`` failures are only recorded (``failures``, :meth:`ProcessPool.poll`).
@@ -37,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from distlearn.errors import CommError, ConfigError
+from distlearn.errors import CommError, ConfigError, DistlearnError
 
 __all__ = ["PoolTimeout", "ProcessPool", "WorkerError", "WorkerFailure", "run_pool", "spawn_context"]
 
@@ -353,7 +354,8 @@ def _pool_process(
     try:
         message: tuple[Any, ...] = ("result", target(rank, *args))
     except BaseException as error:  # Ctrl-C and SystemExit included: the parent hears of every end
-        message = ("error", f"{type(error).__name__}: {error}", traceback.format_exc())
+        shown = "" if isinstance(error, DistlearnError) else traceback.format_exc()  # (a user's error: none)
+        message = ("error", f"{type(error).__name__}: {error}", shown)
     try:
         writer.send(message)
     except Exception as error:  # an unpicklable result

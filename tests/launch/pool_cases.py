@@ -46,3 +46,10 @@ def exit_without_result(rank: int, code: int) -> str:
         os._exit(code)
     time.sleep(0.5)
     return f"rank {rank} done"
+
+
+def refuse(rank: int) -> None:
+    """Raises a user's error (a DistlearnError): its message is all the parent reports, no traceback."""
+    from distlearn.errors import DivergenceError
+
+    raise DivergenceError(f"rank {rank}: training diverged at step 3 on purpose")

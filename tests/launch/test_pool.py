@@ -61,6 +61,17 @@ def test_results_come_back_in_rank_order_and_every_process_ends():
 
 
 @pytest.mark.timeout(60)
+def test_a_users_error_in_a_worker_comes_back_as_its_message_without_a_traceback():
+    with pytest.raises(WorkerError) as caught:
+        run_pool(pool_cases.refuse, 1, name="demo", timeout_s=50)
+    message = str(caught.value)
+    assert message == (
+        "demo failed: process 0 of 1 raised DivergenceError: rank 0: training diverged at step 3 on purpose; "
+        "the other processes were stopped"
+    )
+
+
+@pytest.mark.timeout(60)
 def test_a_worker_that_raises_names_its_rank_and_traceback_and_the_others_are_stopped(tmp_path):
     start = time.monotonic()
     pool = ProcessPool(pool_cases.fail_on, 3, (1, str(tmp_path)), name="demo")

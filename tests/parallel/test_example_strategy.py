@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 import distlearn
+from distlearn.checkpoint import load_checkpoint
 from distlearn.launch import free_port
 from distlearn.parallel import STRATEGIES, create_strategy, register_strategy
 from distlearn.train_cli import parse_config
@@ -37,7 +38,7 @@ def _train(out: Path, *flags: str) -> dict[str, torch.Tensor]:
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     newest = sorted((out / "checkpoints").glob("step-*.pt"))[-1]
-    return torch.load(newest, weights_only=True)["model"]
+    return load_checkpoint(newest)["model"]
 
 
 @pytest.mark.timeout(300)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distlearn.checkpoint import load_checkpoint
 from distlearn.errors import ConfigError
 from distlearn.launch import launch_local
 from distlearn.metrics import read_metrics
@@ -54,7 +55,7 @@ def test_sync_pg_resumed_from_a_checkpoint_ends_with_the_uninterrupted_weights(t
     assert summary["updates"] == 6 and summary["resumed_from_update"] == 4
     _assert_equal(_weights(resumed), _weights(full))
     # the resumed run took the 2 updates after the checkpoint: its weights moved from the checkpoint's
-    saved = torch.load(checkpoint, weights_only=True)["model"]
+    saved = load_checkpoint(checkpoint)["model"]  # (its checksum verified)
     assert any(not torch.equal(saved[k], v) for k, v in _weights(full).items())
 
 
@@ -112,7 +113,7 @@ def test_a3c_resumes_its_weights_statistics_and_counters(tmp_path):
     out = tmp_path / "run"
     run_algorithm("a3c", config_for("a3c", values, out=str(out)))
     checkpoint = sorted((out / "checkpoints").glob("step-*.pt"))[0]
-    saved = torch.load(checkpoint, weights_only=True)
+    saved = load_checkpoint(checkpoint)
     assert saved["updates"] >= 10 and saved["env_steps"] == 16 * saved["updates"]
     summary = run_algorithm("a3c", config_for("a3c", values, out=str(out), resume=str(checkpoint)))
     assert summary["resumed_from_update"] == saved["updates"]

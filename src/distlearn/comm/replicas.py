@@ -3,20 +3,24 @@
 * :func:`check_same_model` gathers every rank's parameter names, shapes and dtypes (c10d
   ``all_gather_object``) and raises ConfigError on every rank when any differs;
 * :func:`weights_checksum` is two float64 numbers (the sum and a position-weighted sum of every weight)
-  that change when any weight changes, cheap to compare across ranks with a MIN/MAX allreduce.
+  that change when any weight changes, cheap to compare across ranks with a MIN/MAX allreduce; a
+  checksum that is not finite means the weights are not: training diverged
+  (:func:`nonfinite_weights_error`), which is no disagreement between replicas.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from distlearn.errors import ConfigError
+from distlearn.checkpoint import restart_advice
+from distlearn.errors import ConfigError, DivergenceError
 
-__all__ = ["check_same_model", "weights_checksum"]
+__all__ = ["check_same_model", "nonfinite_weights_error", "weights_checksum"]
 
 
 def _describe_model(model: nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
@@ -59,3 +63,15 @@ def weights_checksum(model: nn.Module) -> torch.Tensor:
     return total
 
 
+def nonfinite_weights_error(step: int, rank: int, mine_finite: bool, run: Any = None) -> DivergenceError:
+    """The error for non-finite weights found by a replica check at ``step``: divergence (the learning
+    rate), not a bug; ``run`` (the TrainConfig, or None) names the last good checkpoint."""
+    where = "this rank's weights" if not mine_finite else "another rank's weights (this rank's are finite)"
+    out = getattr(run, "out", None)
+    directory = Path(out) / "checkpoints" if out is not None and getattr(run, "checkpoints", True) else None
+    advice = restart_advice(directory) if out is not None else ""
+    return DivergenceError(
+        f"rank {rank}: training diverged by step {step}: {where} are not finite (found by --check-every). "
+        "The learning rate is likely too high: lower --lr (e.g. by 10x), or add --clip-grad-norm 1.0. "
+        + advice
+    )

@@ -37,7 +37,7 @@ from distlearn.amp import LossScaleGuard
 from distlearn.comm.bucketing import GradientBucketer
 from distlearn.comm.compression import CompressedReducer, check_optimizer, create_compressor
 from distlearn.comm.reducers import create_reducer
-from distlearn.comm.replicas import check_same_model, weights_checksum
+from distlearn.comm.replicas import check_same_model, nonfinite_weights_error, weights_checksum
 from distlearn.config import flag, parse_options, positive
 from distlearn.errors import CommError, ConfigError
 from distlearn.launch import DistContext, shutdown
@@ -266,11 +266,17 @@ class SyncDataParallel(Strategy):
             self.check_replicas(model, step + 1)
 
     def check_replicas(self, model: nn.Module, step: int) -> None:
-        """Raise CommError if the replicas' weights differ (compares a checksum across ranks)."""
+        """Raise CommError if the replicas' weights differ (compares a checksum across ranks), and
+        DivergenceError if any rank's weights are not finite."""
         mine = weights_checksum(model)
-        lowest, highest = mine.clone(), mine.clone()
+        finite = bool(torch.isfinite(mine).all())  # the third entry: 1 where a rank's weights are not finite
+        lowest = torch.cat([mine.nan_to_num(0.0, 0.0, 0.0), torch.tensor([0.0 if finite else 1.0]).double()])
+        highest = lowest.clone()
         self._wait(dist.all_reduce(lowest, op=dist.ReduceOp.MIN, async_op=True), "weights check")
         self._wait(dist.all_reduce(highest, op=dist.ReduceOp.MAX, async_op=True), "weights check")
+        if highest[2] > 0:  # NaN weights: training diverged, which is no disagreement between replicas
+            raise nonfinite_weights_error(step, self.rank, finite, self.run)
+        lowest, highest = lowest[:2], highest[:2]
         if not torch.equal(lowest, highest):
             raise CommError(
                 f"replicas diverged at step {step}: weight checksums range over {lowest.tolist()} .. "

@@ -1,9 +1,10 @@
 """Checkpoints of the synchronous RL algorithms (sync-pg, naive), written so that a resumed run is exact.
 
 A checkpoint is one :func:`distlearn.checkpoint.save_checkpoint` file ``OUT/checkpoints/step-<U>.pt``
-(``U``: updates done), written by rank 0 every ``--checkpoint-every`` updates. It holds the weights, the
-optimizer state, the counters, the PPO minibatch generator, the torch/numpy/python RNG states, and per rank
-(gathered to rank 0) that rank's action generators and episode statistics.
+(``U``: updates done; checksummed, verified when loaded), written by rank 0 every ``--checkpoint-every``
+updates. It holds the weights, the optimizer state, the counters, the PPO minibatch generator, the
+torch/numpy/python RNG states, and per rank (gathered to rank 0) that rank's action generators and episode
+statistics.
 
 The environments: a gymnasium environment's state cannot be saved in general (only tensors and plain values
 go into a checkpoint, and an environment is neither), so at every checkpoint boundary every environment is
@@ -19,7 +20,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from distlearn.checkpoint import global_rng_state, load_checkpoint, save_checkpoint, set_global_rng_state
+from distlearn.checkpoint import (
+    global_rng_state,
+    load_checkpoint,
+    restoring,
+    save_checkpoint,
+    set_global_rng_state,
+)
 from distlearn.errors import ConfigError
 from distlearn.metrics import METRICS_FILE, MetricRecord
 
@@ -103,15 +110,16 @@ def load_rl_checkpoint(
 
     The global RNG states are restored here.
     """
-    state = load_checkpoint(path)
+    state = load_checkpoint(path)  # its checksum verified
     if state.get("algorithm") != config_values.get("algorithm"):
         raise ConfigError(
             f"--resume {path}: a checkpoint of {state.get('algorithm')!r}, not of "
             f"{config_values.get('algorithm')!r}; pass a checkpoint of this algorithm"
         )
-    check_resume(config_values, state, world_size)
-    set_global_rng_state(state["rng"])
-    return state, state["ranks"][rank]
+    with restoring(state):  # a missing entry: CheckpointError naming the file and the last good one
+        check_resume(config_values, state, world_size)
+        set_global_rng_state(state["rng"])
+        return state, state["ranks"][rank]
 
 
 def cut_metrics(out: Path, updates: int) -> None:

@@ -88,6 +88,12 @@ class TrainConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     """mixed precision: forward and loss under torch.autocast in bf16, or in fp16 with loss scaling
     (torch.amp.GradScaler; steps with inf/NaN gradients are skipped on every replica); weights stay float32"""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """a non-finite loss or gradient: stop the run with an error naming the step (the last good checkpoint
+    kept), or skip the step (no update; counted in the summary; 25 in a row stop the run)"""
+    max_loss_factor: float = 1e4
+    """stop the run when the mean training loss exceeds this many times the first step's loss (at least
+    1.0): a finite divergence (0: never)"""
     augment: bool | None = None
     """random crop + horizontal flip on training batches (default: on for cifar10 only)"""
     train_samples: int | None = None
@@ -159,7 +165,9 @@ class TrainConfig:
         """ConfigError for a value no run can use, naming the flag and the fix (the common options)."""
         for name in ("workers", "epochs", "batch_size", "eval_batch_size", "log_every"):
             positive(name, getattr(self, name))
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "progress_every", "max_restarts"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "progress_every", "max_restarts") + (
+            "max_loss_factor",
+        ):
             positive(name, getattr(self, name), allow_zero=True)
         for name in ("steps", "lr", "clip_grad_norm", "train_samples", "test_samples", "threads"):
             positive(name, getattr(self, name), allow_none=True)
@@ -179,6 +187,10 @@ class TrainConfig:
             )
         if self.device not in DEVICE_CHOICES:
             raise ConfigError(f"--device {self.device!r}: choose one of {', '.join(DEVICE_CHOICES)}")
+        if 0 < self.max_loss_factor <= 1:
+            raise ConfigError(
+                f"--max-loss-factor must be above 1 (or 0: no check), got {self.max_loss_factor}; e.g. 1e4"
+            )
         if self.keep_checkpoints < 2:
             raise ConfigError(
                 "--keep-checkpoints must be >= 2 so the previous good checkpoint survives, "

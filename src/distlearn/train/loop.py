@@ -45,7 +45,7 @@ from torch import nn
 
 from distlearn import optim
 from distlearn.amp import Precision, device_type_of
-from distlearn.checkpoint import load_checkpoint, save_checkpoint
+from distlearn.checkpoint import check_fits, load_checkpoint, restoring, save_checkpoint
 from distlearn.config import parse_options
 from distlearn.data.prepare import RunData
 from distlearn.data.user import TrainData
@@ -57,6 +57,7 @@ from distlearn.models import create_model
 from distlearn.parallel import Strategy, create_strategy
 from distlearn.rundir import prepare_out
 from distlearn.train.config import TrainConfig, validate_config
+from distlearn.train.guard import DivergenceGuard
 from distlearn.train.inputs import LossFn, check_fit, has_objects, resolve_inputs, run_data
 from distlearn.train.launch import after_restart, launch_from_python
 from distlearn.train.report import (
@@ -69,7 +70,7 @@ from distlearn.train.report import (
     served_result,
 )
 from distlearn.train.report import status_of as _status
-from distlearn.train.schedule import make_scheduler
+from distlearn.train.schedule import make_scheduler, resume_lr
 from distlearn.train.state import (
     RunState,
     check_resume,
@@ -172,6 +173,8 @@ class _Run:
         self.total_steps = config.steps if config.steps is not None else config.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self._build(model, optimizer)
+        self.guard = DivergenceGuard(config, self.closure_needed, strategy.rank, strategy.world_size)
+        self.guard.scaler_decides = self.precision.scaler is not None  # fp16: the scaler drops inf/NaN steps
         self.state = RunState()
         self.window = Window(classify=data.classification, device=self.device)
         self.resumed_from: int | None = None  # the checkpoint's step when this run continues another
@@ -225,17 +228,20 @@ class _Run:
 
     def _restore(self, path: str) -> None:
         saved = load_checkpoint(path, map_location=self.device)  # written as CPU tensors
-        check_resume(self.config, saved["config"])
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        if self.scheduler is not None and saved["scheduler"] is not None:
-            self.scheduler.load_state_dict(saved["scheduler"])
-        self.strategy.load_state_dict(saved["strategy"])
-        self.precision.load_state_dict(saved.get("amp"))
-        self.state = RunState.from_position(saved["position"])
-        set_rng_state(saved["rng"], self.augment_generator, self.device)
-        if saved.get("window") is not None and self.strategy.is_main:  # the partial window it saved
-            self.window.load_state_dict(saved["window"])
+        with restoring(saved):  # a missing entry, a tensor of another shape: CheckpointError naming the file
+            check_resume(self.config, saved["config"])
+            check_fits(self.model, saved["model"], saved["path"])
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            if self.scheduler is not None and saved["scheduler"] is not None:
+                self.scheduler.load_state_dict(saved["scheduler"])
+            resume_lr(self.optimizer, self.scheduler, self.config.lr, saved["config"].get("lr"))
+            self.strategy.load_state_dict(saved["strategy"])
+            self.precision.load_state_dict(saved.get("amp"))
+            self.state = RunState.from_position(saved["position"])
+            set_rng_state(saved["rng"], self.augment_generator, self.device)
+            if saved.get("window") is not None and self.strategy.is_main:  # the partial window it saved
+                self.window.load_state_dict(saved["window"])
 
     # -- the loop -----------------------------------------------------------------------------------------
 
@@ -275,7 +281,8 @@ class _Run:
             state.step += 1
             state.step_in_epoch += 1
             state.samples += len(y)
-            self.window.add(loss, logits, y)
+            if not self.guard.skipped_last:  # (--on-nonfinite skip dropped the step)
+                self.window.add(loss, logits, y)
             self._after_step()
             if state.step >= self.total_steps:
                 break
@@ -290,7 +297,8 @@ class _Run:
         blocked = time.perf_counter()
         self.strategy.before_step(self.model, self.optimizer, self.state.step)
         self.window.comm += time.perf_counter() - blocked
-        self.precision.step(self.optimizer, self.parameters, self.config.clip_grad_norm)  # or skip (fp16)
+        if self.guard.step_allowed(loss, self.model, self.optimizer, self.state.step):
+            self.precision.step(self.optimizer, self.parameters, self.config.clip_grad_norm)  # fp16: or skip
         return loss, logits
 
     def _step_with_closure(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,6 +321,7 @@ class _Run:
             return value
 
         self.optimizer.step(closure)
+        self.guard.observe(seen[0][0], at)
         self.window.comm += self.hook_seconds
         self.hook_seconds = 0.0
         return seen[0]
@@ -320,7 +329,7 @@ class _Run:
     def _after_step(self) -> None:
         """The record, evaluation and checkpoint due after this step; their time stays out of the figures."""
         step, config = self.state.step, self.config
-        if step % config.log_every == 0:
+        if step % config.log_every == 0 and self.window.samples:  # (none: every step of it skipped)
             self._write_window()
         elif step % self.progress_every == 0:
             self.progress.update(step, samples=self.state.samples)
@@ -373,6 +382,7 @@ class _Run:
 
     def _record(self, kind: str, **fields: Any) -> MetricRecord:
         step = self.state.step
+        self.guard.check(step, self.model, self.optimizer)  # no record of a diverged state: DivergenceError
         return MetricRecord(
             kind=kind, step=step, epoch=step / self.steps_per_epoch, wall_time=self.now(), lr=self._lr(),
             **self._stats(), **fields,
@@ -413,6 +423,7 @@ class _Run:
         return record
 
     def _save(self, epoch_complete: bool) -> None:
+        self.guard.check(self.state.step, self.model, self.optimizer)  # never a diverged checkpoint
         if not (self.config.checkpoints and self.strategy.is_main):
             return
         saved = {
@@ -439,6 +450,7 @@ class _Run:
         samples_per_s = samples / self.train_seconds if self.train_seconds > 0 else 0.0
         # The job's throughput: every replica trains on its own share of each global batch at the same pace.
         summary["job_samples_per_s"] = samples_per_s * strategy.replicas
+        summary["skipped_steps"] = self.guard.skipped  # --on-nonfinite skip
         record = self._record(
             "summary",
             loss=final.loss if final else None,

@@ -220,7 +220,8 @@ def print_summary(
                 f", resumed from step {summary['resumed_from_step']}: {summary['steps_this_run']} in this run"
                 if summary.get("resumed_from_step") is not None
                 else ""
-            ),
+            )
+            + (f", {summary['skipped_steps']} skipped (non-finite)" if summary.get("skipped_steps") else ""),
         ),
         (
             "test accuracy",

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LRSchedule", "make_scheduler"]
+__all__ = ["LRSchedule", "make_scheduler", "resume_lr"]
 
 
 @dataclass
@@ -65,3 +65,25 @@ def make_scheduler(config: Any, optimizer: torch.optim.Optimizer, total_steps: i
         min_factor=config.min_lr_factor,
     )
     return None if schedule.is_constant else torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def resume_lr(
+    optimizer: torch.optim.Optimizer, scheduler: Any, lr: float | None, saved: float | None
+) -> None:
+    """After a resume: ``--lr`` given and unlike the checkpoint's run's (``saved``) becomes the peak rate.
+
+    ``load_state_dict`` brought back the checkpoint's rates; each group's rate (and the schedule's base) is
+    scaled by ``lr / saved``, the schedule's position kept, so a run that diverged can continue from its last
+    good checkpoint with a lower ``--lr``. Nothing changes when ``lr`` is None or equal to ``saved``.
+    """
+    if lr is None or lr == saved:
+        return
+    for index, group in enumerate(optimizer.param_groups):
+        base = group.get("initial_lr", group["lr"])
+        new_base = lr if saved is None else base * lr / saved
+        if scheduler is not None:
+            scheduler.base_lrs[index] = new_base
+            group["initial_lr"] = new_base
+            group["lr"] = new_base * scheduler.lr_lambdas[index](scheduler.last_epoch)
+        else:
+            group["lr"] = new_base
