@@ -51,10 +51,18 @@ import torch
 from torch import nn
 
 from distlearn.comm.replicas import check_same_model
-from distlearn.config import positive
+from distlearn.config import check_type, positive
 from distlearn.errors import CommError, ConfigError
 
-__all__ = ["Strategy", "StrategyOptions", "StrategyStats", "epoch_batches", "make_options", "option_names"]
+__all__ = [
+    "Strategy",
+    "StrategyOptions",
+    "StrategyStats",
+    "check_global_batch",
+    "epoch_batches",
+    "make_options",
+    "option_names",
+]
 
 
 @dataclass
@@ -83,18 +91,34 @@ class StrategyOptions:
     def check(self, run: Any) -> None:
         """ConfigError for a combination with the run's common options (``run``: a TrainConfig)."""
 
+    def batch_takers(self, processes: int) -> int:
+        """How many ranks of a job of ``processes`` split the global batch ``B`` (default: every rank)."""
+        return processes
+
+    def check_job(self, run: Any, processes: int) -> None:
+        """ConfigError for a combination with the job's size: ``processes`` ranks in all (the world size).
+
+        Run before any process starts (:func:`distlearn.train.config.validate_config`, with
+        :meth:`Strategy.processes`), and in each worker with its world size; a strategy whose ranks have
+        roles (servers, a centre) checks here that every role is filled.
+        """
+        check_global_batch(run.batch_size, self.batch_takers(processes))
+
 
 def option_names(options_class: type) -> list[str]:
     """The field names of an options dataclass (its flags without the dashes)."""
     return [f.name for f in dataclasses.fields(options_class)]
 
 
-def make_options(options_class: type, options: Any = None, fields: dict[str, Any] | None = None) -> Any:
+def make_options(
+    options_class: type, options: Any = None, fields: dict[str, Any] | None = None, *, source: str = ""
+) -> Any:
     """An ``options_class`` instance from ``options`` (an instance or None) and keyword ``fields``.
 
     Keywords may use the older names of :attr:`StrategyOptions.aliases`; a mapping given for a
     ``tuple[str, ...]`` field becomes ``KEY=VALUE`` strings (``compression_options={"density": 0.01}``).
-    Unknown keywords raise ConfigError naming the known ones.
+    Unknown keywords raise ConfigError naming the known ones, a value of the wrong type one naming the key,
+    the value and the type expected (``source``: where the values come from, for the message).
     """
     fields = dict(fields or {})
     if options is not None and not isinstance(options, options_class):
@@ -113,6 +137,7 @@ def make_options(options_class: type, options: Any = None, fields: dict[str, Any
             )
         if isinstance(value, dict) and typing.get_origin(hints[name]) is tuple:
             value = tuple(f"{k}={v!r}" for k, v in value.items())
+        check_type(name, value, hints[name], source or options_class.__name__)
         values[name] = value
     if options is None:
         return options_class(**values)
@@ -128,6 +153,18 @@ class StrategyStats(TypedDict, total=False):
     """Payload bytes this process has received (cumulative)."""
     staleness: float
     """Mean staleness of the gradients applied since the last call, in parameter versions (async only)."""
+
+
+def check_global_batch(global_batch: int, replicas: int, who: str = "replicas") -> None:
+    """ConfigError unless ``global_batch`` splits evenly over ``replicas``, naming the nearest that do."""
+    if replicas >= 1 and global_batch >= 1 and global_batch % replicas == 0:
+        return
+    lower, upper = (global_batch // replicas) * replicas, (global_batch // replicas + 1) * replicas
+    nearest = f"{lower} or {upper}" if lower >= replicas else f"{upper}"
+    raise ConfigError(
+        f"--batch-size {global_batch} is not divisible by the {replicas} {who} that share it (each takes "
+        f"B / {replicas} examples per step); use --batch-size {nearest}"
+    )
 
 
 def epoch_batches(
@@ -292,11 +329,7 @@ class Strategy:
     # -- data -------------------------------------------------------------------------------------------
     def local_batch(self, global_batch: int) -> int:
         """Examples per step on this replica, ``M = B / R``."""
-        if global_batch < 1 or global_batch % self.replicas:
-            raise ConfigError(
-                f"global batch {global_batch} must be a positive multiple of the {self.replicas} replicas; "
-                f"use --batch-size {max(1, global_batch // self.replicas) * self.replicas}"
-            )
+        check_global_batch(global_batch, self.replicas)
         return global_batch // self.replicas
 
     def steps_per_epoch(self, n: int, global_batch: int) -> int:

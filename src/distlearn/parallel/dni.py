@@ -45,6 +45,10 @@ class DNIOptions(StrategyOptions):
         super().check(run)
         dni_config_of(run, self)
 
+    def batch_takers(self, processes: int) -> int:
+        """1: every stage works on the whole batch."""
+        return 1
+
 
 def dni_config_of(config: Any, options: DNIOptions | None = None) -> DNIConfig:
     """The :class:`~distlearn.dni.pipeline.DNIConfig` of a run's config and its DNI options."""
