@@ -289,7 +289,26 @@ class Strategy:
         self._context = init_distributed(timeout_s=timeout_s)
         self._owns_group = not already
         self.rank, self.world_size = self._context.rank, self._context.world_size
+        self.check_same_options()
         return True
+
+    def check_same_options(self) -> None:
+        """ConfigError on every rank when the ranks were started with different options, naming them
+        (:mod:`distlearn.parallel.agree`); called once the group is joined, before any other collective.
+        A group this strategy created is left again before the error goes up."""
+        from distlearn.launch import shutdown
+        from distlearn.parallel.agree import check_same_options
+
+        try:
+            check_same_options(
+                self.run, self.options, rank=self.rank, world_size=self.world_size, timeout_s=self.timeout_s
+            )
+        except (ConfigError, CommError):
+            if getattr(self, "_owns_group", False):
+                shutdown()
+                self._owns_group = False
+                self._context = None
+            raise
 
     def _wait(self, work: Any, what: str) -> None:
         """Wait for ``work`` within ``self.timeout_s``, else a CommError naming the rank and ``what``."""

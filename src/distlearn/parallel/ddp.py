@@ -56,6 +56,7 @@ class TorchDDP(Strategy):
         context = init_distributed(timeout_s=self.timeout_s)
         self._owns_group = not already
         self.rank, self.world_size = context.rank, context.world_size
+        self.check_same_options()
 
     def prepare(
         self, model: nn.Module, optimizer: torch.optim.Optimizer

@@ -117,6 +117,7 @@ class DecoupledStages(Strategy):
         self._owns_group = not dist.is_initialized()
         context = init_distributed(timeout_s=self.dni_config.timeout_s)
         self.rank, self.world_size = context.rank, context.world_size
+        self.check_same_options()
 
     def serve(self) -> None:
         self.summary = run_pipeline(self.dni_config, rank=self.rank, world_size=self.world_size)
