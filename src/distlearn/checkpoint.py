@@ -91,7 +91,7 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path, step: int, *, 
     except OSError as error:
         temporary.unlink(missing_ok=True)
         raise CheckpointError(
-            f"could not write checkpoint {path}: {error}; free disk space or choose another --checkpoint-dir "
+            f"could not write checkpoint {path}: {error}; free disk space or choose another --out "
             f"(the previous checkpoint {_previous(path)} is untouched)"
         ) from error
     try:  # make the rename itself durable
@@ -121,7 +121,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         path = newest
     if not path.is_file():
         raise CheckpointError(
-            f"checkpoint {path} does not exist; pass a file or directory written by --checkpoint-dir"
+            f"checkpoint {path} does not exist; pass a checkpoint file, or a run's OUT/checkpoints directory"
         )
     previous = _previous(path)
     fallback = (

@@ -385,6 +385,11 @@ class Strategy:
         """Communication counters for the metrics; empty when the strategy does not communicate."""
         return {}
 
+    def run_summary(self) -> dict[str, Any]:
+        """Fields this strategy adds to the run's summary (printed table and summary record), e.g. the
+        parameter server's staleness; plain values only."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """Strategy state needed to resume exactly (tensors and plain values only)."""
         return {}

@@ -381,6 +381,19 @@ class ParameterServer(Strategy):
             result["staleness"] = staleness
         return result
 
+    def run_summary(self) -> dict[str, Any]:
+        """The staleness of this worker's pushes as the servers reported it (mean and max over every
+        server's reply, in versions) and how many pushes were dropped as late; the servers' own reports
+        (``ps-server<rank>.json``) hold every worker's."""
+        seen = [s for push in self.staleness_seen for s in push]
+        applied = [s for s in seen if s >= 0]
+        return {
+            "staleness_mean": sum(applied) / len(applied) if applied else None,
+            "staleness_max": max(applied) if applied else None,
+            "staleness_pushes": len(self.staleness_seen),
+            "pushes_dropped": len(seen) - len(applied),
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """Ask every server to checkpoint now (tagged with this worker's step) and record their versions."""
         if self.role != "worker" or self._worker is None:

@@ -483,4 +483,5 @@ class _Run:
             "threads": torch.get_num_threads(),
             "replicas": self.strategy.replicas,
             "classification": self.data.classification,
+            **self.strategy.run_summary(),
         }

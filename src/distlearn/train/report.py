@@ -245,6 +245,7 @@ def print_summary(
                 else ""
             ),
         ),
+        ("staleness", _staleness(summary)),
         ("metrics", str(metrics_path)),
         ("checkpoint", summary["checkpoint"]),
     ]
@@ -252,6 +253,20 @@ def print_summary(
         if value:
             table.add_row(key, str(value))
     Console().print(table)
+
+
+def _staleness(summary: dict[str, Any]) -> str | None:
+    """The parameter server's staleness row: mean and max over this worker's pushes (None: no such run)."""
+    if summary.get("staleness_pushes") is None:
+        return None
+    if summary.get("staleness_mean") is None:
+        return f"none measured ({summary['staleness_pushes']} pushes)"
+    dropped = summary.get("pushes_dropped") or 0
+    return (
+        f"mean {summary['staleness_mean']:.2f}, max {summary['staleness_max']} versions "
+        f"(this worker's {summary['staleness_pushes']} pushes"
+        + (f", {dropped} dropped as late)" if dropped else ")")
+    )
 
 
 def served_result(strategy: Any) -> TrainResult:
