@@ -10,6 +10,7 @@ different options both end with the message naming the fields (no gloo abort, no
 from __future__ import annotations
 
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -31,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 from ranks import run_ranks  # noqa: E402
 
-QUICK = ["--model", "mlp", "--steps", "2", "--train-samples", "256", "--test-samples", "64", "--batch-size", "64",
-         "--progress", "off", "--tensorboard", "off"]  # fmt: skip
+QUICK = ["--model", "mlp", "--steps", "2", "--train-samples", "256", "--test-samples", "64",
+         "--batch-size", "64", "--progress", "off", "--tensorboard", "off"]  # fmt: skip
 
 
 def refused(tmp_path: Path, *flags: str, out: str | None = None) -> tuple[str, float]:
@@ -78,8 +79,8 @@ def test_an_unknown_reducer_flag_exits_2_before_any_worker(tmp_path):
         (["--strategy", "ps", "--servers", "3", "--workers", "3"], "use --workers 4 or more"),
         (["--strategy", "sync", "--workers", "3", "--batch-size", "100"], "use --batch-size 99 or 102"),
         (["--strategy", "ps", "--workers", "3", "--softsync", "5"], "--softsync 5 exceeds the 2 worker"),
-        (["--strategy", "ps", "--workers", "3", "--backup-workers", "2"], "--backup-workers 2 leaves no worker"),
-        (["--strategy", "easgd", "--easgd-mode", "async", "--workers", "1"], "needs a centre rank and a worker"),
+        (["--strategy", "ps", "--workers", "3", "--backup-workers", "2"], "--backup-workers 2 leaves no"),
+        (["--strategy", "easgd", "--easgd-mode", "async", "--workers", "1"], "needs a centre rank"),
     ],
 )
 def test_the_job_size_is_checked_before_launch(tmp_path, flags, expected):
@@ -94,7 +95,7 @@ def test_softsync_under_another_strategy_names_its_strategy(tmp_path):
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("text", ['lr = "abc"\n', 'strategy = "sync"\nworkers = 2\n[sync]\nbucket_mb = "x"\n'])
+@pytest.mark.parametrize("text", ['lr = "abc"\n', 'strategy = "sync"\nworkers = 2\n[sync]\nbucket_mb = "x"'])
 def test_a_config_value_of_the_wrong_type_names_key_value_and_type(tmp_path, text):
     path = tmp_path / "run.toml"
     path.write_text(text)
@@ -149,7 +150,8 @@ def test_images_that_are_not_28x28_are_a_data_error_before_launch(tmp_path):
     data = _mnist(tmp_path / "data", np.zeros((100, 10, 10), dtype=np.uint8))
     message, _ = refused(tmp_path, "--dataset", "mnist", "--data-root", str(data), "--strategy", "sync",
                          "--workers", "2")  # fmt: skip
-    assert str(data / "t10k-images-idx3-ubyte.gz") in message and "10x10 pixels (shape (100, 10, 10))" in message
+    assert str(data / "t10k-images-idx3-ubyte.gz") in message
+    assert "10x10 pixels (shape (100, 10, 10))" in message
 
 
 # -- the checks themselves, in process ---------------------------------------------------------------------
@@ -191,9 +193,9 @@ def test_check_type_names_key_value_and_expected_type():
         ("epochs", 2.5, int, "epochs = 2.5 is a number; expected an integer"),
         ("quiet", "yes", bool, "quiet = 'yes' is a string; expected true or false"),
         ("workers", True, int, "workers = True is a boolean; expected an integer"),
-        ("optimizer_option", [1], tuple[str, ...], "optimizer_option = [1] is a list; expected a list of strings"),
+        ("option", [1], tuple[str, ...], "option = [1] is a list; expected a list of strings"),
     ]:
-        with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        with pytest.raises(ConfigError, match=re.escape(expected)):
             check_type(key, value, tp, "f.toml")
     with pytest.raises(ConfigError, match=r"--lr must be a number, got 'abc' \(str\)"):
         TrainConfig(lr="abc")
