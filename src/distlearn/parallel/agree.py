@@ -11,7 +11,8 @@ naming them and each rank's value.
 Fields that may differ per rank (:data:`PER_RANK_FIELDS`) are left out: where this process writes and
 reads (``out``, ``data_root``, ``resume``: paths can be per machine), how it shows progress (``progress``,
 ``progress_every``, ``quiet``, ``tensorboard``, ``name``), its threads, ``workers`` (processes on this
-machine; the group's size is what counts) and ``comm_timeout`` (each rank's own waits). Everything else --
+machine; the group's size is what counts), ``comm_timeout`` (each rank's own waits) and
+``ps_shared_memory`` (each worker and server agree on it per link, at the first pull). Everything else --
 the data, model, optimizer, batch, schedule, seed and every strategy option -- must agree.
 """
 
@@ -34,7 +35,7 @@ __all__ = ["PER_RANK_FIELDS", "agreed_values", "check_same_options"]
 PER_RANK_FIELDS = frozenset(
     {
         "out", "data_root", "resume", "name", "progress", "progress_every", "quiet", "tensorboard",
-        "threads", "workers", "comm_timeout",
+        "threads", "workers", "comm_timeout", "ps_shared_memory",
     }
 )  # fmt: skip
 """Options a rank may set on its own (see the module docstring); every other one is compared."""

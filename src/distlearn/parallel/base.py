@@ -72,7 +72,9 @@ class StrategyOptions:
     Every field is a ``distlearn train --flag`` (underscores as dashes), a key of the strategy's section in a
     config file (``[sync]``) and a keyword of :func:`distlearn.parallelize`, all generated from the
     dataclass. Field checks run in :meth:`validate` (at construction, so before any process starts);
-    checks that need the run's other options (optimizer, workers) in :meth:`check`.
+    checks that need the run's other options (optimizer) in :meth:`check`, and those that need the job's
+    size (the global batch over :meth:`batch_takers`, roles such as servers) in :meth:`check_job`. A
+    strategy whose ``replicas`` are not all its ranks overrides :meth:`batch_takers`.
     """
 
     comm_timeout: float = 300.0
