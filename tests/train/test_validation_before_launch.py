@@ -9,6 +9,7 @@ different options both end with the message naming the fields (no gloo abort, no
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import struct
@@ -245,3 +246,25 @@ def test_ranks_started_with_different_options_both_name_the_difference(tmp_path)
     for log in logs:
         assert "started with different options (--bucket-mb: rank 0 25.0, rank 1 2.0)" in log, log
         assert "Traceback" not in log
+
+
+# -- the parameter server's summary shows staleness --------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_ps_summary_shows_the_main_workers_staleness_as_the_server_recorded_it(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "distlearn.cli", "train", *QUICK, "--steps", "12", "--strategy", "ps",
+               "--workers", "3", "--dataset", "fashion-mnist", "--out", str(out)]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), COLUMNS="200")
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=220)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["extra"]
+    server = json.loads((out / "ps-server0.json").read_text())
+    mine = [staleness for _, worker, staleness in server["updates"] if worker == 1]  # rank 1: the main worker
+    assert summary["staleness_pushes"] == len(mine) == 12 and summary["pushes_dropped"] == 0
+    assert summary["staleness_mean"] == pytest.approx(sum(mine) / len(mine))
+    assert summary["staleness_max"] == max(mine)
+    row = f"mean {summary['staleness_mean']:.2f}, max {summary['staleness_max']} versions"
+    assert f"{row} (this worker's 12 pushes)" in done.stdout, done.stdout

@@ -159,7 +159,9 @@ class StrategyStats(TypedDict, total=False):
 
 def check_global_batch(global_batch: int, replicas: int, who: str = "replicas") -> None:
     """ConfigError unless ``global_batch`` splits evenly over ``replicas``, naming the nearest that do."""
-    if replicas >= 1 and global_batch >= 1 and global_batch % replicas == 0:
+    if replicas < 1:
+        raise ConfigError(f"no {who} share the batch (got {replicas}); start more processes (--workers)")
+    if global_batch >= 1 and global_batch % replicas == 0:
         return
     lower, upper = (global_batch // replicas) * replicas, (global_batch // replicas + 1) * replicas
     nearest = f"{lower} or {upper}" if lower >= replicas else f"{upper}"
