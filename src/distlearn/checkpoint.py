@@ -311,7 +311,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         path = newest
     if not path.is_file():
         raise CheckpointError(
-            f"checkpoint {path} does not exist; pass a file or directory written by a run's checkpoints"
+            f"checkpoint {path} does not exist; pass a checkpoint file, or a run's OUT/checkpoints directory"
         )
     try:
         state = read_verified(path, map_location)

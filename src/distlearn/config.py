@@ -21,6 +21,7 @@ import ast
 import dataclasses
 import json
 import math
+import numbers
 import types
 import typing
 from pathlib import Path
@@ -36,6 +37,7 @@ __all__ = [
     "foreign_flag",
     "from_args",
     "from_dict",
+    "check_type",
     "help_of",
     "load_toml",
     "mapping_to_toml",
@@ -133,8 +135,71 @@ def from_dict(cls: type[T], values: dict[str, Any], *, source: str = "config") -
             value = tuple(value) if typing.get_origin(tp) is tuple else list(value)
         if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
             raise ConfigError(f"{source}: {key}={value!r} is not one of {list(typing.get_args(tp))}")
+        check_type(key, value, hints[key], source)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """True when ``value`` (as read from a file) can be field type ``tp``; types not listed pass."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is Literal:  # the choices are checked by from_dict and the options' validate
+        return True
+    if origin in (list, tuple):
+        inner = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return isinstance(value, (list, tuple)) and all(_fits(v, inner[0]) for v in value if inner)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True
+
+
+def _expected(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        names = [_expected(arg) for arg in typing.get_args(tp) if arg is not type(None)]
+        return " or ".join(names) + (" (or leave the key out)" if type(None) in typing.get_args(tp) else "")
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        inner = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if not inner:
+            return "a list"
+        return f"a list of {_expected(inner[0]).removeprefix('a ').removeprefix('an ')}s"
+    return _KINDS.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _kind_of(value: Any) -> str:
+    for kind, name in _KINDS.items():
+        if isinstance(value, kind):
+            return name.replace("true or false", "a boolean")
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
+
+
+def check_type(key: str, value: Any, tp: Any, source: str = "config") -> None:
+    """ConfigError unless ``value`` fits field type ``tp``, naming the key, the value and the type expected.
+
+    Covers the types a config file can hold (numbers, strings, booleans, lists of them, optional ones);
+    an ``int`` is a valid ``float``, a ``bool`` is no number.
+    """
+    if not _fits(value, tp):
+        raise ConfigError(f"{source}: {key} = {value!r} is {_kind_of(value)}; expected {_expected(tp)}")
 
 
 def from_args(cls: type[T], namespace: argparse.Namespace) -> T:
@@ -167,6 +232,8 @@ def positive(
     """ConfigError unless ``value`` is > 0 (>= 0 with ``allow_zero``; None allowed with ``allow_none``)."""
     if value is None and allow_none:
         return
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        raise ConfigError(f"{flag(name)} must be a number, got {value!r} ({type(value).__name__})")
     bad_type = integer and (not isinstance(value, int) or isinstance(value, bool))
     if bad_type or value is None or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"

@@ -241,8 +241,8 @@ def _check_port_free(host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError as error:
             raise ConfigError(
-                f"port {port} on {host} is in use ({error.strerror}); pass another --master-port, "
-                "or leave it out and a free one is chosen"
+                f"port {port} on {host} is in use ({error.strerror}); pass another port to launch_local "
+                "(port=...), or port=0 and a free one is chosen"
             ) from error
 
 

@@ -6,19 +6,21 @@ and ``ps-server<k>-final.pt`` and, for DNI, ``summary.json`` and ``messages.rank
 into a directory that holds such files would mix its records and checkpoints with the earlier run's (and
 ``--resume OUT/checkpoints`` would then pick the earlier run's newest checkpoint), so
 :func:`prepare_out` refuses it unless ``--resume`` continues that run or ``--overwrite`` removes those
-files first -- only those: anything else in ``OUT`` stays. ``distlearn train`` and ``distlearn rl`` share it.
+files first -- only those: anything else in ``OUT`` stays. An ``OUT`` that cannot be created or written
+is refused first (:func:`check_writable`). ``distlearn train`` and ``distlearn rl`` share it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from distlearn.errors import ConfigError
 
-__all__ = ["earlier_run", "prepare_out"]
+__all__ = ["check_writable", "earlier_run", "prepare_out"]
 
 _FILES = (
     re.compile(r"metrics(\.rank\d+)?\.jsonl(\.tmp)?"),
@@ -45,6 +47,30 @@ def earlier_run(out: str | Path) -> list[Path]:
     return sorted(found)
 
 
+def check_writable(out: str | Path) -> None:
+    """ConfigError unless ``--out`` is a directory this process can create and write files in, naming the
+    path and why not. The directory is created (the run writes there next); a probe file is removed."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory; choose another --out")
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        why = error.strerror or str(error)
+        if existing != out.absolute():
+            why = f"cannot create a directory in {existing}: {why}"
+        else:
+            why = f"cannot write a file in it: {why}"
+        raise ConfigError(
+            f"--out {out} is not writable ({why}); choose a directory you can write, e.g. --out runs/train"
+        ) from None
+
+
 def prepare_out(config: Any, out: str | Path | None = None) -> None:
     """Refuse an ``--out`` holding an earlier run unless ``--resume`` or ``--overwrite`` (which removes it).
 
@@ -53,6 +79,7 @@ def prepare_out(config: Any, out: str | Path | None = None) -> None:
     its rendezvous, where no process has written anything yet.
     """
     out = Path(out if out is not None else config.out)
+    check_writable(out)
     if config.resume is not None and config.overwrite:
         raise ConfigError(
             "--resume continues the run in --out and --overwrite deletes it: pass only one of them"

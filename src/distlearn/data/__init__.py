@@ -34,7 +34,7 @@ import torch
 from distlearn.data.cifar import CLASSES as CIFAR10_CLASSES
 from distlearn.data.cifar import read_binary_batches, read_jpeg_zip, read_python_batches
 from distlearn.data.download import RemoteFile, download
-from distlearn.data.idx import read_idx
+from distlearn.data.idx import read_idx, read_idx_shape
 from distlearn.errors import ConfigError, DataError
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "MNIST_SPLIT",
     "ArrayDataset",
     "cache_dir",
+    "check_dataset",
     "find_dataset",
     "load_dataset",
 ]
@@ -209,6 +210,45 @@ def load_dataset(
     return _load_idx(name, directory, form, split)
 
 
+def check_dataset(name: str, root: str | Path | None = None) -> None:
+    """DataError now for what :func:`load_dataset` would refuse in the files' headers: a wrong magic number,
+    dimensions that overflow or disagree with a raw file's size, images that are not 28x28, image and label
+    counts that differ; and, with ``root``, no data there. Reads only the headers (a launcher's check)."""
+    found = find_dataset(name, root)
+    if found is None:
+        if root is not None:
+            looked = _looked_in(name, root)
+            raise DataError(f"no {name} data in {root} (looked in {looked}); {_how_to_get(name)}")
+        return  # the job's processes look further, and download
+    directory, form = found
+    if name == "cifar10":
+        return
+    for split in ("train", "test") if form == "full" else ("test",):
+        image_path, label_path = (_idx_path(directory, stem) for stem in _IDX_FILES[split])
+        assert image_path is not None and label_path is not None
+        shape = read_idx_shape(image_path, dimensions=3)
+        _check_image_size(image_path, shape)
+        (labels,) = read_idx_shape(label_path, dimensions=1)
+        _check_counts(image_path, shape[0], label_path, labels)
+
+
+def _check_image_size(path: Path, shape: tuple[int, ...]) -> None:
+    if tuple(shape[1:]) != (28, 28):
+        raise DataError(
+            f"{path} holds images of {shape[1]}x{shape[2]} pixels (shape {tuple(shape)}); MNIST and "
+            "Fashion-MNIST images are 28x28: it is another dataset's file -- replace it, or give your own "
+            "data as --dataset package.module:factory"
+        )
+
+
+def _check_counts(image_path: Path, images: int, label_path: Path, labels: int) -> None:
+    if images != labels:
+        raise DataError(
+            f"{image_path} holds {images:,} images but {label_path} {labels:,} labels; "
+            "one of them is from another set: replace both"
+        )
+
+
 def _looked_in(name: str, root: str | Path | None) -> str:
     if root is not None:
         return ", ".join(str(d) for d in _dataset_dirs(Path(root), name))
@@ -252,11 +292,8 @@ def _read_idx_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray
     image_path, label_path = _idx_path(directory, image_stem), _idx_path(directory, label_stem)
     assert image_path is not None and label_path is not None
     images, labels = read_idx(image_path, dimensions=3), read_idx(label_path, dimensions=1)
-    if len(images) != len(labels):
-        raise DataError(
-            f"{image_path} holds {len(images):,} images but {label_path} {len(labels):,} labels; "
-            "one of them is from another set: replace both"
-        )
+    _check_image_size(image_path, images.shape)
+    _check_counts(image_path, len(images), label_path, len(labels))
     if labels.max(initial=0) > 9:
         raise DataError(f"{label_path} has labels above 9; it is not an MNIST-style label file")
     return images[:, None], labels.astype(np.int64)

@@ -62,11 +62,19 @@ import torch
 from torch import nn
 
 from distlearn.comm.replicas import check_same_model
-from distlearn.config import positive
+from distlearn.config import check_type, positive
 from distlearn.devices import backend_for, resolve_device
 from distlearn.errors import CommError, ConfigError
 
-__all__ = ["Strategy", "StrategyOptions", "StrategyStats", "epoch_batches", "make_options", "option_names"]
+__all__ = [
+    "Strategy",
+    "StrategyOptions",
+    "StrategyStats",
+    "check_global_batch",
+    "epoch_batches",
+    "make_options",
+    "option_names",
+]
 
 
 @dataclass
@@ -76,7 +84,9 @@ class StrategyOptions:
     Every field is a ``distlearn train --flag`` (underscores as dashes), a key of the strategy's section in a
     config file (``[sync]``) and a keyword of :func:`distlearn.parallelize`, all generated from the
     dataclass. Field checks run in :meth:`validate` (at construction, so before any process starts);
-    checks that need the run's other options (optimizer, workers) in :meth:`check`.
+    checks that need the run's other options (optimizer) in :meth:`check`, and those that need the job's
+    size (the global batch over :meth:`batch_takers`, roles such as servers) in :meth:`check_job`. A
+    strategy whose ``replicas`` are not all its ranks overrides :meth:`batch_takers`.
     """
 
     comm_timeout: float = 300.0
@@ -104,18 +114,34 @@ class StrategyOptions:
         """Why these options cannot compute on a CUDA device, and what to use instead ("" when they can)."""
         return ""
 
+    def batch_takers(self, processes: int) -> int:
+        """How many ranks of a job of ``processes`` split the global batch ``B`` (default: every rank)."""
+        return processes
+
+    def check_job(self, run: Any, processes: int) -> None:
+        """ConfigError for a combination with the job's size: ``processes`` ranks in all (the world size).
+
+        Run before any process starts (:func:`distlearn.train.config.validate_config`, with
+        :meth:`Strategy.processes`), and in each worker with its world size; a strategy whose ranks have
+        roles (servers, a centre) checks here that every role is filled.
+        """
+        check_global_batch(run.batch_size, self.batch_takers(processes))
+
 
 def option_names(options_class: type) -> list[str]:
     """The field names of an options dataclass (its flags without the dashes)."""
     return [f.name for f in dataclasses.fields(options_class)]
 
 
-def make_options(options_class: type, options: Any = None, fields: dict[str, Any] | None = None) -> Any:
+def make_options(
+    options_class: type, options: Any = None, fields: dict[str, Any] | None = None, *, source: str = ""
+) -> Any:
     """An ``options_class`` instance from ``options`` (an instance or None) and keyword ``fields``.
 
     Keywords may use the older names of :attr:`StrategyOptions.aliases`; a mapping given for a
     ``tuple[str, ...]`` field becomes ``KEY=VALUE`` strings (``compression_options={"density": 0.01}``).
-    Unknown keywords raise ConfigError naming the known ones.
+    Unknown keywords raise ConfigError naming the known ones, a value of the wrong type one naming the key,
+    the value and the type expected (``source``: where the values come from, for the message).
     """
     fields = dict(fields or {})
     if options is not None and not isinstance(options, options_class):
@@ -134,6 +160,7 @@ def make_options(options_class: type, options: Any = None, fields: dict[str, Any
             )
         if isinstance(value, dict) and typing.get_origin(hints[name]) is tuple:
             value = tuple(f"{k}={v!r}" for k, v in value.items())
+        check_type(name, value, hints[name], source or options_class.__name__)
         values[name] = value
     if options is None:
         return options_class(**values)
@@ -149,6 +176,20 @@ class StrategyStats(TypedDict, total=False):
     """Payload bytes this process has received (cumulative)."""
     staleness: float
     """Mean staleness of the gradients applied since the last call, in parameter versions (async only)."""
+
+
+def check_global_batch(global_batch: int, replicas: int, who: str = "replicas") -> None:
+    """ConfigError unless ``global_batch`` splits evenly over ``replicas``, naming the nearest that do."""
+    if replicas < 1:
+        raise ConfigError(f"no {who} share the batch (got {replicas}); start more processes (--workers)")
+    if global_batch >= 1 and global_batch % replicas == 0:
+        return
+    lower, upper = (global_batch // replicas) * replicas, (global_batch // replicas + 1) * replicas
+    nearest = f"{lower} or {upper}" if lower >= replicas else f"{upper}"
+    raise ConfigError(
+        f"--batch-size {global_batch} is not divisible by the {replicas} {who} that share it (each takes "
+        f"B / {replicas} examples per step); use --batch-size {nearest}"
+    )
 
 
 def epoch_batches(
@@ -302,7 +343,26 @@ class Strategy:
         self._context = init_distributed(self.backend, timeout_s=timeout_s, device=self.device)
         self._owns_group = not already
         self.rank, self.world_size = self._context.rank, self._context.world_size
+        self.check_same_options()
         return True
+
+    def check_same_options(self) -> None:
+        """ConfigError on every rank when the ranks were started with different options, naming them
+        (:mod:`distlearn.parallel.agree`); called once the group is joined, before any other collective.
+        A group this strategy created is left again before the error goes up."""
+        from distlearn.launch import shutdown
+        from distlearn.parallel.agree import check_same_options
+
+        try:
+            check_same_options(
+                self.run, self.options, rank=self.rank, world_size=self.world_size, timeout_s=self.timeout_s
+            )
+        except (ConfigError, CommError):
+            if getattr(self, "_owns_group", False):
+                shutdown()
+                self._owns_group = False
+                self._context = None
+            raise
 
     def _wait(self, work: Any, what: str) -> None:
         """Wait for ``work`` within ``self.timeout_s``, else a CommError naming the rank and ``what``."""
@@ -342,11 +402,7 @@ class Strategy:
     # -- data -------------------------------------------------------------------------------------------
     def local_batch(self, global_batch: int) -> int:
         """Examples per step on this replica, ``M = B / R``."""
-        if global_batch < 1 or global_batch % self.replicas:
-            raise ConfigError(
-                f"global batch {global_batch} must be a positive multiple of the {self.replicas} replicas; "
-                f"use --batch-size {max(1, global_batch // self.replicas) * self.replicas}"
-            )
+        check_global_batch(global_batch, self.replicas)
         return global_batch // self.replicas
 
     def steps_per_epoch(self, n: int, global_batch: int) -> int:
@@ -387,6 +443,11 @@ class Strategy:
     # -- metrics and checkpoints ------------------------------------------------------------------------
     def stats(self) -> StrategyStats:
         """Communication counters for the metrics; empty when the strategy does not communicate."""
+        return {}
+
+    def run_summary(self) -> dict[str, Any]:
+        """Fields this strategy adds to the run's summary (printed table and summary record), e.g. the
+        parameter server's staleness; plain values only."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -57,6 +57,7 @@ class TorchDDP(Strategy):
         context = init_distributed(self.backend, timeout_s=self.timeout_s, device=self.device)
         self._owns_group = not already
         self.rank, self.world_size = context.rank, context.world_size
+        self.check_same_options()
 
     def prepare(
         self, model: nn.Module, optimizer: torch.optim.Optimizer

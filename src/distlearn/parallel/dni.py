@@ -51,6 +51,10 @@ class DNIOptions(StrategyOptions):
             "over gloo point-to-point; use --device cpu (or auto)"
         )
 
+    def batch_takers(self, processes: int) -> int:
+        """1: every stage works on the whole batch."""
+        return 1
+
 
 def dni_config_of(config: Any, options: DNIOptions | None = None) -> DNIConfig:
     """The :class:`~distlearn.dni.pipeline.DNIConfig` of a run's config and its DNI options."""
@@ -120,6 +124,7 @@ class DecoupledStages(Strategy):
         self._owns_group = not dist.is_initialized()
         context = init_distributed(timeout_s=self.dni_config.timeout_s)
         self.rank, self.world_size = context.rank, context.world_size
+        self.check_same_options()
 
     def serve(self) -> None:
         self.summary = run_pipeline(self.dni_config, rank=self.rank, world_size=self.world_size)

@@ -151,6 +151,15 @@ class EASGDOptions(StrategyOptions):
         if not isinstance(tau, int) or tau < 1:
             raise ConfigError(f"--elastic-tau must be an integer >= 1 (steps between exchanges), got {tau!r}")
 
+    def batch_takers(self, processes: int) -> int:
+        """The workers: every rank in sync mode, all but the centre (rank 0) in async mode."""
+        return processes - 1 if self.easgd_mode == "async" else processes
+
+    def check_job(self, run: Any, processes: int) -> None:
+        if self.easgd_mode == "async" and processes < 2:
+            raise ConfigError("--easgd-mode async needs a centre rank and a worker: use --workers 2 or more")
+        super().check_job(run, processes)
+
 
 class ElasticAveraging(Strategy):
     """EASGD / EAMSGD in the synchronous (allreduce) or asynchronous (centre on rank 0) form.

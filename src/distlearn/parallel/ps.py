@@ -103,7 +103,7 @@ from distlearn.comm.paramserver import shard_parameters
 from distlearn.config import parse_options, positive
 from distlearn.errors import ConfigError
 from distlearn.launch import DistContext, shutdown
-from distlearn.parallel.base import Strategy, StrategyStats, epoch_batches
+from distlearn.parallel.base import Strategy, StrategyStats, check_global_batch, epoch_batches
 from distlearn.parallel.ps_codecs import decode_push, encode_push, make_push_codec
 from distlearn.parallel.ps_server import DownpourServer, ServerSettings
 from distlearn.parallel.ps_worker import DownpourWorker, PushGate
@@ -160,6 +160,39 @@ class PSOptions(CompressionOptions):
             raise ConfigError(
                 "--backup-workers and --softsync both set the group size; backup workers already apply "
                 "each step on the first R gradients -- drop --softsync"
+            )
+
+    def batch_takers(self, processes: int) -> int:
+        """The workers whose gradients make a step: all but the servers and the backup workers."""
+        return processes - self.servers - self.backup_workers
+
+    def check_job(self, run: Any, processes: int) -> None:
+        self.check_roles(processes)
+        check_global_batch(
+            run.batch_size, self.batch_takers(processes), "workers whose gradients make a step"
+        )
+
+    def check_roles(self, processes: int) -> None:
+        """ConfigError unless a job of ``processes`` ranks has a worker after the servers, and enough
+        workers for ``--backup-workers`` and ``--softsync``."""
+        workers = processes - self.servers
+        split = f"--workers {processes} counts servers and workers together"
+        if workers < 1:
+            raise ConfigError(
+                f"--strategy ps with --servers {self.servers} needs at least one worker besides the servers, "
+                f"and {processes} process(es) leave none ({split}); use --workers {self.servers + 1} "
+                f"or more, or fewer --servers"
+            )
+        if self.backup_workers >= workers:
+            raise ConfigError(
+                f"--backup-workers {self.backup_workers} leaves no worker of {workers} to take the step "
+                f"({split}); use at most {workers - 1}, or --workers {self.servers + self.backup_workers + 1}"
+            )
+        if self.softsync > workers:
+            raise ConfigError(
+                f"--softsync {self.softsync} exceeds the {workers} worker(s) (n = R is synchronous; {split}, "
+                f"{self.servers} of them server(s)); use --softsync {workers} or less, or "
+                f"--workers {self.servers + self.softsync}"
             )
 
     def check(self, run: Any) -> None:
@@ -291,21 +324,7 @@ class ParameterServer(Strategy):
         )
         if not self.join_job(usage, self.timeout_s):
             return
-        if self.workers < 1:
-            raise ConfigError(
-                f"{self.world_size} processes leave no worker after {self.servers} server(s); "
-                f"use --workers {self.servers + 1} or more (servers + workers)"
-            )
-        if self.backup_workers >= self.workers:
-            raise ConfigError(
-                f"--backup-workers {self.backup_workers} leaves no worker of {self.workers} to take the "
-                f"step; use at most {self.workers - 1}"
-            )
-        if self.softsync > self.workers:
-            raise ConfigError(
-                f"--softsync {self.softsync} exceeds the {self.workers} workers (n = R is synchronous); "
-                f"use at most {self.workers}"
-            )
+        self.options.check_roles(self.world_size)
         self.role = "server" if self.rank < self.servers else "worker"
         self.transport = Transport(self.rank, timeout_s=self.timeout_s)
 
@@ -313,11 +332,7 @@ class ParameterServer(Strategy):
 
     def local_batch(self, global_batch: int) -> int:
         takers = self.workers - self.backup_workers
-        if global_batch < 1 or global_batch % takers:
-            raise ConfigError(
-                f"global batch {global_batch} must be a positive multiple of the {takers} workers whose "
-                f"gradients make a step; use --batch-size {max(1, global_batch // takers) * takers}"
-            )
+        check_global_batch(global_batch, takers, "workers whose gradients make a step")
         return global_batch // takers
 
     def steps_per_epoch(self, n: int, global_batch: int) -> int:
@@ -383,6 +398,19 @@ class ParameterServer(Strategy):
         if staleness is not None:
             result["staleness"] = staleness
         return result
+
+    def run_summary(self) -> dict[str, Any]:
+        """The staleness of this worker's pushes as the servers reported it (mean and max over every
+        server's reply, in versions) and how many pushes were dropped as late; the servers' own reports
+        (``ps-server<rank>.json``) hold every worker's."""
+        seen = [s for push in self.staleness_seen for s in push]
+        applied = [s for s in seen if s >= 0]
+        return {
+            "staleness_mean": sum(applied) / len(applied) if applied else None,
+            "staleness_max": max(applied) if applied else None,
+            "staleness_pushes": len(self.staleness_seen),
+            "pushes_dropped": len(seen) - len(applied),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Ask every server to checkpoint now (tagged with this worker's step) and record their versions."""

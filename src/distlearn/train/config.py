@@ -23,6 +23,7 @@ command line runs before it starts any process.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -34,12 +35,20 @@ from distlearn.amp import check_amp, check_closure
 from distlearn.config import from_dict, mapping_to_toml, parse_options, positive, read_file
 from distlearn.devices import DEVICE_CHOICES, resolve_device
 from distlearn.errors import ConfigError
+from distlearn.launch import in_torchrun
 from distlearn.models import MODELS
 from distlearn.models.factory import is_import_path
 from distlearn.parallel import STRATEGIES, strategy_class
 from distlearn.parallel.base import make_options, option_names
 
-__all__ = ["TrainConfig", "config_from_dict", "config_to_toml", "load_config_file", "validate_config"]
+__all__ = [
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_toml",
+    "job_processes",
+    "load_config_file",
+    "validate_config",
+]
 
 DATASET_NAMES = ("mnist", "fashion-mnist", "cifar10")
 """The built-in datasets; any other ``--dataset`` is an import path ``package.module:factory``."""
@@ -245,7 +254,8 @@ COMMON = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "options"
 def validate_config(
     config: TrainConfig, *, check_optimizer: bool = True, check_strategy: bool = True
 ) -> None:
-    """Check what needs the whole run: the optimizer, the resume path, and the strategy's combinations.
+    """Check what needs the whole run: the optimizer, the resume path, and the strategy's combinations
+    (its options' ``check``, and ``check_job`` with the job's size, :func:`job_processes`).
 
     ``check_optimizer=False`` skips the optimizer (the Python API was given an optimizer object);
     ``check_strategy=False`` skips the strategy options' ``check`` (a strategy object was given, or it is
@@ -262,8 +272,17 @@ def validate_config(
         check_closure(config.amp, optim.needs_closure(config.optimizer))
     if check_optimizer and check_strategy:
         config.options.check(config)  # strategies that cannot use CUDA refuse --device cuda here
+        config.options.check_job(config, job_processes(config))
     if config.device == "cuda":
         resolve_device("cuda", 0)  # a ConfigError naming the fix where torch sees no CUDA device
+
+
+def job_processes(config: TrainConfig) -> int:
+    """The job's world size: torchrun's ``WORLD_SIZE`` inside it, else what the strategy will start
+    (:meth:`~distlearn.parallel.base.Strategy.processes`: ``--workers``, DNI's stages)."""
+    if in_torchrun():
+        return int(os.environ["WORLD_SIZE"])
+    return strategy_class(config.strategy).processes(config.options, config)
 
 
 def config_from_dict(values: dict[str, Any], *, source: str = "config") -> TrainConfig:
@@ -291,7 +310,9 @@ def config_from_dict(values: dict[str, Any], *, source: str = "config") -> Train
     unknown = sorted(set(values) - set(COMMON))
     if unknown:  # from_dict named none: they are neither common nor any strategy's
         raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
-    options = make_options(cls.Options, None, _as_tuples(cls.Options, options))
+    options = make_options(
+        cls.Options, None, _as_tuples(cls.Options, options), source=f"{source} [{cls.name}]"
+    )
     return dataclasses.replace(common, options=options)
 
 

@@ -31,10 +31,12 @@ import torch
 from torch import nn
 
 from distlearn.checkpoint import list_checkpoints, load_checkpoint
+from distlearn.data import check_dataset
 from distlearn.errors import CheckpointError, CommError, ConfigError
 from distlearn.launch import in_torchrun, launch_local, restart_count
 from distlearn.metrics import METRICS_FILE, read_metrics
 from distlearn.models import create_model
+from distlearn.models.factory import is_import_path
 from distlearn.parallel import strategy_class
 from distlearn.rundir import prepare_out
 from distlearn.train.config import TrainConfig, config_to_toml, validate_config
@@ -68,6 +70,8 @@ def check_before_launch(config: TrainConfig) -> None:
     validate_config(config)
     check_importable(config)
     check_gpus(config, processes_to_launch(config))
+    if not is_import_path(config.dataset):
+        check_dataset(config.dataset, config.data_root)  # the files' headers: quick, before any worker
     model, loss_fn, train_data, test_data = resolve_inputs(config, None, None, None, None)
     if model is not None or train_data is not None:
         check_fit(config, model, loss_fn, run_data(config, train_data, test_data))

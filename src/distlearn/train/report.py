@@ -249,6 +249,7 @@ def print_summary(
                 else ""
             ),
         ),
+        ("staleness", _staleness(summary)),
         ("metrics", str(metrics_path)),
         ("checkpoint", summary["checkpoint"]),
     ]
@@ -291,7 +292,22 @@ def run_summary(run: Any, final: MetricRecord | None) -> dict[str, Any]:
         "replicas": run.strategy.replicas,
         "device": str(run.device),
         "classification": run.data.classification,
+        **run.strategy.run_summary(),
     }
+
+
+def _staleness(summary: dict[str, Any]) -> str | None:
+    """The parameter server's staleness row: mean and max over this worker's pushes (None: no such run)."""
+    if summary.get("staleness_pushes") is None:
+        return None
+    if summary.get("staleness_mean") is None:
+        return f"none measured ({summary['staleness_pushes']} pushes)"
+    dropped = summary.get("pushes_dropped") or 0
+    return (
+        f"mean {summary['staleness_mean']:.2f}, max {summary['staleness_max']} versions "
+        f"(this worker's {summary['staleness_pushes']} pushes"
+        + (f", {dropped} dropped as late)" if dropped else ")")
+    )
 
 
 def served_result(strategy: Any) -> TrainResult:
