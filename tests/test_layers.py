@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "distlearn"
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),
     ("optim", "comm", "data", "models", "metrics", "checkpoint", "config", "evaluation", "tables", "rundir"),
-    ("launch", "pool"),
+    ("launch", "pool", "ranklaunch"),
     ("parallel", "dni", "rl"),
     ("train",),
     ("bench", "live", "toy", "plot_cli", "async_momentum"),

@@ -177,12 +177,20 @@ class Strategy:
     """The strategy's typed options (a :class:`StrategyOptions` dataclass declared beside it)."""
     launcher: ClassVar[str] = "torchrun"
     """How ``distlearn train`` starts the job's processes: ``"torchrun"`` (one process per rank, also on
-    many machines) or ``"pool"`` (a local process pool sharing memory: :meth:`launch`)."""
+    many machines), ``"ranks"`` (one plain process per rank on this machine, with the failure policy of
+    :meth:`rank_policy` instead of torchrun's stop-everything: :mod:`distlearn.ranklaunch`) or ``"pool"``
+    (a local process pool sharing memory: :meth:`launch`)."""
 
     @classmethod
     def processes(cls, options: StrategyOptions, run: Any) -> int:
         """How many processes the job runs (default ``--workers``)."""
         return int(run.workers)
+
+    @classmethod
+    def rank_policy(cls, options: StrategyOptions, run: Any) -> Any:
+        """A ``"ranks"`` strategy's :class:`distlearn.ranklaunch.RankPolicy`: which ranks' failure ends the
+        job, which must succeed (None for the other launchers)."""
+        return None
 
     @classmethod
     def launch(cls, run: Any, train: Any) -> Any:

@@ -90,15 +90,16 @@ from torch import nn
 
 from distlearn import optim
 from distlearn.comm.p2p import Transport
-from distlearn.comm.paramserver import shard_parameters
+from distlearn.comm.paramserver import Heartbeat, shard_parameters
 from distlearn.config import parse_options, positive
 from distlearn.errors import ConfigError
 from distlearn.launch import DistContext, shutdown
-from distlearn.parallel.base import Strategy, StrategyStats, epoch_batches
+from distlearn.parallel.base import Strategy, StrategyOptions, StrategyStats, epoch_batches
 from distlearn.parallel.ps_codecs import decode_push, encode_push, make_push_codec
 from distlearn.parallel.ps_server import DownpourServer, ServerSettings
 from distlearn.parallel.ps_worker import DownpourWorker, PushGate
 from distlearn.parallel.sync import CompressionOptions
+from distlearn.ranklaunch import RankPolicy
 
 __all__ = [
     "PSOptions",
@@ -183,6 +184,20 @@ class ParameterServer(Strategy):
 
     name = "ps"
     Options = PSOptions
+    launcher = "ranks"
+
+    @classmethod
+    def rank_policy(cls, options: StrategyOptions, run: Any) -> RankPolicy:
+        """A lost worker stops nobody; a lost server ends the job; the servers and the main worker (rank
+        ``S``: metrics, evaluations, checkpoints) must finish for the job to succeed."""
+        assert isinstance(options, PSOptions)
+        servers = range(options.servers)
+        roles = {rank: "server" if rank < options.servers else "worker" for rank in range(int(run.workers))}
+        reports = ", ".join(f"ps-server{rank}.json" for rank in servers)
+        return RankPolicy(
+            essential=frozenset(servers), required=frozenset([*servers, options.servers]), roles=roles,
+            after_loss=f"The servers' reports say at which step: {Path(run.out)} ({reports}, lost_workers).",
+        )  # fmt: skip
 
     def __init__(
         self,
@@ -240,6 +255,7 @@ class ParameterServer(Strategy):
         self.staleness_seen: list[list[int]] = []
         """Per push, the staleness each server recorded for it (-1: dropped as late)."""
         self._worker: DownpourWorker | None = None  # the worker side, built by prepare()
+        self._heartbeat: Heartbeat | None = None  # a worker's, from setup() on (while it loads its data)
         self.server_report: dict[str, Any] = {}
 
     # -- roles ----------------------------------------------------------------------------------------------
@@ -291,6 +307,9 @@ class ParameterServer(Strategy):
             )
         self.role = "server" if self.rank < self.servers else "worker"
         self.transport = Transport(self.rank, timeout_s=self.timeout_s)
+        if self.role == "worker":  # a server counts a worker's silence from its own start
+            self._heartbeat = Heartbeat(self.transport, list(range(self.servers)), self.worker_timeout_s / 4)
+            self._heartbeat.start()
 
     # -- data: R + b workers each see M = B / R examples ----------------------------------------------------
 
@@ -339,6 +358,7 @@ class ParameterServer(Strategy):
             compressor=self.compressor,
             staleness_seen=self.staleness_seen,
             versions=self._versions,
+            heartbeat=self._heartbeat,
         )
         self._worker.start()
         return model, optimizer
@@ -382,6 +402,8 @@ class ParameterServer(Strategy):
                 self._worker.close()
             else:
                 self._worker.stop_heartbeat()
+        if self._heartbeat is not None:  # also when the worker failed before prepare()
+            self._heartbeat.stop(self.worker_timeout_s)
         if self._owns_group:
             shutdown()
             self._owns_group = False

@@ -34,6 +34,7 @@ from distlearn.launch import in_torchrun, launch_local
 from distlearn.metrics import METRICS_FILE, read_metrics
 from distlearn.models import create_model
 from distlearn.parallel import strategy_class
+from distlearn.ranklaunch import launch_ranks
 from distlearn.rundir import prepare_out
 from distlearn.train.config import TrainConfig, config_to_toml, validate_config
 from distlearn.train.inputs import check_fit, check_importable, resolve_inputs, run_data
@@ -83,12 +84,17 @@ def launch_workers(config: TrainConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
     launch_file = out / "launch.toml"
     launch_file.write_text(config_to_toml(config))
+    program = ["distlearn", "train", "--config", str(launch_file)]
+    cls = strategy_class(config.strategy)
+    how = "as plain processes" if cls.launcher == "ranks" else "with torchrun"
     print(
-        f"distlearn train: starting {config.workers} worker(s) with torchrun on 127.0.0.1 "
+        f"distlearn train: starting {config.workers} worker(s) {how} on 127.0.0.1 "
         f"({config.strategy} strategy; config in {launch_file})",
         flush=True,
     )
-    return launch_local(["distlearn", "train", "--config", str(launch_file)], config.workers)
+    if cls.launcher == "ranks":  # the strategy's own failure policy (a lost ps worker stops nobody)
+        return launch_ranks(program, config.workers, cls.rank_policy(config.options, config))
+    return launch_local(program, config.workers)
 
 
 def launch_from_python(config: TrainConfig, train: TrainFn, objects: list[str]) -> TrainResult | None:

@@ -32,8 +32,8 @@ fails, or that is not heard from for ``worker_silence_s`` is lost: dropped from 
 never used again, the others served on (the policy hears of it, ``on_lost``, and may end the job instead);
 a message of a worker no longer live is drained, not answered; when no worker at all speaks for
 ``silence_s`` the policy decides (``on_silence``) and the loop ends. The loop ends when no worker is live.
-Each loss is recorded (:attr:`ServingLoop.lost`: rank, seconds since the loop started, the step of its last
-push, why).
+Each loss is recorded (:attr:`ServingLoop.lost`: rank, seconds since the loop started, UTC time, the step of
+its last push, why).
 
 **Shard plan** (:func:`shard_parameters`). Parameter tensors go to ``S`` server ranks largest first, each
 to the least-loaded server (greedy LPT); each server holds its tensors as one flat vector.
@@ -67,7 +67,7 @@ policy                                  what a PUSH does
 
 from __future__ import annotations
 
-from distlearn.comm.paramserver.client import PostedReply, ServerLink
+from distlearn.comm.paramserver.client import Heartbeat, PostedReply, ServerLink
 from distlearn.comm.paramserver.plan import shard_numels, shard_parameters
 from distlearn.comm.paramserver.protocol import ERROR_LAYOUT, PushFlag, ReplyFlag
 from distlearn.comm.paramserver.server import PeerFailed, ServerPolicy, ServingLoop
@@ -76,6 +76,7 @@ from distlearn.comm.paramserver.staleness import StalenessBook
 
 __all__ = [
     "ERROR_LAYOUT",
+    "Heartbeat",
     "PeerFailed",
     "PostedReply",
     "PushFlag",

@@ -168,9 +168,10 @@ class ServingLoop:
         self.dead.append(worker)
         if self._receives is not None:
             self._receives.forget(worker)
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.lost.append(
-            {"rank": worker, "seconds": round(self.seconds(), 3), "last_step": self.last_step.get(worker),
-             "why": why}
+            {"rank": worker, "seconds": round(self.seconds(), 3), "at": at,
+             "last_step": self.last_step.get(worker), "why": why}
         )  # fmt: skip
         self.policy.on_lost(self, worker, why)
 
