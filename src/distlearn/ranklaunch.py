@@ -16,9 +16,10 @@ strategy's :class:`RankPolicy`:
   0 -- with a last warning line naming every lost rank and when -- and 1 otherwise, with one line saying
   which rank failed.
 
-No process outlives the launcher: the ranks share one new session (so one signal reaches all of them), a
-deadline (``timeout_s``), Ctrl-C, SIGTERM or SIGHUP stop the whole session (SIGTERM, then SIGKILL after 5
-s), and each rank gets a parent-death signal (Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)``), so a launcher
+No process outlives the launcher: the ranks share one new process group (so one signal reaches all of them,
+and a Ctrl-C in the terminal reaches only the launcher, which stops them in order); a deadline
+(``timeout_s``), Ctrl-C, SIGTERM or SIGHUP stop the whole group (SIGTERM, then SIGKILL after 5 s); and each
+rank gets a parent-death signal (Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)``), so a launcher
 killed with ``kill -9`` takes its ranks with it.
 
 On several machines the user starts the ranks (``torchrun`` on each machine, or plain processes with the
@@ -137,8 +138,9 @@ def launch_ranks(
         try:
             for rank in range(nproc):
                 rank_env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank), ROLE_RANK=str(rank))
-                group = {"start_new_session": True} if not processes else {"process_group": processes[0].pid}
-                processes.append(subprocess.Popen(command, env=rank_env, preexec_fn=preexec, **group))
+                group = processes[0].pid if processes else 0  # one new process group, led by rank 0
+                start = {"preexec_fn": preexec, "process_group": group, "stdin": subprocess.DEVNULL}
+                processes.append(subprocess.Popen(command, env=rank_env, **start))
             return _watch(processes, policy, started, timeout_s, grace_s)
         except Terminated as stop:
             _stop(processes)
@@ -182,7 +184,7 @@ def _watch(
                 "stopped; raise the time limit or shrink the run"
             )
         time.sleep(0.1)
-    _stop(processes)  # anything a rank started in the session
+    _stop(processes)  # anything a rank started in its group
     if failed is None:
         bad = [rank for rank in sorted(policy.required) if ended.get(rank, (1, 0.0))[0] != 0]
         if bad:
@@ -199,7 +201,7 @@ def _watch(
 
 
 def _stop(processes: list[subprocess.Popen], grace_s: float = 5.0) -> None:
-    """SIGTERM to the ranks' session, SIGKILL after ``grace_s`` to whatever is left; waits for every rank."""
+    """SIGTERM to the ranks' group, SIGKILL after ``grace_s`` to whatever is left; waits for every rank."""
     if not processes:
         return
     group = processes[0].pid

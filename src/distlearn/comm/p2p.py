@@ -96,6 +96,15 @@ class Header:
         return cls(kind, int(v[1]), int(v[2]), int(v[3]), float(v[4]), float(v[5]), int(v[6]), int(v[7]))
 
 
+def backend_reason(error: BaseException) -> str:
+    """The backend's reason in a few words: ``Connection closed by peer [127.0.0.1]:37039`` out of gloo's
+    ``[/path/pair.cc:553] Connection closed by peer [...]. This is typically caused by ...``."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". This is typically", 1)[0][:200]
+
+
 _FOREVER = timedelta(days=365)
 """The deadline of a wait that must not time out (a gloo timeout would close every connection)."""
 
@@ -103,7 +112,7 @@ _FOREVER = timedelta(days=365)
 class PeerReceives:
     """One receive of a request header posted to each peer alone, each waited on by a thread of its own.
 
-    :meth:`next` hands over what arrived first: ``(peer, header, None)``, or ``(peer, None, error)`` when
+    :meth:`next` hands over what arrived first: ``(peer, header, None)``, or ``(peer, None, reason)`` when
     that peer's connection failed (it died: its receive fails at once, the other peers' do not). After a
     header, the peer's next receive is posted only when the caller says so (:meth:`again`), so a peer has
     one request in hand at a time and the caller reads its payload first; :meth:`forget` posts no more for
@@ -152,16 +161,15 @@ class PeerReceives:
                 return
             self._arrived.put((peer, buffer, None))
 
-    def next(self, timeout_s: float) -> tuple[int, Header | None, CommError | None] | None:
-        """What arrived first (see the class), or None when nothing did within ``timeout_s``."""
+    def next(self, timeout_s: float) -> tuple[int, Header | None, str | None] | None:
+        """What arrived first: ``(peer, header, None)``, ``(peer, None, the backend's reason)`` when that
+        peer's connection failed, or None when nothing arrived within ``timeout_s``."""
         try:
             peer, buffer, error = self._arrived.get(timeout=timeout_s)
         except queue.Empty:
             return None
         if error is not None:
-            first = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
-            failure = f"rank {self.transport.rank}: the connection to rank {peer} failed ({first})"
-            return peer, None, CommError(failure)
+            return peer, None, backend_reason(error)
         with self.transport._lock:
             self.transport.bytes_received += HEADER_SIZE * 8
         return peer, Header.from_tensor(buffer), None

@@ -117,7 +117,7 @@ class ServingLoop:
                 peer, header, error = arrived
                 if error is not None or header is None:
                     receives.forget(peer)
-                    self.lose(peer, f"its connection failed ({str(error)[:200]})")
+                    self.lose(peer, f"its connection failed ({error})")
                 else:
                     self.last_heard[peer] = now
                     if peer in self.live:
