@@ -57,7 +57,7 @@ class RankPolicy:
         essential: ranks whose failure ends the job (a parameter server: nobody can go on without it).
         required: ranks that must end with status 0 for the job to succeed (the servers, and the worker that
             writes the metrics, evaluations and checkpoints).
-        roles: a name per rank for the messages (``"server"``, ``"worker"``); default ``"rank"``.
+        roles: a name per rank for the messages (``"server"``, ``"worker"``; default none: ``rank 2``).
         after_loss: a sentence added to the warning about lost ranks (where the details are).
     """
 
@@ -67,7 +67,8 @@ class RankPolicy:
     after_loss: str = ""
 
     def name(self, rank: int) -> str:
-        return f"{self.roles.get(rank, 'rank')} rank {rank}"
+        role = self.roles.get(rank)
+        return f"{role} rank {rank}" if role else f"rank {rank}"
 
 
 def parent_death_signal(parent: int) -> Callable[[], None] | None:
