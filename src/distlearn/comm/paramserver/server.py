@@ -168,7 +168,8 @@ class ServingLoop:
         self.dead.append(worker)
         if self._receives is not None:
             self._receives.forget(worker)
-        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        now = time.time()
+        at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
         self.lost.append(
             {"rank": worker, "seconds": round(self.seconds(), 3), "at": at,
              "last_step": self.last_step.get(worker), "why": why}
