@@ -57,10 +57,13 @@ something else rebound since is copied into instead). Compressed pushes still se
 over the backend; ``shared_memory=False``
 (``--no-ps-shared-memory``) sends everything over the backend, as between machines.
 
-Fault handling: workers send heartbeats (a header without payload) every ``worker_timeout / 4`` seconds; a
-server that hears nothing from a worker for ``worker_timeout`` seconds, or cannot answer it, logs it,
-drops it from the live set (groups then close with the workers that are left) and continues. A worker
-whose server died ends with a :class:`~distlearn.errors.CommError` naming the server and the operation.
+Fault handling: a server posts one receive per worker, so a worker that dies (its connection closes) is lost
+at once and alone; workers send heartbeats (a header without payload) every ``worker_timeout / 4`` seconds
+from the moment they join; a server that hears nothing from a worker for ``worker_timeout`` seconds, or
+cannot receive from or answer it, logs it (rank, time, the step of its last push: also in its report's
+``lost_workers``), drops it from the live set (groups then close with the workers that are left) and
+continues. A worker whose server died ends with a :class:`~distlearn.errors.CommError` naming the server
+and the operation.
 The servers stop when every live worker has said it is done. Checkpoints: when the main worker (the first
 worker rank) checkpoints, each server saves its shard, optimizer state, version and logs next to it
 (``ps-server<rank>-step<N>.pt``); ``--resume`` brings them back and the version count continues.
@@ -68,9 +71,9 @@ worker rank) checkpoints, each server saves its shard, optimizer state, version 
 Not synchronised: module buffers (BatchNorm running statistics) stay local to each worker, as in Downpour.
 The server's parameters are 1-D views of one flat buffer (one message per server per push), which every
 element-wise optimizer (all of distlearn.optim's first-order ones, torch's SGD/Adam/...) treats exactly as
-the original shapes. Under one-machine ``torchrun`` the launcher ends the whole job when any process exits
-with an error; a job that must survive a worker's death runs each process as its own node (``--nnodes``,
-or plain processes with ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``).
+the original shapes. ``distlearn train`` starts the ranks as plain processes (``launcher = "ranks"``,
+:mod:`distlearn.ranklaunch`) under the policy of :meth:`ParameterServer.rank_policy`: a lost worker stops
+nobody, a lost server ends the job (torchrun's agent would stop the whole job when any process fails).
 
 Tuning: staleness grows with the number of workers (about ``R - 1`` for round-robin arrival); lower the rate
 or use staleness-aware updates when ``R`` is large; softsync ``n`` trades throughput (``n = 1``) for the
