@@ -205,16 +205,23 @@ class Transport:
             self.bytes_received += received
             self.shared_bytes += sent + received
 
+    def _failed(self, what: str, peer: int, error: BaseException) -> CommError:
+        return CommError(f"rank {self.rank}: {what} from rank {peer} failed ({backend_reason(error)})")
+
     def _wait(self, work: Any, peer: int, what: str, timeout_s: float | None = None) -> None:
         deadline = self.timeout_s if timeout_s is None else timeout_s
         try:
             work.wait(timeout=timedelta(seconds=deadline))
         except RuntimeError as error:
-            reason = "timed out" if "Timed out" in str(error) else "failed"
+            if "Timed out" in str(error):
+                raise CommError(
+                    f"rank {self.rank}: {what} with rank {peer} timed out after {deadline:g} s "
+                    f"({backend_reason(error)}); the peer is stuck or has died -- check its log, or raise "
+                    "--comm-timeout if it is only slow"
+                ) from error
             raise CommError(
-                f"rank {self.rank}: {what} with rank {peer} {reason} after at most {deadline:g} s "
-                f"({str(error).splitlines()[0][:300]}); the peer has probably died or is stuck -- "
-                "check its log, or raise --comm-timeout if it is only slow"
+                f"rank {self.rank}: {what} with rank {peer} failed ({backend_reason(error)}); the peer has "
+                "probably died -- check its log"
             ) from error
 
     def isend(self, peer: int, header: Header, payload: torch.Tensor | None = None, *, tag: int) -> list[Any]:
@@ -233,7 +240,7 @@ class Transport:
         except RuntimeError as error:
             raise CommError(
                 f"rank {self.rank}: sending {header.kind.name} to rank {peer} failed "
-                f"({str(error).splitlines()[0][:300]}); the peer has probably died"
+                f"({backend_reason(error)}); the peer has probably died"
             ) from error
         with self._lock:
             self.bytes_sent += head.numel() * 8 + (
@@ -260,7 +267,7 @@ class Transport:
         try:
             work = dist.irecv(buffer, src=peer, tag=tag, group=self.group)
         except RuntimeError as error:
-            raise CommError(f"rank {self.rank}: {what} from rank {peer} failed ({error})") from error
+            raise self._failed(what, peer, error) from error
         self._wait(work, peer, what, timeout_s)
         with self._lock:
             self.bytes_received += HEADER_SIZE * 8
@@ -273,7 +280,7 @@ class Transport:
         try:
             work = dist.irecv(out, src=peer, tag=tag + 1, group=self.group)
         except RuntimeError as error:
-            raise CommError(f"rank {self.rank}: {what} from rank {peer} failed ({error})") from error
+            raise self._failed(what, peer, error) from error
         self._wait(work, peer, what)
         with self._lock:
             self.bytes_received += out.numel() * out.element_size()
@@ -289,7 +296,7 @@ class Transport:
         try:
             work = dist.irecv(out, src=peer, tag=tag, group=self.group)
         except RuntimeError as error:
-            raise CommError(f"rank {self.rank}: {what} from rank {peer} failed ({error})") from error
+            raise self._failed(what, peer, error) from error
         return work, peer, what
 
     def complete(self, handle: tuple[Any, int, str], out: torch.Tensor) -> torch.Tensor:
