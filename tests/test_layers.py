@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors",),
     ("optim", "comm", "data", "models", "metrics", "checkpoint", "config", "devices", "evaluation", "tables")
     + ("rundir", "amp"),
-    ("launch", "lifeline", "pool"),
+    ("launch", "lifeline", "pool", "ranklaunch"),
     ("parallel", "dni", "rl"),
     ("train",),
     ("bench", "live", "toy", "plot_cli", "async_momentum"),

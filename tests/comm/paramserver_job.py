@@ -6,7 +6,8 @@ Rank 0 serves an *adding* server (its state ``s`` starts at the first INIT's val
 ``s <- s + g`` and is answered with the new ``s`` and the push's staleness) on the core's ServingLoop.
 Rank 1 offers shared-memory blocks, rank 2 talks over the backend only. The pushes are ordered through the
 job's store: rank 1's INIT, rank 2's INIT, then pushes 1/0, 2/0, 1/1, 2/1. Rank 1 then says DONE; rank 2
-exits without a word, so the server has to find it silent. Every rank saves what it saw to OUT/rank<r>.pt.
+says nothing more (alive until the server has ended), so the server has to find it silent. Every rank saves
+what it saw to OUT/rank<r>.pt.
 """
 
 from __future__ import annotations
@@ -126,7 +127,10 @@ def worker(rank: int, store: dist.Store, out: Path) -> None:
         store.set("done/1", "1")
     else:
         store.wait(["done/1"], WAIT)
-        os._exit(0)  # no DONE: the server must find this worker silent
+        # no DONE and no death (a death closes the connection, which the server sees at once): silent and
+        # alive until the server has ended, so it must find this worker silent with its receive still posted
+        store.wait(["server/saved"], WAIT)
+        os._exit(0)
 
 
 def main() -> int:
@@ -148,11 +152,13 @@ def main() -> int:
                     "done": loop.done,
                     "dead": loop.dead,
                     "lost": [w for w, _ in policy.lost],
+                    "why": [why for _, why in policy.lost],
                     "silences": policy.silences,
                     "shared_bytes": loop.transport.shared_bytes,
                 },
                 out / "rank0.pt",
             )
+            store.set("server/saved", "1")
         else:
             worker(context.rank, store, out)
     finally:

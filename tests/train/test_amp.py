@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from distlearn.amp import LossScaleGuard, Precision, check_amp
+from distlearn.checkpoint import load_checkpoint
 from distlearn.comm.compression import CompressedReducer, Exchange, create_compressor
 from distlearn.errors import ConfigError
 from distlearn.models import create_model
@@ -98,7 +99,7 @@ def test_fp16_resumes_bitwise_with_its_scaler_and_refuses_another_amp(tmp_path, 
     train_set, test_set = synthetic
     whole = train(config(tmp_path / "whole", amp="fp16", epochs=2), train_data=train_set, test_data=test_set)
     first = train(config(tmp_path / "part", amp="fp16", epochs=1), train_data=train_set, test_data=test_set)
-    checkpoint = torch.load(first.checkpoint, weights_only=True)
+    checkpoint = load_checkpoint(first.checkpoint)
     assert checkpoint["amp"]["amp"] == "fp16" and checkpoint["amp"]["scaler"]["scale"] > 0
     resumed = train(
         config(tmp_path / "part", amp="fp16", epochs=2, resume=str(first.checkpoint)),

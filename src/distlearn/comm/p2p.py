@@ -17,14 +17,18 @@ Requests (worker -> server) travel on tags ``REQUEST``/``REQUEST + 1``, replies 
 
 Timeouts: every wait carries a deadline; a peer that died (the backend reports "connection closed") or
 stays silent raises :class:`distlearn.errors.CommError` naming this rank, the peer and the operation.
-Caution learnt from gloo: a receive whose wait timed out is *not* cancelled -- a later message still lands
-in its buffer -- so after a timeout on a receive the channel must be considered broken (we raise); a server
-that must not block forever waits on one outstanding any-source receive (:class:`AnyReceive`) and treats
-its timeout as "nobody spoke for that long".
+Cautions learnt from gloo (torch 2.x): a wait that times out closes *every* connection of the process
+("Application timeout caused pair closure"), not only the one waited on, and the receive is not cancelled;
+a receive from any source fails as a whole when one peer's connection resets while a message of that peer
+is being read into it; and a receive's ``is_completed()`` stays false until it is waited on. So a server
+that must outlive any of its workers (:class:`PeerReceives`) posts one receive per worker, each waited on
+by a thread of its own without a deadline: a worker's death fails only that worker's receive, at once
+(its connection closes), and silence is measured by the server's clock, never by a timed-out wait.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,7 +40,7 @@ import torch.distributed as dist
 
 from distlearn.errors import CommError, ConfigError
 
-__all__ = ["AnyReceive", "HEADER_SIZE", "Header", "Kind", "REPLY", "REQUEST", "Transport"]
+__all__ = ["HEADER_SIZE", "Header", "Kind", "PeerReceives", "REPLY", "REQUEST", "Transport"]
 
 HEADER_SIZE = 8
 """Numbers in a header: kind, version, step, length, lr, staleness, flag, sender."""
@@ -92,25 +96,83 @@ class Header:
         return cls(kind, int(v[1]), int(v[2]), int(v[3]), float(v[4]), float(v[5]), int(v[6]), int(v[7]))
 
 
-class AnyReceive:
-    """One outstanding receive of a request header from any peer (gloo's receive-from-any-source)."""
+def backend_reason(error: BaseException) -> str:
+    """The backend's reason in a few words: ``Connection closed by peer [127.0.0.1]:37039`` out of gloo's
+    ``[/path/pair.cc:553] Connection closed by peer [...]. This is typically caused by ...``."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". This is typically", 1)[0][:200]
 
-    def __init__(self, transport: Transport) -> None:
+
+_FOREVER = timedelta(days=365)
+"""The deadline of a wait that must not time out (a gloo timeout would close every connection)."""
+
+
+class PeerReceives:
+    """One receive of a request header posted to each peer alone, each waited on by a thread of its own.
+
+    :meth:`next` hands over what arrived first: ``(peer, header, None)``, or ``(peer, None, reason)`` when
+    that peer's connection failed (it died: its receive fails at once, the other peers' do not). After a
+    header, the peer's next receive is posted only when the caller says so (:meth:`again`), so a peer has
+    one request in hand at a time and the caller reads its payload first; :meth:`forget` posts no more for
+    a peer (done, or lost). A receive still posted to a peer that stays silent cannot be cancelled: its
+    thread waits until the peer speaks, dies, or this process ends (it is a daemon).
+    """
+
+    def __init__(self, transport: Transport, peers: list[int]) -> None:
         self.transport = transport
-        self.buffer = torch.empty(HEADER_SIZE, dtype=torch.float64)
-        self.work = dist.irecv(self.buffer, tag=REQUEST, group=transport.group)
+        self._arrived: queue.SimpleQueue[tuple[int, Any, Any]] = queue.SimpleQueue()
+        self._inbox: dict[int, queue.SimpleQueue[Any]] = {}
+        for peer in peers:
+            self._inbox[peer] = queue.SimpleQueue()
+            name = f"distlearn-receive-{peer}"
+            threading.Thread(target=self._wait_for, args=(peer,), name=name, daemon=True).start()
+            self.again(peer)
 
-    def wait(self, timeout_s: float) -> tuple[int, Header] | None:
-        """``(peer, header)``, or None when no peer sent anything for ``timeout_s`` (then do not re-post)."""
+    def again(self, peer: int) -> None:
+        """Post the next receive of a header from ``peer``."""
+        buffer = torch.empty(HEADER_SIZE, dtype=torch.float64)
         try:
-            self.work.wait(timeout=timedelta(seconds=timeout_s))
+            work = dist.irecv(buffer, src=peer, tag=REQUEST, group=self.transport.group)
         except RuntimeError as error:
-            if "Timed out" in str(error):
-                return None
-            raise CommError(f"rank {self.transport.rank}: receive from any peer failed ({error})") from error
-        peer = int(self.work._source_rank())
-        self.transport.bytes_received += self.buffer.numel() * 8
-        return peer, Header.from_tensor(self.buffer)
+            self._arrived.put((peer, None, error))
+            return
+        self._inbox[peer].put((work, buffer))
+
+    def forget(self, peer: int) -> None:
+        """Post nothing more for ``peer`` (its thread ends once its last receive, if any, completes)."""
+        inbox = self._inbox.pop(peer, None)
+        if inbox is not None:
+            inbox.put(None)
+
+    def close(self) -> None:
+        for peer in list(self._inbox):
+            self.forget(peer)
+
+    def _wait_for(self, peer: int) -> None:
+        inbox = self._inbox[peer]
+        while (posted := inbox.get()) is not None:
+            work, buffer = posted
+            try:
+                work.wait(timeout=_FOREVER)
+            except RuntimeError as error:
+                self._arrived.put((peer, None, error))
+                return
+            self._arrived.put((peer, buffer, None))
+
+    def next(self, timeout_s: float) -> tuple[int, Header | None, str | None] | None:
+        """What arrived first: ``(peer, header, None)``, ``(peer, None, the backend's reason)`` when that
+        peer's connection failed, or None when nothing arrived within ``timeout_s``."""
+        try:
+            peer, buffer, error = self._arrived.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+        if error is not None:
+            return peer, None, backend_reason(error)
+        with self.transport._lock:
+            self.transport.bytes_received += HEADER_SIZE * 8
+        return peer, Header.from_tensor(buffer), None
 
 
 class Transport:
@@ -143,16 +205,23 @@ class Transport:
             self.bytes_received += received
             self.shared_bytes += sent + received
 
+    def _failed(self, what: str, peer: int, error: BaseException) -> CommError:
+        return CommError(f"rank {self.rank}: {what} from rank {peer} failed ({backend_reason(error)})")
+
     def _wait(self, work: Any, peer: int, what: str, timeout_s: float | None = None) -> None:
         deadline = self.timeout_s if timeout_s is None else timeout_s
         try:
             work.wait(timeout=timedelta(seconds=deadline))
         except RuntimeError as error:
-            reason = "timed out" if "Timed out" in str(error) else "failed"
+            if "Timed out" in str(error):
+                raise CommError(
+                    f"rank {self.rank}: {what} with rank {peer} timed out after {deadline:g} s "
+                    f"({backend_reason(error)}); the peer is stuck or has died -- check its log, or raise "
+                    "--comm-timeout if it is only slow"
+                ) from error
             raise CommError(
-                f"rank {self.rank}: {what} with rank {peer} {reason} after at most {deadline:g} s "
-                f"({str(error).splitlines()[0][:300]}); the peer has probably died or is stuck -- "
-                "check its log, or raise --comm-timeout if it is only slow"
+                f"rank {self.rank}: {what} with rank {peer} failed ({backend_reason(error)}); the peer has "
+                "probably died -- check its log"
             ) from error
 
     def isend(self, peer: int, header: Header, payload: torch.Tensor | None = None, *, tag: int) -> list[Any]:
@@ -171,7 +240,7 @@ class Transport:
         except RuntimeError as error:
             raise CommError(
                 f"rank {self.rank}: sending {header.kind.name} to rank {peer} failed "
-                f"({str(error).splitlines()[0][:300]}); the peer has probably died"
+                f"({backend_reason(error)}); the peer has probably died"
             ) from error
         with self._lock:
             self.bytes_sent += head.numel() * 8 + (
@@ -198,7 +267,7 @@ class Transport:
         try:
             work = dist.irecv(buffer, src=peer, tag=tag, group=self.group)
         except RuntimeError as error:
-            raise CommError(f"rank {self.rank}: {what} from rank {peer} failed ({error})") from error
+            raise self._failed(what, peer, error) from error
         self._wait(work, peer, what, timeout_s)
         with self._lock:
             self.bytes_received += HEADER_SIZE * 8
@@ -211,7 +280,7 @@ class Transport:
         try:
             work = dist.irecv(out, src=peer, tag=tag + 1, group=self.group)
         except RuntimeError as error:
-            raise CommError(f"rank {self.rank}: {what} from rank {peer} failed ({error})") from error
+            raise self._failed(what, peer, error) from error
         self._wait(work, peer, what)
         with self._lock:
             self.bytes_received += out.numel() * out.element_size()
@@ -227,7 +296,7 @@ class Transport:
         try:
             work = dist.irecv(out, src=peer, tag=tag, group=self.group)
         except RuntimeError as error:
-            raise CommError(f"rank {self.rank}: {what} from rank {peer} failed ({error})") from error
+            raise self._failed(what, peer, error) from error
         return work, peer, what
 
     def complete(self, handle: tuple[Any, int, str], out: torch.Tensor) -> torch.Tensor:
@@ -238,6 +307,6 @@ class Transport:
             self.bytes_received += out.numel() * out.element_size()
         return out
 
-    def any_request(self) -> AnyReceive:
-        """Post one receive of a request header from whichever peer sends first."""
-        return AnyReceive(self)
+    def requests(self, peers: list[int]) -> PeerReceives:
+        """Post one receive of a request header to each of ``peers`` (see :class:`PeerReceives`)."""
+        return PeerReceives(self, peers)

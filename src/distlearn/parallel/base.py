@@ -242,7 +242,9 @@ class Strategy:
     skipped alike on every replica."""
     launcher: ClassVar[str] = "torchrun"
     """How ``distlearn train`` starts the job's processes: ``"torchrun"`` (one process per rank, also on
-    many machines) or ``"pool"`` (a local process pool sharing memory: :meth:`launch`)."""
+    many machines), ``"ranks"`` (one plain process per rank on this machine, with the failure policy of
+    :meth:`rank_policy` instead of torchrun's stop-everything: :mod:`distlearn.ranklaunch`) or ``"pool"``
+    (a local process pool sharing memory: :meth:`launch`)."""
     shares_device: ClassVar[bool] = False
     """True when several local ranks may share one GPU (``cuda:(LOCAL_RANK mod GPUs)``) because only some of
     them compute on it; otherwise each local rank needs a GPU of its own."""
@@ -251,6 +253,12 @@ class Strategy:
     def processes(cls, options: StrategyOptions, run: Any) -> int:
         """How many processes the job runs (default ``--workers``)."""
         return int(run.workers)
+
+    @classmethod
+    def rank_policy(cls, options: StrategyOptions, run: Any) -> Any:
+        """A ``"ranks"`` strategy's :class:`distlearn.ranklaunch.RankPolicy`: which ranks' failure ends the
+        job, which must succeed (None for the other launchers)."""
+        return None
 
     @classmethod
     def launch(cls, run: Any, train: Any) -> Any:

@@ -57,10 +57,13 @@ something else rebound since is copied into instead). Compressed pushes still se
 over the backend; ``shared_memory=False``
 (``--no-ps-shared-memory``) sends everything over the backend, as between machines.
 
-Fault handling: workers send heartbeats (a header without payload) every ``worker_timeout / 4`` seconds; a
-server that hears nothing from a worker for ``worker_timeout`` seconds, or cannot answer it, logs it,
-drops it from the live set (groups then close with the workers that are left) and continues. A worker
-whose server died ends with a :class:`~distlearn.errors.CommError` naming the server and the operation.
+Fault handling: a server posts one receive per worker, so a worker that dies (its connection closes) is lost
+at once and alone; workers send heartbeats (a header without payload) every ``worker_timeout / 4`` seconds
+from the moment they join; a server that hears nothing from a worker for ``worker_timeout`` seconds, or
+cannot receive from or answer it, logs it (rank, time, the step of its last push: also in its report's
+``lost_workers``), drops it from the live set (groups then close with the workers that are left) and
+continues. A worker whose server died ends with a :class:`~distlearn.errors.CommError` naming the server
+and the operation.
 The servers stop when every live worker has said it is done. Checkpoints: when the main worker (the first
 worker rank) checkpoints, each server saves its shard, optimizer state, version and logs next to it
 (``ps-server<rank>-step<N>.pt``); ``--resume`` brings them back and the version count continues.
@@ -77,9 +80,9 @@ shared-memory path between a worker and a server of one machine needs host memor
 Not synchronised: module buffers (BatchNorm running statistics) stay local to each worker, as in Downpour.
 The server's parameters are 1-D views of one flat buffer (one message per server per push), which every
 element-wise optimizer (all of distlearn.optim's first-order ones, torch's SGD/Adam/...) treats exactly as
-the original shapes. Under one-machine ``torchrun`` the launcher ends the whole job when any process exits
-with an error; a job that must survive a worker's death runs each process as its own node (``--nnodes``,
-or plain processes with ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``).
+the original shapes. ``distlearn train`` starts the ranks as plain processes (``launcher = "ranks"``,
+:mod:`distlearn.ranklaunch`) under the policy of :meth:`ParameterServer.rank_policy`: a lost worker stops
+nobody, a lost server ends the job (torchrun's agent would stop the whole job when any process fails).
 
 Tuning: staleness grows with the number of workers (about ``R - 1`` for round-robin arrival); lower the rate
 or use staleness-aware updates when ``R`` is large; softsync ``n`` trades throughput (``n = 1``) for the
@@ -99,15 +102,22 @@ from torch import nn
 
 from distlearn import optim
 from distlearn.comm.p2p import Transport
-from distlearn.comm.paramserver import shard_parameters
+from distlearn.comm.paramserver import Heartbeat, shard_parameters
 from distlearn.config import parse_options, positive
 from distlearn.errors import ConfigError
 from distlearn.launch import DistContext, shutdown
-from distlearn.parallel.base import Strategy, StrategyStats, check_global_batch, epoch_batches
+from distlearn.parallel.base import (
+    Strategy,
+    StrategyOptions,
+    StrategyStats,
+    check_global_batch,
+    epoch_batches,
+)
 from distlearn.parallel.ps_codecs import decode_push, encode_push, make_push_codec
 from distlearn.parallel.ps_server import DownpourServer, ServerSettings
 from distlearn.parallel.ps_worker import DownpourWorker, PushGate
 from distlearn.parallel.sync import CompressionOptions
+from distlearn.ranklaunch import RankPolicy
 
 __all__ = [
     "PSOptions",
@@ -227,6 +237,20 @@ class ParameterServer(Strategy):
     Options = PSOptions
     shares_device = True  # the servers compute nothing on a GPU: workers may share one with them
     amp_modes = ("none", "bf16")  # a worker pushes in before_step, before fp16's scaler could unscale or skip
+    launcher = "ranks"
+
+    @classmethod
+    def rank_policy(cls, options: StrategyOptions, run: Any) -> RankPolicy:
+        """A lost worker stops nobody; a lost server ends the job; the servers and the main worker (rank
+        ``S``: metrics, evaluations, checkpoints) must finish for the job to succeed."""
+        assert isinstance(options, PSOptions)
+        servers = range(options.servers)
+        roles = {rank: "server" if rank < options.servers else "worker" for rank in range(int(run.workers))}
+        reports = ", ".join(f"ps-server{rank}.json" for rank in servers)
+        return RankPolicy(
+            essential=frozenset(servers), required=frozenset([*servers, options.servers]), roles=roles,
+            after_loss=f"The servers' reports say at which step: {Path(run.out)} ({reports}, lost_workers).",
+        )  # fmt: skip
 
     @property
     def backend(self) -> str:
@@ -290,6 +314,7 @@ class ParameterServer(Strategy):
         self.staleness_seen: list[list[int]] = []
         """Per push, the staleness each server recorded for it (-1: dropped as late)."""
         self._worker: DownpourWorker | None = None  # the worker side, built by prepare()
+        self._heartbeat: Heartbeat | None = None  # a worker's, from setup() on (while it loads its data)
         self.server_report: dict[str, Any] = {}
 
     # -- roles ----------------------------------------------------------------------------------------------
@@ -327,6 +352,9 @@ class ParameterServer(Strategy):
         self.options.check_roles(self.world_size)
         self.role = "server" if self.rank < self.servers else "worker"
         self.transport = Transport(self.rank, timeout_s=self.timeout_s)
+        if self.role == "worker":  # a server counts a worker's silence from its own start
+            self._heartbeat = Heartbeat(self.transport, list(range(self.servers)), self.worker_timeout_s / 4)
+            self._heartbeat.start()
 
     # -- data: R + b workers each see M = B / R examples ----------------------------------------------------
 
@@ -372,6 +400,7 @@ class ParameterServer(Strategy):
             staleness_seen=self.staleness_seen,
             versions=self._versions,
             device=self.device,
+            heartbeat=self._heartbeat,
         )
         self._worker.start()
         return model, optimizer
@@ -428,6 +457,8 @@ class ParameterServer(Strategy):
                 self._worker.close()
             else:
                 self._worker.stop_heartbeat()
+        if self._heartbeat is not None:  # also when the worker failed before prepare()
+            self._heartbeat.stop(self.worker_timeout_s)
         if self._owns_group:
             shutdown()
             self._owns_group = False

@@ -176,6 +176,7 @@ class DownpourServer:
             **self.book.summary(),
             "done_workers": loop.done if loop is not None else [],
             "dead_workers": loop.dead if loop is not None else [],
+            "lost_workers": loop.lost if loop is not None else [],
             "seconds": loop.seconds() if loop is not None else 0.0,
         }
 
@@ -191,9 +192,11 @@ class DownpourServer:
 
     def on_lost(self, loop: ServingLoop, worker: int, why: str) -> None:
         # its pending gradient, if any, still counts; it is just not answered
+        step = loop.last_step.get(worker)
+        after = f"after its push of step {step}" if step is not None else "before its first push"
         _log(
-            f"server rank {self.rank}: worker rank {worker} {why}; continuing with {len(loop.live)} "
-            f"worker(s) at version {self.book.version}"
+            f"server rank {self.rank}: worker rank {worker} lost {loop.seconds():.1f} s into serving, "
+            f"{after}: {why}; continuing with {len(loop.live)} worker(s) at version {self.book.version}"
         )
 
     def on_silence(self, loop: ServingLoop, error: CommError | None) -> None:

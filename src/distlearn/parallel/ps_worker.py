@@ -13,14 +13,20 @@ device (non-blocking copies, one synchronisation per reply before its buffer is 
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from distlearn.comm.p2p import HEADER_SIZE, REPLY, REQUEST, Header, Kind, Transport
-from distlearn.comm.paramserver import PushFlag, ReplyFlag, ServerLink, SharedPair, shard_parameters
+from distlearn.comm.paramserver import (
+    Heartbeat,
+    PushFlag,
+    ReplyFlag,
+    ServerLink,
+    SharedPair,
+    shard_parameters,
+)
 from distlearn.errors import CommError, ConfigError
 from distlearn.parallel.ps_codecs import encode_push
 
@@ -55,6 +61,8 @@ class DownpourWorker:
         staleness_seen: the list the per-push staleness is appended to (the strategy's).
         versions: the list kept equal to :attr:`versions` (the strategy's ``_versions``).
         device: where ``params`` live (CUDA: payloads staged through pinned host buffers).
+        heartbeat: the worker's :class:`~distlearn.comm.paramserver.Heartbeat` when it beats already (the
+            strategy starts it when the worker joins the job); None: one is started after the first pull.
     """
 
     def __init__(
@@ -73,6 +81,7 @@ class DownpourWorker:
         staleness_seen: list[list[int]],
         versions: list[int] | None = None,
         device: torch.device | None = None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.device = device if device is not None else torch.device("cpu")
         self.pinned = self.device.type == "cuda"  # host staging buffers page-locked for the GPU's copies
@@ -101,9 +110,7 @@ class DownpourWorker:
         self.steps_done = 0
         self.staleness_window: list[float] = []
         self._push_buffers: list[torch.Tensor] = []
-        self._heartbeat: threading.Thread | None = None
-        self._stop = threading.Event()
-        self.heartbeat_error: BaseException | None = None
+        self.heartbeat = heartbeat or Heartbeat(transport, list(range(servers)), worker_timeout_s / 4)
         self.closed = False
 
     @property
@@ -114,9 +121,7 @@ class DownpourWorker:
     def start(self) -> None:
         """The first pull, then the heartbeat thread."""
         self.pull(initial=True)
-        self._stop.clear()
-        self._heartbeat = threading.Thread(target=self._beat, name="ps-heartbeat", daemon=True)
-        self._heartbeat.start()
+        self.heartbeat.start()
 
     # -- pulls ----------------------------------------------------------------------------------------------
 
@@ -195,16 +200,6 @@ class DownpourWorker:
         if self.pinned:
             torch.cuda.current_stream(self.device).synchronize()  # before the buffer takes the next reply
         return header
-
-    def _beat(self) -> None:
-        interval = self.worker_timeout_s / 4
-        while not self._stop.wait(interval):
-            try:
-                for server in range(self.servers):
-                    self.transport.send(server, Header(Kind.HEARTBEAT, sender=self.rank), tag=REQUEST)
-            except BaseException as error:  # the main loop reports the dead server on its next message
-                self.heartbeat_error = error
-                return
 
     # -- pushes ---------------------------------------------------------------------------------------------
 
@@ -332,10 +327,7 @@ class DownpourWorker:
         self.pull(initial=False)  # the trainer just loaded the checkpoint's weights: take the servers'
 
     def stop_heartbeat(self) -> None:
-        if self._heartbeat is not None:
-            self._stop.set()
-            self._heartbeat.join(timeout=self.worker_timeout_s)
-            self._heartbeat = None
+        self.heartbeat.stop(self.worker_timeout_s)
 
     def close(self) -> None:
         """Stop the heartbeat and say DONE to every server (a server that is gone needs no goodbye); once."""

@@ -38,6 +38,7 @@ from distlearn.metrics import METRICS_FILE, read_metrics
 from distlearn.models import create_model
 from distlearn.models.factory import is_import_path
 from distlearn.parallel import strategy_class
+from distlearn.ranklaunch import launch_ranks
 from distlearn.rundir import prepare_out
 from distlearn.train.config import TrainConfig, config_to_toml, validate_config
 from distlearn.train.inputs import check_fit, check_importable, resolve_inputs, run_data
@@ -117,7 +118,10 @@ def check_restarts(config: TrainConfig, processes: int) -> None:
         return
     launcher = strategy_class(config.strategy).launcher
     if not processes or launcher != "torchrun":
-        what = f"runs a local process pool (--strategy {config.strategy})" if processes else "is one process"
+        what = {
+            "pool": f"runs a local process pool (--strategy {config.strategy})",
+            "ranks": f"runs plain processes that outlive a lost worker (--strategy {config.strategy})",
+        }.get(launcher, "") if processes else "is one process"
         raise ConfigError(
             f"--max-restarts {config.max_restarts} restarts the workers of a torchrun job, and this run "
             f"{what}; "
@@ -183,13 +187,18 @@ def launch_workers(config: TrainConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
     launch_file = out / "launch.toml"
     launch_file.write_text(config_to_toml(config))
+    program = ["distlearn", "train", "--config", str(launch_file)]
+    cls = strategy_class(config.strategy)
+    how = "as plain processes" if cls.launcher == "ranks" else "with torchrun"
     print(
-        f"distlearn train: starting {config.workers} worker(s) with torchrun on 127.0.0.1 "
+        f"distlearn train: starting {config.workers} worker(s) {how} on 127.0.0.1 "
         f"({config.strategy} strategy; config in {launch_file})",
         flush=True,
     )
+    if cls.launcher == "ranks":  # the strategy's own failure policy (a lost ps worker stops nobody)
+        return launch_ranks(program, config.workers, cls.rank_policy(config.options, config))
     return launch_local(
-        ["distlearn", "train", "--config", str(launch_file)],
+        program,
         config.workers,
         max_restarts=config.max_restarts,
         comm_timeout_s=getattr(config.options, "comm_timeout", None),

@@ -24,12 +24,16 @@ Flag bits are :class:`PushFlag` (``COMPRESSED`` codec bytes, ``SHARED`` payload 
 ``READ_ONLY`` do not change the state) and :class:`ReplyFlag` (``DROPPED`` late push, ``VIA_SHARED``
 weights in the shared reply block, ``SHARED_ACCEPTED`` blocks mapped, ``STOP`` last reply).
 
-**Serving loop** (:class:`ServingLoop`). One any-source receive of a request header at a time, so requests
-are handled in arrival order, atomically. HEARTBEAT refreshes the sender's clock; DONE retires the sender;
-a live worker not heard from for ``worker_silence_s`` is lost (the job goes on without it); a message of a
-worker no longer live is drained, not answered; a reply that cannot be delivered loses that worker; when no
-worker at all speaks for ``silence_s`` the policy decides (``on_silence``) and the loop ends. The loop ends
-when no worker is live.
+**Serving loop** (:class:`ServingLoop`). One receive of a request header posted to each live worker alone
+(:class:`distlearn.comm.p2p.PeerReceives`; not gloo's receive from any source, which one worker's reset
+connection fails as a whole), requests handled one at a time as they arrive. HEARTBEAT refreshes the
+sender's clock; DONE retires the sender; a worker whose connection fails (it died), whose payload or reply
+fails, or that is not heard from for ``worker_silence_s`` is lost: dropped from the live set, its connection
+never used again, the others served on (the policy hears of it, ``on_lost``, and may end the job instead);
+a message of a worker no longer live is drained, not answered; when no worker at all speaks for
+``silence_s`` the policy decides (``on_silence``) and the loop ends. The loop ends when no worker is live.
+Each loss is recorded (:attr:`ServingLoop.lost`: rank, seconds since the loop started, UTC time, the step of
+its last push, why).
 
 **Shard plan** (:func:`shard_parameters`). Parameter tensors go to ``S`` server ranks largest first, each
 to the least-loaded server (greedy LPT); each server holds its tensors as one flat vector.
@@ -63,15 +67,17 @@ policy                                  what a PUSH does
 
 from __future__ import annotations
 
-from distlearn.comm.paramserver.client import PostedReply, ServerLink
+from distlearn.comm.paramserver.client import Heartbeat, PostedReply, ServerLink
 from distlearn.comm.paramserver.plan import shard_numels, shard_parameters
 from distlearn.comm.paramserver.protocol import ERROR_LAYOUT, PushFlag, ReplyFlag
-from distlearn.comm.paramserver.server import ServerPolicy, ServingLoop
+from distlearn.comm.paramserver.server import PeerFailed, ServerPolicy, ServingLoop
 from distlearn.comm.paramserver.shared import SharedPair, SharedPeers
 from distlearn.comm.paramserver.staleness import StalenessBook
 
 __all__ = [
     "ERROR_LAYOUT",
+    "Heartbeat",
+    "PeerFailed",
     "PostedReply",
     "PushFlag",
     "ReplyFlag",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from distlearn.comm.paramserver.protocol import ReplyFlag
 from distlearn.comm.paramserver.shared import SharedPair
 from distlearn.errors import CommError
 
-__all__ = ["PostedReply", "ServerLink"]
+__all__ = ["Heartbeat", "PostedReply", "ServerLink"]
 
 
 @dataclass
@@ -85,3 +86,46 @@ class ServerLink:
             self.transport.count_shared(received=self.flat.numel() * self.flat.element_size())
         self.version = header.version
         return header
+
+
+class Heartbeat:
+    """A background thread that sends HEARTBEAT (a header, no reply) to each of ``servers`` every
+    ``interval_s`` seconds, so that a worker loading its data or computing is not taken for lost.
+
+    Started when the worker joins the job (before its data is loaded: a server counts a worker's silence from
+    its own start). A failed send ends the thread and is kept in :attr:`error`; the worker's next request to
+    that server fails too and reports it.
+    """
+
+    def __init__(self, transport: Transport, servers: list[int], interval_s: float) -> None:
+        self.transport = transport
+        self.servers = servers
+        self.interval_s = interval_s
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start beating (nothing if it beats already)."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name="distlearn-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float) -> None:
+        """Stop beating; waits up to ``timeout_s`` for a send in progress."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=timeout_s)
+            self._thread = None
+
+    def _beat(self) -> None:
+        beat = Header(Kind.HEARTBEAT, sender=self.transport.rank)
+        while not self._stop.wait(self.interval_s):
+            try:
+                for server in self.servers:
+                    self.transport.send(server, beat, tag=REQUEST)
+            except BaseException as error:  # the main thread reports the dead server on its next request
+                self.error = error
+                return

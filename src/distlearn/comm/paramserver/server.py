@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
-from distlearn.comm.p2p import REPLY, REQUEST, Header, Kind, Transport
+from distlearn.comm.p2p import REPLY, REQUEST, Header, Kind, PeerReceives, Transport
 from distlearn.comm.paramserver.protocol import ERROR_LAYOUT, PushFlag, ReplyFlag
 from distlearn.comm.paramserver.shared import SharedPeers
 from distlearn.errors import CommError
 
-__all__ = ["ServerPolicy", "ServingLoop"]
+__all__ = ["PeerFailed", "ServerPolicy", "ServingLoop"]
+
+
+class PeerFailed(CommError):
+    """A payload from ``peer`` or a reply to it failed: the serving loop loses that worker and goes on."""
+
+    def __init__(self, peer: int, why: str) -> None:
+        super().__init__(why)
+        self.peer = peer
+        self.why = why
 
 
 class ServerPolicy(Protocol):
@@ -37,18 +47,20 @@ class ServerPolicy(Protocol):
         ...
 
     def on_silence(self, loop: ServingLoop, error: CommError | None) -> None:
-        """No worker spoke for ``silence_s`` (``error`` None) or the receive failed: the loop ends after
-        this call; raise to end it with an error instead."""
+        """No worker spoke for ``silence_s`` (``error`` is None: a failed connection loses only its worker,
+        :meth:`on_lost`): the loop ends after this call; raise to end it with an error instead."""
         ...
 
 
 class ServingLoop:
     """Serve the workers ``workers`` until every one of them is done, retired or lost.
 
-    One any-source receive of a request header at a time (:class:`distlearn.comm.p2p.AnyReceive`), in
-    arrival order: HEARTBEAT refreshes the sender's clock, DONE retires it, everything else goes to the
-    policy. A message from a worker no longer live is not answered; its payload is drained so the channel
-    stays in step.
+    One receive of a request header is posted to each live worker (:class:`distlearn.comm.p2p.PeerReceives`)
+    and requests are handled one at a time, as they arrive: HEARTBEAT refreshes the sender's clock, DONE
+    retires it, everything else goes to the policy. A worker is lost -- dropped from the live set, its
+    connection never used again, the others served on -- when its connection fails (it died: at once), when
+    a payload or a reply of it fails, or when it is silent for ``worker_silence_s``. A message from a worker
+    no longer live is not answered; its payload is drained so the channel stays in step.
 
     Args:
         transport: the server's transport.
@@ -76,36 +88,55 @@ class ServingLoop:
         ranks = list(workers)
         self.live = set(ranks)
         self.last_heard = {w: time.monotonic() for w in ranks}
+        self.last_step: dict[int, int] = {}  # the step of each worker's last push
         self.done: list[int] = []  # retired: said DONE, or told to stop
-        self.dead: list[int] = []  # lost: silent, or could not be answered
+        self.dead: list[int] = []  # lost: its connection failed, silent, or could not be answered
+        self.lost: list[dict[str, Any]] = []  # per lost worker: rank, seconds, last step, why
         self.shared = SharedPeers()
         self.started = time.monotonic()
+        self._receives: PeerReceives | None = None
 
     # the loop ----------------------------------------------------------------------------------------------
 
     def run(self) -> None:
+        self._receives = self.transport.requests(sorted(self.live))
+        try:
+            self._serve(self._receives)
+        finally:
+            self._receives.close()
+
+    def _serve(self, receives: PeerReceives) -> None:
+        heard = time.monotonic()  # when any worker last spoke
+        tick = min(1.0, self.silence_s, self.worker_silence_s or self.silence_s)
         while self.live:
-            waiting = self.transport.any_request()
-            try:
-                received = waiting.wait(self.silence_s)
-            except CommError as error:
-                self.policy.on_silence(self, error)
-                break
+            arrived = receives.next(tick)
             now = time.monotonic()
-            if received is None:  # nobody spoke for a whole timeout
+            lost = len(self.dead)
+            if arrived is not None:
+                heard = now
+                peer, header, error = arrived
+                if error is not None or header is None:
+                    receives.forget(peer)
+                    self.lose(peer, f"its connection failed ({error})")
+                else:
+                    self.last_heard[peer] = now
+                    if peer in self.live:
+                        self._handle(peer, header)
+                    else:
+                        self.drain(peer, header)
+                    if peer in self.live:
+                        receives.again(peer)
+                    else:
+                        receives.forget(peer)
+            elif now - heard > self.silence_s:  # nobody spoke for a whole timeout
                 self.policy.on_silence(self, None)
                 break
-            peer, header = received
-            self.last_heard[peer] = now
-            if peer in self.live:
-                self._handle(peer, header)
-            else:
-                self.drain(peer, header)
             if self.worker_silence_s is not None:
                 for worker in sorted(self.live):
                     if now - self.last_heard[worker] > self.worker_silence_s:
                         self.lose(worker, f"silent for {now - self.last_heard[worker]:.1f} s")
-            self.policy.after_message(self)
+            if arrived is not None or len(self.dead) != lost:
+                self.policy.after_message(self)
 
     def _handle(self, peer: int, header: Header) -> None:
         if header.kind == Kind.HEARTBEAT:
@@ -113,7 +144,12 @@ class ServingLoop:
         if header.kind == Kind.DONE:
             self.retire(peer)
             return
-        self.policy.on_request(self, peer, header)
+        if header.kind == Kind.PUSH:
+            self.last_step[peer] = header.step
+        try:
+            self.policy.on_request(self, peer, header)
+        except PeerFailed as failure:  # its payload or our reply failed: lost, the others go on
+            self.lose(failure.peer, failure.why)
 
     # membership --------------------------------------------------------------------------------------------
 
@@ -121,6 +157,8 @@ class ServingLoop:
         """``worker`` has finished (it said DONE, or the server told it to stop)."""
         self.live.discard(worker)
         self.done.append(worker)
+        if self._receives is not None:
+            self._receives.forget(worker)
 
     def lose(self, worker: int, why: str) -> None:
         """Drop ``worker`` from the live set (its pending work still counts; it is just not answered)."""
@@ -128,6 +166,14 @@ class ServingLoop:
             return
         self.live.discard(worker)
         self.dead.append(worker)
+        if self._receives is not None:
+            self._receives.forget(worker)
+        now = time.time()
+        at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+        self.lost.append(
+            {"rank": worker, "seconds": round(self.seconds(), 3), "at": at,
+             "last_step": self.last_step.get(worker), "why": why}
+        )  # fmt: skip
         self.policy.on_lost(self, worker, why)
 
     def lose_all(self, why: str) -> None:
@@ -164,12 +210,16 @@ class ServingLoop:
             return block
         if out is None:
             out = torch.empty(header.length, dtype=self.payload_dtype(header))
-        return self.transport.recv_payload(peer, out, tag=REQUEST, what=what)
+        try:
+            return self.transport.recv_payload(peer, out, tag=REQUEST, what=what)
+        except CommError as error:
+            raise PeerFailed(peer, f"{what} failed ({str(error)[:200]})") from error
 
     def drain(self, peer: int, header: Header) -> None:
         """Read and forget the payload of a message from a worker no longer served (a late one)."""
         if header.kind in (Kind.PUSH, Kind.INIT) and header.length and not header.flag & PushFlag.SHARED:
-            self.receive(peer, header, what="a late payload")
+            with contextlib.suppress(PeerFailed):
+                self.receive(peer, header, what="a late payload")
 
     def reply(
         self, worker: int, header: Header, payload: torch.Tensor | None = None, *, shared: bool | None = None
