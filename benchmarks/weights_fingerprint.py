@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from distlearn.checkpoint import load_checkpoint
+
 COMMON = [
     "--dataset", "fashion-mnist", "--model", "mlp", "--train-samples", "1024", "--test-samples", "256",
     "--steps", "16", "--batch-size", "64", "--seed", "0", "--log-every", "4", "--eval-every", "8",
@@ -95,7 +97,7 @@ def final_tensors(out: Path, dni: bool) -> dict[str, torch.Tensor]:
     if dni:
         return dict(torch.load(out / "model.pt", weights_only=True))
     newest = sorted((out / "checkpoints").glob("step-*.pt"))[-1]
-    state = torch.load(newest, weights_only=True)
+    state = load_checkpoint(newest)  # the tree's own reader (checksummed files since issue 22)
     tensors: dict[str, torch.Tensor] = {}
     _tensors("model", state["model"], tensors)
     _tensors("strategy", state.get("strategy") or {}, tensors)

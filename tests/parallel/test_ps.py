@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ps_cases import GLOBAL_BATCH, LR, STEPS, ps_config  # noqa: E402
 from sync_cases import synthetic_data  # noqa: E402
 
+from distlearn.checkpoint import read_verified  # noqa: E402
 from distlearn.errors import CommError, ConfigError  # noqa: E402
 from distlearn.models import create_model  # noqa: E402
 from distlearn.models.transforms import BatchTransform  # noqa: E402
@@ -269,7 +270,7 @@ def test_a_dead_worker_does_not_stop_training_or_lose_server_state(tmp_path):
     assert served["dead_workers"] == [3] and sorted(served["done_workers"]) == [1, 2]
     assert served["version"] == served["applied"] == served["pushes"] == 2 * STEPS + 4
     assert "worker rank 3" in (tmp_path / "log0.txt").read_text()
-    final = torch.load(tmp_path / "dies" / "ps-server0-final.pt", weights_only=True)
+    final = read_verified(tmp_path / "dies" / "ps-server0-final.pt")
     assert int(final["version"]) == 2 * STEPS + 4
     survivors = [load(tmp_path, "dies", rank) for rank in (1, 2)]
     for saved in survivors:

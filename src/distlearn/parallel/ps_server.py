@@ -10,7 +10,6 @@ heartbeats, shared blocks, replies) is the core's :class:`~distlearn.comm.params
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from distlearn import optim
+from distlearn.checkpoint import write_verified
 from distlearn.comm.p2p import Header, Kind, Transport
 from distlearn.comm.paramserver import PushFlag, ReplyFlag, ServingLoop, StalenessBook
 from distlearn.errors import CheckpointError, CommError
@@ -102,7 +102,7 @@ class DownpourServer:
     def _restore(self) -> None:
         if self.s.resume is None:
             return
-        from distlearn.checkpoint import latest_checkpoint, load_checkpoint
+        from distlearn.checkpoint import latest_checkpoint, load_checkpoint, read_verified
 
         path = Path(self.s.resume)
         if path.is_dir():
@@ -116,7 +116,7 @@ class DownpourServer:
                 f"server rank {self.rank}: {file} is missing -- the worker checkpoint {path} needs the "
                 "servers' files written with it; copy them next to it or resume from an older checkpoint"
             )
-        saved = torch.load(file, map_location="cpu", weights_only=True)
+        saved = read_verified(file)  # its checksum first: a damaged file is a CheckpointError naming it
         self._build([int(n) for n in saved["sizes"].tolist()])
         assert self.flat is not None and self.optimizer is not None
         self.flat.copy_(saved["flat"])
@@ -157,14 +157,7 @@ class DownpourServer:
         directory = self._checkpoint_dir()
         if directory is None or self.flat is None:
             return
-        directory.mkdir(parents=True, exist_ok=True)
-        final = self._file(directory, step)
-        temporary = final.with_suffix(".tmp")
-        with open(temporary, "wb") as handle:
-            torch.save(self.state(), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, final)
+        write_verified(self.state(), self._file(directory, step))  # atomic and checksummed
         mine = sorted(directory.glob(f"ps-server{self.rank}-step*.pt"))
         for old in mine[: -self.s.keep_checkpoints]:
             old.unlink(missing_ok=True)
@@ -186,7 +179,7 @@ class DownpourServer:
         self.s.out.mkdir(parents=True, exist_ok=True)
         (self.s.out / f"ps-server{self.rank}.json").write_text(json.dumps(report, indent=1))
         if self.flat is not None:
-            torch.save(self.state(), self.s.out / f"ps-server{self.rank}-final.pt")
+            write_verified(self.state(), self.s.out / f"ps-server{self.rank}-final.pt")
 
     # the policy --------------------------------------------------------------------------------------------
 
