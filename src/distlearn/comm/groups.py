@@ -27,7 +27,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["release_groups", "twin_group", "warm_group"]
+from distlearn.errors import CommError
+
+__all__ = ["release_groups", "twin_group", "wait_within", "warm_group"]
 
 _TWINS: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
 _WARM: dict[tuple[int, int, str], tuple[Any, Any]] = {}
@@ -61,6 +63,17 @@ def warm_group(group: Any, device: torch.device, timeout_s: float) -> None:
         work = dist.all_reduce(torch.zeros(1, device=device), group=group, async_op=True)
         work.wait(timedelta(seconds=timeout_s))
         _WARM[key] = (group, world)  # holding them keeps their ids unique
+
+
+def wait_within(work: Any, timeout_s: float, *, rank: int, what: str) -> None:
+    """Wait for a collective's ``work`` within ``timeout_s``, else a CommError naming ``rank``, ``what``."""
+    try:
+        work.wait(timeout=timedelta(seconds=timeout_s))
+    except Exception as error:  # gloo raises RuntimeError on timeout or a closed connection
+        raise CommError(
+            f"rank {rank}: {what} did not complete within {timeout_s:.0f} s ({error}); "
+            "a peer may have died or be stuck"
+        ) from error
 
 
 def release_groups() -> None:

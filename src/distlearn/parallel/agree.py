@@ -21,14 +21,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from distlearn.comm.groups import wait_within
 from distlearn.config import flag
-from distlearn.errors import CommError, ConfigError
+from distlearn.errors import ConfigError
 
 __all__ = ["PER_RANK_FIELDS", "agreed_values", "check_same_options"]
 
@@ -68,13 +68,7 @@ def check_same_options(run: Any, options: Any, *, rank: int, world_size: int, ti
     mine = _fingerprint(values)
     everyone = [torch.zeros_like(mine) for _ in range(world_size)]
     work = dist.all_gather(everyone, mine, async_op=True)
-    try:
-        work.wait(timeout=timedelta(seconds=timeout_s))
-    except Exception as error:  # gloo raises RuntimeError on timeout or a closed connection
-        raise CommError(
-            f"rank {rank}: comparing the ranks' options did not complete within {timeout_s:.0f} s ({error}); "
-            "a peer may have died or be stuck"
-        ) from error
+    wait_within(work, timeout_s, rank=rank, what="comparing the ranks' options")
     if all(torch.equal(other, mine) for other in everyone):
         return
     gathered: list[Any] = [None] * world_size

@@ -55,12 +55,12 @@ import dataclasses
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, ClassVar, TypedDict
 
 import torch
 from torch import nn
 
+from distlearn.comm.groups import wait_within
 from distlearn.comm.replicas import check_same_model
 from distlearn.config import check_type, positive
 from distlearn.devices import backend_for, resolve_device
@@ -374,14 +374,7 @@ class Strategy:
 
     def _wait(self, work: Any, what: str) -> None:
         """Wait for ``work`` within ``self.timeout_s``, else a CommError naming the rank and ``what``."""
-        timeout_s = self.timeout_s
-        try:
-            work.wait(timeout=timedelta(seconds=timeout_s))
-        except Exception as error:  # gloo raises RuntimeError on timeout or a closed connection
-            raise CommError(
-                f"rank {self.rank}: {what} did not complete within {timeout_s:.0f} s ({error}); "
-                "a peer may have died or be stuck"
-            ) from error
+        wait_within(work, self.timeout_s, rank=self.rank, what=what)
 
     def start_from_rank0(self, model: nn.Module) -> None:
         """Check that every rank built the same model, then give every rank rank 0's weights and buffers."""
