@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors",),
     ("optim", "comm", "data", "models", "metrics", "checkpoint", "config", "devices", "evaluation", "tables")
     + ("rundir", "amp"),
-    ("launch", "lifeline", "pool", "ranklaunch"),
+    ("launch", "lifeline", "pool", "ranklaunch", "agent_output"),
     ("parallel", "dni", "rl"),
     ("train",),
     ("bench", "live", "toy", "plot_cli", "async_momentum"),

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distlearn.agent_output import AgentOutput
 from distlearn.devices import backend_for
 from distlearn.errors import CommError, ConfigError
 from distlearn.lifeline import (
@@ -316,6 +317,11 @@ def launch_local(
     This process owns the job (:mod:`distlearn.lifeline`): if it dies, however it dies, the agent and the
     workers die with it; if the agent dies (say ``kill -9``), the workers die with it, and a CommError names
     the agent and its signal once every worker is gone.
+
+    The agent's standard error (and its workers', which they inherit) is relayed without the agent's own log
+    lines and ``ChildFailedError`` traceback (:mod:`distlearn.agent_output`); when a worker failed, one line
+    names it and how it ended, and the code returned is 2 when it stopped with a distlearn error (its own
+    message, above, says what and how to fix it), else the agent's.
     """
     if port:
         _check_port_free("127.0.0.1", port)
@@ -334,8 +340,13 @@ def launch_local(
         # the job runs in its own session (so a stop can reach every process of it at once), and the agent
         # gets a parent-death signal: it dies with this process
         process = subprocess.Popen(
-            command, env=child_env, start_new_session=True, preexec_fn=dies_with_this_process()
+            command,
+            env=child_env,
+            start_new_session=True,
+            preexec_fn=dies_with_this_process(),
+            stderr=subprocess.PIPE,
         )
+        relay = AgentOutput(process.stderr)
         try:
             code = wait_or_stop(process, timeout_s)
         except subprocess.TimeoutExpired:
@@ -343,6 +354,14 @@ def launch_local(
                 f"the job of {nproc} workers did not finish within {timeout_s:g} s and was stopped; "
                 "raise the time limit or shrink the run"
             ) from None
+        finally:
+            relay.join()
+        failure = relay.failure() if code > 0 else None
+        if failure is not None:
+            command_name = " ".join(program[:2]) if program[:1] == ["distlearn"] else "distlearn"
+            print(f"{command_name}: error: {failure}", file=sys.stderr, flush=True)
+            assert relay.root_cause is not None
+            return 2 if relay.root_cause[1] == 2 else code
         if code < 0:  # the agent itself was killed: its workers die with it; make sure, then say so
             stop_recorded(pid_dir)
             raise CommError(
