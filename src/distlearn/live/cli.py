@@ -9,8 +9,8 @@ Run manual::
 
 The page has two views: the runs (loss and accuracy per run, samples/s, bytes sent, staleness of async
 runs, a per-rank activity timeline) and the toy problems (optimizer paths drawn step by step on the contour
-plot). Ctrl-C stops the server and, with ``--demo``, every process the demo started; closing the page does
-the same for a demo. See docs/live.md.
+plot). Ctrl-C stops the server and, with ``--demo``, every process the demo started; closing the page stops
+nothing (the demo's runs end at their last step, or at Ctrl-C). See docs/live.md.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ own process group, and the dashboard shows them as they train. By default the de
 registered in :data:`distlearn.parallel.STRATEGIES`; ``--strategies`` picks any registered ones, ``all``
 every one. :data:`DEMO_WORKERS` gives each its number of processes, 2 for one not listed.
 
-Stopping: Ctrl-C, the server's exit, or the end of the page's session calls :meth:`DemoLauncher.stop`. It
+Stopping: Ctrl-C or the server's exit calls :meth:`DemoLauncher.stop`. It
 sends SIGINT to each run's process group (``distlearn train`` then stops the torchrun job it launched, in
 its own session, see :func:`distlearn.launch.launch_local`), waits, and kills with SIGKILL every process of
 the run's tree (recorded with psutil before the interrupt) that is still alive after the grace period.

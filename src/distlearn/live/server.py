@@ -10,10 +10,6 @@ Routes:
   ``records``, ``reset``, ``problem``, ``staleness``, ``process`` (a demo process started or ended), and a
   comment line every 15 s to keep the connection open;
 * ``/api/runs``: the same run list as JSON;
-* ``/api/session/end`` (POST): the page is closing; with ``--demo`` the runs stop when no page reconnects
-  within a few seconds (a reload reconnects in time). Only the page's own explicit message ends a demo: a
-  client that merely disconnects (a ``curl`` of the event stream, a screenshot, a dropped connection)
-  never does;
 * ``/api/toy/...``: the toy-problem view (:mod:`distlearn.live.toy`).
 
 Every request must name this server in its ``Host`` header (``127.0.0.1`` or ``localhost``:
@@ -30,18 +26,17 @@ Example::
 
     with LiveServer(["runs/sync", "runs/ps"]) as server:
         print("open", server.url)
-        server.wait()          # until Ctrl-C or, with a demo, until the page's session ends
+        server.wait()          # until Ctrl-C
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -110,15 +105,9 @@ class LiveState:
     demo: DemoLauncher | None = None
     poll_interval: float = 0.25
     """Seconds over which file changes are gathered before the streams read them (see ChangeWatch)."""
-    closing_grace: float = 3.0
-    """Seconds after the page said it was closing, with no page connected, after which a demo's session
-    counts as ended (a reload reconnects well within this)."""
     runs: list[RunInfo] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
-    on_session_end: Callable[[], None] | None = None
     clients: int = 0
-    last_client_left: float | None = None
-    page_closing: bool = False
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -155,25 +144,11 @@ class LiveState:
     def client_connected(self) -> None:
         with self._lock:
             self.clients += 1
-            self.page_closing = False
-            self.last_client_left = None
 
     def client_disconnected(self) -> None:
         with self._lock:
             self.clients -= 1
-            if self.clients == 0:
-                self.last_client_left = time.monotonic()
 
-    def session_ended(self, now: float | None = None) -> bool:
-        """True when the page said it was closing, no page is connected, and none came back in time.
-
-        A client that disconnects without saying so (``curl``, a screenshot, a dropped connection) never
-        ends the session: the demo's runs go on until Ctrl-C or their last step.
-        """
-        with self._lock:
-            if not self.page_closing or self.clients > 0 or self.last_client_left is None:
-                return False
-            return (time.monotonic() if now is None else now) - self.last_client_left >= self.closing_grace
 
 
 def _poll_all(tails: list[RunTail]) -> list[Event]:
@@ -255,12 +230,6 @@ async def _runs(request: Request) -> Response:
     return JSONResponse(body)
 
 
-async def _session_end(request: Request) -> Response:
-    state: LiveState = request.app.state.live
-    state.page_closing = True
-    return Response(status_code=204)
-
-
 async def _index(request: Request) -> Response:
     return FileResponse(static_dir() / "index.html", headers={"Cache-Control": "no-cache"})
 
@@ -294,21 +263,11 @@ class SameOriginWrites:
 def create_app(state: LiveState) -> Starlette:
     """The Starlette application serving the page, the event streams and the toy view for ``state``."""
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        watcher = asyncio.create_task(_watch_session(state)) if state.demo is not None else None
-        try:
-            yield
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-
     app = Starlette(
         routes=[
             Route("/", _index),
             Route("/api/events", _events),
             Route("/api/runs", _runs),
-            Route("/api/session/end", _session_end, methods=["POST"]),
             *toy_routes(),
             Mount("/static", app=StaticFiles(directory=static_dir()), name="static"),
         ],
@@ -316,24 +275,9 @@ def create_app(state: LiveState) -> Starlette:
             Middleware(TrustedHostMiddleware, allowed_hosts=list(HOST_NAMES)),
             Middleware(SameOriginWrites),
         ],
-        lifespan=lifespan,
     )
     app.state.live = state
     return app
-
-
-async def _watch_session(state: LiveState) -> None:
-    """With a demo: once the page's session has ended, stop the demo's processes and then the server."""
-    while not state.stopping.is_set():
-        await asyncio.sleep(0.5)
-        if state.session_ended():
-            log.warning("the page was closed and did not come back: stopping the demo's runs")
-            if state.demo is not None:
-                await anyio.to_thread.run_sync(state.demo.stop)
-            state.stopping.set()
-            if state.on_session_end is not None:
-                state.on_session_end()
-            return
 
 
 class _Server(uvicorn.Server):
@@ -375,12 +319,10 @@ class LiveServer:
         run_paths: run directories (or metrics files) to show; missing ones are reported on the page.
         port: TCP port; 0 picks a free one (see :attr:`url`).
         discover_root: also show every run directory that appears under this directory.
-        demo: a :class:`distlearn.live.demo.DemoLauncher` whose runs are shown and stopped with the server
-            or when the page's session ends.
+        demo: a :class:`distlearn.live.demo.DemoLauncher` whose runs are shown (the command stops them
+            with the server; closing the page does not: a client going away never ends a demo).
         poll_interval: seconds over which changes of the metrics files are gathered before they are read
             (the page lags a write by about this); without a change they are read every second.
-        closing_grace: seconds after the page said it was closing, with no page connected, after which a
-            demo's session has ended.
 
     :meth:`start` serves in a background thread; :meth:`serve` in the calling thread (handles Ctrl-C).
     """
@@ -393,7 +335,6 @@ class LiveServer:
         discover_root: str | Path | None = None,
         demo: DemoLauncher | None = None,
         poll_interval: float = 0.25,
-        closing_grace: float = 3.0,
     ) -> None:
         if poll_interval <= 0:
             raise ConfigError(f"poll interval must be positive, got {poll_interval}; try 0.25")
@@ -402,7 +343,6 @@ class LiveServer:
             discover_root=Path(discover_root) if discover_root is not None else None,
             demo=demo,
             poll_interval=poll_interval,
-            closing_grace=closing_grace,
         )
         self.app = create_app(self.state)
         preload()  # the toy view's modules, before the first request (not inside one, on the event loop)
@@ -412,10 +352,8 @@ class LiveServer:
             self.app,
             log_level="warning",
             timeout_graceful_shutdown=1,  # streams end within a tick of the stop flag; Ctrl-C in <= 2 s
-            lifespan="on",
         )
         self.server = _Server(config, self.state)
-        self.state.on_session_end = self._request_exit
         self._thread: threading.Thread | None = None
 
     @property
@@ -427,7 +365,7 @@ class LiveServer:
         self.server.should_exit = True
 
     def serve(self) -> None:
-        """Serve in this thread until Ctrl-C, :meth:`stop`, or the end of a demo's session."""
+        """Serve in this thread until Ctrl-C or :meth:`stop`."""
         try:
             self.server.run(sockets=[self.socket])
         finally:

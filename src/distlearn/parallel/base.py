@@ -158,6 +158,8 @@ def make_options(
             raise ConfigError(
                 f"unknown option {key!r} for {options_class.__name__}; known options: {', '.join(known)}"
             )
+        if value is None and typing.get_origin(hints[name]) is tuple:
+            continue  # (compression_options=None: none, the field's default)
         if isinstance(value, dict) and typing.get_origin(hints[name]) is tuple:
             value = tuple(f"{k}={v!r}" for k, v in value.items())
         check_type(name, value, hints[name], source or options_class.__name__)

@@ -558,10 +558,6 @@
     });
   }
 
-  window.addEventListener("pagehide", () => {
-    if (navigator.sendBeacon) navigator.sendBeacon("/api/session/end");
-  });
-
   // ---------------------------------------------------------------------------------------------------------
   // The toy view: a problem's contour plot with optimizer paths growing step by step.
 
