@@ -8,31 +8,15 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_resume import Crash, CrashAfter  # the crash-after-step strategy of the resume tests
 from torch import nn
 
 from distlearn.checkpoint import list_checkpoints, load_checkpoint
 from distlearn.devices import place_model
 from distlearn.errors import ConfigError
-from distlearn.parallel import SingleProcess
 from distlearn.train import TrainConfig, train
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-class Crash(RuntimeError):
-    pass
-
-
-class CrashAfter(SingleProcess):
-    """The single-process strategy, except that the process 'dies' right after optimizer step ``at``."""
-
-    def __init__(self, at: int) -> None:
-        super().__init__()
-        self.at = at
-
-    def after_step(self, model, optimizer, step):
-        if step + 1 == self.at:
-            raise Crash(f"simulated crash after step {self.at}")
 
 
 def walk_tensors(value):
