@@ -251,8 +251,8 @@ def test_qsgd_is_unbiased_and_within_its_bounds(levels, device):
     draws = 1500
     total = torch.zeros(NUMEL, dtype=torch.float64, device=device)
     squared_error = 0.0
-    chunks = torch.nn.functional.pad(g, (0, (-NUMEL) % 16)).view(-1, 16)
-    norms = torch.repeat_interleave(chunks.norm(dim=1), 16)[:NUMEL]
+    pieces = qsgd_chunks(g, SHAPES, 16)
+    norms = torch.cat([piece.norm().expand(piece.numel()) for piece in pieces])
     for _ in range(draws):
         decoded = codec.decode(codec.encode(g, c), c)
         assert ((decoded - g).abs() <= norms / levels + 1e-5).all()  # |Q(v)_i - v_i| <= ||v|| / s
@@ -261,14 +261,61 @@ def test_qsgd_is_unbiased_and_within_its_bounds(levels, device):
     variance_per_element = (norms.double() / levels) ** 2 / 4  # at most a quarter of a step squared
     assert ((total / draws - g.double()).abs() <= 5 * (variance_per_element / draws).sqrt() + 1e-6).all()
     # Lemma 3.1, per chunk of n = 16: E||Q(v) - v||^2 <= min(n / s^2, sqrt(n) / s) ||v||^2
-    bound = min(16 / levels**2, 4 / levels) * float((chunks**2).sum())
+    bound = sum(min(p.numel() / levels**2, p.numel() ** 0.5 / levels) * float((p**2).sum()) for p in pieces)
     assert squared_error / draws <= bound
+
+
+def qsgd_chunks(flat: torch.Tensor, shapes, chunk: int) -> list[torch.Tensor]:
+    """QSGD's chunks, cut by hand: ``chunk`` elements at a time within each tensor (the last one shorter)."""
+    pieces, start = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        pieces += [flat[a : min(a + chunk, start + n)] for a in range(start, start + n, chunk)]
+        start += n
+    return pieces
+
+
+def test_qsgd_norms_are_per_tensor_so_small_values_beside_large_ones_survive():
+    """Issue 23's case: a 3-element tensor of 100s beside a 5-element tensor of 0.01s. A norm across both
+    (one chunk of 512 over the bucket) is ~173, so s = 4 levels put 0.01 at 0.0002 of a level: it decoded
+    to zero. Per tensor each has its own norm, ||v|| = 0.01 sqrt(5), and each 0.01 is s / sqrt(5) = 1.79
+    levels of ||v|| / s: it decodes to 1 or 2 levels (0.0056 or 0.0112), never to zero, 0.01 on average."""
+    g = torch.tensor([100.0] * 3 + [0.01] * 5)
+    c = context([(3,), (5,)])
+    codec = create_compressor("qsgd", levels=4, chunk=512)
+    payload = codec.encode(g, c)
+    norms = payload.tensors["norms"]
+    assert norms.shape == (2,)
+    assert torch.allclose(norms, torch.tensor([100.0 * 3**0.5, 0.01 * 5**0.5]))
+    draws = 400
+    total = torch.zeros(8, dtype=torch.float64)
+    for _ in range(draws):
+        decoded = codec.decode(codec.encode(g, c), c)
+        assert (decoded[3:] != 0).all()
+        assert ((decoded[3:] - g[3:]).abs() <= norms[1] / 4 + 1e-7).all()
+        total += decoded.double()
+    assert torch.allclose(total[3:] / draws, g[3:].double(), rtol=0.1)
+    assert payload.nbytes == codec.expected_nbytes(c) == math.ceil(8 * 4 / 8) + 4 * 2
+    # A bucket given without shapes is one tensor: one norm over all 8 elements (the old behaviour).
+    for shapes in ([(8,)], []):
+        whole = codec.encode(g, BucketContext("0", shapes))
+        assert torch.allclose(whole.tensors["norms"], g.norm().unsqueeze(0))
+
+
+def test_qsgd_chunks_restart_at_each_tensor():
+    """Chunks of 4 over tensors of 6 and 3 elements: norms of [0:4], [4:6], [6:9] -- three, not the
+    bucket's ceil(9 / 4) = 3 slices [0:4], [4:8], [8:9]."""
+    g = torch.arange(1.0, 10.0)
+    c = context([(2, 3), (3,)])
+    payload = create_compressor("qsgd", levels=2, chunk=4).encode(g, c)
+    expected = torch.stack([p.norm() for p in qsgd_chunks(g, [(2, 3), (3,)], 4)])
+    assert torch.equal(payload.tensors["norms"], expected)
 
 
 def test_qsgd_code_width_follows_the_levels():
     assert [QSGD(levels=s).bits for s in (1, 2, 7, 8, 127)] == [2, 4, 4, 8, 8]
     payload = create_compressor("qsgd", levels=1, chunk=512).encode(gradient(), context())
-    assert payload.nbytes == math.ceil(NUMEL * 2 / 8) + 4
+    assert payload.nbytes == math.ceil(NUMEL * 2 / 8) + 4 * len(SHAPES)  # one norm per tensor here
 
 
 # -- sparsification --------------------------------------------------------------------------------

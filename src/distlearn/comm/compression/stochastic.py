@@ -12,14 +12,16 @@ paper also clips each tensor to ``clip_sigma`` standard deviations before quanti
 lowers ``s`` and so the variance, at the price of a small bias; ``clip_sigma=None`` turns it off.
 
 **QSGD** ("QSGD: Communication-Efficient SGD via Gradient Quantization and Encoding"): with ``s`` levels,
-the vector is cut into chunks of ``chunk`` elements (the paper's "bucket size" ``d``, 512 in its
-experiments); for a chunk ``v``,
+each parameter tensor of the bucket is cut into chunks of ``chunk`` elements (the paper's "bucket size"
+``d``, 512 in its experiments; a tensor's last chunk may be shorter, and no chunk spans two tensors, so a
+tensor of small values beside one of large values keeps its own norms); for a chunk ``v``,
 
     Q_s(v)_i = ||v||_2 sign(v_i) l_i / s,    l_i = floor(s |v_i| / ||v||) + Bernoulli(frac(s |v_i| / ||v||))
 
 so ``|Q_s(v)_i - v_i| <= ||v|| / s`` and ``E ||Q_s(v) - v||^2 <= min(n / s^2, sqrt(n) / s) ||v||^2``
 (Lemma 3.1). We send ``sign * l + s`` in ``2 s + 1`` codes packed 2, 4 or 8 bits each (``s`` = 1, <= 7,
-<= 127) plus one float32 norm per chunk. Where we differ: the paper's Elias coding of the levels (its
+<= 127) plus one float32 norm per chunk: ``sum_t ceil(n_t / chunk)`` norms for tensors of ``n_t``
+elements. Where we differ: the paper's Elias coding of the levels (its
 ``s = sqrt(n)`` regime) is not done; fixed-width codes keep the payload size known in advance.
 
 Random draws come from ``context.generator``: this rank's ``torch.Generator``, which
@@ -37,6 +39,7 @@ gathering through that index.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -51,6 +54,7 @@ from distlearn.comm.compression.base import (
     pack_bits,
     parameter_spans,
     span_index,
+    to_device,
     unpack_bits,
 )
 from distlearn.errors import ConfigError
@@ -137,29 +141,63 @@ class QSGD(Codec):
     def options(self) -> dict[str, Any]:
         return {"levels": self.levels, "chunk": self.chunk, "bits": self.bits}
 
-    def _chunks(self, v: torch.Tensor) -> torch.Tensor:
-        padding = (-v.numel()) % self.chunk
-        return torch.cat([v, v.new_zeros(padding)]).view(-1, self.chunk)  # (chunks, chunk)
-
     def encode(self, tensor: torch.Tensor, context: BucketContext) -> Payload:
         flat = tensor
-        chunks = self._chunks(flat)
+        gather, place = _chunk_layout(_lengths(context, flat.numel()), self.chunk, str(flat.device))
+        chunks = _padded(flat, gather, self.chunk).view(-1, self.chunk)  # (chunks, chunk): within one tensor
         norms = chunks.norm(dim=1).to(torch.float32)  # (chunks,)
         scaled = chunks.abs() / norms.clamp_min(1e-30).unsqueeze(1) * self.levels  # in [0, s]
         lower = scaled.floor()
         draws = torch.rand(scaled.shape, generator=_generator(context, self.name), device=scaled.device)
         up = draws < (scaled - lower)
         level = (lower + up).clamp_max(self.levels)
-        signed = (torch.sign(chunks) * level).reshape(-1)[: flat.numel()]
+        signed = (torch.sign(chunks) * level).reshape(-1)
+        signed = signed[: flat.numel()] if place is None else signed[place]
         codes = (signed + self.levels).to(torch.uint8)  # 0 .. 2s
         return Payload({"codes": pack_bits(codes, self.bits), "norms": norms})
 
     def decode(self, payload: Payload, context: BucketContext) -> torch.Tensor:
         numel = context.numel
         signed = unpack_bits(payload.tensors["codes"], self.bits, numel).to(torch.float32) - self.levels
-        padded = self._chunks(signed)
-        out = padded * payload.tensors["norms"].unsqueeze(1) / self.levels
-        return out.reshape(-1)[:numel]
+        gather, place = _chunk_layout(_lengths(context, numel), self.chunk, str(signed.device))
+        padded = _padded(signed, gather, self.chunk).view(-1, self.chunk)
+        out = (padded * payload.tensors["norms"].unsqueeze(1) / self.levels).reshape(-1)
+        return out[:numel] if place is None else out[place]
 
     def expected_nbytes(self, context: BucketContext) -> int:
-        return (context.numel * self.bits + 7) // 8 + 4 * math.ceil(context.numel / self.chunk)
+        chunks = sum(math.ceil(n / self.chunk) for n in _lengths(context, context.numel))
+        return (context.numel * self.bits + 7) // 8 + 4 * chunks
+
+
+def _lengths(context: BucketContext, numel: int) -> tuple[int, ...]:
+    """The element counts of the bucket's tensors; a bucket given without shapes is one tensor."""
+    return tuple(math.prod(shape) for shape in context.shapes) if context.shapes else (numel,)
+
+
+def _padded(flat: torch.Tensor, gather: torch.Tensor | None, chunk: int) -> torch.Tensor:
+    """``flat`` with each tensor padded by zeros to whole chunks (``gather`` from :func:`_chunk_layout`)."""
+    if gather is None:  # one tensor: pad the end
+        return torch.cat([flat, flat.new_zeros(-flat.numel() % chunk)])
+    return torch.cat([flat, flat.new_zeros(1)])[gather]
+
+
+@functools.lru_cache(maxsize=256)
+def _chunk_layout(
+    lengths: tuple[int, ...], chunk: int, device: str
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """QSGD's chunks within each tensor: ``gather`` picks, for each position of the padded layout (every
+    tensor padded with zeros to a multiple of ``chunk``), its element of the flat bucket, or the zero put
+    after it (index ``numel``); ``place`` is each element's position in the padded layout. Both are
+    ``None`` for one tensor (the padding then sits at the end). Built once per layout and device, on the
+    host, so encode and decode read nothing back from the device."""
+    if len(lengths) <= 1:
+        return None, None
+    numel = sum(lengths)
+    gather, place, start, position = [], [], 0, 0
+    for n in lengths:
+        padded = -(-n // chunk) * chunk
+        gather.append(torch.arange(start, start + n))
+        gather.append(torch.full((padded - n,), numel))
+        place.append(torch.arange(position, position + n))
+        start, position = start + n, position + padded
+    return to_device(torch.cat(gather), device), to_device(torch.cat(place), device)
