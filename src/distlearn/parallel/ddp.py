@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from distlearn.comm.traffic import ring_allreduce_bytes
 from distlearn.config import positive
 from distlearn.errors import ConfigError
 from distlearn.launch import in_torchrun, init_distributed, shutdown
@@ -48,7 +49,7 @@ class TorchDDP(Strategy):
         super().__init__(options, run=run, **fields)
         self.bucket_mb = self.options.bucket_mb
         self._owns_group = False
-        self._parameters = 0
+        self._parameters = (0, 4)  # (elements, bytes per element) of the trained parameters
 
     def setup(self, seed: int) -> None:
         already = dist.is_available() and dist.is_initialized()
@@ -62,7 +63,8 @@ class TorchDDP(Strategy):
     def prepare(
         self, model: nn.Module, optimizer: torch.optim.Optimizer
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        self._parameters = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        self._parameters = (sum(p.numel() for p in trained), trained[0].element_size() if trained else 4)
         self._steps = 0
         # DDP's rule for one device per process: the module on it already, and device_ids=[it] on CUDA
         device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -79,7 +81,7 @@ class TorchDDP(Strategy):
 
     def stats(self) -> StrategyStats:
         # DDP does not count its traffic; gloo's ring sends 2(R-1)/R of the gradient bytes per step.
-        per_step = 2 * (self.world_size - 1) * self._parameters // max(1, self.world_size)
+        per_step = ring_allreduce_bytes(*self._parameters, self.world_size)
         return {"bytes_sent": per_step * self._steps}
 
     def close(self) -> None:

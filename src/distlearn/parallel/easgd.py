@@ -70,6 +70,7 @@ from torch import nn
 
 from distlearn.comm.p2p import REQUEST, Header, Kind, Transport
 from distlearn.comm.paramserver import PushFlag, ServerLink, ServingLoop, StalenessBook
+from distlearn.comm.traffic import ring_allreduce_bytes
 from distlearn.errors import CommError, ConfigError
 from distlearn.launch import DistContext, shutdown
 from distlearn.parallel.base import Strategy, StrategyOptions, StrategyStats
@@ -310,7 +311,7 @@ class ElasticAveraging(Strategy):
             total = difference.clone()
             if self.world_size > 1:
                 self._wait(dist.all_reduce(total, async_op=True), "allreduce of the elastic differences")
-                self.bytes_sent += total.numel() * total.element_size()
+                self.bytes_sent += ring_allreduce_bytes(total.numel(), total.element_size(), self.world_size)
             self.centre.add_(total, alpha=alpha)  # x~ <- x~ + alpha * sum_i (x^i - x~)
         else:
             centre = self._request(Kind.PUSH, x, lr=alpha, step=step)  # the server applies its own update

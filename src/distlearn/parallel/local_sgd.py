@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
+from distlearn.comm.traffic import ring_allreduce_bytes
 from distlearn.config import positive
 from distlearn.errors import CommError
 from distlearn.launch import DistContext, shutdown
@@ -149,7 +150,7 @@ class LocalSGD(Strategy):
         flat = torch.cat([g.reshape(-1) for g in grads])
         self._wait(dist.all_reduce(flat, async_op=True), "gradient allreduce (post-local warm-up)")
         flat.div_(self.world_size)
-        self.bytes_sent += flat.numel() * flat.element_size()
+        self.bytes_sent += ring_allreduce_bytes(flat.numel(), flat.element_size(), self.world_size)
         offset = 0
         for p in self._params:
             n = p.numel()
@@ -168,7 +169,10 @@ class LocalSGD(Strategy):
             and (averager.step - averager.warmup_steps) % averager.period == 0
         )
         if due and self.world_size > 1:
-            self.bytes_sent += sum(p.numel() * p.element_size() for p in self._params)
+            # torch's averager allreduces the parameters as one flat tensor: counted as gloo's ring
+            numel = sum(p.numel() for p in self._params)
+            size = self._params[0].element_size() if self._params else 4
+            self.bytes_sent += ring_allreduce_bytes(numel, size, self.world_size)
             self.averages += 1
         try:
             averager.average_parameters(self._params)

@@ -29,6 +29,7 @@ from distlearn.comm.compression.base import (
     payload_to_bytes,
     to_device,
 )
+from distlearn.comm.traffic import ring_allgather_bytes, ring_allreduce_bytes
 from distlearn.errors import CommError
 
 __all__ = ["Exchange", "reduce_bucket"]
@@ -56,7 +57,7 @@ class Exchange:
         size = self.world_size
         if size == 1 or tensor.numel() == 0:
             return tensor
-        self.bytes_sent += (2 * (size - 1) * tensor.numel() // size) * tensor.element_size()
+        self.bytes_sent += ring_allreduce_bytes(tensor.numel(), tensor.element_size(), size)
         self.messages += 2 * (size - 1)
         self._wait(dist.all_reduce(tensor, group=self.group, async_op=True), f"allreduce of {what}")
         return tensor
@@ -73,7 +74,7 @@ class Exchange:
         if not same_size:
             mine = to_device(torch.tensor([payload.numel()], dtype=torch.int64), payload.device)
             gathered = [torch.empty_like(mine) for _ in range(size)]
-            self.bytes_sent += (size - 1) * mine.numel() * mine.element_size()
+            self.bytes_sent += ring_allgather_bytes(mine.numel() * mine.element_size(), size)
             self.messages += size - 1
             self._wait(dist.all_gather(gathered, mine, group=self.group, async_op=True), f"lengths of {what}")
             lengths = torch.cat(gathered).tolist()  # the one host read (synchronisation) per bucket
@@ -81,7 +82,7 @@ class Exchange:
             if payload.numel() < longest:
                 payload = torch.cat([payload, payload.new_zeros(longest - payload.numel())])
         outputs = [torch.empty_like(payload) for _ in range(size)]
-        self.bytes_sent += (size - 1) * payload.numel()
+        self.bytes_sent += ring_allgather_bytes(payload.numel(), size)
         self.messages += size - 1
         self._wait(
             dist.all_gather(outputs, payload, group=self.group, async_op=True), f"all-gather of {what}"

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from distlearn.comm.groups import twin_group, warm_group
 from distlearn.comm.reducers.worker import run_jobs, worker_context
+from distlearn.comm.traffic import ring_allreduce_bytes
 from distlearn.errors import CommError, ConfigError
 
 __all__ = [
@@ -474,4 +475,4 @@ class BackendReducer(Reducer):
 
     def _count(self, tensor: torch.Tensor, group: Any) -> None:
         size = dist.get_world_size(group)
-        self.bytes_sent += (2 * (size - 1) * tensor.numel() // size) * tensor.element_size()
+        self.bytes_sent += ring_allreduce_bytes(tensor.numel(), tensor.element_size(), size)
