@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test install data browser lint clean
+.PHONY: run test install data browser lint clean mpi
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "warning: could not install chromium; the live dashboard's browser test will be skipped"; \
 	else echo "note: no apt as root here; install chromium for the live dashboard's browser test"; fi
+
+# The MPI column of benchmarks/allreduce_busbw.py: MPICH (the mpich wheel: libmpi, mpiexec) through mpi4py.
+# Benchmark-only: make test does not need it.
+mpi: $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[mpi]'
 
 run: install
 	$(BIN)/distlearn bench --suite quick
