@@ -21,7 +21,7 @@ mpiexec job of MPI's allreduce (``benchmarks/mpi_allreduce.py``: the same sizes 
 all three alike. MPI is MPICH's through mpi4py, a benchmark-only extra: ``pip install -e '.[mpi]'``;
 without it the table says "MPI: not installed" and goes on. The memory copy: ``copy_`` of a float32
 tensor of each size on one thread, ``iters`` copies per trial, bandwidth = size / time. The 4 KB latency
-of each algorithm (median seconds per call) is printed in microseconds. Runs in about 2-3 minutes with
+of each algorithm (median seconds per call) is printed in microseconds. Runs in a few minutes with
 R = 2.
 
     python benchmarks/allreduce_busbw.py [--world-size 2] [--trials 15] [--blocks 3] [--out FILE.json]
