@@ -14,7 +14,6 @@ import json
 import os
 import re
 import struct
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -287,13 +286,19 @@ def test_ranks_started_with_different_options_both_name_the_difference(tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_the_ps_summary_shows_the_main_workers_staleness_as_the_server_recorded_it(tmp_path):
+def test_the_ps_summary_shows_the_main_workers_staleness_as_the_server_recorded_it(
+    tmp_path, capfd, monkeypatch
+):
+    # the command in this process; its ranks (distlearn.ranklaunch) start from here as from the command
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "distlearn.cli", "train", *QUICK, "--steps", "12", "--strategy", "ps",
-               "--workers", "3", "--dataset", "fashion-mnist", "--out", str(out)]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), COLUMNS="200")
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=220)
-    assert done.returncode == 0, done.stderr
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src") + (os.pathsep + path if path else ""))  # the ranks'
+    monkeypatch.setenv("COLUMNS", "200")
+    capfd.readouterr()
+    code = main(["train", *QUICK, "--steps", "12", "--strategy", "ps", "--workers", "3", "--dataset",
+                 "fashion-mnist", "--out", str(out)])  # fmt: skip
+    done = capfd.readouterr()
+    assert code == 0, done.err
     summary = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["extra"]
     server = json.loads((out / "ps-server0.json").read_text())
     mine = [staleness for _, worker, staleness in server["updates"] if worker == 1]  # rank 1: the main worker
@@ -301,4 +306,4 @@ def test_the_ps_summary_shows_the_main_workers_staleness_as_the_server_recorded_
     assert summary["staleness_mean"] == pytest.approx(sum(mine) / len(mine))
     assert summary["staleness_max"] == max(mine)
     row = f"mean {summary['staleness_mean']:.2f}, max {summary['staleness_max']} versions"
-    assert f"{row} (this worker's 12 pushes)" in done.stdout, done.stdout
+    assert f"{row} (this worker's 12 pushes)" in done.out, done.out
