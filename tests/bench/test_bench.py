@@ -17,15 +17,30 @@ import pytest
 from distlearn.bench.harness import available, collect
 from distlearn.bench.report import markdown, table_rows
 from distlearn.bench.suites import SUITES, Entry
+from distlearn.cli import main
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(*argv)``: ``distlearn ARGV`` in this process, as ``python -m distlearn`` runs it (the runs of a
+    suite still start as processes of their own); its exit status, stdout and stderr."""
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            code = main(list(argv))
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
 
 
 @pytest.mark.timeout(600)
-def test_quick_suite_on_a_tiny_budget_writes_a_table_made_from_the_json(tmp_path):
+def test_quick_suite_on_a_tiny_budget_writes_a_table_made_from_the_json(tmp_path, cli):
     out, runs = tmp_path / "results", tmp_path / "runs"
     command = [
-        sys.executable,
-        "-m",
-        "distlearn",
         "bench",
         "--suite",
         "quick",
@@ -39,8 +54,8 @@ def test_quick_suite_on_a_tiny_budget_writes_a_table_made_from_the_json(tmp_path
         "off",
     ]
     # the quick suite is small by design (12,000 samples, one epoch); --only keeps three of its rows
-    done = subprocess.run(command, capture_output=True, text=True, timeout=580)
-    assert done.returncode == 0, done.stdout + done.stderr
+    code, stdout, stderr = cli(*command)
+    assert code == 0, stdout + stderr
     (result_file,) = out.glob("bench-quick-*.json")
     record = json.loads(result_file.read_text())
     for key in ("machine", "cores", "torch", "git_commit", "command"):
@@ -85,7 +100,7 @@ def test_unavailable_entries_say_why():
     assert "no --frobnicate flag" in available(Entry("x", "single", 1, ("--frobnicate", "1")))
 
 
-def test_compare_shows_two_result_files(tmp_path):
+def test_compare_shows_two_result_files(tmp_path, cli):
     suite = replace(SUITES["quick"], name="fake")
     fake = {
         "label": "single process",
@@ -111,33 +126,17 @@ def test_compare_shows_two_result_files(tmp_path):
             "results": [{**fake, "samples_per_s": speed}],
         }
         (tmp_path / f"{name}.json").write_text(json.dumps(record))
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distlearn",
-            "bench",
-            "--compare",
-            str(tmp_path / "a.json"),
-            str(tmp_path / "b.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0
-    assert ["single process", "50.00", "50.00", "100", "150", "1.50"] in map(cells, done.stdout.splitlines())
-
-
-def _bench(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "distlearn", "bench", "--suite", "quick", "--progress", "off", *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=280)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done
+    code, stdout, _ = cli("bench", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    assert code == 0
+    assert ["single process", "50.00", "50.00", "100", "150", "1.50"] in map(cells, stdout.splitlines())
 
 
 @pytest.mark.timeout(300)
-def test_resume_reads_back_finished_runs_and_runs_the_rest(tmp_path):
+def test_resume_reads_back_finished_runs_and_runs_the_rest(tmp_path, cli):
+    def _bench(*args: str) -> None:
+        code, stdout, stderr = cli("bench", "--suite", "quick", "--progress", "off", *args)
+        assert code == 0, stdout + stderr
+
     out, runs = tmp_path / "results", tmp_path / "runs"
     _bench("--only", "single", "--out", str(out), "--runs", str(runs))
     (runs_dir,) = runs.iterdir()  # quick-<stamp>
@@ -169,16 +168,11 @@ def test_resume_reads_back_finished_runs_and_runs_the_rest(tmp_path):
     assert '"kind": "summary"' in ddp_metrics.read_text()
 
 
-def test_resume_refuses_a_directory_of_another_suite(tmp_path):
+def test_resume_refuses_a_directory_of_another_suite(tmp_path, cli):
     other = tmp_path / "mnist-20261201-000000"
     other.mkdir()
-    done = subprocess.run(
-        [sys.executable, "-m", "distlearn", "bench", "--suite", "quick", "--resume", str(other)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode != 0 and "not a runs directory of the quick suite" in done.stderr
+    code, _, stderr = cli("bench", "--suite", "quick", "--resume", str(other))
+    assert code != 0 and "not a runs directory of the quick suite" in stderr
 
 
 def _descendants(root: int) -> set[int]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import pytest
 
 from distlearn.bench.report import markdown, project, table_rows
 from distlearn.bench.suites import SUITES
+from distlearn.cli import main
 from distlearn.errors import DataError
 
 ALPHA = 20e-6
@@ -109,7 +108,7 @@ def test_what_is_not_projected():
     assert project({**dense, "status": "failed"}, SINGLE, 8, 10.0, B) is None
 
 
-def test_render_prints_a_result_files_table_from_its_raw_results(tmp_path):
+def test_render_prints_a_result_files_table_from_its_raw_results(tmp_path, capsys):
     single = {
         **SINGLE,
         "label": "single process",
@@ -142,28 +141,20 @@ def test_render_prints_a_result_files_table_from_its_raw_results(tmp_path):
     }
     path = tmp_path / "bench-quick-x.json"
     path.write_text(json.dumps(record))
-    done = subprocess.run(
-        [sys.executable, "-m", "distlearn", "bench", "--render", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
+    capsys.readouterr()
+    code = main(["bench", "--render", str(path)])  # the command line, in this process
+    done = capsys.readouterr()
+    assert code == 0, done.err
     suite = replace(SUITES["quick"], global_batch=B, target=0.85, description="as it was run")
-    assert done.stdout == markdown(suite, record["results"], record["environment"])
-    rows = [cells(line) for line in done.stdout.splitlines() if line.startswith("|")]
-    assert "as it was run" in done.stdout and ["sync, ring, R=2", "91.00%"] in [row[:2] for row in rows]
+    assert done.out == markdown(suite, record["results"], record["environment"])
+    rows = [cells(line) for line in done.out.splitlines() if line.startswith("|")]
+    assert "as it was run" in done.out and ["sync, ring, R=2", "91.00%"] in [row[:2] for row in rows]
     expected_r8 = project(ring, single, 8, 10.0, B)
     line = next(row for row in rows if row[0] == "sync, ring, R=2" and "%" not in row[1])
     assert line[1] == f"{expected_r8:.3g}"
     path.write_text("{not json")
-    broken = subprocess.run(
-        [sys.executable, "-m", "distlearn", "bench", "--render", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert broken.returncode != 0 and "not a result file of distlearn bench" in broken.stderr
+    code = main(["bench", "--render", str(path)])
+    assert code != 0 and "not a result file of distlearn bench" in capsys.readouterr().err
 
 
 def test_the_harness_writes_what_the_report_needs_to_know_about_each_run():

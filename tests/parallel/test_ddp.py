@@ -8,22 +8,23 @@ inside the wrapper (TorchDDP.evaluation_model).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
+from distlearn.cli import main
+
 
 @pytest.mark.timeout(240)
-def test_ddp_trains_and_evaluates_a_batchnorm_model(tmp_path):
-    command = [
-        sys.executable, "-m", "distlearn", "train", "--strategy", "ddp", "--workers", "2",
+def test_ddp_trains_and_evaluates_a_batchnorm_model(tmp_path, capfd):
+    # the command in this process: its torchrun job starts from here as from `python -m distlearn`
+    code = main([
+        "train", "--strategy", "ddp", "--workers", "2",
         "--dataset", "fashion-mnist", "--model", "resnet8", "--train-samples", "512", "--test-samples", "256",
         "--steps", "6", "--eval-every", "3", "--batch-size", "64", "--threads", "1",
         "--out", str(tmp_path), "--progress", "off", "--no-checkpoints", "--quiet",
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=200)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ])  # fmt: skip
+    done = capfd.readouterr()
+    assert code == 0, done.out[-3000:] + done.err[-3000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals][-2:] == [3, 6] and all(0 <= r["accuracy"] <= 1 for r in evals)

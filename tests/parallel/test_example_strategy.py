@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ import torch.distributed as dist
 
 import distlearn
 from distlearn.checkpoint import load_checkpoint
+from distlearn.cli import main
 from distlearn.launch import free_port
 from distlearn.parallel import STRATEGIES, create_strategy, register_strategy
 from distlearn.train_cli import parse_config
@@ -32,19 +31,27 @@ FLAGS = [
 ]  # fmt: skip
 
 
-def _train(out: Path, *flags: str) -> dict[str, torch.Tensor]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "distlearn.cli", "train", *FLAGS, *flags, "--out", str(out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-2000:]
-    newest = sorted((out / "checkpoints").glob("step-*.pt"))[-1]
-    return load_checkpoint(newest)["model"]
+@pytest.fixture
+def train_cli(capfd, monkeypatch):
+    """``train_cli(out, *flags)``: ``distlearn train FLAGS`` run in this process (its torchrun job starts from
+    here as from the command), this directory importable here and in the workers; the newest weights."""
+    monkeypatch.syspath_prepend(str(HERE))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+
+    def run(out: Path, *flags: str) -> dict[str, torch.Tensor]:
+        capfd.readouterr()
+        code = main(["train", *FLAGS, *flags, "--out", str(out)])
+        assert code == 0, capfd.readouterr().err[-2000:]
+        newest = sorted((out / "checkpoints").glob("step-*.pt"))[-1]
+        return load_checkpoint(newest)["model"]
+
+    return run
 
 
 @pytest.mark.timeout(300)
-def test_the_example_trains_through_distlearn_train_and_equals_sync_bitwise(tmp_path):
-    ours = _train(tmp_path / "example", "--strategy", TARGET, "--scale", "1.0")
-    reference = _train(tmp_path / "sync", "--strategy", "sync")
+def test_the_example_trains_through_distlearn_train_and_equals_sync_bitwise(tmp_path, train_cli):
+    ours = train_cli(tmp_path / "example", "--strategy", TARGET, "--scale", "1.0")
+    reference = train_cli(tmp_path / "sync", "--strategy", "sync")
     assert ours.keys() == reference.keys()
     for name in ours:
         assert torch.equal(ours[name], reference[name]), name

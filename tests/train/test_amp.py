@@ -75,13 +75,21 @@ def test_bf16_and_fp16_forward_and_gradients_stay_near_float32():
         assert not torch.equal(grad, grad32), f"{amp}: autocast changed nothing ({dtype})"
 
 
-@pytest.mark.timeout(240)
-def test_amp_runs_learn_and_end_near_the_float32_run(tmp_path, synthetic):
+@pytest.fixture(scope="module")
+def two_epoch_runs(tmp_path_factory, synthetic) -> dict:
+    """{amp: the result of its 2-epoch run}, for none, bf16 and fp16: trained once for this module's tests
+    (the fp16 run is also the uninterrupted run the resumed one must equal)."""
     train_set, test_set = synthetic
-    results = {}
-    for amp in ("none", "bf16", "fp16"):
-        cfg = config(tmp_path / amp, amp=amp)
-        results[amp] = train(cfg, train_data=train_set, test_data=test_set)
+    tmp_path = tmp_path_factory.mktemp("amp")
+    return {
+        amp: train(config(tmp_path / amp, amp=amp), train_data=train_set, test_data=test_set)
+        for amp in ("none", "bf16", "fp16")
+    }
+
+
+@pytest.mark.timeout(240)
+def test_amp_runs_learn_and_end_near_the_float32_run(two_epoch_runs):
+    results = two_epoch_runs
     for amp, result in results.items():
         first, last = result.evaluations[0].loss, result.evaluations[-1].loss
         assert result.test_accuracy >= 0.9, amp  # 4 classes: chance is 0.25
@@ -95,9 +103,9 @@ def test_amp_runs_learn_and_end_near_the_float32_run(tmp_path, synthetic):
 
 
 @pytest.mark.timeout(240)
-def test_fp16_resumes_bitwise_with_its_scaler_and_refuses_another_amp(tmp_path, synthetic):
+def test_fp16_resumes_bitwise_with_its_scaler_and_refuses_another_amp(tmp_path, synthetic, two_epoch_runs):
     train_set, test_set = synthetic
-    whole = train(config(tmp_path / "whole", amp="fp16", epochs=2), train_data=train_set, test_data=test_set)
+    whole = two_epoch_runs["fp16"]  # config(..., amp="fp16", epochs=2) from start to end
     first = train(config(tmp_path / "part", amp="fp16", epochs=1), train_data=train_set, test_data=test_set)
     checkpoint = load_checkpoint(first.checkpoint)
     assert checkpoint["amp"]["amp"] == "fp16" and checkpoint["amp"]["scaler"]["scale"] > 0

@@ -6,8 +6,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -183,30 +181,34 @@ def test_max_loss_factor_is_validated_and_0_turns_the_check_off(tmp_path, synthe
     assert result.steps == 6
 
 
-def _torchrun_job(tmp_path: Path, shared_data: Path, *flags: str) -> tuple[int, str, float]:
-    command_line = [
-        sys.executable, "-m", "distlearn.cli", "train", "--strategy", "sync", "--workers", "2",
-        "--dataset", "mnist", "--data-root", str(shared_data), "--model", "mlp", "--optimizer", "sgd",
-        "--lr", "1e6", "--steps", "200", "--batch-size", "32", "--train-samples", "512", "--test-samples",
-        "64", "--log-every", "10", "--threads", "1", "--tensorboard", "off", "--progress", "off",
-        "--out", str(tmp_path / "run"), *flags,
-    ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    started = time.monotonic()
-    process = subprocess.Popen(command_line, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=env, start_new_session=True)  # fmt: skip
-    try:
-        output, _ = process.communicate(timeout=200)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, 9)
-            process.wait()
-    return process.returncode, output, time.monotonic() - started
+@pytest.fixture
+def torchrun_job(tmp_path, shared_data, capfd, monkeypatch):
+    """``torchrun_job(*flags)``: ``distlearn train --strategy sync --workers 2`` at lr 1e6, the command run
+    in this process (its torchrun job as the command starts it: a session of its own, stopped on any error
+    here); (exit status, the output of it and its processes, seconds)."""
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src") + (os.pathsep + path if path else ""))  # the workers'
+
+    def run(*flags: str) -> tuple[int, str, float]:
+        argv = [
+            "--strategy", "sync", "--workers", "2", "--dataset", "mnist", "--data-root", str(shared_data),
+            "--model", "mlp", "--optimizer", "sgd", "--lr", "1e6", "--steps", "200", "--batch-size", "32",
+            "--train-samples", "512", "--test-samples", "64", "--log-every", "10", "--threads", "1",
+            "--tensorboard", "off", "--progress", "off", "--out", str(tmp_path / "run"), *flags,
+        ]  # fmt: skip
+        capfd.readouterr()
+        started = time.monotonic()
+        status = command(argv)
+        seconds = time.monotonic() - started
+        captured = capfd.readouterr()
+        return status, captured.out + captured.err, seconds
+
+    return run
 
 
 @pytest.mark.timeout(240)
-def test_sync_two_ranks_at_lr_1e6_both_stop(tmp_path, shared_data):
-    status, output, seconds = _torchrun_job(tmp_path, shared_data)
+def test_sync_two_ranks_at_lr_1e6_both_stop(torchrun_job):
+    status, output, seconds = torchrun_job()
     assert status != 0, output[-3000:]
     for rank in (0, 1):  # every rank stops by itself at the same step: no rank waits in an allreduce
         assert re.search(rf"rank {rank}: training diverged at step \d+: the training loss is nan", output), (
@@ -216,8 +218,8 @@ def test_sync_two_ranks_at_lr_1e6_both_stop(tmp_path, shared_data):
 
 
 @pytest.mark.timeout(240)
-def test_check_every_reports_nan_weights_as_divergence_not_a_bug(tmp_path, shared_data):
-    status, output, _ = _torchrun_job(tmp_path, shared_data, "--check-every", "1")
+def test_check_every_reports_nan_weights_as_divergence_not_a_bug(torchrun_job):
+    status, output, _ = torchrun_job("--check-every", "1")
     assert status != 0, output[-3000:]
     assert "found by --check-every" in output and "training diverged by step" in output, output[-3000:]
     assert "replicas diverged" not in output and "file a bug" not in output

@@ -1,14 +1,18 @@
-"""``distlearn plot`` draws every strategy's run: its directory holds ``metrics.jsonl`` whoever writes it."""
+"""``distlearn plot`` draws every strategy's run: its directory holds ``metrics.jsonl`` whoever writes it.
+
+The command line runs in this process (``distlearn.cli.main``, as ``python -m distlearn`` calls it); the
+job's own processes (torchrun's agent and workers, the parameter server's ranks, Hogwild!'s pool) start
+from here as they would from the command, so only the command's own interpreter is saved.
+"""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from distlearn.cli import main
 from distlearn.metrics import read_run
 from distlearn.plot_cli import plot_runs
 
@@ -28,21 +32,29 @@ STRATEGIES = {
 }
 
 
-def _run(*argv: str, timeout: float = 150) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    command = [sys.executable, "-m", "distlearn.cli", *argv]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+@pytest.fixture
+def cli(capfd, monkeypatch):
+    """``cli(*argv)``: ``distlearn ARGV`` in this process; (exit status, stderr of it and its processes)."""
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src") + (os.pathsep + path if path else ""))  # the workers'
+
+    def run(*argv: str) -> tuple[int, str]:
+        capfd.readouterr()
+        code = main(list(argv))
+        return code, capfd.readouterr().err
+
+    return run
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_plot_draws_a_run_of_every_strategy(tmp_path, shared_data, strategy):
+def test_plot_draws_a_run_of_every_strategy(tmp_path, shared_data, strategy, cli):
     pytest.importorskip("matplotlib")
     out = tmp_path / strategy
     flags = [*FLAGS, "--data-root", str(shared_data), "--strategy", strategy, *STRATEGIES[strategy]]
-    done = _run("train", *flags, "--out", str(out))
-    assert done.returncode == 0, done.stderr[-3000:]
+    code, errors = cli("train", *flags, "--out", str(out))
+    assert code == 0, errors[-3000:]
     assert (out / "metrics.jsonl").is_file()
     records = read_run(out)
     assert [r.step for r in records if r.kind == "train"] == [2, 4, 6, 8]
@@ -50,5 +62,5 @@ def test_plot_draws_a_run_of_every_strategy(tmp_path, shared_data, strategy):
     png = plot_runs([out], tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if strategy == "ps":  # and through the command line, which failed with "no metrics file" before
-        drawn = _run("plot", str(out), "--out", str(tmp_path / "cli.png"), timeout=60)
-        assert drawn.returncode == 0 and (tmp_path / "cli.png").is_file(), drawn.stderr[-3000:]
+        code, errors = cli("plot", str(out), "--out", str(tmp_path / "cli.png"))
+        assert code == 0 and (tmp_path / "cli.png").is_file(), errors[-3000:]

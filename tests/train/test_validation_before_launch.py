@@ -1,26 +1,30 @@
 """Bad input is refused by ``distlearn train`` before any worker starts: one message, exit status 2.
 
-Each case runs the real command line as a subprocess and checks the exit status, that stderr holds one
-line naming the problem and no traceback, and that no worker was started: the launcher writes
-``OUT/launch.toml`` and prints "starting N worker(s)" just before it starts torchrun, so neither may
-appear. The ranks' options are compared when the strategy joins the job: two ranks started by hand with
+Each case runs the real command line in this process (``distlearn.cli.main``, as ``python -m distlearn``
+calls it: a refusal before any worker needs no process of its own) and checks the exit status, that
+stderr holds one line naming the problem and no traceback, and that no worker was started: the launcher
+writes ``OUT/launch.toml`` and prints "starting N worker(s)" just before it starts torchrun, so neither
+may appear. The ranks' options are compared when the strategy joins the job: two ranks started by hand with
 different options both end with the message naming the fields (no gloo abort, no hang).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import struct
-import subprocess
 import sys
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from distlearn.cli import main
 from distlearn.config import check_type
 from distlearn.data import check_dataset
 from distlearn.data.idx import read_idx, read_idx_shape, write_idx
@@ -37,36 +41,79 @@ QUICK = ["--model", "mlp", "--steps", "2", "--train-samples", "256", "--test-sam
          "--batch-size", "64", "--progress", "off", "--tensorboard", "off"]  # fmt: skip
 
 
-def refused(tmp_path: Path, *flags: str, out: str | None = None) -> tuple[str, float]:
-    """Run ``distlearn train QUICK FLAGS --out ...``; assert the refusal; its one-line message and seconds."""
-    out = out or str(tmp_path / "run")
-    command = [sys.executable, "-m", "distlearn.cli", "train", *QUICK, *flags, "--out", out]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), COLUMNS="200")
-    started = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-    seconds = time.monotonic() - started
-    assert done.returncode == 2, (done.stdout, done.stderr)
-    assert "Traceback" not in done.stderr and "starting" not in done.stdout, (done.stdout, done.stderr)
-    assert not (Path(out) / "launch.toml").exists() and not (Path(out) / "metrics.jsonl").exists()
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("distlearn train: error: "), done.stderr
-    return lines[0], seconds
+@dataclass
+class Done:
+    """What the command line left: its exit status and its output, as subprocess.run reports them."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys, caplog, monkeypatch):
+    """``distlearn ARGV`` run in this process, as ``python -m distlearn`` runs it: its exit status and output.
+
+    A parse error of tyro's ends in SystemExit, whose code is the status, as the process would exit with.
+    What a process of its own would also have printed on stderr is added to ``stderr``: the warnings its
+    default filters show, and log records of level WARNING and above (pytest's handlers take them here), so
+    "one line on stderr" is checked as strictly as on the command's own stderr.
+    """
+    monkeypatch.setenv("COLUMNS", "200")  # tyro's message box one line wide, as in a wide terminal
+
+    def run(*argv: str) -> Done:
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as shown, caplog.at_level(logging.WARNING):
+            warnings.resetwarnings()  # Python's default filters, as in a fresh interpreter
+            warnings.simplefilter("default")
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            caplog.clear()
+            try:
+                code = main(list(argv))
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else 1
+            logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        captured = capsys.readouterr()
+        extra = [f"{w.category.__name__}: {w.message}\n" for w in shown]
+        extra += [f"{r.levelname}: {r.getMessage()}\n" for r in logged]
+        return Done(code, captured.out, captured.err + "".join(extra))
+
+    return run
+
+
+@pytest.fixture
+def refused(tmp_path, cli):
+    """``refused(*flags, out=None)``: run ``distlearn train QUICK FLAGS --out ...`` and assert the refusal;
+    its one-line message and seconds."""
+
+    def run(*flags: str, out: str | None = None) -> tuple[str, float]:
+        out = out or str(tmp_path / "run")
+        started = time.monotonic()
+        done = cli("train", *QUICK, *flags, "--out", out)
+        seconds = time.monotonic() - started
+        assert done.returncode == 2, (done.stdout, done.stderr)
+        assert "Traceback" not in done.stderr and "starting" not in done.stdout, (done.stdout, done.stderr)
+        assert not (Path(out) / "launch.toml").exists() and not (Path(out) / "metrics.jsonl").exists()
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("distlearn train: error: "), done.stderr
+        return lines[0], seconds
+
+    return run
 
 
 @pytest.mark.timeout(150)
-def test_an_unknown_reducer_in_a_config_file_names_the_known_ones(tmp_path):
+def test_an_unknown_reducer_in_a_config_file_names_the_known_ones(tmp_path, refused):
     path = tmp_path / "run.toml"
     path.write_text('strategy = "sync"\nworkers = 2\n[sync]\nreducer = "foo"\n')
-    message, _ = refused(tmp_path, "--config", str(path))
+    message, _ = refused("--config", str(path))
     assert "unknown reducer 'foo'" in message and "ring, tree" in message
 
 
 @pytest.mark.timeout(150)
-def test_an_unknown_reducer_flag_exits_2_before_any_worker(tmp_path):
-    command = [sys.executable, "-m", "distlearn.cli", "train", *QUICK, "--strategy", "sync", "--workers", "2",
-               "--reducer", "foo", "--out", str(tmp_path / "run")]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), COLUMNS="200")
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+def test_an_unknown_reducer_flag_exits_2_before_any_worker(tmp_path, cli):
+    done = cli("train", *QUICK, "--strategy", "sync", "--workers", "2", "--reducer", "foo",
+               "--out", str(tmp_path / "run"))  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr and "starting" not in done.stdout
     assert "unknown reducer 'foo'" in done.stderr and "ring, tree" in done.stderr  # tyro's message box
     assert not (tmp_path / "run" / "launch.toml").exists()
@@ -84,43 +131,43 @@ def test_an_unknown_reducer_flag_exits_2_before_any_worker(tmp_path):
         (["--strategy", "easgd", "--easgd-mode", "async", "--workers", "1"], "needs a centre rank"),
     ],
 )
-def test_the_job_size_is_checked_before_launch(tmp_path, flags, expected):
-    message, _ = refused(tmp_path, *flags)
+def test_the_job_size_is_checked_before_launch(tmp_path, refused, flags, expected):
+    message, _ = refused(*flags)
     assert expected in message
 
 
 @pytest.mark.timeout(150)
-def test_softsync_under_another_strategy_names_its_strategy(tmp_path):
-    message, _ = refused(tmp_path, "--strategy", "sync", "--workers", "2", "--softsync", "5")
+def test_softsync_under_another_strategy_names_its_strategy(tmp_path, refused):
+    message, _ = refused("--strategy", "sync", "--workers", "2", "--softsync", "5")
     assert "--softsync is an option of --strategy ps" in message
 
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("text", ['lr = "abc"\n', 'strategy = "sync"\nworkers = 2\n[sync]\nbucket_mb = "x"'])
-def test_a_config_value_of_the_wrong_type_names_key_value_and_type(tmp_path, text):
+def test_a_config_value_of_the_wrong_type_names_key_value_and_type(tmp_path, refused, text):
     path = tmp_path / "run.toml"
     path.write_text(text)
-    message, _ = refused(tmp_path, "--config", str(path))
+    message, _ = refused("--config", str(path))
     key, value = ("lr", "'abc'") if "lr" in text else ("bucket_mb", "'x'")
     assert f"{path}" in message and f"{key} = {value} is a string; expected a number" in message
 
 
 @pytest.mark.timeout(150)
-def test_a_yaml_config_value_of_the_wrong_type_is_named(tmp_path):
+def test_a_yaml_config_value_of_the_wrong_type_is_named(tmp_path, refused):
     pytest.importorskip("yaml")
     path = tmp_path / "run.yaml"
     path.write_text("lr: abc\n")
-    message, _ = refused(tmp_path, "--config", str(path))
+    message, _ = refused("--config", str(path))
     assert "lr = 'abc' is a string; expected a number" in message
 
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("out", ["/proc/distlearn-run", "FILE"])
-def test_an_out_that_cannot_be_written_is_named_with_the_reason(tmp_path, out):
+def test_an_out_that_cannot_be_written_is_named_with_the_reason(tmp_path, refused, out):
     if out == "FILE":
         out = str(tmp_path / "a-file")
         Path(out).write_text("")
-    message, _ = refused(tmp_path, "--strategy", "sync", "--workers", "2", out=out)
+    message, _ = refused("--strategy", "sync", "--workers", "2", out=out)
     assert f"--out {out}" in message
     assert ("is not writable (cannot create a directory in /proc" in message) or "is a file" in message
 
@@ -139,17 +186,17 @@ OVERFLOW = struct.pack(">4I", 2051, 2**31, 2**31, 4)  # 2^31 * 2^31 * 4 = 2^64 b
 
 
 @pytest.mark.timeout(150)
-def test_an_idx_header_that_overflows_is_a_data_error_before_launch(tmp_path):
+def test_an_idx_header_that_overflows_is_a_data_error_before_launch(tmp_path, refused):
     data = _mnist(tmp_path / "data", OVERFLOW)
-    message, _ = refused(tmp_path, "--dataset", "mnist", "--data-root", str(data), "--strategy", "sync",
+    message, _ = refused("--dataset", "mnist", "--data-root", str(data), "--strategy", "sync",
                          "--workers", "2")  # fmt: skip
     assert str(data / "t10k-images-idx3-ubyte") in message and "damaged header" in message
 
 
 @pytest.mark.timeout(150)
-def test_images_that_are_not_28x28_are_a_data_error_before_launch(tmp_path):
+def test_images_that_are_not_28x28_are_a_data_error_before_launch(tmp_path, refused):
     data = _mnist(tmp_path / "data", np.zeros((100, 10, 10), dtype=np.uint8))
-    message, _ = refused(tmp_path, "--dataset", "mnist", "--data-root", str(data), "--strategy", "sync",
+    message, _ = refused("--dataset", "mnist", "--data-root", str(data), "--strategy", "sync",
                          "--workers", "2")  # fmt: skip
     assert str(data / "t10k-images-idx3-ubyte.gz") in message
     assert "10x10 pixels (shape (100, 10, 10))" in message
@@ -253,13 +300,19 @@ def test_ranks_started_with_different_options_both_name_the_difference(tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_the_ps_summary_shows_the_main_workers_staleness_as_the_server_recorded_it(tmp_path):
+def test_the_ps_summary_shows_the_main_workers_staleness_as_the_server_recorded_it(
+    tmp_path, capfd, monkeypatch
+):
+    # the command in this process; its ranks (distlearn.ranklaunch) start from here as from the command
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "distlearn.cli", "train", *QUICK, "--steps", "12", "--strategy", "ps",
-               "--workers", "3", "--dataset", "fashion-mnist", "--out", str(out)]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), COLUMNS="200")
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=220)
-    assert done.returncode == 0, done.stderr
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src") + (os.pathsep + path if path else ""))  # the ranks'
+    monkeypatch.setenv("COLUMNS", "200")
+    capfd.readouterr()
+    code = main(["train", *QUICK, "--steps", "12", "--strategy", "ps", "--workers", "3", "--dataset",
+                 "fashion-mnist", "--out", str(out)])  # fmt: skip
+    done = capfd.readouterr()
+    assert code == 0, done.err
     summary = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["extra"]
     server = json.loads((out / "ps-server0.json").read_text())
     mine = [staleness for _, worker, staleness in server["updates"] if worker == 1]  # rank 1: the main worker
@@ -267,4 +320,4 @@ def test_the_ps_summary_shows_the_main_workers_staleness_as_the_server_recorded_
     assert summary["staleness_mean"] == pytest.approx(sum(mine) / len(mine))
     assert summary["staleness_max"] == max(mine)
     row = f"mean {summary['staleness_mean']:.2f}, max {summary['staleness_max']} versions"
-    assert f"{row} (this worker's 12 pushes)" in done.stdout, done.stdout
+    assert f"{row} (this worker's 12 pushes)" in done.out, done.out
