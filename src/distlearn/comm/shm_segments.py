@@ -48,7 +48,7 @@ def directory() -> Path:
 
 
 def job_id() -> str:
-    """A short hash naming this job, the same on every rank: torchrun's run id, else the rendezvous address."""
+    """A short hash naming this job, the same on every rank: torchrun's run id, else the rendezvous."""
     key = os.environ.get("TORCHELASTIC_RUN_ID") or (
         f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
     )
@@ -73,7 +73,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_stale(where: Path | None = None) -> list[str]:
-    """Remove this user's ``distlearn-shm-*`` files in ``where`` whose creating process is gone; their names."""
+    """Remove this user's ``distlearn-shm-*`` files in ``where`` whose creating process is gone."""
     where = where or directory()
     removed = []
     try:
@@ -132,7 +132,7 @@ class Segment:
 
     @classmethod
     def create(cls, path: str, nbytes: int) -> Segment:
-        """Create ``path`` with ``nbytes`` zero bytes and map it (OSError if the directory is missing/full)."""
+        """Create ``path`` with ``nbytes`` zero bytes and map it (OSError: no room or no directory)."""
         size = max(nbytes, 8)
         with _created_lock:
             _created.add(path)
