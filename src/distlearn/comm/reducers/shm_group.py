@@ -96,8 +96,9 @@ class ShmGroup:
                 "reducer needs a writable /dev/shm with room (docker: --shm-size), or use --reducer ring"
             )
         try:
-            paths = [segment.path for segment in created]
-            infos = state.exchange(group, (problem, paths, os.getpid()), "setup")
+            # names, not paths: each rank looks in its own directory, as ranks on two hosts would
+            names = [os.path.basename(segment.path) for segment in created]
+            infos = state.exchange(group, (problem, names, os.getpid()), "setup")
             problems = [info[0] for info in infos if info[0]]
             if not problems:
                 try:
@@ -131,7 +132,7 @@ class ShmGroup:
         index = len(self.buffers)
         mine = Segment.create(Segment.new_name(job_id(), self.rank, f"b{index}"), nbytes)
         try:
-            infos = self.exchange(group, (mine.path, numel, str(dtype)), "shared_buffer")
+            infos = self.exchange(group, (os.path.basename(mine.path), numel, str(dtype)), "shared_buffer")
             if {(info[1], info[2]) for info in infos} != {(numel, str(dtype))}:
                 asked = ", ".join(f"rank {q}: {info[1]} x {info[2]}" for q, info in enumerate(infos))
                 raise ConfigError(
@@ -148,7 +149,9 @@ class ShmGroup:
         self.buffer_of[mine.data.data_ptr()] = index
         return mine.data[:nbytes].view(dtype)
 
-    def attach(self, q: int, path: str, nbytes: int) -> Segment:
+    def attach(self, q: int, name: str, nbytes: int) -> Segment:
+        """Map rank ``q``'s segment ``name`` (in this rank's segment directory); ConfigError if not there."""
+        path = str(directory() / name)
         try:
             return Segment.attach(path, nbytes)
         except OSError as error:
