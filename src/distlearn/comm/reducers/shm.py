@@ -75,7 +75,7 @@ class ShmReducer(Reducer):
     def __init__(
         self,
         *,
-        piece_bytes: int = 256 << 10,
+        piece_bytes: int = 2 << 20,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         tag: int = DEFAULT_TAG,
         duplex: bool = True,
