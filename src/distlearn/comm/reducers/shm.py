@@ -59,6 +59,9 @@ from distlearn.errors import CommError, ConfigError
 
 __all__ = ["ShmReducer"]
 
+ONE_SHOT_BYTES = 32 << 10
+"""Tensors up to this size (and one slot) take the one-hand-off path: each rank sums every rank's copy."""
+
 
 class ShmReducer(Reducer):
     """Allreduce through shared memory among ranks of one host (see the module docstring).
@@ -91,6 +94,7 @@ class ShmReducer(Reducer):
                 f"shm: piece_bytes must be an integer between 64 and 2**30 (e.g. 262144), got {piece_bytes!r}"
             )
         self.piece_bytes = piece_bytes // 8 * 8
+        self.one_shot_bytes = ONE_SHOT_BYTES
         self._groups: dict[Any, ShmGroup] = {}
 
     def __repr__(self) -> str:
@@ -199,10 +203,13 @@ class ShmReducer(Reducer):
     def _staged(
         self, state: ShmGroup, flat: torch.Tensor, bounds: list[tuple[int, int]], timeout: float, op: str
     ) -> None:
-        size, rank, words = state.size, state.rank, state.words
+        size, rank = state.size, state.rank
         p = max(1, self.piece_bytes // flat.element_size())
         pieces = -(-(bounds[0][1] - bounds[0][0]) // p)
         slots = state.slots(flat.dtype)
+        if op == "allreduce" and flat.numel() * flat.element_size() <= min(self.one_shot_bytes, size * p):
+            self._one_shot(state, flat, slots, size * p, timeout)
+            return
         first = state.seq + 1
         state.seq += pieces
         gather = op != "reduce-scatter"
@@ -225,7 +232,7 @@ class ShmReducer(Reducer):
             for c, (a, b) in enumerate(ranges(k)):
                 if c != rank and b > a:
                     flat[a:b].copy_(block(c, seq, c, b - a))
-            words[DONE * size + rank] = seq
+            state.set(DONE, seq)
 
         for k in range(pieces):
             seq = first + k
@@ -239,12 +246,12 @@ class ShmReducer(Reducer):
                 for c, (x, y) in enumerate(piece):
                     if c != rank and y > x:
                         block(rank, seq, c, y - x).copy_(flat[x:y])
-                words[ARRIVED * size + rank] = seq
+                state.set(ARRIVED, seq)
             else:  # all-gather only: publish the own shard
                 if b > a:
                     block(rank, seq, rank, b - a).copy_(flat[a:b])
-                words[ARRIVED * size + rank] = seq
-                words[REDUCED * size + rank] = seq
+                state.set(ARRIVED, seq)
+                state.set(REDUCED, seq)
             if gather and k > 0:
                 finish(k - 1)
             if reduce:
@@ -253,29 +260,40 @@ class ShmReducer(Reducer):
                     state.check_calls(first, op)
                 if b > a:
                     mine = flat[a:b]
-                    if gather:
-                        out = block(rank, seq, rank, b - a)
-                        torch.add(mine, block(state.peers[0], seq, rank, b - a), out=out)
-                        for q in state.peers[1:]:
-                            out.add_(block(q, seq, rank, b - a))
-                        mine.copy_(out)
-                    else:
-                        for q in state.peers:
-                            mine.add_(block(q, seq, rank, b - a))
-                words[REDUCED * size + rank] = seq
+                    out = block(rank, seq, rank, b - a)
+                    _sum([mine if q == rank else block(q, seq, rank, b - a) for q in range(size)], out)
+                    mine.copy_(out)
+                state.set(REDUCED, seq)
                 if not gather:
-                    words[DONE * size + rank] = seq
+                    state.set(DONE, seq)
             elif k == 0:
                 state.wait(ARRIVED, first, "publish its shard", op, timeout)
                 state.check_calls(first, op)
         if gather:
             finish(pieces - 1)
 
+    def _one_shot(
+        self, state: ShmGroup, flat: torch.Tensor, slots: list[torch.Tensor], slot: int, timeout: float
+    ) -> None:
+        """A small allreduce in one hand-off: every rank copies all of its tensor into its slot and sums
+        every rank's slot itself, in rank order (the order of the other paths, so the same bits)."""
+        seq = state.seq = state.seq + 1
+        state.begin(seq, -1, 0, flat, "allreduce", timeout)
+        start = (seq % SLOTS) * slot
+        sources = [view[start : start + flat.numel()] for view in slots]
+        sources[state.rank].copy_(flat)
+        state.set(ARRIVED, seq)
+        state.wait(ARRIVED, seq, "copy in its data", "allreduce", timeout)
+        state.check_calls(seq, "allreduce")
+        _sum(sources, flat)
+        state.words[REDUCED * state.size + state.rank] = seq
+        state.set(DONE, seq)
+
     def _in_place(
         self, state: ShmGroup, flat: torch.Tensor, index: int, bounds: list[tuple[int, int]], timeout: float
     ) -> None:
         """Allreduce of a tensor in this rank's shared buffer ``index``: peers read it where it lies."""
-        size, rank, words = state.size, state.rank, state.words
+        rank = state.rank
         offset = flat.storage_offset() * flat.element_size()
         nbytes = flat.numel() * flat.element_size()
         views = [
@@ -287,7 +305,7 @@ class ShmReducer(Reducer):
         first = state.seq + 1
         last = state.seq = state.seq + pieces
         state.begin(first, index, offset, flat, "allreduce", timeout)
-        words[ARRIVED * size + rank] = last
+        state.set(ARRIVED, last)
         state.wait(ARRIVED, last, "have its buffer ready", "allreduce", timeout)
         state.check_calls(first, "allreduce")
 
@@ -304,13 +322,17 @@ class ShmReducer(Reducer):
             b = min(a + p, stop)
             if b > a:
                 mine = flat[a:b]
-                for q in state.peers:
-                    mine.add_(views[q][a:b])
-            words[REDUCED * size + rank] = first + k
+                if rank < 2:  # the sum may overwrite x_0 or x_1 once both are read
+                    _sum([view[a:b] for view in views], mine)
+                else:
+                    out = self._buffer(flat.dtype, b - a, flat.device)
+                    _sum([view[a:b] for view in views], out)
+                    mine.copy_(out)
+            state.set(REDUCED, first + k)
             if k > 0:
                 finish(k - 1)
         finish(pieces - 1)
-        words[DONE * size + rank] = last
+        state.set(DONE, last)
         state.wait(DONE, last, "finish reading this rank's buffer", "allreduce", timeout)
 
     # ---- setup --------------------------------------------------------------------------------------
@@ -321,3 +343,10 @@ class ShmReducer(Reducer):
         if state is None:
             state = self._groups[key] = ShmGroup.open(group, self.piece_bytes, self.name)
         return state
+
+
+def _sum(sources: list[torch.Tensor], out: torch.Tensor) -> None:
+    """``out = sources[0] + sources[1] + ...``, always in rank order (``out`` may alias sources 0 or 1)."""
+    torch.add(sources[0], sources[1], out=out)
+    for source in sources[2:]:
+        out.add_(source)
