@@ -1,47 +1,56 @@
 """The shared-memory allreduce for ranks on one host (``shm``): reduce-scatter and all-gather through
 segments every rank maps, synchronised by flags in shared memory.
 
-Setup, once per reducer and group (the only c10d traffic): every rank creates a data segment (``slots``
-staging slots of ``R`` blocks of ``piece_bytes``), the group's rank 0 also a control segment (int64 flags),
-the names are exchanged with ``all_gather_object``, every rank maps its peers' segments, and after a second
-``all_gather_object`` (a barrier) each creator removes its names (:mod:`distlearn.comm.shm_segments`: a rank
-killed later leaves nothing behind; stale files of dead pids are removed at the next setup). A peer segment
-that is not visible here means the ranks do not share a host (or a ``/dev/shm``): :class:`ConfigError`.
+Setup, once per reducer and group (the only c10d traffic; :mod:`distlearn.comm.reducers.shm_group`):
+every rank creates a staging segment (3 slots of R blocks of ``piece_bytes``), the group's rank 0 also a
+control segment (int64 flags), the names are exchanged with ``all_gather_object``, every rank maps its peers'
+segments, and after a second exchange (a barrier) each creator removes its names
+(:mod:`distlearn.comm.shm_segments`: a rank killed later leaves nothing behind; files of dead pids are
+removed at the next setup). A peer's segment that is not visible means the ranks do not share a host (or a
+``/dev/shm``): :class:`ConfigError`, naming ``--reducer hierarchical``.
 
 One allreduce of ``n`` elements on ``R`` ranks: chunk ``c`` is ``chunk_bounds(n, R)[c]``, owned by rank
-``c``; chunks are processed in *pieces* of ``piece_bytes`` (per chunk), so the staging memory is bounded
-and a piece stays in cache between its copies. For piece ``k`` (sequence number ``s``, slot ``s mod
-slots``), rank ``r``:
+``c``, processed in *pieces* of ``piece_bytes`` (default 2 MiB per chunk), so the staging memory is bounded
+and a piece is still in cache for its next copy. For piece ``k`` (sequence number ``s``, slot ``s mod 3``),
+rank ``r``:
 
-1. waits until every peer is DONE with sequence ``s - slots`` (its slot is free again), copies piece ``k``
-   of every chunk but its own into its slot, sets ARRIVED = ``s``;
-2. waits for every peer's ARRIVED >= ``s``, sums piece ``k`` of its own chunk as ``x_r + x_q`` for the
-   other ranks q in rank order (its own input, then the peers' slots; the same order in every call, so the
-   same bits every time, and only the owner sums, so every rank gets the owner's bits), writes the sum to
-   its slot and to its tensor, sets REDUCED = ``s``;
-3. waits for every peer's REDUCED >= ``s``, copies the other chunks' sums from the owners' slots into its
+1. waits until every peer is DONE with ``s - 3`` (its slot is free again), copies piece ``k`` of every chunk
+   but its own into its slot, sets ARRIVED = ``s``;
+2. waits for every peer's ARRIVED >= ``s``, sums piece ``k`` of chunk ``r`` as ``x_0 + x_1 + ... +
+   x_{R-1}`` (rank order, its own input in place of ``x_r``) into its slot and its tensor, sets REDUCED;
+3. waits for every peer's REDUCED >= ``s``, copies the other chunks' sums from their owners' slots into its
    tensor, sets DONE = ``s``. Step 3 of piece ``k - 1`` runs between steps 1 and 2 of piece ``k``.
 
+Every path sums in rank order and only one rank sums each element, so every rank gets the same bits, and
+the same bits whatever the path or the piece size. Tensors up to 32 KiB take a one-hand-off path instead:
+each rank copies all of its tensor into its slot, sets ARRIVED, and once all have arrived sums all R copies
+itself (one wait instead of two; R n read instead of 2 (R-1)/R n, which is nothing at that size).
+
 Memory traffic per rank (bytes read + written, in units of n): copy-in 2 (R-1)/R, the sum (R + 2)/R, the
-copy back 2 (R-1)/R: for R = 2 about 3 n, 1.5 times a memcpy's 2 n. A tensor returned by
-:meth:`ShmReducer.shared_buffer` (or a contiguous view of one) already lies in memory the peers have mapped:
-its allreduce reads the peers' data in place (no copy-in), sums into the owner's own chunk and copies the
-other chunks back: (R + 1)/R + 2 (R-1)/R, 2.5 n for R = 2 (1.25 memcpy), then a barrier (every peer done
-reading) before it returns. Every rank must use the same buffer (same offset and length) in the same call.
+copy back 2 (R-1)/R: about 3 n for R = 2, 1.5 memory copies (a copy moves 2 n). A tensor returned by
+:meth:`ShmReducer.shared_buffer` (or a contiguous view of one, the same on every rank) already lies in
+memory the peers have mapped: its allreduce reads the peers' data in place (no copy-in), sums into its own
+chunk and copies the other chunks back: (R + 1)/R + 2 (R-1)/R, 2.5 n for R = 2 (1.25 copies), then waits
+until every peer is done reading its buffer before it returns. The gradient bucketer
+(:mod:`distlearn.comm.bucketing`) takes its bucket buffers from ``shared_buffer`` when the reducer has one.
+Each call's length, dtype and buffer are compared across ranks at its first hand-off: a mismatch is a
+:class:`CommError` naming both calls.
 
 Memory order: data is written by torch, then the flag by a Python store; a peer that sees the flag must see
 the data. That holds on x86-64 (TSO: stores become visible in program order, and torch's worker threads end
 with a barrier); other architectures would need fences, so the reducer refuses to run there (ConfigError).
 
-Waiting: a spin on the flags (about 0.1 us a read), then ``os.sched_yield``, then sleeps growing to 1 ms,
-so that more ranks than cores still progress; on the slow path the deadline (``timeout_s``, per reducer or
-per call) is checked, and the lagging ranks' pids (in the control segment): a dead peer is named within
-about 20 ms, a live one that does not arrive after ``timeout_s``, in a :class:`CommError`. After an error the
-reducer's state for the group is broken; later calls on it raise at once.
+Waiting: about 400 reads of the flag (0.1 us each), a few ``os.sched_yield``, then a sleep in the kernel on
+the flag's word (``FUTEX_WAIT``, at most 2 ms; a rank that sets a flag while a peer sleeps wakes it with
+``FUTEX_WAKE``), so that ranks on a busy or oversubscribed machine give their core away. Every 20 ms the
+deadline (``timeout_s``, per reducer or per call) and the lagging ranks' pids are checked: a dead peer is
+named within about 20 ms, a live one that does not arrive after ``timeout_s``, in a :class:`CommError`.
+After an error the reducer's state for the group is broken; later calls on it raise at once.
 
-``bytes_sent`` counts the bytes of this rank's data that its peers read: its contribution to each other
-chunk ((n - n_r) elements) plus its reduced chunk once per peer ((R - 1) n_r), where ``n_r`` is its chunk's
-length; over the ranks that is the ``2 (R-1) n`` of any bandwidth-optimal allreduce, as the ring counts.
+``bytes_sent`` counts the bytes of this rank's data that the bandwidth-optimal exchange makes its peers
+read: its part of every other chunk ((n - n_r) elements) plus its summed chunk once per peer
+((R - 1) n_r), ``n_r`` its chunk's length; over the ranks that is the ``2 (R-1) n`` of the ring. The
+one-hand-off path is counted the same (so the count does not depend on the size threshold).
 """
 
 from __future__ import annotations
