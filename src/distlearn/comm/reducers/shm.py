@@ -190,12 +190,12 @@ class ShmReducer(Reducer):
         if size > 1 and n > 0:
             try:
                 index = state.buffer_of.get(flat.untyped_storage().data_ptr()) if state.buffer_of else None
-                if index is not None and op == "allreduce":
-                    self._in_place(state, flat, index, chunk_bounds(n, size), timeout)
-                elif op == "allreduce" and n * flat.element_size() <= min(
+                if op == "allreduce" and n * flat.element_size() <= min(
                     self.one_shot_bytes, size * self.piece_bytes
-                ):
+                ):  # (a small shared tensor too: one hand-off beats the zero-copy path's three)
                     self._one_shot(state, flat, timeout)
+                elif index is not None and op == "allreduce":
+                    self._in_place(state, flat, index, chunk_bounds(n, size), timeout)
                 else:
                     self._staged(state, flat, chunk_bounds(n, size), timeout, op)
             except CommError as error:
