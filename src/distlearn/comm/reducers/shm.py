@@ -36,6 +36,8 @@ until every peer is done reading its buffer before it returns. The gradient buck
 Each call's length, dtype and buffer are compared across ranks at its first hand-off: a mismatch is a
 :class:`CommError` naming both calls.
 
+A tensor on another device (a CUDA bucket) is copied to the host, reduced there and copied back.
+
 Memory order: data is written by torch, then the flag by a Python store; a peer that sees the flag must see
 the data. That holds on x86-64 (TSO: stores become visible in program order, and torch's worker threads end
 with a barrier); other architectures would need fences, so the reducer refuses to run there (ConfigError).
@@ -170,12 +172,11 @@ class ShmReducer(Reducer):
                 f"{self.name} {op}: no process group; call distlearn.launch.init_distributed() "
                 "(or torch.distributed.init_process_group) first"
             )
-        if tensor.device.type != "cpu":
-            raise ConfigError(
-                f"{self.name} {op}: the shared-memory reducer works on CPU tensors, got one on "
-                f"{tensor.device}; "
-                "use --reducer backend (NCCL) for GPU tensors"
-            )
+        if tensor.device.type != "cpu":  # e.g. a CUDA bucket: summed through a host copy
+            host = tensor.detach().to("cpu")
+            result = self._collective(host, group, timeout_s, op)
+            tensor.copy_(host)
+            return result
         timeout = self.timeout_s if timeout_s is None else float(timeout_s)
         state = self._state(group, timeout)
         n = tensor.numel()
