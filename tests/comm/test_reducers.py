@@ -84,11 +84,18 @@ def rabenseifner_elements(rank: int, world: int, n: int) -> int:
     return sent + (n if rank < 2 * extra else 0)
 
 
+def shm_elements(rank: int, world: int, n: int) -> int:
+    """Peers read this rank's part of every other chunk (n - n_r elements) and its summed chunk, once each."""
+    start, stop = chunk_bounds(n, world)[rank]
+    return (n - (stop - start)) + (world - 1) * (stop - start)
+
+
 FORMULAS = {
     "ring": ring_elements,
     "segmented-ring": ring_elements,
     "tree": tree_elements,
     "rabenseifner": rabenseifner_elements,
+    "shm": shm_elements,
     "backend": lambda rank, world, n: 2 * (world - 1) * n // world,  # nominal: gloo's ring
 }
 
@@ -147,7 +154,7 @@ def test_batched_rounds_match_gloo_allreduce_and_the_unbatched_algorithm(tmp_pat
         assert result["failures"] == [], "\n".join(result["failures"])
         assert result["cases"] >= 42
     for name in REDUCERS:
-        if name == "backend":
+        if not REDUCERS[name].point_to_point:  # backend, shm: no point-to-point rounds
             continue
         for n in (1000, 5, 1):
             batched = [result["bytes"][f"{name} batched=True n={n}"] for result in results]
@@ -220,12 +227,14 @@ def test_chunk_bounds_cover_the_vector_with_sizes_differing_by_at_most_one(n, pa
 
 
 def test_create_reducer_names_the_choices_and_checks_options():
-    assert list(REDUCERS) == ["backend", "ring", "tree", "rabenseifner", "segmented-ring"]
+    assert list(REDUCERS) == ["backend", "ring", "tree", "rabenseifner", "segmented-ring", "shm"]
     for name in REDUCERS:
         reducer = create_reducer(name, timeout_s=5)
         assert reducer.name == name and reducer.bytes_sent == 0 and reducer.timeout_s == 5
     assert create_reducer("segmented-ring", segment_bytes=4096).segment_bytes == 4096
-    with pytest.raises(ConfigError, match="choose one of: backend, ring, tree, rabenseifner, segmented-ring"):
+    with pytest.raises(
+        ConfigError, match="choose one of: backend, ring, tree, rabenseifner, segmented-ring, shm"
+    ):
         create_reducer("butterfly")
     with pytest.raises(
         ConfigError, match="does not take segment_bytes; its options are: timeout_s, tag, duplex, batched"

@@ -56,11 +56,14 @@ __all__ = [
     "project",
 ]
 
-ALGORITHMS = ("backend", "ring", "tree", "rabenseifner", "segmented-ring")
+ALGORITHMS = ("backend", "ring", "tree", "rabenseifner", "segmented-ring", "shm")
 """The algorithms the model knows (the names of :data:`distlearn.comm.reducers.REDUCERS`)."""
 
 DEFAULT_SEGMENT_BYTES = 4 << 20
 """The segmented ring's segment size (as :class:`distlearn.comm.reducers.SegmentedRingReducer`)."""
+
+SHM_PIECE_BYTES = 2 << 20
+"""The shm reducer's piece size (as :class:`distlearn.comm.reducers.ShmReducer`)."""
 
 DEFAULT_TREE_SEGMENT_BYTES = 4 << 20
 """The tree's segment size (as :class:`distlearn.comm.reducers.TreeReducer`); None: unsegmented."""
@@ -144,6 +147,9 @@ def coefficients(
         if active != p:  # fold-in and fold-out steps
             a, b, c = a + 2.0, b + 2.0 * n, c + n
         return a, b, c
+    if algorithm == "shm":  # three flag hand-offs per piece of 2 MiB per chunk; peers read 2(p-1)/p n
+        pieces = max(1, math.ceil(n / (p * SHM_PIECE_BYTES)))
+        return 3.0 * pieces, 2.0 * (p - 1) / p * n, (p - 1) / p * n
     if segment_bytes <= 0:
         raise ConfigError(f"segment_bytes must be positive, got {segment_bytes}")
     segments = max(1, math.ceil(n / (p * segment_bytes)))
