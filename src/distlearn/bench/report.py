@@ -15,8 +15,9 @@ example per worker at the fixed global batch).
   all ranks, ``2 (R0 - 1) n`` at the measured ``R0`` (every algorithm of the model sends that many in all);
   the shared-memory reducers (``--reducer shm``, ``hierarchical``, ``auto`` on the CPU of one host; DDP's
   ``--comm-hook`` with them; the measured run's ``R0`` ranks share one host) project as the hierarchical
-  allreduce on hosts of ``L = gcd(R0, R)`` ranks: shm within each host on the memory model (:func:`distlearn.comm.cost_model.memory`, one core's copy rate) and a ring of
-  ``n / L`` bytes across the ``R / L`` hosts on the network;
+  allreduce on hosts of ``L = gcd(R0, R)`` ranks: shm within each host on the memory model
+  (:func:`distlearn.comm.cost_model.memory`, one core's copy rate) and a ring of ``n / L`` bytes across the
+  ``R / L`` hosts on the network;
 * sync with a codec that all-gathers (sign bits, ternary, quantised, sparse index + value payloads): ring
   all-gather of each rank's ``b`` bytes, ``T = N/B * (M t_c + (R - 1) (alpha + b beta))``, measured
   ``R0 (R0 - 1) b``: what a rank receives grows with ``R``;
