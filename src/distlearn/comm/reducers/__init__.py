@@ -105,6 +105,7 @@ from distlearn.comm.reducers.base import (
     chunk_bounds,
 )
 from distlearn.comm.reducers.ring import RingReducer, SegmentedRingReducer
+from distlearn.comm.reducers.shm import ShmReducer
 from distlearn.comm.reducers.tree import RabenseifnerReducer, TreeReducer
 from distlearn.errors import ConfigError
 
@@ -120,6 +121,7 @@ __all__ = [
     "RingReducer",
     "Rounds",
     "SegmentedRingReducer",
+    "ShmReducer",
     "TreeReducer",
     "chunk_bounds",
     "create_reducer",
@@ -138,6 +140,7 @@ REDUCERS: dict[str, type[Reducer]] = {
     "tree": TreeReducer,
     "rabenseifner": RabenseifnerReducer,
     "segmented-ring": SegmentedRingReducer,
+    "shm": ShmReducer,
 }
 """Every allreduce algorithm by name, for ``--reducer`` and :func:`create_reducer`."""
 
