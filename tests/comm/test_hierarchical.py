@@ -2,7 +2,8 @@
 
 Two "nodes" are two torchrun agents on this machine with distinct node ranks (as
 tests/launch/test_multinode.py): they share /dev/shm, but the shm reducer's segments are named per job,
-rank and process, so the two hosts' segments do not collide. Every case is checked bitwise against gloo's ``dist.all_reduce`` and the exact sum.
+rank and process, so the two hosts' segments do not collide. Every case is checked bitwise against gloo's
+``dist.all_reduce`` and the exact sum.
 """
 
 from __future__ import annotations
