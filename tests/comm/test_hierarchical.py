@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from distlearn.comm.reducers import create_reducer
 from distlearn.comm.reducers.hierarchical import host_layout
@@ -112,3 +113,22 @@ def test_hierarchical_options_are_checked():
         create_reducer("hierarchical", inner="shm")
     with pytest.raises(ConfigError, match="does not take segment_bytes"):
         create_reducer("hierarchical", segment_bytes=4096)
+
+
+def test_auto_picks_shm_on_the_cpu_of_a_one_host_job_else_the_backend(monkeypatch):
+    from distlearn.comm.reducers.auto import resolve_reducer
+    from distlearn.parallel.sync import SyncOptions
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resolve_reducer("auto", torch.device("cpu")) == "shm"
+    assert resolve_reducer("auto", "cuda:0") == "backend"  # NCCL's own allreduce on GPUs
+    assert resolve_reducer("ring", "cuda:0") == "ring"  # a concrete name is kept
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two nodes of 2
+    assert resolve_reducer("auto", "cpu") == "backend"
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # no torchrun: nothing says where the ranks are
+    assert resolve_reducer("auto", "cpu") == "backend"
+    SyncOptions(reducer="auto").validate()
+    SyncOptions(reducer="auto", compression="fp16").validate()  # auto leaves the codec its exchange
+    with pytest.raises(ConfigError, match="cannot be combined with --compression"):
+        SyncOptions(reducer="shm", compression="fp16").validate()

@@ -22,6 +22,11 @@ can be sent while earlier layers are still being differentiated: *overlap*.
 With ``overlap=False`` nothing happens during backward; :meth:`finish` packs and reduces the buckets
 one after the other.
 
+Zero copy: with a reducer that has ``shared_buffer(numel, dtype)`` (the shm reducer,
+:mod:`distlearn.comm.reducers.shm`) the buckets of a CPU model are allocated in shared memory that every rank
+of the host has mapped, so the allreduce reads the peers' gradients where they lie instead of copying them
+into a staging segment first.
+
 fp16 loss scaling with a codec: :attr:`GradientBucketer.scaling` (a :class:`distlearn.amp.LossScaleGuard`,
 set by the sync strategy) unscales each bucket just before it is sent, and :meth:`finish` lets it agree with
 the other ranks on a skipped step before the averaged gradients, multiplied back by the scale, are written.
@@ -134,7 +139,7 @@ class GradientBucketer:
                 offsets.append(total)
                 total += p.numel()
                 self._where[id(p)] = (index, position)
-            buffer = torch.zeros(total, dtype=group[0].dtype, device=group[0].device)
+            buffer = self._new_buffer(total, group[0].dtype, group[0].device)
             self.buckets.append(Bucket(index, group, offsets, buffer))
         self._next_launch = 0
         self._handles = []
@@ -145,6 +150,15 @@ class GradientBucketer:
         if self.overlap:
             for p in trainable:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_gradient))
+
+    def _new_buffer(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A zeroed bucket buffer: in the reducer's shared memory where it offers one (the shm reducer's
+        ``shared_buffer``: its allreduce then reads the peers' buckets in place, one copy fewer), else an
+        ordinary tensor. ``shared_buffer`` is collective: every rank builds the same buckets in one order."""
+        shared = getattr(self.reducer, "shared_buffer", None)
+        if shared is not None and device.type == "cpu" and self.world_size > 1 and dist.is_initialized():
+            return shared(numel, dtype)
+        return torch.zeros(numel, dtype=dtype, device=device)
 
     # -- during backward ----------------------------------------------------------------------------------
 
