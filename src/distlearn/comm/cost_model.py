@@ -32,7 +32,10 @@ With ``p`` processes (``lg`` = log2):
 * hierarchical (``L`` ranks on each of ``H = p / L`` hosts, NCCL's scheme): the shm reduce-scatter and
   all-gather within each host (the shm formula at ``p = L``, on the memory network) plus ``inner`` (ring by
   default) across the ``H`` hosts on ``n / L`` bytes, on the network: :func:`coefficients` gives the network
-  part, :func:`project` adds the memory part. ``L = 1`` is ``inner`` alone, ``H = 1`` is shm alone.
+  part, :func:`project` adds the memory part. ``L = 1`` is ``inner`` alone, ``H = 1`` is shm alone. As for
+  the flat algorithms every rank is assumed to have its own link (GPU servers with one NIC per GPU); where
+  the ``L`` ranks of a host share one NIC, their ``L`` cross-host allreduces share it too: pass a link of
+  ``1 / L`` the speed.
 
 :func:`fit` estimates ``alpha`` and ``beta`` by linear least squares (numpy) from measured
 ``(algorithm, p, bytes, seconds)`` points, with ``gamma`` given (measure it by timing ``a.add_(b)``), and by
