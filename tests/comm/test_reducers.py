@@ -236,7 +236,9 @@ def test_create_reducer_names_the_choices_and_checks_options():
         reducer = create_reducer(name, timeout_s=5)
         assert reducer.name == name and reducer.bytes_sent == 0 and reducer.timeout_s == 5
     assert create_reducer("segmented-ring", segment_bytes=4096).segment_bytes == 4096
-    with pytest.raises(ConfigError, match="choose one of: backend, ring, tree, rabenseifner, segmented-ring"):
+    with pytest.raises(
+        ConfigError, match="choose one of: backend, ring, tree, rabenseifner, segmented-ring, shm"
+    ):
         create_reducer("butterfly")
     with pytest.raises(
         ConfigError, match="does not take segment_bytes; its options are: timeout_s, tag, duplex, batched"

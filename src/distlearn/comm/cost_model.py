@@ -23,12 +23,15 @@ With ``p`` processes (``lg`` = log2):
 * backend (gloo's allreduce on CPU is a ring): the ring's formula.
 * shm (shared memory, every rank on one host; our model): no network, memory bandwidth bound, evaluated on
   a *memory* :class:`Network` (:func:`memory`: ``beta`` = 1 / the single-core memory-copy rate, ``alpha`` =
-  one shared-memory flag synchronisation). Counting each byte read and written as half a copied byte, one
-  rank copies its ``n`` bytes into the shared segment (``n``; none with ``zero_copy``, when the bucket
-  already lies in shared memory), sums its shard from the ``p`` ranks' copies (``p n/p`` read + ``n/p``
-  written = ``(p+1)/(2p) n``) and copies the other ``p - 1`` reduced shards back (``(p-1)/p n``), each of the
-  ``s = ceil(n / piece)`` pieces waiting on two flags: ``2 s alpha + (n + (p+1)/(2p) n + (p-1)/p n) beta``,
-  i.e. ``2.25 n beta`` at ``p = 2`` (``1.25 n beta`` zero-copy). The sum is in the ``beta`` term (``c = 0``).
+  one shared-memory flag synchronisation). Counting each byte read and written as half a copied byte, as
+  :class:`distlearn.comm.reducers.ShmReducer` runs it: a rank copies the other ranks' chunks of its input
+  into its staging slot (``(p-1)/p n``), sums its own chunk from its input and the ``p - 1`` slots and writes
+  the sum to its slot and its tensor (``(p+2)/(2p) n``) and copies the other ``p - 1`` reduced chunks back
+  (``(p-1)/p n``); each of the ``s = ceil(n / (p piece))`` pieces per chunk waits on three flags:
+  ``3 s alpha + (2(p-1)/p + (p+2)/(2p)) n beta``, ``2 n beta`` at ``p = 2``. With ``zero_copy`` (the bucket
+  lies in a ``shared_buffer``) the copy-in goes and the sum reads the peers' buffers in place and writes
+  once: ``((p+1)/(2p) + (p-1)/p) n beta``, ``1.25 n beta`` at ``p = 2``. The sum is in the ``beta`` term
+  (``c = 0``).
 * hierarchical (``L`` ranks on each of ``H = p / L`` hosts, NCCL's scheme): the shm reduce-scatter and
   all-gather within each host (the shm formula at ``p = L``, on the memory network) plus ``inner`` (ring by
   default) across the ``H`` hosts on ``n / L`` bytes, on the network: :func:`coefficients` gives the network
@@ -79,11 +82,13 @@ ALGORITHMS = ("backend", "ring", "tree", "rabenseifner", "segmented-ring", "shm"
 DEFAULT_SEGMENT_BYTES = 4 << 20
 """The segmented ring's segment size (as :class:`distlearn.comm.reducers.SegmentedRingReducer`)."""
 
+SHM_PIECE_BYTES = 256 << 10
+"""The shm reducer's piece size per chunk (as :class:`distlearn.comm.reducers.ShmReducer`; three flag waits
+each)."""
+
 DEFAULT_TREE_SEGMENT_BYTES = 4 << 20
 """The tree's segment size (as :class:`distlearn.comm.reducers.TreeReducer`); None: unsegmented."""
 
-DEFAULT_SHM_PIECE_BYTES = 1 << 20
-"""The bytes of one synchronised piece of the shm reducer's pipeline (two flag waits each)."""
 
 MEMORY_COPY_GBPS = 15.3
 """A single-core memory copy of 64 MB on the development machine, GB/s (issue 23's measurement)."""
@@ -157,9 +162,12 @@ def _shm_coefficients(p: int, n: float, zero_copy: bool, piece_bytes: int) -> tu
         raise ConfigError(f"shm_piece_bytes must be positive, got {piece_bytes}")
     if p == 1 or n == 0:
         return 0.0, 0.0, 0.0
-    pieces = max(1, math.ceil(n / piece_bytes))
-    traffic = (0.0 if zero_copy else n) + (p + 1) / (2 * p) * n + (p - 1) / p * n
-    return 2.0 * pieces, traffic, 0.0
+    pieces = max(1, math.ceil(n / (p * piece_bytes)))  # pieces per chunk
+    if zero_copy:  # the sum reads the p chunks in place and writes one; the other chunks copied back
+        traffic = (p + 1) / (2 * p) * n + (p - 1) / p * n
+    else:  # the other chunks copied in; the sum writes its slot and the tensor; the other chunks copied back
+        traffic = (p - 1) / p * n + (p + 2) / (2 * p) * n + (p - 1) / p * n
+    return 3.0 * pieces, traffic, 0.0
 
 
 def _hosts(p: int, local_size: int) -> int:
@@ -181,7 +189,7 @@ def coefficients(
     local_size: int = 1,
     inner: str = "ring",
     zero_copy: bool = False,
-    shm_piece_bytes: int = DEFAULT_SHM_PIECE_BYTES,
+    shm_piece_bytes: int = SHM_PIECE_BYTES,
 ) -> tuple[float, float, float]:
     """``(a, b, c)`` with ``time = a alpha + b beta + c gamma`` for ``algorithm`` on ``p`` processes.
 
@@ -244,7 +252,7 @@ def project(
     local_size: int = 1,
     inner: str = "ring",
     zero_copy: bool = False,
-    shm_piece_bytes: int = DEFAULT_SHM_PIECE_BYTES,
+    shm_piece_bytes: int = SHM_PIECE_BYTES,
 ) -> float:
     """Predicted seconds of one allreduce of ``nbytes`` bytes on ``p`` processes over ``network``.
 

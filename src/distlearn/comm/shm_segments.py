@@ -6,8 +6,8 @@ rank that creates it and by every peer that attaches it. Its name says whose it 
 
     distlearn-shm-<job>-r<rank>-<role>-p<pid>-<token>
 
-``job`` is a hash of the job (torchrun's ``TORCHELASTIC_RUN_ID``, else ``MASTER_ADDR:MASTER_PORT``), ``pid``
-the creating process. The name lives only while the group is being set up: once every peer has mapped the
+``job`` is a hash of torchrun's ``TORCHELASTIC_RUN_ID``, ``MASTER_ADDR`` and ``MASTER_PORT``, ``pid`` the
+creating process. The name lives only while the group is being set up: once every peer has mapped the
 segment (a barrier), the creator removes the name, and the memory is freed by the kernel when the last
 process that maps it exits, however it exits. A process killed in the short window between creation and
 the barrier leaves its file behind; every setup first removes the ``distlearn-shm-*`` files of this user
@@ -48,10 +48,8 @@ def directory() -> Path:
 
 
 def job_id() -> str:
-    """A short hash naming this job, the same on every rank: torchrun's run id, else the rendezvous address."""
-    key = os.environ.get("TORCHELASTIC_RUN_ID") or (
-        f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
-    )
+    """A short hash naming this job, the same on every rank: torchrun's run id and the rendezvous address."""
+    key = ":".join(os.environ.get(name, "") for name in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"))
     return hashlib.sha1(key.encode()).hexdigest()[:8]
 
 
@@ -73,7 +71,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_stale(where: Path | None = None) -> list[str]:
-    """Remove this user's ``distlearn-shm-*`` files in ``where`` whose creating process is gone; their names."""
+    """Remove this user's ``distlearn-shm-*`` files in ``where`` whose creating process is gone."""
     where = where or directory()
     removed = []
     try:
@@ -132,7 +130,7 @@ class Segment:
 
     @classmethod
     def create(cls, path: str, nbytes: int) -> Segment:
-        """Create ``path`` with ``nbytes`` zero bytes and map it (OSError if the directory is missing/full)."""
+        """Create ``path`` with ``nbytes`` zero bytes and map it (OSError: no room or no directory)."""
         size = max(nbytes, 8)
         with _created_lock:
             _created.add(path)

@@ -47,77 +47,17 @@ length; over the ranks that is the ``2 (R-1) n`` of any bandwidth-optimal allred
 from __future__ import annotations
 
 import contextlib
-import os
-import platform
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from distlearn.comm.reducers.base import (
-    DEFAULT_TAG,
-    DEFAULT_TIMEOUT_S,
-    Reducer,
-    _backend_message,
-    _check_tensor,
-    chunk_bounds,
-)
-from distlearn.comm.shm_segments import Segment, directory, job_id, pid_alive, remove_stale
+from distlearn.comm.reducers.base import DEFAULT_TAG, DEFAULT_TIMEOUT_S, Reducer, _check_tensor, chunk_bounds
+from distlearn.comm.reducers.shm_group import ARRIVED, DONE, REDUCED, SLOTS, ShmGroup
 from distlearn.errors import CommError, ConfigError
 
 __all__ = ["ShmReducer"]
-
-SLOTS = 3
-ARRIVED, REDUCED, DONE, PIDS = range(4)
-CALL_FIELDS = 5  # first sequence number, shared buffer index (-1: none), byte offset, numel, dtype code
-ROWS = 4 + CALL_FIELDS * SLOTS
-"""Control segment: ``ROWS`` rows of R int64 words, word ``row * R + rank`` written only by ``rank``; a call
-is described in the rows of the slot of its first sequence number (so a description is not overwritten
-before every peer has compared it, see :meth:`ShmReducer._begin`)."""
-
-_DTYPES = [
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.int32,
-    torch.int64,
-    torch.int16,
-    torch.int8,
-    torch.uint8,
-]
-_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
-
-
-def _dtype_code(dtype: torch.dtype) -> int:
-    return _DTYPES.index(dtype) if dtype in _DTYPES else 100
-
-
-class _Group:
-    """This rank's mapped segments and counters for one process group."""
-
-    def __init__(self, rank: int, size: int) -> None:
-        self.rank = rank
-        self.size = size
-        self.peers = [q for q in range(size) if q != rank]
-        self.order = self.peers  # summation order after the rank's own input: the others in rank order
-        self.control: Segment | None = None
-        self.words: Any = None
-        self.data: list[Segment] = []
-        self.typed: dict[torch.dtype, list[torch.Tensor]] = {}
-        self.pids: list[int] = []
-        self.seq = 0
-        self.broken: str | None = None
-        self.buffers: list[list[Segment]] = []
-        self.buffer_of: dict[int, int] = {}  # data_ptr of this rank's buffer -> its index
-
-    def slots(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        views = self.typed.get(dtype)
-        if views is None:
-            views = self.typed[dtype] = [segment.data.view(dtype) for segment in self.data]
-        return views
 
 
 class ShmReducer(Reducer):
@@ -151,7 +91,7 @@ class ShmReducer(Reducer):
                 f"shm: piece_bytes must be an integer between 64 and 2**30 (e.g. 262144), got {piece_bytes!r}"
             )
         self.piece_bytes = piece_bytes // 8 * 8
-        self._groups: dict[Any, _Group] = {}
+        self._groups: dict[Any, ShmGroup] = {}
 
     def __repr__(self) -> str:
         return f"ShmReducer(piece_bytes={self.piece_bytes}, timeout_s={self.timeout_s:g})"
@@ -168,27 +108,7 @@ class ShmReducer(Reducer):
         """
         if not isinstance(numel, int) or numel < 0:
             raise ConfigError(f"shm: shared_buffer needs a non-negative number of elements, got {numel!r}")
-        state = self._state(group, None)
-        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-        index = len(state.buffers)
-        mine = Segment.create(Segment.new_name(job_id(), state.rank, f"b{index}"), nbytes)
-        try:
-            infos = self._exchange(state, group, (mine.path, numel, str(dtype)), "shared_buffer")
-            wanted = {(numel, str(dtype))}
-            if {(info[1], info[2]) for info in infos} != wanted:
-                asked = ", ".join(f"rank {q}: {info[1]} x {info[2]}" for q, info in enumerate(infos))
-                raise ConfigError(f"shm: shared_buffer called with different sizes or dtypes ({asked})")
-            segments = [
-                mine if q == state.rank else self._attach(state, q, infos[q][0], nbytes)
-                for q in range(state.size)
-            ]
-            self._exchange(state, group, True, "shared_buffer")
-        finally:
-            mine.unlink()
-        state.buffers.append(segments)
-        tensor = mine.data[:nbytes].view(dtype)
-        state.buffer_of[mine.data.data_ptr()] = index
-        return tensor
+        return self._state(group, None).new_buffer(group, numel, dtype)
 
     def reduce_scatter_(
         self, flat: torch.Tensor, group: Any = None, *, timeout_s: float | None = None
@@ -239,7 +159,8 @@ class ShmReducer(Reducer):
             )
         if tensor.device.type != "cpu":
             raise ConfigError(
-                f"{self.name} {op}: the shared-memory reducer works on CPU tensors, got one on {tensor.device}; "
+                f"{self.name} {op}: the shared-memory reducer works on CPU tensors, got one on "
+                f"{tensor.device}; "
                 "use --reducer backend (NCCL) for GPU tensors"
             )
         timeout = self.timeout_s if timeout_s is None else float(timeout_s)
@@ -276,7 +197,7 @@ class ShmReducer(Reducer):
         return bounds[state.rank]
 
     def _staged(
-        self, state: _Group, flat: torch.Tensor, bounds: list[tuple[int, int]], timeout: float, op: str
+        self, state: ShmGroup, flat: torch.Tensor, bounds: list[tuple[int, int]], timeout: float, op: str
     ) -> None:
         size, rank, words = state.size, state.rank, state.words
         p = max(1, self.piece_bytes // flat.element_size())
@@ -300,7 +221,7 @@ class ShmReducer(Reducer):
 
         def finish(k: int) -> None:  # step 3 of piece k
             seq = first + k
-            self._wait(state, REDUCED, seq, "publish its reduced chunk", op, timeout)
+            state.wait(REDUCED, seq, "publish its reduced chunk", op, timeout)
             for c, (a, b) in enumerate(ranges(k)):
                 if c != rank and b > a:
                     flat[a:b].copy_(block(c, seq, c, b - a))
@@ -310,9 +231,9 @@ class ShmReducer(Reducer):
             seq = first + k
             piece = ranges(k)
             if k == 0:
-                self._begin(state, first, -1, 0, flat, op, timeout)
+                state.begin(first, -1, 0, flat, op, timeout)
             else:
-                self._wait(state, DONE, seq - SLOTS, "free its staging slot", op, timeout)
+                state.wait(DONE, seq - SLOTS, "free its staging slot", op, timeout)
             a, b = piece[rank]
             if reduce:
                 for c, (x, y) in enumerate(piece):
@@ -327,31 +248,31 @@ class ShmReducer(Reducer):
             if gather and k > 0:
                 finish(k - 1)
             if reduce:
-                self._wait(state, ARRIVED, seq, "copy in its data", op, timeout)
+                state.wait(ARRIVED, seq, "copy in its data", op, timeout)
                 if k == 0:
-                    self._check_calls(state, first, op)
+                    state.check_calls(first, op)
                 if b > a:
                     mine = flat[a:b]
                     if gather:
                         out = block(rank, seq, rank, b - a)
-                        torch.add(mine, block(state.order[0], seq, rank, b - a), out=out)
-                        for q in state.order[1:]:
+                        torch.add(mine, block(state.peers[0], seq, rank, b - a), out=out)
+                        for q in state.peers[1:]:
                             out.add_(block(q, seq, rank, b - a))
                         mine.copy_(out)
                     else:
-                        for q in state.order:
+                        for q in state.peers:
                             mine.add_(block(q, seq, rank, b - a))
                 words[REDUCED * size + rank] = seq
                 if not gather:
                     words[DONE * size + rank] = seq
             elif k == 0:
-                self._wait(state, ARRIVED, first, "publish its shard", op, timeout)
-                self._check_calls(state, first, op)
+                state.wait(ARRIVED, first, "publish its shard", op, timeout)
+                state.check_calls(first, op)
         if gather:
             finish(pieces - 1)
 
     def _in_place(
-        self, state: _Group, flat: torch.Tensor, index: int, bounds: list[tuple[int, int]], timeout: float
+        self, state: ShmGroup, flat: torch.Tensor, index: int, bounds: list[tuple[int, int]], timeout: float
     ) -> None:
         """Allreduce of a tensor in this rank's shared buffer ``index``: peers read it where it lies."""
         size, rank, words = state.size, state.rank, state.words
@@ -365,13 +286,13 @@ class ShmReducer(Reducer):
         pieces = max(1, -(-(bounds[0][1] - bounds[0][0]) // p))
         first = state.seq + 1
         last = state.seq = state.seq + pieces
-        self._begin(state, first, index, offset, flat, "allreduce", timeout)
+        state.begin(first, index, offset, flat, "allreduce", timeout)
         words[ARRIVED * size + rank] = last
-        self._wait(state, ARRIVED, last, "have its buffer ready", "allreduce", timeout)
-        self._check_calls(state, first, "allreduce")
+        state.wait(ARRIVED, last, "have its buffer ready", "allreduce", timeout)
+        state.check_calls(first, "allreduce")
 
         def finish(k: int) -> None:
-            self._wait(state, REDUCED, first + k, "publish its reduced chunk", "allreduce", timeout)
+            state.wait(REDUCED, first + k, "publish its reduced chunk", "allreduce", timeout)
             for c, (lo, hi) in enumerate(bounds):
                 a = min(lo + k * p, hi)
                 b = min(a + p, hi)
@@ -383,169 +304,20 @@ class ShmReducer(Reducer):
             b = min(a + p, stop)
             if b > a:
                 mine = flat[a:b]
-                for q in state.order:
+                for q in state.peers:
                     mine.add_(views[q][a:b])
             words[REDUCED * size + rank] = first + k
             if k > 0:
                 finish(k - 1)
         finish(pieces - 1)
         words[DONE * size + rank] = last
-        self._wait(state, DONE, last, "finish reading this rank's buffer", "allreduce", timeout)
+        state.wait(DONE, last, "finish reading this rank's buffer", "allreduce", timeout)
 
-    # ---- flags ----------------------------------------------------------------------------------------
+    # ---- setup --------------------------------------------------------------------------------------
 
-    def _begin(
-        self, state: _Group, first: int, index: int, offset: int, flat: torch.Tensor, op: str, timeout: float
-    ) -> None:
-        """Describe this call (first sequence number ``first``) in the control rows of its slot, after every
-        peer is DONE with ``first - SLOTS``: the last call described there, which it has compared by then."""
-        self._wait(state, DONE, first - SLOTS, "free its staging slot", op, timeout)
-        words, size, rank = state.words, state.size, state.rank
-        base = (4 + CALL_FIELDS * (first % SLOTS)) * size + rank
-        words[base + size] = index
-        words[base + 2 * size] = offset
-        words[base + 3 * size] = flat.numel()
-        words[base + 4 * size] = _dtype_code(flat.dtype)
-        words[base] = first
-
-    def _check_calls(self, state: _Group, first: int, op: str) -> None:
-        """Once every peer has ARRIVED at ``first``: its description of the call must equal this rank's."""
-        words, size, rank = state.words, state.size, state.rank
-        base = (4 + CALL_FIELDS * (first % SLOTS)) * size
-        mine = [words[base + field * size + rank] for field in range(CALL_FIELDS)]
-        for q in state.peers:
-            theirs = [words[base + field * size + q] for field in range(CALL_FIELDS)]
-            if theirs != mine:
-
-                def say(d: list[int]) -> str:
-                    where = "a private tensor" if d[1] < 0 else f"shared buffer {d[1]} at byte {d[2]}"
-                    dtype = _DTYPES[d[4]] if d[4] < len(_DTYPES) else "another dtype"
-                    return f"{d[3]} elements of {dtype} in {where} (call {d[0]})"
-
-                raise CommError(
-                    f"{self.name} {op}: rank {rank} and rank {q} made different calls (rank {rank}: "
-                    f"{say(mine)}; rank {q}: {say(theirs)}); every rank must make the same calls in the same "
-                    "order, on tensors of the same length and dtype"
-                )
-
-    def _wait(self, state: _Group, row: int, seq: int, what: str, op: str, timeout: float) -> None:
-        """Return once every peer's flag ``row`` is >= ``seq`` (see the module docstring)."""
-        words, base = state.words, row * state.size
-        for q in state.peers:
-            if words[base + q] < seq:
-                break
-        else:
-            return
-        spins = 0
-        started = time.monotonic()
-        checked = started
-        while True:
-            lagging = [q for q in state.peers if words[base + q] < seq]
-            if not lagging:
-                return
-            spins += 1
-            if spins < 300:
-                continue
-            if spins < 3000:
-                os.sched_yield()
-            else:
-                time.sleep(min(1e-3, 2e-6 * (spins - 3000) + 2e-5))
-            now = time.monotonic()
-            if now - checked > 0.02:
-                checked = now
-                dead = [q for q in lagging if not pid_alive(state.pids[q])]
-                if dead:
-                    names = ", ".join(f"rank {q} (pid {state.pids[q]})" for q in dead)
-                    raise CommError(
-                        f"{self.name} {op}: rank {state.rank} waited for {names} to {what}, but it has "
-                        "exited; a peer may have died (its own output says why)"
-                    )
-                if now - started > timeout:
-                    names = ", ".join(f"rank {q}" for q in lagging)
-                    raise CommError(
-                        f"{self.name} {op}: rank {state.rank} timed out after {timeout:g} s waiting for "
-                        f"{names} to {what}; a peer may have died or stopped calling {op} (every rank "
-                        "must make the same calls in the same order)"
-                    )
-
-    # ---- setup ----------------------------------------------------------------------------------------
-
-    def _state(self, group: Any, timeout_s: float | None) -> _Group:
+    def _state(self, group: Any, timeout_s: float | None) -> ShmGroup:
         key = dist.group.WORLD if group is None else group
         state = self._groups.get(key)
         if state is None:
-            state = self._setup(group)
-            self._groups[key] = state
+            state = self._groups[key] = ShmGroup.open(group, self.piece_bytes, self.name)
         return state
-
-    def _setup(self, group: Any) -> _Group:
-        if platform.machine().lower() not in _X86:
-            raise ConfigError(
-                f"shm: the shared-memory reducer relies on x86-64 store ordering and this machine is "
-                f"{platform.machine()}; use --reducer ring (or backend)"
-            )
-        state = _Group(dist.get_rank(group), dist.get_world_size(group))
-        if state.size == 1:
-            return state
-        remove_stale()
-        job, rank = job_id(), state.rank
-        created: list[Segment] = []
-        try:
-            data = Segment.create(Segment.new_name(job, rank, "data"), SLOTS * state.size * self.piece_bytes)
-            created.append(data)
-            if rank == 0:
-                created.append(Segment.create(Segment.new_name(job, rank, "control"), 8 * ROWS * state.size))
-        except OSError as error:
-            for segment in created:
-                segment.unlink()
-            raise ConfigError(
-                f"shm: rank {rank} could not create a shared segment in {directory()} ({error}); the shm "
-                "reducer needs a writable /dev/shm with room (docker: --shm-size), or use --reducer ring"
-            ) from error
-        try:
-            mine = (data.path, created[1].path if rank == 0 else None, os.getpid(), platform.node())
-            infos = self._exchange(state, group, mine, "setup")
-            missing = ""
-            try:
-                state.data = [
-                    data if q == rank else self._attach(state, q, infos[q][0], data.nbytes)
-                    for q in range(state.size)
-                ]
-                state.control = (
-                    created[1] if rank == 0 else self._attach(state, 0, infos[0][1], 8 * ROWS * state.size)
-                )
-            except ConfigError as error:
-                missing = str(error)
-            problems = self._exchange(state, group, missing, "setup")
-        finally:
-            for segment in created:
-                segment.unlink()
-        for problem in problems:
-            if problem:
-                raise ConfigError(problem)
-        assert state.control is not None
-        state.words = state.control.words
-        state.pids = [info[2] for info in infos]
-        state.words[PIDS * state.size + rank] = os.getpid()
-        return state
-
-    def _attach(self, state: _Group, q: int, path: str, nbytes: int) -> Segment:
-        try:
-            return Segment.attach(path, nbytes)
-        except OSError as error:
-            raise ConfigError(
-                f"shm: rank {state.rank} cannot see rank {q}'s shared segment {path} ({error}): the shm "
-                "reducer needs every rank of the group on one host, sharing one /dev/shm; across hosts use "
-                "--reducer hierarchical"
-            ) from error
-
-    def _exchange(self, state: _Group, group: Any, value: Any, what: str) -> list[Any]:
-        out: list[Any] = [None] * state.size
-        try:
-            dist.all_gather_object(out, value, group=group)
-        except Exception as error:
-            raise CommError(
-                f"{self.name} allreduce: rank {state.rank} could not exchange the shared segments' names "
-                f"({what}: {type(error).__name__}: {_backend_message(error)}); a peer may have died"
-            ) from error
-        return out
