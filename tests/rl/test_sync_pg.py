@@ -47,7 +47,8 @@ def _weights(path: Path) -> torch.Tensor:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
-    ("algo", "reducer"), [("ppo", "ring"), ("a2c", "tree"), ("ppo", "auto")]  # auto: shm (one host, CPU)
+    ("algo", "reducer"),
+    [("ppo", "ring"), ("a2c", "tree"), ("ppo", "auto")],  # auto: shm (one host, CPU)
 )
 def test_two_replicas_equal_one_process_with_twice_the_environments(tmp_path, algo, reducer):
     replicas = 2
