@@ -6,6 +6,10 @@ Every rank runs the hierarchical reducer (each inner algorithm) on many lengths 
 inputs (exact in every dtype whatever the summation order) and compares with ``dist.all_reduce`` bitwise;
 then asynchronous calls, a non-contiguous tensor, and one call of 1000 float32 elements whose ``bytes_sent``
 and ``inter_host_bytes`` it records. Each rank writes ``OUT/rank{r}.json`` (failures recorded, not raised).
+
+    ... hierarchical_worker.py OUT die TIMEOUT
+
+After one good allreduce the last rank leaves without a word; the others record the error of the next one.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -25,6 +30,27 @@ from distlearn.launch import init_distributed, shutdown
 def make_input(rank: int, case: int, n: int, dtype: torch.dtype) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1000 * case + rank)
     return torch.randint(-8, 9, (n,), generator=generator).to(dtype)
+
+
+def die(out: str, timeout_s: float) -> None:
+    context = init_distributed(timeout_s=60)
+    rank, world = context.rank, context.world_size
+    reducer = create_reducer("hierarchical", timeout_s=timeout_s)
+    reducer.allreduce_(torch.ones(1000))  # a job that worked until now
+    dist.barrier()
+    if rank == world - 1:
+        os._exit(0)  # gone without a word
+    start = time.monotonic()
+    result: dict = {"rank": rank}
+    try:
+        reducer.allreduce_(torch.ones(100_000))
+        result["error"] = None
+    except Exception as error:  # noqa: BLE001 -- recorded: the test requires CommError
+        result.update(error=str(error), type=type(error).__name__)
+    result["seconds"] = time.monotonic() - start
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    os._exit(0)  # the group is broken: no collective goodbye
 
 
 def main(out: str) -> None:
@@ -88,4 +114,7 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[2:3] == ["die"]:
+        die(sys.argv[1], float(sys.argv[3]))
+    else:
+        main(sys.argv[1])

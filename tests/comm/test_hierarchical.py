@@ -25,7 +25,7 @@ from distlearn.launch import free_port
 WORKER = Path(__file__).with_name("hierarchical_worker.py")
 
 
-def _run(tmp_path: Path, nodes: int, per_node: int) -> list[dict]:
+def _launch(tmp_path: Path, nodes: int, per_node: int, *args: str) -> list[int]:
     port = free_port()
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     agents = [
@@ -50,6 +50,7 @@ def _run(tmp_path: Path, nodes: int, per_node: int) -> list[dict]:
                 "0",
                 str(WORKER),
                 str(tmp_path),
+                *args,
             ],
             env=env,
             start_new_session=True,
@@ -57,13 +58,16 @@ def _run(tmp_path: Path, nodes: int, per_node: int) -> list[dict]:
         for node in range(nodes)
     ]
     try:
-        codes = [agent.wait(timeout=240) for agent in agents]
+        return [agent.wait(timeout=240) for agent in agents]
     finally:
         for agent in agents:
             if agent.poll() is None:
                 os.killpg(agent.pid, 9)
                 agent.wait()
-    assert codes == [0] * nodes
+
+
+def _run(tmp_path: Path, nodes: int, per_node: int) -> list[dict]:
+    assert _launch(tmp_path, nodes, per_node) == [0] * nodes
     results = sorted(
         (json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")), key=lambda r: r["rank"]
     )
@@ -91,6 +95,27 @@ def test_hierarchical_matches_gloo_allreduce(tmp_path, nodes, per_node):
         assert result["inter_host_bytes"] == expected_inter
     if nodes == 1:
         assert all(r["inter_host_bytes"] == 0 for r in results)
+
+
+@pytest.mark.timeout(200)
+def test_a_rank_that_dies_gives_every_other_rank_a_comm_error_within_the_deadline(tmp_path):
+    timeout_s = 10
+    _launch(tmp_path, 2, 2, "die", str(timeout_s))
+    results = sorted(
+        (json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")), key=lambda r: r["rank"]
+    )
+    assert [r["rank"] for r in results] == [0, 1, 2]  # rank 3 left
+    for result in results:
+        assert result["type"] == "CommError", result
+        assert result["error"].startswith(f"hierarchical allreduce: rank {result['rank']} "), result
+        assert result["seconds"] < 2 * timeout_s + 5, result
+    # rank 2 shares a host with rank 3: the shared-memory step sees the dead process at once and names it
+    # (rank 1 of the host's group, which is rank 3 of the job)
+    error = results[2]["error"]
+    assert error.startswith(
+        "hierarchical allreduce: rank 2 in the intra-host reduce-scatter (its ranks 0, 1 are "
+    )
+    assert "ranks 2, 3 here)" in error and "rank 1 (pid" in error and results[2]["seconds"] < 5, error
 
 
 def test_host_layout_groups_ranks_by_node_and_refuses_unequal_hosts():

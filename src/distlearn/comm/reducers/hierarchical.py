@@ -259,12 +259,18 @@ class HierarchicalReducer(Reducer):
                 lambda: self.inner._prepare(tensor, topology.cross, timeout_s),
             )
 
-    def _step(self, what: str, topology: Topology, action: Any) -> Any:
+    def _step(self, what: str, topology: Topology, action: Any, members: tuple[int, ...] = ()) -> Any:
+        """Run one step; a CommError from it is prefixed with this rank and ``what``, and, where the step ran
+        on a subgroup of ``members`` (ranks of the caller's group), with how the step's ranks map to them."""
         try:
             return action()
         except CommError as error:
             rank = topology.hosts[topology.host][topology.local]
-            raise CommError(f"hierarchical allreduce: rank {rank} {what}: {error}") from error
+            where = ""
+            if members:
+                numbers = ", ".join(str(i) for i in range(len(members)))
+                where = f" (its ranks {numbers} are ranks {', '.join(map(str, members))} here)"
+            raise CommError(f"hierarchical allreduce: rank {rank} {what}{where}: {error}") from error
 
     def _run(self, tensor: torch.Tensor, group: Any, timeout_s: float | None) -> torch.Tensor:
         if timeout_s is not None and not timeout_s > 0:
@@ -296,21 +302,26 @@ class HierarchicalReducer(Reducer):
                     lambda: self.inner.allreduce_(flat, topology.cross, timeout_s=timeout),
                 )
             else:
+                host = topology.hosts[topology.host]
+                across = tuple(ranks[topology.local] for ranks in topology.hosts)
                 start, stop = self._step(
                     "in the intra-host reduce-scatter",
                     topology,
                     lambda: self.shm.reduce_scatter_(flat, topology.intra, timeout_s=timeout),
+                    host,
                 )
                 shard = flat[start:stop]
                 self._step(
                     f"in the cross-host {self.inner_name} allreduce of shard {topology.local}",
                     topology,
                     lambda: self.inner.allreduce_(shard, topology.cross, timeout_s=timeout),
+                    across,
                 )
                 self._step(
                     "in the intra-host all-gather",
                     topology,
                     lambda: self.shm.all_gather_(flat, topology.intra, timeout_s=timeout),
+                    host,
                 )
         finally:
             inter = self.inner.bytes_sent - inner_before
