@@ -67,8 +67,8 @@ def test_at_many_workers_the_latency_bound_algorithms_project_faster_than_the_ri
 
 def test_the_shared_memory_reducers_project_as_hierarchical_on_hosts_of_the_measured_size():
     # measured at R0 = 2 on one host: at R = 8, 4 hosts of 2 ranks; shm on the memory model within each host
-    # (2 n at 15.3 GB/s, 3 flag waits per 256 KiB piece of a chunk), a ring of n / 2 bytes across the 4 hosts
-    memory_part = 3 * math.ceil(GRADIENT / 2 / 2**18) * 2e-6 + 2.0 * GRADIENT / 15.3e9
+    # (2 n at 15.3 GB/s, 3 flag waits per 2 MiB piece of a chunk), a ring of n / 2 bytes across the 4 hosts
+    memory_part = 3 * math.ceil(GRADIENT / 2 / 2**21) * 2e-6 + 2.0 * GRADIENT / 15.3e9
     network_part = 2 * 3 * ALPHA + 2 * 3 / 4 * (GRADIENT / 2) * BETA_10
     expected = N / B * (B / 8 * T_C + memory_part + network_part)
     for name in ("shm", "hierarchical"):

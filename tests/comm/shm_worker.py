@@ -54,6 +54,7 @@ def same_on_every_rank(tensor: torch.Tensor) -> bool:
 def check(rank: int, world: int, failures: list[str], results: dict) -> None:
     reducer = create_reducer("shm", timeout_s=60)
     small = ShmReducer(piece_bytes=64, timeout_s=60)  # many pieces: pipelining and slot reuse
+    medium = ShmReducer(piece_bytes=4096, timeout_s=60)
     sizes = sorted({0, 1, 2, 3, max(world - 1, 0), world + 1, 4095, 4096, 65537, 10**6 + 3})
     case = 0
     for n in sizes:
@@ -62,7 +63,7 @@ def check(rank: int, world: int, failures: list[str], results: dict) -> None:
             mine = make_input(rank, case, n, dtype)
             reference = mine.clone()
             dist.all_reduce(reference)
-            for which in [reducer, small] if n <= 65537 else [reducer]:
+            for which in [reducer, small] if n <= 4096 else [reducer, medium] if n <= 65537 else [reducer]:
                 got = which.allreduce_(mine.clone())
                 if got.dtype != dtype or not torch.equal(got, reference):
                     failures.append(f"{which!r} n={n} {dtype}: differs from dist.all_reduce")
@@ -81,7 +82,7 @@ def check(rank: int, world: int, failures: list[str], results: dict) -> None:
             got = reducer.allreduce_(mine.clone())
             if not same_on_every_rank(got):
                 failures.append(f"random {dtype} n={n}: ranks hold different bits")
-            if not torch.equal(got, small.allreduce_(mine.clone())):
+            if not torch.equal(got, (small if n < 5000 else medium).allreduce_(mine.clone())):
                 failures.append(f"random {dtype} n={n}: piece size changed the bits")
             exact = sum(make_input(r, 5000 + n, n, torch.float64, integer=False) for r in range(world))
             tol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype, 2e-2)
@@ -125,7 +126,7 @@ def check(rank: int, world: int, failures: list[str], results: dict) -> None:
             case += 1
             mine = make_input(rank, case, n, dtype)
             exact = sum(make_input(r, case, n, torch.float64) for r in range(world))
-            for which in (reducer, small):
+            for which in (reducer, small if n < 5000 else medium):
                 flat = mine.clone()
                 start, stop = which.reduce_scatter_(flat)
                 if (start, stop) != chunk_bounds(n, world)[rank] or not torch.equal(
@@ -139,7 +140,7 @@ def check(rank: int, world: int, failures: list[str], results: dict) -> None:
                     failures.append(f"{which!r} all_gather_ n={n} {dtype}: not every shard arrived")
 
     # the zero-copy path: a shared buffer, a view of it, mixed with staged calls
-    for which in (reducer, small):
+    for which in (reducer, medium):
         before = which.bytes_sent
         buffer = which.shared_buffer(50_001, torch.float32)
         other = which.shared_buffer(3, torch.int64)

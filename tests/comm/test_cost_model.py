@@ -142,9 +142,9 @@ MEM = Network("memory by hand", alpha=1e-6, beta=1e-10)  # 10 GB/s copies, 1 us 
 
 
 def test_shm_is_memory_bound_worked_by_hand():
-    # p = 2, n = 4e5 bytes: chunks of 2e5 in one 256 KiB piece; copy the other chunk in (n/2), sum (read 2
-    # chunks, write slot and tensor: 4 x n/2 read+written = n copied), copy the other sum back (n/2):
-    # 2 n beta + 3 flag waits
+    # p = 2, n = 4e5 bytes: chunks of 2e5, one piece each (2 MiB by default); copy the other chunk in
+    # (n/2), sum (read 2 chunks, write slot and tensor: 4 x n/2 read+written = n copied), copy the other sum
+    # back (n/2): 2 n beta + 3 flag waits
     n = 4e5
     expected = 3 * 1e-6 + 2.0 * n * 1e-10
     assert project("shm", 2, n, NET, memory_network=MEM) == pytest.approx(expected, rel=1e-12)
@@ -152,7 +152,8 @@ def test_shm_is_memory_bound_worked_by_hand():
     assert coefficients("shm", 2, n, zero_copy=True) == (3.0, 1.25 * n, 0.0)
     # p = 4, 3 MiB: chunks of 768 KiB in 3 pieces of 256 KiB, 9 flag waits; 3/4 + 6/8 + 3/4 = 2.25 n
     n = 3 * 2**20
-    assert coefficients("shm", 4, n) == pytest.approx((9.0, 2.25 * n, 0.0), rel=1e-12)
+    assert coefficients("shm", 4, n, shm_piece_bytes=2**18) == pytest.approx((9.0, 2.25 * n, 0.0), rel=1e-12)
+    assert coefficients("shm", 4, n)[0] == 3.0  # one 2 MiB piece per chunk
     # the network does not enter: the ranks share memory
     slow = Network("slow", alpha=1.0, beta=1.0)
     assert project("shm", 4, n, slow, memory_network=MEM) == project("shm", 4, n, NET, memory_network=MEM)
@@ -173,9 +174,9 @@ def test_memory_network_from_a_copy_rate():
 
 def test_hierarchical_is_shm_within_hosts_plus_inner_across_worked_by_hand():
     n = 8e6
-    # p = 8 as 4 hosts x 2 ranks: shm at p = 2 on n (2 n beta_mem + 3 alpha_mem per 256 KiB piece of a chunk)
+    # p = 8 as 4 hosts x 2 ranks: shm at p = 2 on n (2 n beta_mem + 3 alpha_mem per 2 MiB piece of a chunk)
     # plus a ring on 4 hosts of n / 2: 2*3 alpha + 2*3/4 * n/2 beta + 3/4 * n/2 gamma
-    pieces = math.ceil(n / 2 / 2**18)
+    pieces = math.ceil(n / 2 / 2**21)
     memory_part = 3 * pieces * 1e-6 + 2.0 * n * 1e-10
     network_part = 6 * 1e-5 + 1.5 * (n / 2) * 1e-9 + 0.75 * (n / 2) * 1e-10
     got = project("hierarchical", 8, n, NET, memory_network=MEM, local_size=2)

@@ -81,7 +81,7 @@ def test_shm_matches_gloo_allreduce(tmp_path, world):
     results = _results(tmp_path, world)
     for result in results:
         assert result is not None and result["failures"] == [], "\n".join(result["failures"])
-        assert result["cases"] >= 60
+        assert result["cases"] >= 48  # sizes x dtypes (fewer distinct sizes for R = 1)
     for n in (1000, 5, 1):  # peers read (n - n_r) + (R - 1) n_r of this rank's elements; 2 n in all
         sent = [result["bytes"][str(n)] for result in results]
         chunks = [stop - start for start, stop in chunk_bounds(n, world)]

@@ -139,8 +139,7 @@ class GradientBucketer:
                 offsets.append(total)
                 total += p.numel()
                 self._where[id(p)] = (index, position)
-            buffer = self._new_buffer(total, group[0].dtype, group[0].device)
-            self.buckets.append(Bucket(index, group, offsets, buffer))
+            self.buckets.append(Bucket(index, group, offsets, self._new_buffer(total, group[0])))
         self._next_launch = 0
         self._handles = []
         self._paused = False
@@ -151,14 +150,13 @@ class GradientBucketer:
             for p in trainable:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_gradient))
 
-    def _new_buffer(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A zeroed bucket buffer: in the reducer's shared memory where it offers one (the shm reducer's
-        ``shared_buffer``: its allreduce then reads the peers' buckets in place, one copy fewer), else an
-        ordinary tensor. ``shared_buffer`` is collective: every rank builds the same buckets in one order."""
+    def _new_buffer(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """A zeroed bucket buffer; from the reducer's ``shared_buffer`` when it has one (the shm reducer:
+        peers then read the bucket where it lies, no copy-in) and the bucket is on the CPU of a job."""
         shared = getattr(self.reducer, "shared_buffer", None)
-        if shared is not None and device.type == "cpu" and self.world_size > 1 and dist.is_initialized():
-            return shared(numel, dtype)
-        return torch.zeros(numel, dtype=dtype, device=device)
+        if shared is not None and like.device.type == "cpu" and dist.is_initialized():
+            return shared(numel, like.dtype)
+        return torch.zeros(numel, dtype=like.dtype, device=like.device)
 
     # -- during backward ----------------------------------------------------------------------------------
 

@@ -82,7 +82,7 @@ ALGORITHMS = ("backend", "ring", "tree", "rabenseifner", "segmented-ring", "shm"
 DEFAULT_SEGMENT_BYTES = 4 << 20
 """The segmented ring's segment size (as :class:`distlearn.comm.reducers.SegmentedRingReducer`)."""
 
-SHM_PIECE_BYTES = 256 << 10
+SHM_PIECE_BYTES = 2 << 20
 """The shm reducer's piece size per chunk (as :class:`distlearn.comm.reducers.ShmReducer`; three flag waits
 each)."""
 

@@ -1,47 +1,56 @@
 """The shared-memory allreduce for ranks on one host (``shm``): reduce-scatter and all-gather through
 segments every rank maps, synchronised by flags in shared memory.
 
-Setup, once per reducer and group (the only c10d traffic): every rank creates a data segment (``slots``
-staging slots of ``R`` blocks of ``piece_bytes``), the group's rank 0 also a control segment (int64 flags),
-the names are exchanged with ``all_gather_object``, every rank maps its peers' segments, and after a second
-``all_gather_object`` (a barrier) each creator removes its names (:mod:`distlearn.comm.shm_segments`: a rank
-killed later leaves nothing behind; stale files of dead pids are removed at the next setup). A peer segment
-that is not visible here means the ranks do not share a host (or a ``/dev/shm``): :class:`ConfigError`.
+Setup, once per reducer and group (the only c10d traffic; :mod:`distlearn.comm.reducers.shm_group`):
+every rank creates a staging segment (3 slots of R blocks of ``piece_bytes``), the group's rank 0 also a
+control segment (int64 flags), the names are exchanged with ``all_gather_object``, every rank maps its peers'
+segments, and after a second exchange (a barrier) each creator removes its names
+(:mod:`distlearn.comm.shm_segments`: a rank killed later leaves nothing behind; files of dead pids are
+removed at the next setup). A peer's segment that is not visible means the ranks do not share a host (or a
+``/dev/shm``): :class:`ConfigError`, naming ``--reducer hierarchical``.
 
 One allreduce of ``n`` elements on ``R`` ranks: chunk ``c`` is ``chunk_bounds(n, R)[c]``, owned by rank
-``c``; chunks are processed in *pieces* of ``piece_bytes`` (per chunk), so the staging memory is bounded
-and a piece stays in cache between its copies. For piece ``k`` (sequence number ``s``, slot ``s mod
-slots``), rank ``r``:
+``c``, processed in *pieces* of ``piece_bytes`` (default 2 MiB per chunk), so the staging memory is bounded
+and a piece is still in cache for its next copy. For piece ``k`` (sequence number ``s``, slot ``s mod 3``),
+rank ``r``:
 
-1. waits until every peer is DONE with sequence ``s - slots`` (its slot is free again), copies piece ``k``
-   of every chunk but its own into its slot, sets ARRIVED = ``s``;
-2. waits for every peer's ARRIVED >= ``s``, sums piece ``k`` of its own chunk as ``x_r + x_q`` for the
-   other ranks q in rank order (its own input, then the peers' slots; the same order in every call, so the
-   same bits every time, and only the owner sums, so every rank gets the owner's bits), writes the sum to
-   its slot and to its tensor, sets REDUCED = ``s``;
-3. waits for every peer's REDUCED >= ``s``, copies the other chunks' sums from the owners' slots into its
+1. waits until every peer is DONE with ``s - 3`` (its slot is free again), copies piece ``k`` of every chunk
+   but its own into its slot, sets ARRIVED = ``s``;
+2. waits for every peer's ARRIVED >= ``s``, sums piece ``k`` of chunk ``r`` as ``x_0 + x_1 + ... +
+   x_{R-1}`` (rank order, its own input in place of ``x_r``) into its slot and its tensor, sets REDUCED;
+3. waits for every peer's REDUCED >= ``s``, copies the other chunks' sums from their owners' slots into its
    tensor, sets DONE = ``s``. Step 3 of piece ``k - 1`` runs between steps 1 and 2 of piece ``k``.
 
+Every path sums in rank order and only one rank sums each element, so every rank gets the same bits, and
+the same bits whatever the path or the piece size. Tensors up to 32 KiB take a one-hand-off path instead:
+each rank copies all of its tensor into its slot, sets ARRIVED, and once all have arrived sums all R copies
+itself (one wait instead of two; R n read instead of 2 (R-1)/R n, which is nothing at that size).
+
 Memory traffic per rank (bytes read + written, in units of n): copy-in 2 (R-1)/R, the sum (R + 2)/R, the
-copy back 2 (R-1)/R: for R = 2 about 3 n, 1.5 times a memcpy's 2 n. A tensor returned by
-:meth:`ShmReducer.shared_buffer` (or a contiguous view of one) already lies in memory the peers have mapped:
-its allreduce reads the peers' data in place (no copy-in), sums into the owner's own chunk and copies the
-other chunks back: (R + 1)/R + 2 (R-1)/R, 2.5 n for R = 2 (1.25 memcpy), then a barrier (every peer done
-reading) before it returns. Every rank must use the same buffer (same offset and length) in the same call.
+copy back 2 (R-1)/R: about 3 n for R = 2, 1.5 memory copies (a copy moves 2 n). A tensor returned by
+:meth:`ShmReducer.shared_buffer` (or a contiguous view of one, the same on every rank) already lies in
+memory the peers have mapped: its allreduce reads the peers' data in place (no copy-in), sums into its own
+chunk and copies the other chunks back: (R + 1)/R + 2 (R-1)/R, 2.5 n for R = 2 (1.25 copies), then waits
+until every peer is done reading its buffer before it returns. The gradient bucketer
+(:mod:`distlearn.comm.bucketing`) takes its bucket buffers from ``shared_buffer`` when the reducer has one.
+Each call's length, dtype and buffer are compared across ranks at its first hand-off: a mismatch is a
+:class:`CommError` naming both calls.
 
 Memory order: data is written by torch, then the flag by a Python store; a peer that sees the flag must see
 the data. That holds on x86-64 (TSO: stores become visible in program order, and torch's worker threads end
 with a barrier); other architectures would need fences, so the reducer refuses to run there (ConfigError).
 
-Waiting: a spin on the flags (about 0.1 us a read), then ``os.sched_yield``, then sleeps growing to 1 ms,
-so that more ranks than cores still progress; on the slow path the deadline (``timeout_s``, per reducer or
-per call) is checked, and the lagging ranks' pids (in the control segment): a dead peer is named within
-about 20 ms, a live one that does not arrive after ``timeout_s``, in a :class:`CommError`. After an error the
-reducer's state for the group is broken; later calls on it raise at once.
+Waiting: about 400 reads of the flag (0.1 us each), a few ``os.sched_yield``, then a sleep in the kernel on
+the flag's word (``FUTEX_WAIT``, at most 2 ms; a rank that sets a flag while a peer sleeps wakes it with
+``FUTEX_WAKE``), so that ranks on a busy or oversubscribed machine give their core away. Every 20 ms the
+deadline (``timeout_s``, per reducer or per call) and the lagging ranks' pids are checked: a dead peer is
+named within about 20 ms, a live one that does not arrive after ``timeout_s``, in a :class:`CommError`.
+After an error the reducer's state for the group is broken; later calls on it raise at once.
 
-``bytes_sent`` counts the bytes of this rank's data that its peers read: its contribution to each other
-chunk ((n - n_r) elements) plus its reduced chunk once per peer ((R - 1) n_r), where ``n_r`` is its chunk's
-length; over the ranks that is the ``2 (R-1) n`` of any bandwidth-optimal allreduce, as the ring counts.
+``bytes_sent`` counts the bytes of this rank's data that the bandwidth-optimal exchange makes its peers
+read: its part of every other chunk ((n - n_r) elements) plus its summed chunk once per peer
+((R - 1) n_r), ``n_r`` its chunk's length; over the ranks that is the ``2 (R-1) n`` of the ring. The
+one-hand-off path is counted the same (so the count does not depend on the size threshold).
 """
 
 from __future__ import annotations
@@ -59,6 +68,9 @@ from distlearn.errors import CommError, ConfigError
 
 __all__ = ["ShmReducer"]
 
+ONE_SHOT_BYTES = 32 << 10
+"""Tensors up to this size (and one slot) take the one-hand-off path: each rank sums every rank's copy."""
+
 
 class ShmReducer(Reducer):
     """Allreduce through shared memory among ranks of one host (see the module docstring).
@@ -75,7 +87,7 @@ class ShmReducer(Reducer):
     def __init__(
         self,
         *,
-        piece_bytes: int = 256 << 10,
+        piece_bytes: int = 2 << 20,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         tag: int = DEFAULT_TAG,
         duplex: bool = True,
@@ -91,6 +103,7 @@ class ShmReducer(Reducer):
                 f"shm: piece_bytes must be an integer between 64 and 2**30 (e.g. 262144), got {piece_bytes!r}"
             )
         self.piece_bytes = piece_bytes // 8 * 8
+        self.one_shot_bytes = ONE_SHOT_BYTES
         self._groups: dict[Any, ShmGroup] = {}
 
     def __repr__(self) -> str:
@@ -199,10 +212,13 @@ class ShmReducer(Reducer):
     def _staged(
         self, state: ShmGroup, flat: torch.Tensor, bounds: list[tuple[int, int]], timeout: float, op: str
     ) -> None:
-        size, rank, words = state.size, state.rank, state.words
+        size, rank = state.size, state.rank
         p = max(1, self.piece_bytes // flat.element_size())
         pieces = -(-(bounds[0][1] - bounds[0][0]) // p)
         slots = state.slots(flat.dtype)
+        if op == "allreduce" and flat.numel() * flat.element_size() <= min(self.one_shot_bytes, size * p):
+            self._one_shot(state, flat, slots, size * p, timeout)
+            return
         first = state.seq + 1
         state.seq += pieces
         gather = op != "reduce-scatter"
@@ -225,7 +241,7 @@ class ShmReducer(Reducer):
             for c, (a, b) in enumerate(ranges(k)):
                 if c != rank and b > a:
                     flat[a:b].copy_(block(c, seq, c, b - a))
-            words[DONE * size + rank] = seq
+            state.set(DONE, seq)
 
         for k in range(pieces):
             seq = first + k
@@ -239,12 +255,12 @@ class ShmReducer(Reducer):
                 for c, (x, y) in enumerate(piece):
                     if c != rank and y > x:
                         block(rank, seq, c, y - x).copy_(flat[x:y])
-                words[ARRIVED * size + rank] = seq
+                state.set(ARRIVED, seq)
             else:  # all-gather only: publish the own shard
                 if b > a:
                     block(rank, seq, rank, b - a).copy_(flat[a:b])
-                words[ARRIVED * size + rank] = seq
-                words[REDUCED * size + rank] = seq
+                state.set(ARRIVED, seq)
+                state.set(REDUCED, seq)
             if gather and k > 0:
                 finish(k - 1)
             if reduce:
@@ -253,29 +269,40 @@ class ShmReducer(Reducer):
                     state.check_calls(first, op)
                 if b > a:
                     mine = flat[a:b]
-                    if gather:
-                        out = block(rank, seq, rank, b - a)
-                        torch.add(mine, block(state.peers[0], seq, rank, b - a), out=out)
-                        for q in state.peers[1:]:
-                            out.add_(block(q, seq, rank, b - a))
-                        mine.copy_(out)
-                    else:
-                        for q in state.peers:
-                            mine.add_(block(q, seq, rank, b - a))
-                words[REDUCED * size + rank] = seq
+                    out = block(rank, seq, rank, b - a)
+                    _sum([mine if q == rank else block(q, seq, rank, b - a) for q in range(size)], out)
+                    mine.copy_(out)
+                state.set(REDUCED, seq)
                 if not gather:
-                    words[DONE * size + rank] = seq
+                    state.set(DONE, seq)
             elif k == 0:
                 state.wait(ARRIVED, first, "publish its shard", op, timeout)
                 state.check_calls(first, op)
         if gather:
             finish(pieces - 1)
 
+    def _one_shot(
+        self, state: ShmGroup, flat: torch.Tensor, slots: list[torch.Tensor], slot: int, timeout: float
+    ) -> None:
+        """A small allreduce in one hand-off: every rank copies all of its tensor into its slot and sums
+        every rank's slot itself, in rank order (the order of the other paths, so the same bits)."""
+        seq = state.seq = state.seq + 1
+        state.begin(seq, -1, 0, flat, "allreduce", timeout)
+        start = (seq % SLOTS) * slot
+        sources = [view[start : start + flat.numel()] for view in slots]
+        sources[state.rank].copy_(flat)
+        state.set(ARRIVED, seq)
+        state.wait(ARRIVED, seq, "copy in its data", "allreduce", timeout)
+        state.check_calls(seq, "allreduce")
+        _sum(sources, flat)
+        state.words[REDUCED * state.size + state.rank] = seq
+        state.set(DONE, seq)
+
     def _in_place(
         self, state: ShmGroup, flat: torch.Tensor, index: int, bounds: list[tuple[int, int]], timeout: float
     ) -> None:
         """Allreduce of a tensor in this rank's shared buffer ``index``: peers read it where it lies."""
-        size, rank, words = state.size, state.rank, state.words
+        rank = state.rank
         offset = flat.storage_offset() * flat.element_size()
         nbytes = flat.numel() * flat.element_size()
         views = [
@@ -287,7 +314,7 @@ class ShmReducer(Reducer):
         first = state.seq + 1
         last = state.seq = state.seq + pieces
         state.begin(first, index, offset, flat, "allreduce", timeout)
-        words[ARRIVED * size + rank] = last
+        state.set(ARRIVED, last)
         state.wait(ARRIVED, last, "have its buffer ready", "allreduce", timeout)
         state.check_calls(first, "allreduce")
 
@@ -304,13 +331,17 @@ class ShmReducer(Reducer):
             b = min(a + p, stop)
             if b > a:
                 mine = flat[a:b]
-                for q in state.peers:
-                    mine.add_(views[q][a:b])
-            words[REDUCED * size + rank] = first + k
+                if rank < 2:  # the sum may overwrite x_0 or x_1 once both are read
+                    _sum([view[a:b] for view in views], mine)
+                else:
+                    out = self._buffer(flat.dtype, b - a, flat.device)
+                    _sum([view[a:b] for view in views], out)
+                    mine.copy_(out)
+            state.set(REDUCED, first + k)
             if k > 0:
                 finish(k - 1)
         finish(pieces - 1)
-        words[DONE * size + rank] = last
+        state.set(DONE, last)
         state.wait(DONE, last, "finish reading this rank's buffer", "allreduce", timeout)
 
     # ---- setup --------------------------------------------------------------------------------------
@@ -321,3 +352,10 @@ class ShmReducer(Reducer):
         if state is None:
             state = self._groups[key] = ShmGroup.open(group, self.piece_bytes, self.name)
         return state
+
+
+def _sum(sources: list[torch.Tensor], out: torch.Tensor) -> None:
+    """``out = sources[0] + sources[1] + ...``, always in rank order (``out`` may alias sources 0 or 1)."""
+    torch.add(sources[0], sources[1], out=out)
+    for source in sources[2:]:
+        out.add_(source)

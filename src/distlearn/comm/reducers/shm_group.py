@@ -8,8 +8,10 @@ control segment's int64 words: ``ROWS`` rows of R words, word ``row * R + rank``
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
+import sys
 import time
 from typing import Any
 
@@ -25,19 +27,47 @@ __all__ = ["ARRIVED", "DONE", "REDUCED", "SLOTS", "ShmGroup"]
 SLOTS = 3
 """Staging slots per rank: a rank may run up to ``SLOTS - 1`` pieces ahead of its slowest peer."""
 
-ARRIVED, REDUCED, DONE, PIDS = range(4)
+ARRIVED, REDUCED, DONE, PIDS, SLEEPING = range(5)
+HEAD = 5
 CALL_FIELDS = 5  # first sequence number, shared buffer index (-1: none), byte offset, numel, dtype code
-ROWS = 4 + CALL_FIELDS * SLOTS
+ROWS = HEAD + CALL_FIELDS * SLOTS
 """A call is described in the rows of the slot of its first sequence number, so a description is not
 overwritten before every peer has compared it (see :meth:`ShmGroup.begin`)."""
 
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64]
 _DTYPES += [torch.int16, torch.int8, torch.uint8]
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
-SPINS = 300
+SPINS = 400
 """Flag reads before a waiting rank starts to yield its core (a read is about 0.1 us)."""
-YIELDS = 3000
-"""Then ``os.sched_yield`` until this many reads, then sleeps growing to 1 ms."""
+YIELDS = 10
+"""Then this many ``os.sched_yield``, then it sleeps in the kernel (a futex on the flag, 2 ms at most)."""
+SLEEP_S = 2e-3
+
+
+class _Futex:
+    """FUTEX_WAIT / FUTEX_WAKE (Linux x86-64) on a word of a shared mapping; None where unavailable."""
+
+    def __init__(self) -> None:
+        self.syscall = ctypes.CDLL(None, use_errno=True).syscall
+        self.syscall.restype = ctypes.c_long
+        self.timeout = ctypes.c_long * 2
+
+    def wait(self, address: int, expected: int, seconds: float) -> None:
+        timeout = self.timeout(int(seconds), int((seconds % 1) * 1e9))
+        # FUTEX_WAIT (0): sleep while the low 32 bits at ``address`` equal ``expected``
+        self.syscall(
+            _SYS_FUTEX, ctypes.c_void_p(address), 0, ctypes.c_uint32(expected), ctypes.byref(timeout), None, 0
+        )
+
+    def wake(self, address: int) -> None:
+        self.syscall(_SYS_FUTEX, ctypes.c_void_p(address), 1, 0x7FFFFFFF, None, None, 0)  # FUTEX_WAKE (1)
+
+
+_SYS_FUTEX = 202
+try:
+    _FUTEX: _Futex | None = _Futex() if sys.platform == "linux" and platform.machine() == "x86_64" else None
+except (OSError, AttributeError):
+    _FUTEX = None
 
 
 def _dtype_code(dtype: torch.dtype) -> int:
@@ -58,6 +88,7 @@ class ShmGroup:
         self.peers = [q for q in range(size) if q != rank]
         self.control: Segment | None = None
         self.words: Any = None
+        self.address = 0  # of the control segment in this process
         self.data: list[Segment] = []
         self.typed: dict[torch.dtype, list[torch.Tensor]] = {}
         self.pids: list[int] = []
@@ -121,6 +152,7 @@ class ShmGroup:
             raise ConfigError(problem or problems[0])
         assert state.control is not None
         state.words = state.control.words
+        state.address = ctypes.addressof(ctypes.c_char.from_buffer(state.control.memory))
         state.pids = [info[2] for info in infos]
         state.words[PIDS * state.size + rank] = os.getpid()
         return state
@@ -182,14 +214,22 @@ class ShmGroup:
     # ---- flags ----------------------------------------------------------------------------------------
 
     def set(self, row: int, seq: int) -> None:
-        self.words[row * self.size + self.rank] = seq
+        """Publish this rank's flag ``row`` = ``seq``, and wake the peers sleeping in the kernel, if any."""
+        index = row * self.size + self.rank
+        self.words[index] = seq
+        if _FUTEX is not None:
+            words, base = self.words, SLEEPING * self.size
+            for q in self.peers:
+                if words[base + q]:
+                    _FUTEX.wake(self.address + 8 * index)
+                    return
 
     def begin(self, first: int, index: int, offset: int, flat: torch.Tensor, op: str, timeout: float) -> None:
         """Describe this call (first sequence number ``first``) in the control rows of its slot, after every
         peer is DONE with ``first - SLOTS``: the last call described there, which it has compared by then."""
         self.wait(DONE, first - SLOTS, "free its staging slot", op, timeout)
         words, size = self.words, self.size
-        base = (4 + CALL_FIELDS * (first % SLOTS)) * size + self.rank
+        base = (HEAD + CALL_FIELDS * (first % SLOTS)) * size + self.rank
         words[base + size] = index
         words[base + 2 * size] = offset
         words[base + 3 * size] = flat.numel()
@@ -199,7 +239,7 @@ class ShmGroup:
     def check_calls(self, first: int, op: str) -> None:
         """Once every peer has ARRIVED at ``first``: its description of the call must equal this rank's."""
         words, size, rank = self.words, self.size, self.rank
-        base = (4 + CALL_FIELDS * (first % SLOTS)) * size
+        base = (HEAD + CALL_FIELDS * (first % SLOTS)) * size
         mine = [words[base + field * size + rank] for field in range(CALL_FIELDS)]
         for q in self.peers:
             theirs = [words[base + field * size + q] for field in range(CALL_FIELDS)]
@@ -235,10 +275,17 @@ class ShmGroup:
             spins += 1
             if spins < SPINS:
                 continue
-            if spins < YIELDS:
+            if spins < SPINS + YIELDS:
                 os.sched_yield()
-            else:
-                time.sleep(min(1e-3, 2e-6 * (spins - YIELDS) + 2e-5))
+            elif _FUTEX is None:
+                time.sleep(min(1e-3, 1e-5 * (spins - SPINS - YIELDS) + 2e-5))
+            else:  # sleep until the first lagging peer's flag changes (it wakes us), 2 ms at most
+                index = base + lagging[0]
+                value = words[index]
+                words[SLEEPING * self.size + self.rank] = 1
+                if value < seq:
+                    _FUTEX.wait(self.address + 8 * index, value & 0xFFFFFFFF, SLEEP_S)
+                words[SLEEPING * self.size + self.rank] = 0
             now = time.monotonic()
             if now - checked > 0.02:
                 checked = now
