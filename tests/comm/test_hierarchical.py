@@ -157,3 +157,9 @@ def test_auto_picks_shm_on_the_cpu_of_a_one_host_job_else_the_backend(monkeypatc
     SyncOptions(reducer="auto", compression="fp16").validate()  # auto leaves the codec its exchange
     with pytest.raises(ConfigError, match="cannot be combined with --compression"):
         SyncOptions(reducer="shm", compression="fp16").validate()
+    # the shared-memory reducers are for CPU tensors: --device cuda is refused before any process starts
+    from distlearn.parallel.ddp import DDPOptions
+
+    assert "--reducer shm moves CPU tensors" in SyncOptions(reducer="shm").cuda_refusal()
+    assert "--comm-hook hierarchical moves CPU" in DDPOptions(comm_hook="hierarchical").cuda_refusal()
+    assert SyncOptions(reducer="auto").cuda_refusal() == DDPOptions(comm_hook="ring").cuda_refusal() == ""

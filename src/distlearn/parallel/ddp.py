@@ -47,6 +47,14 @@ class DDPOptions(StrategyOptions):
         if self.comm_hook not in ("none", AUTO):
             create_reducer(self.comm_hook)  # validates the name before any process group exists
 
+    def cuda_refusal(self) -> str:
+        if self.comm_hook in ("shm", "hierarchical"):
+            return (
+                f"--comm-hook {self.comm_hook} moves CPU tensors through shared memory (/dev/shm); on GPUs "
+                "drop --comm-hook (NCCL's allreduce) or use auto, or train with --device cpu"
+            )
+        return ""
+
 
 class TorchDDP(Strategy):
     """``torch.nn.parallel.DistributedDataParallel`` with ``bucket_cap_mb`` (DDP's default 25 MiB)."""

@@ -144,6 +144,14 @@ class SyncOptions(CompressionOptions):
                 "replaces the allreduce algorithm; drop --reducer"
             )
 
+    def cuda_refusal(self) -> str:
+        if self.reducer in ("shm", "hierarchical"):
+            return (
+                f"--reducer {self.reducer} moves CPU tensors through shared memory (/dev/shm); on GPUs use "
+                "--reducer backend (NCCL's allreduce) or auto, or train with --device cpu"
+            )
+        return ""
+
 
 class SyncDataParallel(Strategy):
     """Synchronous data parallelism with a fixed global batch, over ``torch.distributed``.
