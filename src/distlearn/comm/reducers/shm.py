@@ -40,7 +40,7 @@ Memory order: data is written by torch, then the flag by a Python store; a peer 
 the data. That holds on x86-64 (TSO: stores become visible in program order, and torch's worker threads end
 with a barrier); other architectures would need fences, so the reducer refuses to run there (ConfigError).
 
-Waiting: about 400 reads of the flag (0.1 us each), a few ``os.sched_yield``, then a sleep in the kernel on
+Waiting: about 400 reads of the flag (0.1 us each), then a sleep in the kernel on
 the flag's word (``FUTEX_WAIT``, at most 2 ms; a rank that sets a flag while a peer sleeps wakes it with
 ``FUTEX_WAKE``), so that ranks on a busy or oversubscribed machine give their core away. Every 20 ms the
 deadline (``timeout_s``, per reducer or per call) and the lagging ranks' pids are checked: a dead peer is
@@ -186,28 +186,32 @@ class ShmReducer(Reducer):
             )
         work = tensor if tensor.is_contiguous() else tensor.contiguous()
         flat = work.view(-1)
-        bounds = chunk_bounds(n, state.size)
-        if state.size > 1 and n > 0:
+        size, rank = state.size, state.rank
+        if size > 1 and n > 0:
             try:
-                index = state.buffer_of.get(flat.untyped_storage().data_ptr())
+                index = state.buffer_of.get(flat.untyped_storage().data_ptr()) if state.buffer_of else None
                 if index is not None and op == "allreduce":
-                    self._in_place(state, flat, index, bounds, timeout)
+                    self._in_place(state, flat, index, chunk_bounds(n, size), timeout)
+                elif op == "allreduce" and n * flat.element_size() <= min(
+                    self.one_shot_bytes, size * self.piece_bytes
+                ):
+                    self._one_shot(state, flat, timeout)
                 else:
-                    self._staged(state, flat, bounds, timeout, op)
+                    self._staged(state, flat, chunk_bounds(n, size), timeout, op)
             except CommError as error:
                 state.broken = str(error)
                 raise
-            start, stop = bounds[state.rank]
-            mine = stop - start
-            sent = {
-                "allreduce": (n - mine) + (state.size - 1) * mine,
-                "reduce-scatter": n - mine,
-                "all-gather": (state.size - 1) * mine,
-            }[op]
-            self.bytes_sent += sent * flat.element_size()
+            base, extra = divmod(n, size)
+            mine = base + (1 if rank < extra else 0)  # this rank's chunk length (chunk_bounds)
+            if op == "allreduce":
+                self.bytes_sent += ((n - mine) + (size - 1) * mine) * flat.element_size()
+            else:
+                self.bytes_sent += (
+                    n - mine if op == "reduce-scatter" else (size - 1) * mine
+                ) * flat.element_size()
         if work is not tensor:
             tensor.copy_(work)
-        return bounds[state.rank]
+        return chunk_bounds(n, size)[rank] if op == "reduce-scatter" else None
 
     def _staged(
         self, state: ShmGroup, flat: torch.Tensor, bounds: list[tuple[int, int]], timeout: float, op: str
@@ -216,9 +220,6 @@ class ShmReducer(Reducer):
         p = max(1, self.piece_bytes // flat.element_size())
         pieces = -(-(bounds[0][1] - bounds[0][0]) // p)
         slots = state.slots(flat.dtype)
-        if op == "allreduce" and flat.numel() * flat.element_size() <= min(self.one_shot_bytes, size * p):
-            self._one_shot(state, flat, slots, size * p, timeout)
-            return
         first = state.seq + 1
         state.seq += pieces
         gather = op != "reduce-scatter"
@@ -281,15 +282,19 @@ class ShmReducer(Reducer):
         if gather:
             finish(pieces - 1)
 
-    def _one_shot(
-        self, state: ShmGroup, flat: torch.Tensor, slots: list[torch.Tensor], slot: int, timeout: float
-    ) -> None:
+    def _one_shot(self, state: ShmGroup, flat: torch.Tensor, timeout: float) -> None:
         """A small allreduce in one hand-off: every rank copies all of its tensor into its slot and sums
         every rank's slot itself, in rank order (the order of the other paths, so the same bits)."""
         seq = state.seq = state.seq + 1
         state.begin(seq, -1, 0, flat, "allreduce", timeout)
-        start = (seq % SLOTS) * slot
-        sources = [view[start : start + flat.numel()] for view in slots]
+        key = (flat.dtype, flat.numel(), seq % SLOTS)
+        sources = state.views.get(key)
+        if sources is None:
+            if len(state.views) > 64:
+                state.views.clear()
+            start = (seq % SLOTS) * state.size * max(1, self.piece_bytes // flat.element_size())
+            sources = [view[start : start + flat.numel()] for view in state.slots(flat.dtype)]
+            state.views[key] = sources
         sources[state.rank].copy_(flat)
         state.set(ARRIVED, seq)
         state.wait(ARRIVED, seq, "copy in its data", "allreduce", timeout)

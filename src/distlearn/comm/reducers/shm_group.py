@@ -38,9 +38,9 @@ _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.in
 _DTYPES += [torch.int16, torch.int8, torch.uint8]
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 SPINS = 400
-"""Flag reads before a waiting rank starts to yield its core (a read is about 0.1 us)."""
-YIELDS = 10
-"""Then this many ``os.sched_yield``, then it sleeps in the kernel (a futex on the flag, 2 ms at most)."""
+"""Flag reads before a waiting rank gives its core away (a read is about 0.1 us)."""
+YIELDS = 0
+"""Then this many ``os.sched_yield`` (none: on the loaded machine one cost 170 us), then a futex sleep."""
 SLEEP_S = 2e-3
 
 
@@ -91,6 +91,7 @@ class ShmGroup:
         self.address = 0  # of the control segment in this process
         self.data: list[Segment] = []
         self.typed: dict[torch.dtype, list[torch.Tensor]] = {}
+        self.views: dict[tuple[Any, ...], list[torch.Tensor]] = {}  # the small path's slot views, cached
         self.pids: list[int] = []
         self.seq = 0
         self.broken: str | None = None
