@@ -180,6 +180,11 @@ def check(rank: int, world: int, failures: list[str], results: dict) -> None:
         results["mismatch"] = None
     except CommError as error:
         results["mismatch"] = str(error)
+    try:  # shared buffers of different sizes: a ConfigError on every rank
+        create_reducer("shm").shared_buffer(10 + rank)
+        results["buffer_mismatch"] = None
+    except ConfigError as error:
+        results["buffer_mismatch"] = str(error)
     dist.barrier()
     results["files"] = sorted(os.listdir(shm_segments.directory()))
 

@@ -92,6 +92,9 @@ def test_shm_matches_gloo_allreduce(tmp_path, world):
             message = result["mismatch"]
             assert message and message.startswith(f"shm allreduce: rank {result['rank']} and rank "), message
             assert "made different calls" in message and "elements of torch.float32" in message
+            message = result["buffer_mismatch"]
+            assert message and message.startswith("shm: shared_buffer called with different sizes"), message
+            assert "rank 0: 10 x torch.float32, rank 1: 11 x torch.float32" in message
         pids = _pids(tmp_path)
         assert _files_of(pids) == [], "segments left behind by a finished job"
         assert not any(_files_of([pid]) for pid in pids)

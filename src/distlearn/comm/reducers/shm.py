@@ -36,6 +36,8 @@ until every peer is done reading its buffer before it returns. The gradient buck
 Each call's length, dtype and buffer are compared across ranks at its first hand-off: a mismatch is a
 :class:`CommError` naming both calls.
 
+A tensor on another device (a CUDA bucket) is copied to the host, reduced there and copied back.
+
 Memory order: data is written by torch, then the flag by a Python store; a peer that sees the flag must see
 the data. That holds on x86-64 (TSO: stores become visible in program order, and torch's worker threads end
 with a barrier); other architectures would need fences, so the reducer refuses to run there (ConfigError).
@@ -170,12 +172,11 @@ class ShmReducer(Reducer):
                 f"{self.name} {op}: no process group; call distlearn.launch.init_distributed() "
                 "(or torch.distributed.init_process_group) first"
             )
-        if tensor.device.type != "cpu":
-            raise ConfigError(
-                f"{self.name} {op}: the shared-memory reducer works on CPU tensors, got one on "
-                f"{tensor.device}; "
-                "use --reducer backend (NCCL) for GPU tensors"
-            )
+        if tensor.device.type != "cpu":  # e.g. a CUDA bucket: summed through a host copy
+            host = tensor.detach().to("cpu")
+            result = self._collective(host, group, timeout_s, op)
+            tensor.copy_(host)
+            return result
         timeout = self.timeout_s if timeout_s is None else float(timeout_s)
         state = self._state(group, timeout)
         n = tensor.numel()
@@ -190,12 +191,12 @@ class ShmReducer(Reducer):
         if size > 1 and n > 0:
             try:
                 index = state.buffer_of.get(flat.untyped_storage().data_ptr()) if state.buffer_of else None
-                if index is not None and op == "allreduce":
-                    self._in_place(state, flat, index, chunk_bounds(n, size), timeout)
-                elif op == "allreduce" and n * flat.element_size() <= min(
+                if op == "allreduce" and n * flat.element_size() <= min(
                     self.one_shot_bytes, size * self.piece_bytes
-                ):
+                ):  # (a small shared tensor too: one hand-off beats the zero-copy path's three)
                     self._one_shot(state, flat, timeout)
+                elif index is not None and op == "allreduce":
+                    self._in_place(state, flat, index, chunk_bounds(n, size), timeout)
                 else:
                     self._staged(state, flat, chunk_bounds(n, size), timeout, op)
             except CommError as error:

@@ -160,24 +160,43 @@ class ShmGroup:
 
     def new_buffer(self, group: Any, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A zeroed shared tensor of ``numel`` elements mapped by every rank (collective, see
-        :meth:`distlearn.comm.reducers.ShmReducer.shared_buffer`)."""
+        :meth:`distlearn.comm.reducers.ShmReducer.shared_buffer`). A rank's failure (no room, a segment it
+        cannot see, different arguments) is a ConfigError on every rank, not a hang of the others."""
         nbytes = numel * torch.empty(0, dtype=dtype).element_size()
         index = len(self.buffers)
-        mine = Segment.create(Segment.new_name(job_id(), self.rank, f"b{index}"), nbytes)
+        problem, mine = "", None
         try:
-            infos = self.exchange(group, (os.path.basename(mine.path), numel, str(dtype)), "shared_buffer")
-            if {(info[1], info[2]) for info in infos} != {(numel, str(dtype))}:
+            mine = Segment.create(Segment.new_name(job_id(), self.rank, f"b{index}"), nbytes)
+        except OSError as error:
+            problem = (
+                f"{self.name}: rank {self.rank} could not create a shared buffer of {nbytes} bytes in "
+                f"{directory()} ({error}); make room in /dev/shm (docker: --shm-size) or use smaller buckets"
+            )
+        try:
+            name = os.path.basename(mine.path) if mine is not None else ""
+            infos = self.exchange(group, (name, numel, str(dtype), problem), "shared_buffer")
+            problems = [info[3] for info in infos if info[3]]
+            if not problems and {(info[1], info[2]) for info in infos} != {(numel, str(dtype))}:
                 asked = ", ".join(f"rank {q}: {info[1]} x {info[2]}" for q, info in enumerate(infos))
-                raise ConfigError(
+                problems.append(
                     f"{self.name}: shared_buffer called with different sizes or dtypes ({asked}); every rank "
                     "must ask for the same buffers in the same order"
                 )
-            segments = [
-                mine if q == self.rank else self.attach(q, infos[q][0], nbytes) for q in range(self.size)
-            ]
-            self.exchange(group, True, "shared_buffer")
+            if not problems:
+                try:
+                    segments = [
+                        mine if q == self.rank else self.attach(q, infos[q][0], nbytes)
+                        for q in range(self.size)
+                    ]
+                except ConfigError as error:
+                    problem = str(error)
+                problems = [p for p in self.exchange(group, problem, "shared_buffer") if p]
         finally:
-            mine.unlink()
+            if mine is not None:
+                mine.unlink()
+        if problems:
+            raise ConfigError(problem or problems[0])
+        assert mine is not None
         self.buffers.append(segments)
         self.buffer_of[mine.data.data_ptr()] = index
         return mine.data[:nbytes].view(dtype)
