@@ -6,7 +6,8 @@ Claims (issue 5), measured side by side in one torchrun job of R processes on th
    and world size (goal >= 1.0x);
 2. time per step saved by overlap and by bucketing: buckets + overlap vs buckets only vs one message per
    tensor without overlap;
-3. the same for each of our reduction algorithms.
+3. the same for each of our reduction algorithms (``--reducers``, shm included);
+4. DDP with our reducers as its comm hook (``--hooks``, default shm) against DDP's own allreduce.
 
 Each configuration trains ``--steps`` steps from the same weights on the same random batches (throughput
 does not depend on the pixel values; the synthetic batches have the shape of the named model's data).
@@ -33,6 +34,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from distlearn.comm.ddp_hooks import as_ddp_comm_hook
+from distlearn.comm.reducers import create_reducer
 from distlearn.launch import in_torchrun, init_distributed, launch_local, shutdown
 from distlearn.models import create_model
 from distlearn.parallel.sync import SyncDataParallel
@@ -66,8 +69,11 @@ def run_ours(args, batches, reducer: str, bucket_mb: float, overlap: bool) -> tu
     return elapsed, sent
 
 
-def run_ddp(args, batches) -> tuple[float, int]:
+def run_ddp(args, batches, hook: str | None = None) -> tuple[float, int]:
     model = DistributedDataParallel(build(args.model))
+    reducer = create_reducer(hook, timeout_s=120) if hook else None
+    if reducer is not None:  # our reducer inside DDP's buckets and overlap
+        model.register_comm_hook(state=None, hook=as_ddp_comm_hook(reducer))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     dist.barrier()
     start = time.perf_counter()
@@ -76,7 +82,11 @@ def run_ddp(args, batches) -> tuple[float, int]:
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
     dist.barrier()
-    return time.perf_counter() - start, 0
+    elapsed = time.perf_counter() - start
+    if reducer is None:
+        return elapsed, 0
+    reducer.close()
+    return elapsed, reducer.bytes_sent
 
 
 def worker(args) -> None:
@@ -90,6 +100,9 @@ def worker(args) -> None:
         x = torch.randn(local, channels, side, side, generator=generator)
         batches.append((x, torch.randint(0, 10, (local,), generator=generator)))
     configs = {"ddp": lambda: run_ddp(args, batches)}
+    for hook in args.hooks.split(","):
+        if hook:
+            configs[f"ddp + {hook} comm hook"] = lambda h=hook: run_ddp(args, batches, h)
     configs["ours: buckets + overlap"] = lambda: run_ours(args, batches, "backend", 25.0, True)
     configs["ours: buckets, no overlap"] = lambda: run_ours(args, batches, "backend", 25.0, False)
     configs["ours: per tensor, no overlap"] = lambda: run_ours(args, batches, "backend", 0.0, False)
@@ -143,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--reducers", default="ring,rabenseifner,segmented-ring,tree")
+    parser.add_argument("--reducers", default="ring,rabenseifner,segmented-ring,tree,shm")
+    parser.add_argument("--hooks", default="shm", help="our reducers as DDP comm hooks (comma-separated)")
     parser.add_argument("--out", default="benchmarks/results/sync_bench.json")
     args = parser.parse_args(argv)
     if in_torchrun():

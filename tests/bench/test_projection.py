@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,6 +62,22 @@ def test_at_many_workers_the_latency_bound_algorithms_project_faster_than_the_ri
     assert project(ring, SINGLE, 128, 10.0, B) == pytest.approx(expected_ring, rel=1e-9)
     assert project(halving, SINGLE, 128, 10.0, B) == pytest.approx(expected_halving, rel=1e-9)
     assert expected_halving < expected_ring / 2
+
+
+def test_the_shared_memory_reducers_project_as_hierarchical_on_hosts_of_the_measured_size():
+    # measured at R0 = 2 on one host: at R = 8, 4 hosts of 2 ranks; shm on the memory model within each host
+    # (2 n at 15.3 GB/s, 3 flag waits per 2 MiB piece of a chunk), a ring of n / 2 bytes across the 4 hosts
+    memory_part = 3 * math.ceil(GRADIENT / 2 / 2**21) * 2e-6 + 2.0 * GRADIENT / 15.3e9
+    network_part = 2 * 3 * ALPHA + 2 * 3 / 4 * (GRADIENT / 2) * BETA_10
+    expected = N / B * (B / 8 * T_C + memory_part + network_part)
+    for name in ("shm", "hierarchical"):
+        row = run("sync", "--reducer", name, bytes_per_update=2 * GRADIENT)
+        assert project(row, SINGLE, 8, 10.0, B) == pytest.approx(expected, rel=1e-9)
+    # half the ring's bytes cross the network: faster than the flat ring over 8 ranks
+    ring = run("sync", "--reducer", "ring", bytes_per_update=2 * GRADIENT)
+    assert project(
+        run("sync", "--reducer", "shm", bytes_per_update=2 * GRADIENT), SINGLE, 8, 10.0, B
+    ) < project(ring, SINGLE, 8, 10.0, B)
 
 
 def test_an_all_gathering_codec_receives_more_as_workers_grow():

@@ -26,7 +26,7 @@ from distlearn.comm.reducers import REDUCERS, Channel, create_reducer
 from distlearn.errors import CommError
 from distlearn.launch import init_distributed, shutdown
 
-P2P = [name for name, cls in REDUCERS.items() if cls.point_to_point]  # shm has no messages, no rounds
+P2P = [name for name, cls in REDUCERS.items() if cls.point_to_point]  # not backend, shm, hierarchical
 
 
 def make_input(rank: int, case: int, n: int, dtype: torch.dtype, integer: bool) -> torch.Tensor:

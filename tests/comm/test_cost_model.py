@@ -15,6 +15,7 @@ from distlearn.comm.cost_model import (
     coefficients,
     fit,
     link,
+    memory,
     project,
 )
 from distlearn.comm.reducers import REDUCERS
@@ -133,3 +134,66 @@ def test_fit_never_returns_negative_costs_and_rejects_too_little_data():
     with pytest.raises(ConfigError, match="at least two different message sizes"):
         fit([Measurement("ring", 2, 1e6, 1e-3), Measurement("ring", 2, 1e6, 1.1e-3)])
     assert math.isfinite(result.rms_relative_error)
+
+
+# ---- the shared-memory and hierarchical terms ------------------------------------------------------------
+
+MEM = Network("memory by hand", alpha=1e-6, beta=1e-10)  # 10 GB/s copies, 1 us per flag
+
+
+def test_shm_is_memory_bound_worked_by_hand():
+    # p = 2, n = 4e5 bytes: chunks of 2e5, one piece each (2 MiB by default); copy the other chunk in
+    # (n/2), sum (read 2 chunks, write slot and tensor: 4 x n/2 read+written = n copied), copy the other sum
+    # back (n/2): 2 n beta + 3 flag waits
+    n = 4e5
+    expected = 3 * 1e-6 + 2.0 * n * 1e-10
+    assert project("shm", 2, n, NET, memory_network=MEM) == pytest.approx(expected, rel=1e-12)
+    # zero copy (the bucket in a shared_buffer): read 2 chunks in place, write 1 (3/4 n), copy back (n/2)
+    assert coefficients("shm", 2, n, zero_copy=True) == (3.0, 1.25 * n, 0.0)
+    # p = 4, 3 MiB: chunks of 768 KiB in 3 pieces of 256 KiB, 9 flag waits; 3/4 + 6/8 + 3/4 = 2.25 n
+    n = 3 * 2**20
+    assert coefficients("shm", 4, n, shm_piece_bytes=2**18) == pytest.approx((9.0, 2.25 * n, 0.0), rel=1e-12)
+    assert coefficients("shm", 4, n)[0] == 3.0  # one 2 MiB piece per chunk
+    # the network does not enter: the ranks share memory
+    slow = Network("slow", alpha=1.0, beta=1.0)
+    assert project("shm", 4, n, slow, memory_network=MEM) == project("shm", 4, n, NET, memory_network=MEM)
+    assert coefficients("shm", 1, n) == coefficients("shm", 4, 0) == (0.0, 0.0, 0.0)
+    with pytest.raises(ConfigError, match="shm_piece_bytes must be positive"):
+        coefficients("shm", 2, 10, shm_piece_bytes=0)
+
+
+def test_memory_network_from_a_copy_rate():
+    mem = memory(20.0, sync_s=3e-6)
+    assert mem.beta == pytest.approx(1 / 20e9) and mem.alpha == 3e-6
+    assert mem.bandwidth_GBps == pytest.approx(20)
+    # the default: the measured 15.3 GB/s single-core copy
+    assert memory().bandwidth_GBps == pytest.approx(15.3)
+    with pytest.raises(ConfigError, match="copy_gbps > 0"):
+        memory(0)
+
+
+def test_hierarchical_is_shm_within_hosts_plus_inner_across_worked_by_hand():
+    n = 8e6
+    # p = 8 as 4 hosts x 2 ranks: shm at p = 2 on n (2 n beta_mem + 3 alpha_mem per 2 MiB piece of a chunk)
+    # plus a ring on 4 hosts of n / 2: 2*3 alpha + 2*3/4 * n/2 beta + 3/4 * n/2 gamma
+    pieces = math.ceil(n / 2 / 2**21)
+    memory_part = 3 * pieces * 1e-6 + 2.0 * n * 1e-10
+    network_part = 6 * 1e-5 + 1.5 * (n / 2) * 1e-9 + 0.75 * (n / 2) * 1e-10
+    got = project("hierarchical", 8, n, NET, memory_network=MEM, local_size=2)
+    assert got == pytest.approx(memory_part + network_part, rel=1e-12)
+    # coefficients give the network part alone
+    assert coefficients("hierarchical", 8, n, local_size=2) == coefficients("ring", 4, n / 2)
+    # another inner algorithm
+    tree = project("hierarchical", 8, n, NET, memory_network=MEM, local_size=2, inner="tree")
+    assert tree == pytest.approx(memory_part + project("tree", 4, n / 2, NET), rel=1e-12)
+    # one rank per host: the inner reducer alone; one host: shm alone
+    assert project("hierarchical", 8, n, NET, memory_network=MEM) == project("ring", 8, n, NET)
+    assert project("hierarchical", 8, n, NET, memory_network=MEM, local_size=8) == project(
+        "shm", 8, n, NET, memory_network=MEM
+    )
+    # fewer bytes cross the network than with a flat ring over every rank: n/L per local rank
+    assert coefficients("hierarchical", 8, n, local_size=2)[1] < coefficients("ring", 8, n)[1]
+    with pytest.raises(ConfigError, match="positive divisor of p = 8"):
+        coefficients("hierarchical", 8, n, local_size=3)
+    with pytest.raises(ConfigError, match="unknown inner algorithm"):
+        coefficients("hierarchical", 8, n, local_size=2, inner="shm")

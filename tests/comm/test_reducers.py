@@ -85,7 +85,8 @@ def rabenseifner_elements(rank: int, world: int, n: int) -> int:
 
 
 def shm_elements(rank: int, world: int, n: int) -> int:
-    """Peers read this rank's part of every other chunk (n - n_r elements) and its summed chunk, once each."""
+    """shm (and hierarchical on one host): the peers read this rank's input outside its own chunk, and its
+    reduced chunk once each: (n - n_r) + (p - 1) n_r."""
     start, stop = chunk_bounds(n, world)[rank]
     return (n - (stop - start)) + (world - 1) * (stop - start)
 
@@ -95,8 +96,9 @@ FORMULAS = {
     "segmented-ring": ring_elements,
     "tree": tree_elements,
     "rabenseifner": rabenseifner_elements,
-    "shm": shm_elements,
     "backend": lambda rank, world, n: 2 * (world - 1) * n // world,  # nominal: gloo's ring
+    "shm": shm_elements,
+    "hierarchical": shm_elements,  # one host (launch_local): the shm allreduce alone
 }
 
 # worked by hand for n = 1000 float32 (bytes): p = 3 -> ring chunks 334, 333, 333; p' = 2 with one folded pair
@@ -154,7 +156,7 @@ def test_batched_rounds_match_gloo_allreduce_and_the_unbatched_algorithm(tmp_pat
         assert result["failures"] == [], "\n".join(result["failures"])
         assert result["cases"] >= 42
     for name in REDUCERS:
-        if not REDUCERS[name].point_to_point:  # backend, shm: no point-to-point rounds
+        if not REDUCERS[name].point_to_point:  # backend, shm, hierarchical: no rounds of messages
             continue
         for n in (1000, 5, 1):
             batched = [result["bytes"][f"{name} batched=True n={n}"] for result in results]
@@ -227,7 +229,9 @@ def test_chunk_bounds_cover_the_vector_with_sizes_differing_by_at_most_one(n, pa
 
 
 def test_create_reducer_names_the_choices_and_checks_options():
-    assert list(REDUCERS) == ["backend", "ring", "tree", "rabenseifner", "segmented-ring", "shm"]
+    assert list(REDUCERS) == [
+        "backend", "ring", "tree", "rabenseifner", "segmented-ring", "shm", "hierarchical"
+    ]  # fmt: skip
     for name in REDUCERS:
         reducer = create_reducer(name, timeout_s=5)
         assert reducer.name == name and reducer.bytes_sent == 0 and reducer.timeout_s == 5

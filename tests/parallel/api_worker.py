@@ -82,12 +82,16 @@ def one_process(steps: int, world: int) -> torch.Tensor:
 
 def accumulate() -> None:
     steps = 3
-    for reducer in ("backend", "ring"):
+    for reducer in ("backend", "ring", "shm"):  # shm: the buckets in its shared memory (zero copy)
         for no_sync in (True, False):
             model, optimizer = build()
             model, optimizer = distlearn.parallelize(model, optimizer, reducer=reducer, bucket_mb=BUCKET_MB)
             strategy = optimizer.distlearn_strategy
             buckets = len(strategy.bucketer.buckets)
+            if reducer == "shm":  # every bucket in the reducer's shared memory: its allreduce skips a copy
+                shared = strategy.reducer._state(None, None).buffer_of
+                pointers = [b.buffer.untyped_storage().data_ptr() for b in strategy.bucketer.buckets]
+                check(all(p in shared for p in pointers), f"shm no_sync={no_sync}: buckets in shared memory")
             rank, world = strategy.rank, strategy.world_size
             train(model, optimizer, range(steps), rank, no_sync)
             ours = flat(model)

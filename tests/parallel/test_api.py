@@ -62,11 +62,12 @@ def test_accumulation_over_four_micro_batches_under_torchrun_equals_ddp_and_one_
         output, _ = process.communicate()
     assert process.returncode == 0, output
     assert "FAILED" not in output, output
-    for reducer in ("backend", "ring"):
+    for reducer in ("backend", "ring", "shm"):
         for no_sync in (True, False):
             case = f"reducer={reducer} no_sync={no_sync} buckets=4"
             for what in ("replicas equal", "equals torch DDP", "equals one process"):
                 assert output.count(f"OK {case}: {what}") == 2, output
+    assert output.count(": buckets in shared memory") == 4, output  # shm's zero-copy buckets, 2 ranks x 2
     assert output.count("OK compression=fp16: replicas equal") == 2, output
     assert output.count("OK compression=topk: replicas equal") == 2, output
 

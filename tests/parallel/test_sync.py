@@ -90,7 +90,7 @@ def test_two_torchrun_nodes_train_like_one_process(tmp_path, single_process_weig
     ]  # fmt: skip
     nodes = [
         subprocess.Popen(
-            [*command, "--node-rank", str(node), WORKER, str(tmp_path), "backend,ring"],
+            [*command, "--node-rank", str(node), WORKER, str(tmp_path), "backend,ring,hierarchical"],
             env=env,
             start_new_session=True,
         )
@@ -104,7 +104,7 @@ def test_two_torchrun_nodes_train_like_one_process(tmp_path, single_process_weig
                 os.killpg(node.pid, 9)
                 node.wait()
     assert codes == [0, 0]
-    for reducer in ("backend", "ring"):
+    for reducer in ("backend", "ring", "hierarchical"):  # hierarchical: one rank per node, its inner ring
         for label, _, _ in CASES:
             saved = torch.load(tmp_path / f"{reducer}-{label}.pt", weights_only=True)
             assert float((saved["weights"] - single_process_weights).abs().max()) < 1e-5

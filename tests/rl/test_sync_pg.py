@@ -46,7 +46,10 @@ def _weights(path: Path) -> torch.Tensor:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(("algo", "reducer"), [("ppo", "ring"), ("a2c", "tree")])
+@pytest.mark.parametrize(
+    ("algo", "reducer"),
+    [("ppo", "ring"), ("a2c", "tree"), ("ppo", "auto")],  # auto: shm (one host, CPU)
+)
 def test_two_replicas_equal_one_process_with_twice_the_environments(tmp_path, algo, reducer):
     replicas = 2
     one = run_sync_pg(config_for("sync-pg", _config(tmp_path / "one", 2 * replicas, algo)))

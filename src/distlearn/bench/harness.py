@@ -209,8 +209,9 @@ def report_fields(strategy: str, flags: Sequence[str]) -> dict[str, Any]:
       (the single process; Hogwild!, which shares memory on one machine; DNI, whose processes are model
       stages). Else a dict with ``model``:
 
-      - ``"allreduce"``: ``algorithm`` (the ``--reducer``, ``"backend"`` for the backend's own, which DDP
-        uses too) once every ``every`` updates (local SGD's ``--average-every``, EASGD's ``--elastic-tau``);
+      - ``"allreduce"``: ``algorithm`` (the ``--reducer`` or DDP's ``--comm-hook``, ``"backend"`` for the
+        backend's own, which DDP uses without a hook) once every ``every`` updates (local SGD's
+        ``--average-every``, EASGD's ``--elastic-tau``);
       - ``"all-gather"``: a codec whose payloads do not add up (sign bits, sparse indices ...): a ring
         all-gather of every rank's payload;
       - ``"parameter-server"``: ``servers``, ``backup_workers`` and ``local_steps``; each worker pulls and
@@ -233,7 +234,9 @@ def report_fields(strategy: str, flags: Sequence[str]) -> dict[str, Any]:
         projection = {"model": "all-gather"}
     else:
         every = int(_flag(flags, "--average-every") or _flag(flags, "--elastic-tau") or 1)
-        algorithm = _flag(flags, "--reducer", "backend")
+        algorithm = _flag(flags, "--reducer") or _flag(flags, "--comm-hook") or "backend"
+        if algorithm == "none":  # --comm-hook none: DDP's own allreduce
+            algorithm = "backend"
         projection = {"model": "allreduce", "algorithm": algorithm, "every": every}
     return {"reference": reference, "projection": projection}
 

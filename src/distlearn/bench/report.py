@@ -13,6 +13,11 @@ example per worker at the fixed global batch).
   ``T = N/B * (M t_c + allreduce_A(R, n))`` with ``A`` the row's reducer (``--reducer``; gloo's ring for DDP
   and the backend) and ``n`` the bytes one rank reduces per update, from the measured bytes per update of
   all ranks, ``2 (R0 - 1) n`` at the measured ``R0`` (every algorithm of the model sends that many in all);
+  the shared-memory reducers (``--reducer shm``, ``hierarchical``, ``auto`` on the CPU of one host; DDP's
+  ``--comm-hook`` with them; the measured run's ``R0`` ranks share one host) project as the hierarchical
+  allreduce on hosts of ``L = gcd(R0, R)`` ranks: shm within each host on the memory model
+  (:func:`distlearn.comm.cost_model.memory`, one core's copy rate) and a ring of ``n / L`` bytes across the
+  ``R / L`` hosts on the network;
 * sync with a codec that all-gathers (sign bits, ternary, quantised, sparse index + value payloads): ring
   all-gather of each rank's ``b`` bytes, ``T = N/B * (M t_c + (R - 1) (alpha + b beta))``, measured
   ``R0 (R0 - 1) b``: what a rank receives grows with ``R``;
@@ -125,7 +130,13 @@ def project(result: dict, single: dict, workers: int, gbps: float, global_batch:
     elif projection["model"] == "allreduce":
         every = projection["every"]
         payload = per_update * every / (2 * (measured - 1))
-        exchange = allreduce_time(projection["algorithm"], workers, payload, network) / every
+        algorithm = projection["algorithm"]
+        if algorithm in ("shm", "hierarchical", "auto"):  # shared memory on hosts of the measured run's size
+            local = math.gcd(measured, workers)
+            seconds = allreduce_time("hierarchical", workers, payload, network, local_size=local)
+        else:
+            seconds = allreduce_time(algorithm, workers, payload, network)
+        exchange = seconds / every
     else:
         raise DataError(
             f"{result.get('label')}: unknown projection model {projection['model']!r}; "

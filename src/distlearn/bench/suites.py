@@ -83,7 +83,7 @@ def _strategy_entries(workers: int, *, dni_lr: str | None = None) -> tuple[Entry
     DNI trains with Adam (as the paper); ``dni_lr`` set means the suite's optimizer is another, and the DNI
     rows run Adam with that learning rate instead, which their labels say.
     """
-    reducers = ("ring", "tree", "rabenseifner", "segmented-ring")
+    reducers = ("ring", "tree", "rabenseifner", "segmented-ring", "shm", "hierarchical")
     codecs = (
         "fp16", "bf16", "int8-linear", "int8-tree", "threshold", "onebit", "terngrad", "qsgd", "topk",
         "randomk", "dgc", "powersgd",
@@ -95,6 +95,7 @@ def _strategy_entries(workers: int, *, dni_lr: str | None = None) -> tuple[Entry
     entries = [
         Entry("single process", "single"),
         Entry(f"torch DDP, R={w}", "ddp", w),
+        Entry(f"torch DDP + shm comm hook, R={w}", "ddp", w, ("--comm-hook", "shm"), ("reducer:shm",)),
         Entry(f"sync, backend allreduce, R={w}", "sync", w),
         *(
             Entry(f"sync, {r} allreduce, R={w}", "sync", w, ("--reducer", r), (f"reducer:{r}",))

@@ -22,6 +22,11 @@ can be sent while earlier layers are still being differentiated: *overlap*.
 With ``overlap=False`` nothing happens during backward; :meth:`finish` packs and reduces the buckets
 one after the other.
 
+Zero copy: with a reducer that has ``shared_buffer(numel, dtype)`` (the shm reducer,
+:mod:`distlearn.comm.reducers.shm`) the buckets of a CPU model are allocated in shared memory that every rank
+of the host has mapped, so the allreduce reads the peers' gradients where they lie instead of copying them
+into a staging segment first.
+
 fp16 loss scaling with a codec: :attr:`GradientBucketer.scaling` (a :class:`distlearn.amp.LossScaleGuard`,
 set by the sync strategy) unscales each bucket just before it is sent, and :meth:`finish` lets it agree with
 the other ranks on a skipped step before the averaged gradients, multiplied back by the scale, are written.

@@ -4,7 +4,10 @@
 ``torch.nn.parallel.DistributedDataParallel`` (its own bucketing, overlap and gloo/NCCL allreduce; on
 ``--device cuda`` NCCL, with ``device_ids=[cuda:LOCAL_RANK]`` as DDP expects) and
 otherwise runs the same loop, data shards and metrics as every other strategy, so ``distlearn bench``
-compares ``sync`` and DDP on exactly the same work. Nothing here is ours but the wiring.
+compares ``sync`` and DDP on exactly the same work. Nothing here is ours but the wiring, and with
+``--comm-hook NAME`` one of our reducers as DDP's comm hook
+(:func:`distlearn.comm.ddp_hooks.as_ddp_comm_hook`: DDP's buckets and overlap, our allreduce; ``auto``: shm
+on the CPU of a one-host job, else DDP's own).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from distlearn.comm.ddp_hooks import as_ddp_comm_hook
+from distlearn.comm.reducers import create_reducer
+from distlearn.comm.reducers.auto import AUTO, resolve_reducer
 from distlearn.comm.traffic import ring_allreduce_bytes
 from distlearn.config import positive
 from distlearn.errors import ConfigError
@@ -32,10 +38,23 @@ class DDPOptions(StrategyOptions):
 
     bucket_mb: float = 25.0
     """gradient bucket size in MiB (DDP's bucket_cap_mb; its default is 25)"""
+    comm_hook: str = "none"
+    """a distlearn reducer as DDP's comm hook (ring, tree, shm, hierarchical, auto, ...; none: DDP's own
+    allreduce)"""
 
     def validate(self) -> None:
         super().validate()
         positive("bucket_mb", self.bucket_mb, allow_zero=True)
+        if self.comm_hook not in ("none", AUTO):
+            create_reducer(self.comm_hook)  # validates the name before any process group exists
+
+    def cuda_refusal(self) -> str:
+        if self.comm_hook in ("shm", "hierarchical"):
+            return (
+                f"--comm-hook {self.comm_hook} moves CPU tensors through shared memory (/dev/shm); on GPUs "
+                "drop --comm-hook (NCCL's allreduce) or use auto, or train with --device cpu"
+            )
+        return ""
 
 
 class TorchDDP(Strategy):
@@ -48,6 +67,8 @@ class TorchDDP(Strategy):
     def __init__(self, options: DDPOptions | None = None, /, *, run: Any = None, **fields: Any) -> None:
         super().__init__(options, run=run, **fields)
         self.bucket_mb = self.options.bucket_mb
+        self.comm_hook = self.options.comm_hook
+        self.reducer: Any = None
         self._owns_group = False
         self._parameters = (0, 4)  # (elements, bytes per element) of the trained parameters
 
@@ -69,6 +90,11 @@ class TorchDDP(Strategy):
         # DDP's rule for one device per process: the module on it already, and device_ids=[it] on CUDA
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         wrapped = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=self.bucket_mb)
+        hook = resolve_reducer(self.comm_hook, self.device) if self.comm_hook != "none" else "none"
+        if hook not in ("none", "backend"):  # our reducer inside DDP's bucketing and overlap
+            self.comm_hook = hook
+            self.reducer = create_reducer(hook, timeout_s=self.timeout_s)
+            wrapped.register_comm_hook(state=None, hook=as_ddp_comm_hook(self.reducer))
         return wrapped, optimizer
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
@@ -80,14 +106,20 @@ class TorchDDP(Strategy):
         return model.module if isinstance(model, DistributedDataParallel) else model
 
     def stats(self) -> StrategyStats:
+        if self.reducer is not None:  # our comm hook counts what it sends
+            return {"bytes_sent": int(self.reducer.bytes_sent)}
         # DDP does not count its traffic; gloo's ring sends 2(R-1)/R of the gradient bytes per step.
         per_step = ring_allreduce_bytes(*self._parameters, self.world_size)
         return {"bytes_sent": per_step * self._steps}
 
     def close(self) -> None:
+        if self.reducer is not None:
+            self.reducer.close()
+            self.reducer = None
         if self._owns_group:
             shutdown()
             self._owns_group = False
 
     def describe(self) -> str:
-        return f"torch DDP ({self.world_size} replicas, {self.bucket_mb:g} MiB buckets)"
+        hook = f", {self.comm_hook} comm hook" if self.comm_hook != "none" else ""
+        return f"torch DDP ({self.world_size} replicas, {self.bucket_mb:g} MiB buckets{hook})"

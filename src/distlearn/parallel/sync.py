@@ -12,8 +12,10 @@ run therefore follows the single-process trajectory (up to floating-point summat
 ``R`` is -- the overview's "deterministic" property, which tests/parallel/test_sync.py checks.
 
 Communication: gradients are packed into buckets and reduced by a :class:`distlearn.comm.reducers.Reducer`
-(the backend's allreduce, or our ring, tree, Rabenseifner or segmented ring), each bucket started from
-the gradient hooks as soon as backward has produced it (:mod:`distlearn.comm.bucketing`).
+(the backend's allreduce, or our ring, tree, Rabenseifner or segmented ring, the shared-memory reducer of one
+host or the hierarchical one of several; ``auto`` picks shm on the CPU of a one-host job, else the backend:
+:mod:`distlearn.comm.reducers.auto`), each bucket started from the gradient hooks as soon as backward has
+produced it (:mod:`distlearn.comm.bucketing`).
 
 Compression: with ``compression=NAME`` (``--compression``) every bucket is sent through a gradient codec of
 :mod:`distlearn.comm.compression` instead of the reducer -- allreduced in compressed form where the codec
@@ -37,6 +39,7 @@ from distlearn.amp import LossScaleGuard
 from distlearn.comm.bucketing import GradientBucketer
 from distlearn.comm.compression import CompressedReducer, check_optimizer, create_compressor
 from distlearn.comm.reducers import create_reducer
+from distlearn.comm.reducers.auto import AUTO, resolve_reducer
 from distlearn.comm.replicas import check_same_model, nonfinite_weights_error, weights_checksum
 from distlearn.config import flag, parse_options, positive
 from distlearn.errors import CommError, ConfigError
@@ -118,7 +121,9 @@ class SyncOptions(CompressionOptions):
     """Options of synchronous data parallelism (``--strategy sync``)."""
 
     reducer: str = "backend"
-    """allreduce algorithm: backend, ring, tree, rabenseifner, segmented-ring"""
+    """allreduce algorithm: backend, ring, tree, rabenseifner, segmented-ring, shm (shared memory, every rank
+    on one host), hierarchical (shm within each host, ring across hosts), auto (shm on the CPU of a one-host
+    job, else backend)"""
     bucket_mb: float = 25.0
     """gradient bucket size in MiB (0: one message per tensor); DDP's default is 25"""
     overlap: bool = True
@@ -130,13 +135,22 @@ class SyncOptions(CompressionOptions):
         super().validate()
         positive("bucket_mb", self.bucket_mb, allow_zero=True)
         positive("check_every", self.check_every, allow_zero=True, integer=True)
-        create_reducer(self.reducer)  # validates the name before any process group exists
-        if self.compression != "none" and self.reducer != "backend":
+        if self.reducer != AUTO:
+            create_reducer(self.reducer)  # validates the name before any process group exists
+        if self.compression != "none" and self.reducer not in ("backend", AUTO):
             raise ConfigError(
                 f"--reducer {self.reducer} cannot be combined with --compression {self.compression}: a codec "
                 "chooses its own exchange (allreduce of linear payloads, all-gather of packed ones) and "
                 "replaces the allreduce algorithm; drop --reducer"
             )
+
+    def cuda_refusal(self) -> str:
+        if self.reducer in ("shm", "hierarchical"):
+            return (
+                f"--reducer {self.reducer} moves CPU tensors through shared memory (/dev/shm); on GPUs use "
+                "--reducer backend (NCCL's allreduce) or auto, or train with --device cpu"
+            )
+        return ""
 
 
 class SyncDataParallel(Strategy):
@@ -179,6 +193,7 @@ class SyncDataParallel(Strategy):
         if self.compressor is not None:
             self.reducer = CompressedReducer(self.compressor, seed=seed, timeout_s=self.timeout_s)
         else:
+            self.reducer_name = resolve_reducer(self.reducer_name, self.device)  # "auto": shm or backend
             self.reducer = create_reducer(self.reducer_name, timeout_s=self.timeout_s)
 
     def prepare(

@@ -77,7 +77,7 @@ class SyncPGOptions(PolicyGradientOptions):
     """``distlearn rl sync-pg``: R replicas roll out, gradients allreduced (synchronous A2C/PPO)."""
 
     reducer: str = "ring"
-    """allreduce algorithm (backend, ring, tree, rabenseifner, segmented-ring)"""
+    """allreduce algorithm (backend, ring, tree, rabenseifner, segmented-ring, shm, hierarchical, auto)"""
 
 
 @dataclass

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from distlearn.comm.reducers import create_reducer
+from distlearn.comm.reducers.auto import resolve_reducer
 from distlearn.launch import in_torchrun, init_distributed, shutdown
 from distlearn.optim import Adam
 from distlearn.rl.checkpointing import boundary_seed, cut_metrics, load_rl_checkpoint, save_rl_checkpoint
@@ -89,7 +90,8 @@ def _train(config: RLConfig, rank: int, world_size: int, out: Path) -> dict[str,
     model = ActorCritic(envs.obs_dim, envs.num_actions, image_shape=envs.image_shape)
     # eps_hat=False is exactly torch.optim.Adam; eps 1e-5 as in CleanRL
     optimizer = Adam(model.parameters(), lr=config.lr, eps=1e-5, eps_hat=False)
-    reducer = create_reducer(config.reducer, timeout_s=config.timeout) if world_size > 1 else None
+    name = resolve_reducer(config.reducer, "cpu")  # "auto": shm when every replica is on this host
+    reducer = create_reducer(name, timeout_s=config.timeout) if world_size > 1 else None
     allreduce_ = reducer.allreduce_ if reducer is not None else None
     # every replica keeps ceil(100 / R) episodes: the solved test averages 100 episodes of the whole job
     stats = EpisodeStats(solved_threshold(config.env), window=math.ceil(100 / world_size))

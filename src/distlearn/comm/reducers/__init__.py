@@ -104,6 +104,7 @@ from distlearn.comm.reducers.base import (
     Rounds,
     chunk_bounds,
 )
+from distlearn.comm.reducers.hierarchical import HierarchicalReducer
 from distlearn.comm.reducers.ring import RingReducer, SegmentedRingReducer
 from distlearn.comm.reducers.shm import ShmReducer
 from distlearn.comm.reducers.tree import RabenseifnerReducer, TreeReducer
@@ -114,6 +115,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "BackendReducer",
     "Channel",
+    "HierarchicalReducer",
     "Message",
     "RabenseifnerReducer",
     "REDUCERS",
@@ -141,6 +143,7 @@ REDUCERS: dict[str, type[Reducer]] = {
     "rabenseifner": RabenseifnerReducer,
     "segmented-ring": SegmentedRingReducer,
     "shm": ShmReducer,
+    "hierarchical": HierarchicalReducer,
 }
 """Every allreduce algorithm by name, for ``--reducer`` and :func:`create_reducer`."""
 
@@ -149,7 +152,7 @@ def create_reducer(name: str, **options: Any) -> Reducer:
     """The reducer called ``name`` (a key of :data:`REDUCERS`) built with ``options``.
 
     Options: ``timeout_s``, ``tag``, ``duplex`` and ``batched`` for every reducer, ``segment_bytes`` for
-    ``segmented-ring`` and ``tree``.
+    ``segmented-ring`` and ``tree``, ``inner`` (the cross-host reducer) for ``hierarchical``.
     Does not touch the process group, so it can validate a configuration before the job starts.
     """
     if name not in REDUCERS:
