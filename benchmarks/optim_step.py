@@ -20,6 +20,7 @@ import argparse
 import datetime
 import json
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -41,11 +42,14 @@ def make_model() -> nn.Module:
     return model
 
 
-def time_steps(opt: torch.optim.Optimizer, repeats: int) -> float:
+def time_steps(opt: torch.optim.Optimizer, repeats: int) -> tuple[float, float]:
+    """Seconds per step and minor page faults per step (fresh memory the step had the kernel map)."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     for _ in range(repeats):
         opt.step()
-    return (time.perf_counter() - start) / repeats
+    seconds = (time.perf_counter() - start) / repeats
+    return seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / repeats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,10 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         time_steps(ours, 3)
         time_steps(theirs, 3)
     samples: dict[tuple[str, str], dict[str, list[float]]] = {k: {"ours": [], "torch": []} for k in built}
+    faults: dict[tuple[str, str], dict[str, list[float]]] = {k: {"ours": [], "torch": []} for k in built}
     for _ in range(args.trials):
         for key, (ours, theirs) in built.items():
-            samples[key]["ours"].append(time_steps(ours, args.repeats))
-            samples[key]["torch"].append(time_steps(theirs, args.repeats))
+            for side, opt in (("ours", ours), ("torch", theirs)):
+                seconds, per_step = time_steps(opt, args.repeats)
+                samples[key][side].append(seconds)
+                faults[key][side].append(per_step)
 
     rows = []
     labels = {
@@ -98,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     for mode, (ours_label, torch_label) in labels.items():
         print(f"\n{mode}: ours {ours_label} vs torch.optim {torch_label}")
-        print(f"{'method':<10} {'ours ms':>9} {'torch ms':>9} {'ratio':>7}  spread(ours/torch, ms)")
+        header = f"{'method':<10} {'ours ms':>9} {'torch ms':>9} {'ratio':>7}  spread(ours/torch, ms)"
+        print(header + "  page faults/step (ours/torch)")
         for name in METHODS:
             s = samples[(name, mode)]
             ours_ms, torch_ms = statistics.median(s["ours"]) * 1e3, statistics.median(s["torch"]) * 1e3
@@ -108,8 +116,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{min(s['torch']) * 1e3:.2f}-{max(s['torch']) * 1e3:.2f}"
             )
             verdict = "ok" if ratio <= 0.8 or mode == "foreach" else "ABOVE 0.8"
-            print(f"{name:<10} {ours_ms:>9.3f} {torch_ms:>9.3f} {ratio:>7.2f}  {spread}  {verdict}")
+            ours_faults = statistics.median(faults[(name, mode)]["ours"])
+            torch_faults = statistics.median(faults[(name, mode)]["torch"])
+            print(
+                f"{name:<10} {ours_ms:>9.3f} {torch_ms:>9.3f} {ratio:>7.2f}  {spread}  "
+                f"{ours_faults:.0f}/{torch_faults:.0f}  {verdict}"
+            )
             row = {"method": name, "mode": mode, "ours_ms": ours_ms, "torch_ms": torch_ms, "ratio": ratio}
+            row.update(ours_faults_per_step=ours_faults, torch_faults_per_step=torch_faults)
             rows.append({**row, "ours_samples_s": s["ours"], "torch_samples_s": s["torch"]})
     record = {
         "command": "python " + " ".join(sys.argv),

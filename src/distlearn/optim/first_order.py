@@ -272,11 +272,14 @@ class RMSProp(FirstOrderOptimizer):
     def _foreach(self, group, params, grads, states) -> None:
         mu, eps = group["decay"], group["eps"]
         s_plus_eps = self._buffers(states, "square_avg_eps")
-        target = torch._foreach_addcmul(self._constants(params, eps), grads, grads)  # g^2 + eps
-        torch._foreach_lerp_(s_plus_eps, target, 1 - mu)  # mu*(s + eps) + (1-mu)*(g^2 + eps)
-        denominator = torch._foreach_sqrt(s_plus_eps)
-        torch._foreach_add_(denominator, eps)
-        torch._foreach_addcdiv_(params, grads, denominator, value=-group["lr"])
+        (work,) = self._workspace(group, params, 1)  # no fresh tensors per step (see _workspace)
+        torch._foreach_copy_(work, self._constants(params, eps))
+        torch._foreach_addcmul_(work, grads, grads)  # g^2 + eps
+        torch._foreach_lerp_(s_plus_eps, work, 1 - mu)  # mu*(s + eps) + (1-mu)*(g^2 + eps)
+        torch._foreach_copy_(work, s_plus_eps)
+        torch._foreach_sqrt_(work)
+        torch._foreach_add_(work, eps)  # sqrt(s + eps) + eps
+        torch._foreach_addcdiv_(params, grads, work, value=-group["lr"])
 
     def _constants(self, params, value: float) -> list[torch.Tensor]:
         """One read-only tensor filled with ``value`` per distinct (shape, dtype, device), cached."""
@@ -333,10 +336,14 @@ class Adadelta(FirstOrderOptimizer):
     def _foreach(self, group, params, grads, states) -> None:
         mu, eps = group["decay"], group["eps"]
         squares, deltas = self._buffers(states, "square_avg"), self._buffers(states, "acc_delta")
+        ratio, squares_eps = self._workspace(group, params, 2)  # no fresh tensors per step (see _workspace)
         torch._foreach_mul_(squares, mu)
         torch._foreach_addcmul_(squares, grads, grads, value=1 - mu)
-        ratio = torch._foreach_add(deltas, eps)
-        torch._foreach_div_(ratio, torch._foreach_add(squares, eps))
+        torch._foreach_copy_(ratio, deltas)
+        torch._foreach_add_(ratio, eps)
+        torch._foreach_copy_(squares_eps, squares)
+        torch._foreach_add_(squares_eps, eps)
+        torch._foreach_div_(ratio, squares_eps)
         torch._foreach_sqrt_(ratio)
         torch._foreach_mul_(ratio, grads)  # ratio is now dW
         torch._foreach_mul_(deltas, mu)
