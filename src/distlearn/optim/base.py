@@ -29,7 +29,7 @@ import torch
 
 from distlearn.errors import ConfigError
 
-__all__ = ["FirstOrderOptimizer", "FlatGroup", "check_nonnegative", "check_unit_interval"]
+__all__ = ["FirstOrderOptimizer", "FlatGroup", "Workspace", "check_nonnegative", "check_unit_interval"]
 
 
 def check_nonnegative(name: str, value: float, optimizer: str, hint: str) -> None:
@@ -246,15 +246,17 @@ class FirstOrderOptimizer(torch.optim.Optimizer):
             params: list[torch.Tensor] = []
             grads: list[torch.Tensor] = []
             states: list[dict[str, Any]] = []
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
+            all_state = self.state
+            for i, p in enumerate(group["params"]):  # per parameter: kept lean, it runs every step
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise ConfigError(
                         f"{type(self).__name__} does not support sparse gradients; "
                         "use dense embeddings (sparse=False) or torch.optim.SparseAdam"
                     )
-                state = self.state[p]
+                state = all_state[p]
                 if not state:
                     state["step"] = 0
                     for buffer in self.state_names:
@@ -266,20 +268,21 @@ class FirstOrderOptimizer(torch.optim.Optimizer):
                     self._initial_state(group, p, state)
                 state["step"] += 1
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(grad)
                 states.append(state)
             if not params:
                 continue
-            if flat is not None and self._use_foreach(group, params) and self._flat_step(group, flat, states):
+            use_foreach = self._use_foreach(group, params)
+            if flat is not None and use_foreach and self._flat_step(group, flat, states):
                 continue
             if group["weight_decay"]:
-                if self._use_foreach(group, params):
+                if use_foreach:
                     grads = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
                 else:
                     grads = [
                         g.add(p, alpha=group["weight_decay"]) for g, p in zip(grads, params, strict=True)
                     ]
-            if self._use_foreach(group, params):
+            if use_foreach:
                 self._foreach(group, params, grads, states)
             else:
                 for p, g, state in zip(params, grads, states, strict=True):
@@ -334,25 +337,69 @@ class FirstOrderOptimizer(torch.optim.Optimizer):
     def _buffers(states: list[dict[str, Any]], name: str) -> list[torch.Tensor]:
         return [state[name] for state in states]
 
-    def _workspace(
-        self, group: dict[str, Any], params: list[torch.Tensor], count: int
-    ) -> list[list[torch.Tensor]]:
-        """``count`` lists of scratch tensors shaped like ``params``, kept from one step to the next.
+    def _workspace(self, group: dict[str, Any], params: list[torch.Tensor], count: int) -> Workspace:
+        """The group's :class:`Workspace` for ``params``: ``count`` scratch lists, kept from step to step.
 
-        The batched path writes its intermediate results here instead of into fresh tensors: a list of
-        fresh tensors as large as the model, freed at the end of every step, is memory that the C library
-        may hand back to the kernel and fault in again page by page at the next step (two such lists
-        did: about 1,900 page faults per step for a 1M-parameter model). Not part of the state: never
-        saved, rebuilt when the group's parameters change.
+        Rebuilt when the group steps a different list of parameters. Not part of the state: never saved.
         """
         cache = self.__dict__.setdefault("_workspaces", {})  # not in __getstate__: may be missing
-        key = (tuple((id(p), p.shape, p.dtype, p.device) for p in params), count)
+        first, last = params[0], params[-1]
+        key = (tuple(map(id, params)), count, first.shape, first.dtype, last.shape, last.dtype, last.device)
         entry = cache.get(id(group))
-        if entry is None or entry[0] != key:
+        if entry is None or entry.key != key:
             live = {id(g) for g in self.param_groups}
             for stale in [k for k in cache if k not in live]:
                 del cache[stale]
-            fmt = torch.contiguous_format
-            buffers = [[torch.empty_like(p, memory_format=fmt) for p in params] for _ in range(count)]
-            entry = cache[id(group)] = (key, buffers)
-        return entry[1]
+            entry = cache[id(group)] = Workspace(key, params, count)
+        return entry
+
+
+class Workspace:
+    """Scratch tensors for the batched path, kept from one step to the next, and constant tensor lists.
+
+    ``buffers[k][i]`` is shaped like parameter ``i``: the step writes its intermediate results there
+    instead of into fresh tensors. A list of fresh tensors as large as the model, freed at the end of
+    every step, is memory that the C library may give back to the kernel and fault in again page by
+    page at the next step: RMSProp and Adadelta made two such lists, about 1,900 page faults per step
+    for a model of 1M parameters (benchmarks/optim_step.py counts them).
+
+    :meth:`constant` gives ``value`` in the form the ``torch._foreach_*`` kernels take fastest: on CPU a
+    list of stride-0 views shaped like the parameters (no memory), with which ``_foreach_add_(xs, c)``
+    computes exactly what ``_foreach_add_(xs, value)`` does in about half the time (the scalar form
+    wraps the number once per tensor); elsewhere the number itself (CUDA's batched kernels take it
+    directly and want dense tensors). :meth:`fill` sets a scratch list to a number.
+    """
+
+    def __init__(self, key: tuple, params: list[torch.Tensor], count: int) -> None:
+        self.key = key
+        fmt = torch.contiguous_format
+        self.buffers = [[torch.empty_like(p, memory_format=fmt) for p in params] for _ in range(count)]
+        self._shapes = [(p.shape, p.dtype, p.device) for p in params]
+        self._constants: dict[float, list[torch.Tensor]] = {}
+
+    def constant(self, value: float) -> list[torch.Tensor] | float:
+        """``value`` as one read-only stride-0 tensor per parameter on CPU, else ``value`` itself."""
+        views = self._constants.get(value)
+        if views is None:
+            if any(device.type != "cpu" for _, _, device in self._shapes):
+                return value
+            if len(self._constants) >= 8:  # values that change every step (a schedule) are not kept
+                self._constants.clear()
+            scalars: dict[torch.dtype, torch.Tensor] = {}
+            views = []
+            for shape, dtype, _ in self._shapes:
+                scalar = scalars.get(dtype)
+                if scalar is None:
+                    scalar = scalars[dtype] = torch.tensor(value, dtype=dtype)
+                views.append(scalar.expand(shape))
+            self._constants[value] = views
+        return views
+
+    def fill(self, tensors: list[torch.Tensor], value: float) -> None:
+        """Set every element of ``tensors`` (one of :attr:`buffers`) to ``value``."""
+        constant = self.constant(value)
+        if isinstance(constant, list):
+            torch._foreach_copy_(tensors, constant)
+        else:
+            torch._foreach_zero_(tensors)
+            torch._foreach_add_(tensors, value)  # 0 + value is value exactly

@@ -235,8 +235,9 @@ class RMSProp(FirstOrderOptimizer):
     2.6e-3 with ``eps=1e-10`` (tests/optim/test_against_torch.py). Tuning: ``mu`` 0.9-0.99, ``lr`` 1e-3.
 
     Implementation: ``state["square_avg_eps"]`` starts at ``eps`` and holds ``s + eps``, updated as
-    ``lerp(s + eps, g^2 + eps, 1 - mu)`` (the same recurrence), so the root needs no extra pass; the
-    batched path is five list operations, as many as torch's RMSprop.
+    ``lerp(s + eps, g^2 + eps, 1 - mu)`` (the same recurrence), so the root needs no extra pass. The
+    batched path writes ``g^2 + eps`` and the denominator into one scratch list kept from step to step
+    (:class:`~distlearn.optim.base.Workspace`) instead of two fresh lists per step.
     """
 
     state_names = ("square_avg_eps",)
@@ -272,26 +273,16 @@ class RMSProp(FirstOrderOptimizer):
     def _foreach(self, group, params, grads, states) -> None:
         mu, eps = group["decay"], group["eps"]
         s_plus_eps = self._buffers(states, "square_avg_eps")
-        (work,) = self._workspace(group, params, 1)  # no fresh tensors per step (see _workspace)
-        torch._foreach_copy_(work, self._constants(params, eps))
+        workspace = self._workspace(group, params, 1)  # no fresh tensors per step (see Workspace)
+        (work,) = workspace.buffers
+        eps_list = workspace.constant(eps)
+        workspace.fill(work, eps)
         torch._foreach_addcmul_(work, grads, grads)  # g^2 + eps
         torch._foreach_lerp_(s_plus_eps, work, 1 - mu)  # mu*(s + eps) + (1-mu)*(g^2 + eps)
         torch._foreach_copy_(work, s_plus_eps)
         torch._foreach_sqrt_(work)
-        torch._foreach_add_(work, eps)  # sqrt(s + eps) + eps
+        torch._foreach_add_(work, eps_list)  # sqrt(s + eps) + eps
         torch._foreach_addcdiv_(params, grads, work, value=-group["lr"])
-
-    def _constants(self, params, value: float) -> list[torch.Tensor]:
-        """One read-only tensor filled with ``value`` per distinct (shape, dtype, device), cached."""
-        cache = self.__dict__.setdefault("_constant_cache", {})
-        out = []
-        for p in params:
-            key = (tuple(p.shape), p.dtype, p.device, value)
-            tensor = cache.get(key)
-            if tensor is None:
-                tensor = cache[key] = torch.full_like(p, value, memory_format=torch.contiguous_format)
-            out.append(tensor)
-        return out
 
 
 class Adadelta(FirstOrderOptimizer):
@@ -301,7 +292,9 @@ class Adadelta(FirstOrderOptimizer):
     d = mu * d + (1 - mu) * dW^2 ;  W = W - lr * dW`` with ``lr = 1`` as in the paper.
 
     Exactly ``torch.optim.Adadelta(lr, rho=mu, eps=eps)``. Tuning: the paper's ``mu=0.95, eps=1e-6``; the
-    step size grows from ``sqrt(eps)``, so a larger ``eps`` starts faster.
+    step size grows from ``sqrt(eps)``, so a larger ``eps`` starts faster. The batched path writes
+    ``d + eps`` and ``l + eps`` into two scratch lists kept from step to step
+    (:class:`~distlearn.optim.base.Workspace`) instead of two fresh lists per step.
     """
 
     state_names = ("square_avg", "acc_delta")
@@ -336,17 +329,19 @@ class Adadelta(FirstOrderOptimizer):
     def _foreach(self, group, params, grads, states) -> None:
         mu, eps = group["decay"], group["eps"]
         squares, deltas = self._buffers(states, "square_avg"), self._buffers(states, "acc_delta")
-        ratio, squares_eps = self._workspace(group, params, 2)  # no fresh tensors per step (see _workspace)
-        torch._foreach_mul_(squares, mu)
-        torch._foreach_addcmul_(squares, grads, grads, value=1 - mu)
+        workspace = self._workspace(group, params, 2)  # no fresh tensors per step (see Workspace)
+        ratio, squares_eps = workspace.buffers
+        mu_list, eps_list = workspace.constant(mu), workspace.constant(eps)
+        torch._foreach_mul_(squares, mu_list)
+        torch._foreach_addcmul_(squares, grads, grads, value=1 - mu)  # l = mu*l + (1-mu)*g^2
         torch._foreach_copy_(ratio, deltas)
-        torch._foreach_add_(ratio, eps)
+        torch._foreach_add_(ratio, eps_list)
         torch._foreach_copy_(squares_eps, squares)
-        torch._foreach_add_(squares_eps, eps)
+        torch._foreach_add_(squares_eps, eps_list)
         torch._foreach_div_(ratio, squares_eps)
         torch._foreach_sqrt_(ratio)
         torch._foreach_mul_(ratio, grads)  # ratio is now dW
-        torch._foreach_mul_(deltas, mu)
+        torch._foreach_mul_(deltas, mu_list)
         torch._foreach_addcmul_(deltas, ratio, ratio, value=1 - mu)
         torch._foreach_add_(params, ratio, alpha=-group["lr"])
 

@@ -1,0 +1,105 @@
+"""The batched path's scratch lists (Workspace): reused across steps, never saved, rebuilt when needed."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from distlearn import optim
+from distlearn.optim.base import Workspace
+
+USERS = ["rmsprop", "adadelta"]  # the methods whose batched step writes into a Workspace
+
+
+def model_and_data(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 2)).double()
+    x = torch.randn(20 * 8, 6, dtype=torch.float64)
+    y = torch.randn(20 * 8, 2, dtype=torch.float64)
+    return model, x, y
+
+
+def run(model, opt, x, y, steps=20, batch=8):
+    for t in range(steps):
+        opt.zero_grad()
+        xb, yb = x[t * batch : (t + 1) * batch], y[t * batch : (t + 1) * batch]
+        nn.functional.mse_loss(model(xb), yb).backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def scratch_pointers(opt) -> list[int]:
+    return [t.data_ptr() for ws in opt._workspaces.values() for buffers in ws.buffers for t in buffers]
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("name", USERS)
+def test_the_same_scratch_tensors_serve_every_step_and_are_not_saved(name, flat):
+    model, x, y = model_and_data()
+    opt = optim.create(name, model.parameters(), flat=flat)
+    run(model, opt, x, y, steps=1)
+    first = scratch_pointers(opt)
+    assert first, "the batched step made no workspace"
+    run(model, opt, x, y, steps=5)
+    assert scratch_pointers(opt) == first  # no fresh scratch tensors after the first step
+    saved = opt.state_dict()["state"]
+    names = {key for state in saved.values() for key in state}
+    assert names <= {"step", *type(opt).state_names}, names
+
+
+@pytest.mark.parametrize("name", USERS)
+def test_a_copy_or_a_pickled_optimizer_without_its_workspace_continues_bit_identically(name):
+    model, x, y = model_and_data(seed=3)
+    opt = optim.create(name, model.parameters())
+    run(model, opt, x, y, steps=5)
+    twin_model = copy.deepcopy(model)
+    twin = optim.create(name, twin_model.parameters())
+    twin.load_state_dict(pickle.loads(pickle.dumps(opt.state_dict())))
+    del opt.__dict__["_workspaces"]  # as after unpickling the optimizer itself
+    torch.testing.assert_close(run(model, opt, x, y), run(twin_model, twin, x, y), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", USERS)
+def test_a_changing_set_of_parameters_gets_matching_scratch_and_the_readable_paths_result(name):
+    """Missing gradients change the stepped list; an added group gets its own workspace."""
+    results = []
+    for foreach in (True, False):
+        model, x, y = model_and_data(seed=4)
+        first, second = model[0], model[2]
+        opt = optim.create(name, first.parameters(), foreach=foreach)
+        for t in range(12):
+            if t == 4:
+                opt.add_param_group({"params": list(second.parameters())})
+            opt.zero_grad()
+            second.zero_grad()
+            nn.functional.mse_loss(model(x[t * 8 : (t + 1) * 8]), y[t * 8 : (t + 1) * 8]).backward()
+            if t % 3 == 0:
+                first.bias.grad = None  # this step the group's list has one tensor fewer
+            opt.step()
+        if foreach:
+            assert len(opt._workspaces) == 2  # one per group, the stale lists dropped
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-13)
+
+
+def test_constants_are_exact_and_take_no_memory_and_fill_sets_every_element():
+    params = [torch.zeros(3, 4, dtype=torch.float64), torch.zeros(5), torch.zeros(2, 2)]
+    ws = Workspace(("key",), params, 1)
+    constants = ws.constant(0.1)
+    assert [c.shape for c in constants] == [p.shape for p in params]
+    assert [c.dtype for c in constants] == [p.dtype for p in params]
+    assert all(c.stride() == (0,) * c.dim() for c in constants)
+    assert constants[0][0, 0].item() == 0.1 and constants[1][0].item() == torch.tensor(0.1).item()
+    ws.buffers[0][0].fill_(float("nan"))
+    ws.fill(ws.buffers[0], 0.1)
+    for buffer, p in zip(ws.buffers[0], params, strict=True):
+        assert torch.equal(buffer, torch.full_like(p, 0.1))
+    xs, ys = [torch.randn(3, 4, dtype=torch.float64), torch.randn(5), torch.randn(2, 2)], None
+    ys = [x.clone() for x in xs]
+    torch._foreach_add_(xs, constants)
+    torch._foreach_add_(ys, 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(xs, ys, strict=True))
