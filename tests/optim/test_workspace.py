@@ -86,20 +86,36 @@ def test_a_changing_set_of_parameters_gets_matching_scratch_and_the_readable_pat
     torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-13)
 
 
-def test_constants_are_exact_and_take_no_memory_and_fill_sets_every_element():
+def test_constants_are_exact_and_take_no_memory():
     params = [torch.zeros(3, 4, dtype=torch.float64), torch.zeros(5), torch.zeros(2, 2)]
-    ws = Workspace(("key",), params, 1)
-    constants = ws.constant(0.1)
+    constants = Workspace(("key",), params, 1).constant(0.1)
     assert [c.shape for c in constants] == [p.shape for p in params]
     assert [c.dtype for c in constants] == [p.dtype for p in params]
     assert all(c.stride() == (0,) * c.dim() for c in constants)
-    assert constants[0][0, 0].item() == 0.1 and constants[1][0].item() == torch.tensor(0.1).item()
-    ws.buffers[0][0].fill_(float("nan"))
-    ws.fill(ws.buffers[0], 0.1)
-    for buffer, p in zip(ws.buffers[0], params, strict=True):
-        assert torch.equal(buffer, torch.full_like(p, 0.1))
-    xs, ys = [torch.randn(3, 4, dtype=torch.float64), torch.randn(5), torch.randn(2, 2)], None
+    xs = [torch.randn(3, 4, dtype=torch.float64), torch.randn(5), torch.randn(2, 2)]
     ys = [x.clone() for x in xs]
-    torch._foreach_add_(xs, constants)
-    torch._foreach_add_(ys, 0.1)
+    torch._foreach_mul_(xs, constants)
+    torch._foreach_mul_(ys, 0.1)
     assert all(torch.equal(a, b) for a, b in zip(xs, ys, strict=True))
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.float64, torch.float32, torch.float32)])
+def test_scratch_operations_equal_the_list_operations_with_one_buffer_or_one_per_tensor(dtypes):
+    """One dtype: the scratch lists are views of one tensor per list; mixed dtypes: separate tensors."""
+    shapes = [(3, 4), (5,), (2, 2)]
+    params = [torch.zeros(shape, dtype=dtype) for shape, dtype in zip(shapes, dtypes, strict=True)]
+    ws = Workspace(("key",), params, 2)
+    assert (ws.flat[0] is not None) == (len(set(dtypes)) == 1)
+    assert [b.shape for b in ws.buffers[1]] == [p.shape for p in params]
+    ws.buffers[0][0].fill_(float("nan"))
+    ws.fill(0, 0.3)
+    assert all(torch.equal(b, torch.full_like(p, 0.3)) for b, p in zip(ws.buffers[0], params, strict=True))
+    a = [torch.rand(shape, dtype=dtype) + 0.5 for shape, dtype in zip(shapes, dtypes, strict=True)]
+    b = [torch.rand(shape, dtype=dtype) + 0.5 for shape, dtype in zip(shapes, dtypes, strict=True)]
+    torch._foreach_copy_(ws.buffers[0], a)
+    torch._foreach_copy_(ws.buffers[1], b)
+    ws.add_(0, 1e-3)
+    ws.div_(0, 1)
+    ws.sqrt_(0)
+    expected = torch._foreach_sqrt(torch._foreach_div(torch._foreach_add(a, 1e-3), b))
+    assert all(torch.equal(x, y) for x, y in zip(ws.buffers[0], expected, strict=True))

@@ -363,19 +363,31 @@ class Workspace:
     page at the next step: RMSProp and Adadelta made two such lists, about 1,900 page faults per step
     for a model of 1M parameters (benchmarks/optim_step.py counts them).
 
+    When the parameters share dtype and device, each ``buffers[k]`` is a list of views of one contiguous
+    tensor ``flat[k]``, so that operations among scratch buffers alone (:meth:`fill`, :meth:`add_`,
+    :meth:`sqrt_`, :meth:`div_`) run as one kernel instead of one per tensor; they compute exactly what
+    the list operations would.
+
     :meth:`constant` gives ``value`` in the form the ``torch._foreach_*`` kernels take fastest: on CPU a
-    list of stride-0 views shaped like the parameters (no memory), with which ``_foreach_add_(xs, c)``
-    computes exactly what ``_foreach_add_(xs, value)`` does in about half the time (the scalar form
+    list of stride-0 views shaped like the parameters (no memory), with which ``_foreach_mul_(xs, c)``
+    computes exactly what ``_foreach_mul_(xs, value)`` does in about half the time (the scalar form
     wraps the number once per tensor); elsewhere the number itself (CUDA's batched kernels take it
-    directly and want dense tensors). :meth:`fill` sets a scratch list to a number.
+    directly and want dense tensors).
     """
 
     def __init__(self, key: tuple, params: list[torch.Tensor], count: int) -> None:
         self.key = key
-        fmt = torch.contiguous_format
-        self.buffers = [[torch.empty_like(p, memory_format=fmt) for p in params] for _ in range(count)]
         self._shapes = [(p.shape, p.dtype, p.device) for p in params]
         self._constants: dict[float, list[torch.Tensor]] = {}
+        kinds = {(p.dtype, p.device) for p in params}
+        self.flat: list[torch.Tensor | None] = [None] * count
+        if len(kinds) == 1:
+            total = sum(p.numel() for p in params)
+            self.flat = [params[0].new_empty(total) for _ in range(count)]
+            self.buffers = [list(_views_of(flat, params)) for flat in self.flat]
+        else:
+            fmt = torch.contiguous_format
+            self.buffers = [[torch.empty_like(p, memory_format=fmt) for p in params] for _ in range(count)]
 
     def constant(self, value: float) -> list[torch.Tensor] | float:
         """``value`` as one read-only stride-0 tensor per parameter on CPU, else ``value`` itself."""
@@ -395,11 +407,43 @@ class Workspace:
             self._constants[value] = views
         return views
 
-    def fill(self, tensors: list[torch.Tensor], value: float) -> None:
-        """Set every element of ``tensors`` (one of :attr:`buffers`) to ``value``."""
-        constant = self.constant(value)
-        if isinstance(constant, list):
-            torch._foreach_copy_(tensors, constant)
+    def fill(self, k: int, value: float) -> None:
+        """Set every element of ``buffers[k]`` to ``value``."""
+        flat = self.flat[k]
+        if flat is not None:
+            flat.fill_(value)
         else:
-            torch._foreach_zero_(tensors)
-            torch._foreach_add_(tensors, value)  # 0 + value is value exactly
+            torch._foreach_zero_(self.buffers[k])
+            torch._foreach_add_(self.buffers[k], value)  # 0 + value is value exactly
+
+    def add_(self, k: int, value: float) -> None:
+        """``buffers[k] += value``."""
+        flat = self.flat[k]
+        if flat is not None:
+            flat.add_(value)
+        else:
+            torch._foreach_add_(self.buffers[k], self.constant(value))
+
+    def sqrt_(self, k: int) -> None:
+        """``buffers[k] = sqrt(buffers[k])``."""
+        flat = self.flat[k]
+        if flat is not None:
+            flat.sqrt_()
+        else:
+            torch._foreach_sqrt_(self.buffers[k])
+
+    def div_(self, k: int, j: int) -> None:
+        """``buffers[k] /= buffers[j]``."""
+        flat, divisor = self.flat[k], self.flat[j]
+        if flat is not None and divisor is not None:
+            flat.div_(divisor)
+        else:
+            torch._foreach_div_(self.buffers[k], self.buffers[j])
+
+
+def _views_of(flat: torch.Tensor, params: list[torch.Tensor]) -> Iterable[torch.Tensor]:
+    """Views of ``flat`` shaped like ``params``, one after the other."""
+    offset = 0
+    for p in params:
+        yield flat[offset : offset + p.numel()].view(p.shape)
+        offset += p.numel()

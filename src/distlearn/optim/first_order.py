@@ -275,13 +275,12 @@ class RMSProp(FirstOrderOptimizer):
         s_plus_eps = self._buffers(states, "square_avg_eps")
         workspace = self._workspace(group, params, 1)  # no fresh tensors per step (see Workspace)
         (work,) = workspace.buffers
-        eps_list = workspace.constant(eps)
-        workspace.fill(work, eps)
+        workspace.fill(0, eps)
         torch._foreach_addcmul_(work, grads, grads)  # g^2 + eps
         torch._foreach_lerp_(s_plus_eps, work, 1 - mu)  # mu*(s + eps) + (1-mu)*(g^2 + eps)
         torch._foreach_copy_(work, s_plus_eps)
-        torch._foreach_sqrt_(work)
-        torch._foreach_add_(work, eps_list)  # sqrt(s + eps) + eps
+        workspace.sqrt_(0)
+        workspace.add_(0, eps)  # sqrt(s + eps) + eps
         torch._foreach_addcdiv_(params, grads, work, value=-group["lr"])
 
 
@@ -331,15 +330,15 @@ class Adadelta(FirstOrderOptimizer):
         squares, deltas = self._buffers(states, "square_avg"), self._buffers(states, "acc_delta")
         workspace = self._workspace(group, params, 2)  # no fresh tensors per step (see Workspace)
         ratio, squares_eps = workspace.buffers
-        mu_list, eps_list = workspace.constant(mu), workspace.constant(eps)
+        mu_list = workspace.constant(mu)
         torch._foreach_mul_(squares, mu_list)
         torch._foreach_addcmul_(squares, grads, grads, value=1 - mu)  # l = mu*l + (1-mu)*g^2
         torch._foreach_copy_(ratio, deltas)
-        torch._foreach_add_(ratio, eps_list)
+        workspace.add_(0, eps)  # d + eps
         torch._foreach_copy_(squares_eps, squares)
-        torch._foreach_add_(squares_eps, eps_list)
-        torch._foreach_div_(ratio, squares_eps)
-        torch._foreach_sqrt_(ratio)
+        workspace.add_(1, eps)  # l + eps
+        workspace.div_(0, 1)
+        workspace.sqrt_(0)
         torch._foreach_mul_(ratio, grads)  # ratio is now dW
         torch._foreach_mul_(deltas, mu_list)
         torch._foreach_addcmul_(deltas, ratio, ratio, value=1 - mu)
