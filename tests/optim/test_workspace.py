@@ -119,3 +119,29 @@ def test_scratch_operations_equal_the_list_operations_with_one_buffer_or_one_per
     ws.sqrt_(0)
     expected = torch._foreach_sqrt(torch._foreach_div(torch._foreach_add(a, 1e-3), b))
     assert all(torch.equal(x, y) for x, y in zip(ws.buffers[0], expected, strict=True))
+
+
+@pytest.mark.parametrize("name", USERS)
+def test_state_moves_into_one_tensor_unless_it_is_in_shared_memory(name):
+    model, x, y = model_and_data(seed=5)
+    opt = optim.create(name, model.parameters())
+    run(model, opt, x, y, steps=2)
+    params = list(model.parameters())
+    for buffer in type(opt).state_names:
+        storages = {opt.state[p][buffer].untyped_storage().data_ptr() for p in params}
+        assert len(storages) == 1  # views of one tensor: the state-only operations are one kernel
+    twin_model = copy.deepcopy(model)
+    twin = optim.create(name, twin_model.parameters())
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    torch.testing.assert_close(run(model, opt, x, y), run(twin_model, twin, x, y), rtol=0, atol=0)
+
+    shared_model, _, _ = model_and_data(seed=5)
+    shared = optim.create(name, shared_model.parameters())
+    run(shared_model, shared, x, y, steps=1)
+    for state in shared.state.values():
+        for buffer in type(shared).state_names:
+            state[buffer] = state[buffer].clone().share_memory_()  # as the A3C workers' statistics
+    kept = {id(state[buffer]) for state in shared.state.values() for buffer in type(shared).state_names}
+    run(shared_model, shared, x, y, steps=2)
+    after = {id(state[buffer]) for state in shared.state.values() for buffer in type(shared).state_names}
+    assert after == kept  # still the shared tensors, which other processes update

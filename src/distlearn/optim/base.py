@@ -353,6 +353,38 @@ class FirstOrderOptimizer(torch.optim.Optimizer):
             entry = cache[id(group)] = Workspace(key, params, count)
         return entry
 
+    def _flat_state(
+        self, group: dict[str, Any], name: str, states: list[dict[str, Any]]
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """State buffer ``name`` of ``states`` as a list, and one tensor of which they are consecutive views.
+
+        With ``flat=True`` that tensor is the group's flat buffer. Otherwise the buffers are moved once
+        into one new tensor (their values copied, the state then holding views of it), so that the
+        operations that do not involve parameters or gradients run as one kernel; again after a
+        ``load_state_dict``. Buffers in shared memory (a Hogwild! optimizer's) or of mixed dtypes or
+        devices are left alone: the second value is then None.
+        """
+        tensors = [state[name] for state in states]
+        if len(tensors) == 1:
+            only = tensors[0]
+            return tensors, only.view(-1) if only.is_contiguous() else None
+        cache = self.__dict__.setdefault("_flat_states", {})  # not in __getstate__: may be missing
+        ids = tuple(map(id, tensors))
+        entry = cache.get((id(group), name))
+        if entry is not None and entry[0] == ids:
+            return tensors, entry[1]
+        first = tensors[0]
+        if any(t.is_shared() or t.dtype != first.dtype or t.device != first.device for t in tensors):
+            cache[(id(group), name)] = (ids, None)
+            return tensors, None
+        flat = first.new_empty(sum(t.numel() for t in tensors))
+        views = list(_views_of(flat, tensors))
+        for state, view, tensor in zip(states, views, tensors, strict=True):
+            view.copy_(tensor)
+            state[name] = view
+        cache[(id(group), name)] = (tuple(map(id, views)), flat)
+        return views, flat
+
 
 class Workspace:
     """Scratch tensors for the batched path, kept from one step to the next, and constant tensor lists.

@@ -272,14 +272,17 @@ class RMSProp(FirstOrderOptimizer):
 
     def _foreach(self, group, params, grads, states) -> None:
         mu, eps = group["decay"], group["eps"]
-        s_plus_eps = self._buffers(states, "square_avg_eps")
+        s_plus_eps, s_flat = self._flat_state(group, "square_avg_eps", states)
         workspace = self._workspace(group, params, 1)  # no fresh tensors per step (see Workspace)
         (work,) = workspace.buffers
         workspace.fill(0, eps)
         torch._foreach_addcmul_(work, grads, grads)  # g^2 + eps
         torch._foreach_lerp_(s_plus_eps, work, 1 - mu)  # mu*(s + eps) + (1-mu)*(g^2 + eps)
-        torch._foreach_copy_(work, s_plus_eps)
-        workspace.sqrt_(0)
+        if s_flat is not None and workspace.flat[0] is not None:  # one kernel for the whole group
+            torch.sqrt(s_flat, out=workspace.flat[0])
+        else:
+            torch._foreach_copy_(work, s_plus_eps)
+            workspace.sqrt_(0)
         workspace.add_(0, eps)  # sqrt(s + eps) + eps
         torch._foreach_addcdiv_(params, grads, work, value=-group["lr"])
 
@@ -327,20 +330,32 @@ class Adadelta(FirstOrderOptimizer):
 
     def _foreach(self, group, params, grads, states) -> None:
         mu, eps = group["decay"], group["eps"]
-        squares, deltas = self._buffers(states, "square_avg"), self._buffers(states, "acc_delta")
+        (squares, l_flat), (deltas, d_flat) = (self._flat_state(group, n, states) for n in self.state_names)
         workspace = self._workspace(group, params, 2)  # no fresh tensors per step (see Workspace)
         ratio, squares_eps = workspace.buffers
+        r_flat, q_flat = workspace.flat
         mu_list = workspace.constant(mu)
-        torch._foreach_mul_(squares, mu_list)
+        flat = l_flat is not None and d_flat is not None and r_flat is not None and q_flat is not None
+        if flat:  # the operations without g run as one kernel each
+            l_flat.mul_(mu)
+        else:
+            torch._foreach_mul_(squares, mu_list)
         torch._foreach_addcmul_(squares, grads, grads, value=1 - mu)  # l = mu*l + (1-mu)*g^2
-        torch._foreach_copy_(ratio, deltas)
-        workspace.add_(0, eps)  # d + eps
-        torch._foreach_copy_(squares_eps, squares)
-        workspace.add_(1, eps)  # l + eps
+        if flat:
+            torch.add(d_flat, eps, out=r_flat)  # d + eps
+            torch.add(l_flat, eps, out=q_flat)  # l + eps
+        else:
+            torch._foreach_copy_(ratio, deltas)
+            workspace.add_(0, eps)
+            torch._foreach_copy_(squares_eps, squares)
+            workspace.add_(1, eps)
         workspace.div_(0, 1)
         workspace.sqrt_(0)
         torch._foreach_mul_(ratio, grads)  # ratio is now dW
-        torch._foreach_mul_(deltas, mu_list)
+        if flat:
+            d_flat.mul_(mu)
+        else:
+            torch._foreach_mul_(deltas, mu_list)
         torch._foreach_addcmul_(deltas, ratio, ratio, value=1 - mu)
         torch._foreach_add_(params, ratio, alpha=-group["lr"])
 
