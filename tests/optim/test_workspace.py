@@ -145,3 +145,21 @@ def test_state_moves_into_one_tensor_unless_it_is_in_shared_memory(name):
     run(shared_model, shared, x, y, steps=2)
     after = {id(state[buffer]) for state in shared.state.values() for buffer in type(shared).state_names}
     assert after == kept  # still the shared tensors, which other processes update
+
+
+@pytest.mark.parametrize("name", USERS)
+def test_a_flat_group_stepped_per_parameter_keeps_its_state_in_the_flat_buffers(name):
+    """Step counts that differ across the group (a loaded checkpoint) make a flat group step per parameter."""
+    model, x, y = model_and_data(seed=6)
+    plain = optim.create(name, model.parameters())
+    run(model, plain, x, y, steps=2)
+    model[0].bias.grad = None  # one parameter misses a step: its step count falls behind
+    plain.step()
+    flat_model = copy.deepcopy(model)
+    flat = optim.create(name, flat_model.parameters(), flat=True)
+    flat.load_state_dict(copy.deepcopy(plain.state_dict()))
+    torch.testing.assert_close(run(flat_model, flat, x, y), run(model, plain, x, y), rtol=1e-12, atol=1e-13)
+    buffers = flat._flat_groups[0].buffers
+    for p in flat_model.parameters():
+        for buffer in type(flat).state_names:
+            assert flat.state[p][buffer].untyped_storage().data_ptr() == buffers[buffer].data_ptr()

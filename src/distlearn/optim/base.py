@@ -358,7 +358,8 @@ class FirstOrderOptimizer(torch.optim.Optimizer):
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """State buffer ``name`` of ``states`` as a list, and one tensor of which they are consecutive views.
 
-        With ``flat=True`` that tensor is the group's flat buffer. Otherwise the buffers are moved once
+        With ``flat=True`` that tensor is the group's flat buffer (in the per-parameter fallback, the
+        buffers stay where they are: slices of it). Otherwise the buffers are moved once
         into one new tensor (their values copied, the state then holding views of it), so that the
         operations that do not involve parameters or gradients run as one kernel; again after a
         ``load_state_dict``. Buffers in shared memory (a Hogwild! optimizer's) or of mixed dtypes or
@@ -374,7 +375,8 @@ class FirstOrderOptimizer(torch.optim.Optimizer):
         if entry is not None and entry[0] == ids:
             return tensors, entry[1]
         first = tensors[0]
-        if any(t.is_shared() or t.dtype != first.dtype or t.device != first.device for t in tensors):
+        mixed = any(t.dtype != first.dtype or t.device != first.device for t in tensors)
+        if self.flat or mixed or any(t.is_shared() for t in tensors):
             cache[(id(group), name)] = (ids, None)
             return tensors, None
         flat = first.new_empty(sum(t.numel() for t in tensors))
