@@ -6,10 +6,12 @@ default is its per-tensor loop). Three tables: ours by default (the foreach path
 default; ours with ``flat=True`` (one buffer per group, one kernel per operation) against torch's
 default; and both with foreach=True.
 
-Method: 50 Linear(141, 141) layers = 100 tensors, 1,001,850 parameters, float32; gradients filled once
+Method: 50 Linear(141, 141) layers = 100 tensors, 1,001,100 parameters, float32; gradients filled once
 with random values; each trial times ``repeats`` calls of ``step()`` after a warm-up; trials of the
 optimizers are interleaved so that machine noise hits all of them alike; we report the median over
-trials and the ratio of medians (ours / torch). Runs in about two minutes on 2 cores.
+trials and the ratio of medians (ours / torch), wall-clock and, less moved by other processes on a
+shared machine, CPU time of the thread; and the minor page faults per step (fresh memory mapped by the
+kernel, each one costly on a virtual machine). Runs in about a minute on 2 idle cores.
 
     python benchmarks/optim_step.py [--trials 7] [--repeats 20] [--threads 1] [--out FILE.json]
 """
@@ -19,7 +21,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -41,11 +45,20 @@ def make_model() -> nn.Module:
     return model
 
 
-def time_steps(opt: torch.optim.Optimizer, repeats: int) -> float:
+def time_steps(opt: torch.optim.Optimizer, repeats: int) -> tuple[float, float, float]:
+    """Per step: wall seconds, CPU seconds of this thread, and minor page faults.
+
+    CPU time leaves out the time the thread waited for a core, so on a shared machine its ratio moves
+    less than the wall-clock one; page faults count the fresh memory a step had the kernel map.
+    """
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    cpu = time.thread_time()
     start = time.perf_counter()
     for _ in range(repeats):
         opt.step()
-    return (time.perf_counter() - start) / repeats
+    seconds = (time.perf_counter() - start) / repeats
+    cpu_seconds = (time.thread_time() - cpu) / repeats
+    return seconds, cpu_seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / repeats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,14 +94,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     # Optimizers change the weights; the step time does not depend on their values at these scales.
     built = {key: (ours(), theirs()) for key, (ours, theirs) in contenders.items()}
+    load_at_start = list(os.getloadavg())
     for ours, theirs in built.values():  # warm-up: creates the state buffers
         time_steps(ours, 3)
         time_steps(theirs, 3)
     samples: dict[tuple[str, str], dict[str, list[float]]] = {k: {"ours": [], "torch": []} for k in built}
+    cpu: dict[tuple[str, str], dict[str, list[float]]] = {k: {"ours": [], "torch": []} for k in built}
+    faults: dict[tuple[str, str], dict[str, list[float]]] = {k: {"ours": [], "torch": []} for k in built}
     for _ in range(args.trials):
         for key, (ours, theirs) in built.items():
-            samples[key]["ours"].append(time_steps(ours, args.repeats))
-            samples[key]["torch"].append(time_steps(theirs, args.repeats))
+            for side, opt in (("ours", ours), ("torch", theirs)):
+                seconds, cpu_seconds, per_step = time_steps(opt, args.repeats)
+                samples[key][side].append(seconds)
+                cpu[key][side].append(cpu_seconds)
+                faults[key][side].append(per_step)
 
     rows = []
     labels = {
@@ -98,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     for mode, (ours_label, torch_label) in labels.items():
         print(f"\n{mode}: ours {ours_label} vs torch.optim {torch_label}")
-        print(f"{'method':<10} {'ours ms':>9} {'torch ms':>9} {'ratio':>7}  spread(ours/torch, ms)")
+        header = f"{'method':<10} {'ours ms':>9} {'torch ms':>9} {'ratio':>7}  spread(ours/torch, ms)"
+        print(header + "  cpu ratio  page faults/step (ours/torch)")
         for name in METHODS:
             s = samples[(name, mode)]
             ours_ms, torch_ms = statistics.median(s["ours"]) * 1e3, statistics.median(s["torch"]) * 1e3
@@ -108,8 +128,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"{min(s['torch']) * 1e3:.2f}-{max(s['torch']) * 1e3:.2f}"
             )
             verdict = "ok" if ratio <= 0.8 or mode == "foreach" else "ABOVE 0.8"
-            print(f"{name:<10} {ours_ms:>9.3f} {torch_ms:>9.3f} {ratio:>7.2f}  {spread}  {verdict}")
+            ours_faults = statistics.median(faults[(name, mode)]["ours"])
+            torch_faults = statistics.median(faults[(name, mode)]["torch"])
+            c = cpu[(name, mode)]
+            ours_cpu_ms = statistics.median(c["ours"]) * 1e3
+            torch_cpu_ms = statistics.median(c["torch"]) * 1e3
+            print(
+                f"{name:<10} {ours_ms:>9.3f} {torch_ms:>9.3f} {ratio:>7.2f}  {spread}  "
+                f"{ours_cpu_ms / torch_cpu_ms:>9.2f}  {ours_faults:.0f}/{torch_faults:.0f}  {verdict}"
+            )
             row = {"method": name, "mode": mode, "ours_ms": ours_ms, "torch_ms": torch_ms, "ratio": ratio}
+            row.update(ours_cpu_ms=ours_cpu_ms, torch_cpu_ms=torch_cpu_ms)
+            row.update(cpu_ratio=ours_cpu_ms / torch_cpu_ms)
+            row.update(ours_faults_per_step=ours_faults, torch_faults_per_step=torch_faults)
+            row.update(ours_cpu_samples_s=c["ours"], torch_cpu_samples_s=c["torch"])
             rows.append({**row, "ours_samples_s": s["ours"], "torch_samples_s": s["torch"]})
     record = {
         "command": "python " + " ".join(sys.argv),
@@ -117,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
             "processor": platform.processor(),
             "threads": args.threads,
+            "load_average_at_start_and_end": [load_at_start, list(os.getloadavg())],
         },
         "versions": {"torch": str(torch.__version__), "python": platform.python_version()},
         "trials": args.trials,

@@ -29,7 +29,7 @@ import torch
 
 from distlearn.errors import ConfigError
 
-__all__ = ["FirstOrderOptimizer", "FlatGroup", "check_nonnegative", "check_unit_interval"]
+__all__ = ["FirstOrderOptimizer", "FlatGroup", "Workspace", "check_nonnegative", "check_unit_interval"]
 
 
 def check_nonnegative(name: str, value: float, optimizer: str, hint: str) -> None:
@@ -246,15 +246,17 @@ class FirstOrderOptimizer(torch.optim.Optimizer):
             params: list[torch.Tensor] = []
             grads: list[torch.Tensor] = []
             states: list[dict[str, Any]] = []
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
+            all_state = self.state
+            for i, p in enumerate(group["params"]):  # per parameter: kept lean, it runs every step
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise ConfigError(
                         f"{type(self).__name__} does not support sparse gradients; "
                         "use dense embeddings (sparse=False) or torch.optim.SparseAdam"
                     )
-                state = self.state[p]
+                state = all_state[p]
                 if not state:
                     state["step"] = 0
                     for buffer in self.state_names:
@@ -266,20 +268,21 @@ class FirstOrderOptimizer(torch.optim.Optimizer):
                     self._initial_state(group, p, state)
                 state["step"] += 1
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(grad)
                 states.append(state)
             if not params:
                 continue
-            if flat is not None and self._use_foreach(group, params) and self._flat_step(group, flat, states):
+            use_foreach = self._use_foreach(group, params)
+            if flat is not None and use_foreach and self._flat_step(group, flat, states):
                 continue
             if group["weight_decay"]:
-                if self._use_foreach(group, params):
+                if use_foreach:
                     grads = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
                 else:
                     grads = [
                         g.add(p, alpha=group["weight_decay"]) for g, p in zip(grads, params, strict=True)
                     ]
-            if self._use_foreach(group, params):
+            if use_foreach:
                 self._foreach(group, params, grads, states)
             else:
                 for p, g, state in zip(params, grads, states, strict=True):
@@ -333,3 +336,148 @@ class FirstOrderOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _buffers(states: list[dict[str, Any]], name: str) -> list[torch.Tensor]:
         return [state[name] for state in states]
+
+    def _workspace(self, group: dict[str, Any], params: list[torch.Tensor], count: int) -> Workspace:
+        """The group's :class:`Workspace` for ``params``: ``count`` scratch lists, kept from step to step.
+
+        Rebuilt when the group steps a different list of parameters. Not part of the state: never saved.
+        """
+        cache = self.__dict__.setdefault("_workspaces", {})  # not in __getstate__: may be missing
+        first, last = params[0], params[-1]
+        key = (tuple(map(id, params)), count, first.shape, first.dtype, last.shape, last.dtype, last.device)
+        entry = cache.get(id(group))
+        if entry is None or entry.key != key:
+            live = {id(g) for g in self.param_groups}
+            for stale in [k for k in cache if k not in live]:
+                del cache[stale]
+            entry = cache[id(group)] = Workspace(key, params, count)
+        return entry
+
+    def _flat_state(
+        self, group: dict[str, Any], name: str, states: list[dict[str, Any]]
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """State buffer ``name`` of ``states`` as a list, and one tensor of which they are consecutive views.
+
+        With ``flat=True`` that tensor is the group's flat buffer (in the per-parameter fallback, the
+        buffers stay where they are: slices of it). Otherwise the buffers are moved once
+        into one new tensor (their values copied, the state then holding views of it), so that the
+        operations that do not involve parameters or gradients run as one kernel; again after a
+        ``load_state_dict``. Buffers in shared memory (a Hogwild! optimizer's) or of mixed dtypes or
+        devices are left alone: the second value is then None.
+        """
+        tensors = [state[name] for state in states]
+        if len(tensors) == 1:
+            only = tensors[0]
+            return tensors, only.view(-1) if only.is_contiguous() else None
+        cache = self.__dict__.setdefault("_flat_states", {})  # not in __getstate__: may be missing
+        ids = tuple(map(id, tensors))
+        entry = cache.get((id(group), name))
+        if entry is not None and entry[0] == ids:
+            return tensors, entry[1]
+        first = tensors[0]
+        mixed = any(t.dtype != first.dtype or t.device != first.device for t in tensors)
+        if self.flat or mixed or any(t.is_shared() for t in tensors):
+            cache[(id(group), name)] = (ids, None)
+            return tensors, None
+        flat = first.new_empty(sum(t.numel() for t in tensors))
+        views = list(_views_of(flat, tensors))
+        for state, view, tensor in zip(states, views, tensors, strict=True):
+            view.copy_(tensor)
+            state[name] = view
+        cache[(id(group), name)] = (tuple(map(id, views)), flat)
+        return views, flat
+
+
+class Workspace:
+    """Scratch tensors for the batched path, kept from one step to the next, and constant tensor lists.
+
+    ``buffers[k][i]`` is shaped like parameter ``i``: the step writes its intermediate results there
+    instead of into fresh tensors. A list of fresh tensors as large as the model, freed at the end of
+    every step, is memory that the C library may give back to the kernel and fault in again page by
+    page at the next step: RMSProp and Adadelta made two such lists, about 1,900 page faults per step
+    for a model of 1M parameters (benchmarks/optim_step.py counts them).
+
+    When the parameters share dtype and device, each ``buffers[k]`` is a list of views of one contiguous
+    tensor ``flat[k]``, so that operations among scratch buffers alone (:meth:`fill`, :meth:`add_`,
+    :meth:`sqrt_`, :meth:`div_`) run as one kernel instead of one per tensor; they compute exactly what
+    the list operations would.
+
+    :meth:`constant` gives ``value`` in the form the ``torch._foreach_*`` kernels take fastest: on CPU a
+    list of stride-0 views shaped like the parameters (no memory), with which ``_foreach_mul_(xs, c)``
+    computes exactly what ``_foreach_mul_(xs, value)`` does in about half the time (the scalar form
+    wraps the number once per tensor); elsewhere the number itself (CUDA's batched kernels take it
+    directly and want dense tensors).
+    """
+
+    def __init__(self, key: tuple, params: list[torch.Tensor], count: int) -> None:
+        self.key = key
+        self._shapes = [(p.shape, p.dtype, p.device) for p in params]
+        self._constants: dict[float, list[torch.Tensor]] = {}
+        kinds = {(p.dtype, p.device) for p in params}
+        self.flat: list[torch.Tensor | None] = [None] * count
+        if len(kinds) == 1:
+            total = sum(p.numel() for p in params)
+            self.flat = [params[0].new_empty(total) for _ in range(count)]
+            self.buffers = [list(_views_of(flat, params)) for flat in self.flat]
+        else:
+            fmt = torch.contiguous_format
+            self.buffers = [[torch.empty_like(p, memory_format=fmt) for p in params] for _ in range(count)]
+
+    def constant(self, value: float) -> list[torch.Tensor] | float:
+        """``value`` as one read-only stride-0 tensor per parameter on CPU, else ``value`` itself."""
+        views = self._constants.get(value)
+        if views is None:
+            if any(device.type != "cpu" for _, _, device in self._shapes):
+                return value
+            if len(self._constants) >= 8:  # values that change every step (a schedule) are not kept
+                self._constants.clear()
+            scalars: dict[torch.dtype, torch.Tensor] = {}
+            views = []
+            for shape, dtype, _ in self._shapes:
+                scalar = scalars.get(dtype)
+                if scalar is None:
+                    scalar = scalars[dtype] = torch.tensor(value, dtype=dtype)
+                views.append(scalar.expand(shape))
+            self._constants[value] = views
+        return views
+
+    def fill(self, k: int, value: float) -> None:
+        """Set every element of ``buffers[k]`` to ``value``."""
+        flat = self.flat[k]
+        if flat is not None:
+            flat.fill_(value)
+        else:
+            torch._foreach_zero_(self.buffers[k])
+            torch._foreach_add_(self.buffers[k], value)  # 0 + value is value exactly
+
+    def add_(self, k: int, value: float) -> None:
+        """``buffers[k] += value``."""
+        flat = self.flat[k]
+        if flat is not None:
+            flat.add_(value)
+        else:
+            torch._foreach_add_(self.buffers[k], self.constant(value))
+
+    def sqrt_(self, k: int) -> None:
+        """``buffers[k] = sqrt(buffers[k])``."""
+        flat = self.flat[k]
+        if flat is not None:
+            flat.sqrt_()
+        else:
+            torch._foreach_sqrt_(self.buffers[k])
+
+    def div_(self, k: int, j: int) -> None:
+        """``buffers[k] /= buffers[j]``."""
+        flat, divisor = self.flat[k], self.flat[j]
+        if flat is not None and divisor is not None:
+            flat.div_(divisor)
+        else:
+            torch._foreach_div_(self.buffers[k], self.buffers[j])
+
+
+def _views_of(flat: torch.Tensor, params: list[torch.Tensor]) -> Iterable[torch.Tensor]:
+    """Views of ``flat`` shaped like ``params``, one after the other."""
+    offset = 0
+    for p in params:
+        yield flat[offset : offset + p.numel()].view(p.shape)
+        offset += p.numel()

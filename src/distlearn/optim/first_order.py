@@ -235,8 +235,9 @@ class RMSProp(FirstOrderOptimizer):
     2.6e-3 with ``eps=1e-10`` (tests/optim/test_against_torch.py). Tuning: ``mu`` 0.9-0.99, ``lr`` 1e-3.
 
     Implementation: ``state["square_avg_eps"]`` starts at ``eps`` and holds ``s + eps``, updated as
-    ``lerp(s + eps, g^2 + eps, 1 - mu)`` (the same recurrence), so the root needs no extra pass; the
-    batched path is five list operations, as many as torch's RMSprop.
+    ``lerp(s + eps, g^2 + eps, 1 - mu)`` (the same recurrence), so the root needs no extra pass. The
+    batched path writes ``g^2 + eps`` and the denominator into one scratch list kept from step to step
+    (:class:`~distlearn.optim.base.Workspace`) instead of two fresh lists per step.
     """
 
     state_names = ("square_avg_eps",)
@@ -271,24 +272,19 @@ class RMSProp(FirstOrderOptimizer):
 
     def _foreach(self, group, params, grads, states) -> None:
         mu, eps = group["decay"], group["eps"]
-        s_plus_eps = self._buffers(states, "square_avg_eps")
-        target = torch._foreach_addcmul(self._constants(params, eps), grads, grads)  # g^2 + eps
-        torch._foreach_lerp_(s_plus_eps, target, 1 - mu)  # mu*(s + eps) + (1-mu)*(g^2 + eps)
-        denominator = torch._foreach_sqrt(s_plus_eps)
-        torch._foreach_add_(denominator, eps)
-        torch._foreach_addcdiv_(params, grads, denominator, value=-group["lr"])
-
-    def _constants(self, params, value: float) -> list[torch.Tensor]:
-        """One read-only tensor filled with ``value`` per distinct (shape, dtype, device), cached."""
-        cache = self.__dict__.setdefault("_constant_cache", {})
-        out = []
-        for p in params:
-            key = (tuple(p.shape), p.dtype, p.device, value)
-            tensor = cache.get(key)
-            if tensor is None:
-                tensor = cache[key] = torch.full_like(p, value, memory_format=torch.contiguous_format)
-            out.append(tensor)
-        return out
+        s_plus_eps, s_flat = self._flat_state(group, "square_avg_eps", states)
+        workspace = self._workspace(group, params, 1)  # no fresh tensors per step (see Workspace)
+        (work,) = workspace.buffers
+        workspace.fill(0, eps)
+        torch._foreach_addcmul_(work, grads, grads)  # g^2 + eps
+        torch._foreach_lerp_(s_plus_eps, work, 1 - mu)  # mu*(s + eps) + (1-mu)*(g^2 + eps)
+        if s_flat is not None and workspace.flat[0] is not None:  # one kernel for the whole group
+            torch.sqrt(s_flat, out=workspace.flat[0])
+        else:
+            torch._foreach_copy_(work, s_plus_eps)
+            workspace.sqrt_(0)
+        workspace.add_(0, eps)  # sqrt(s + eps) + eps
+        torch._foreach_addcdiv_(params, grads, work, value=-group["lr"])
 
 
 class Adadelta(FirstOrderOptimizer):
@@ -298,7 +294,9 @@ class Adadelta(FirstOrderOptimizer):
     d = mu * d + (1 - mu) * dW^2 ;  W = W - lr * dW`` with ``lr = 1`` as in the paper.
 
     Exactly ``torch.optim.Adadelta(lr, rho=mu, eps=eps)``. Tuning: the paper's ``mu=0.95, eps=1e-6``; the
-    step size grows from ``sqrt(eps)``, so a larger ``eps`` starts faster.
+    step size grows from ``sqrt(eps)``, so a larger ``eps`` starts faster. The batched path writes
+    ``d + eps`` and ``l + eps`` into two scratch lists kept from step to step
+    (:class:`~distlearn.optim.base.Workspace`) instead of two fresh lists per step.
     """
 
     state_names = ("square_avg", "acc_delta")
@@ -332,14 +330,32 @@ class Adadelta(FirstOrderOptimizer):
 
     def _foreach(self, group, params, grads, states) -> None:
         mu, eps = group["decay"], group["eps"]
-        squares, deltas = self._buffers(states, "square_avg"), self._buffers(states, "acc_delta")
-        torch._foreach_mul_(squares, mu)
-        torch._foreach_addcmul_(squares, grads, grads, value=1 - mu)
-        ratio = torch._foreach_add(deltas, eps)
-        torch._foreach_div_(ratio, torch._foreach_add(squares, eps))
-        torch._foreach_sqrt_(ratio)
+        (squares, l_flat), (deltas, d_flat) = (self._flat_state(group, n, states) for n in self.state_names)
+        workspace = self._workspace(group, params, 2)  # no fresh tensors per step (see Workspace)
+        ratio, squares_eps = workspace.buffers
+        r_flat, q_flat = workspace.flat
+        mu_list = workspace.constant(mu)
+        flat = l_flat is not None and d_flat is not None and r_flat is not None and q_flat is not None
+        if flat:  # the operations without g run as one kernel each
+            l_flat.mul_(mu)
+        else:
+            torch._foreach_mul_(squares, mu_list)
+        torch._foreach_addcmul_(squares, grads, grads, value=1 - mu)  # l = mu*l + (1-mu)*g^2
+        if flat:
+            torch.add(d_flat, eps, out=r_flat)  # d + eps
+            torch.add(l_flat, eps, out=q_flat)  # l + eps
+        else:
+            torch._foreach_copy_(ratio, deltas)
+            workspace.add_(0, eps)
+            torch._foreach_copy_(squares_eps, squares)
+            workspace.add_(1, eps)
+        workspace.div_(0, 1)
+        workspace.sqrt_(0)
         torch._foreach_mul_(ratio, grads)  # ratio is now dW
-        torch._foreach_mul_(deltas, mu)
+        if flat:
+            d_flat.mul_(mu)
+        else:
+            torch._foreach_mul_(deltas, mu_list)
         torch._foreach_addcmul_(deltas, ratio, ratio, value=1 - mu)
         torch._foreach_add_(params, ratio, alpha=-group["lr"])
 
