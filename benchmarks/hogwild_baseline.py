@@ -15,6 +15,8 @@ training time (as in benchmarks/async_bench.py), which depends on what else the 
 user + system CPU seconds (``os.wait4``: the process and the processes it waited for) less those of the same
 command stopped after one step (``--steps 1``: start-up, data loading, the final evaluation), per training
 example -- what one example costs a process, which the other jobs' load does not change much.
+The result file also holds, from the 2.29x run's own evaluations, each configuration's fastest, median and
+slowest milliseconds per step (``old_run_stretches``; ``--stretches-only`` adds them to an existing file).
 Evaluation during training is off (``--eval-every 0``; its time is excluded from ``train_seconds`` anyway).
 Writes benchmarks/results/hogwild_baseline.json (every trial, the load averages, the commands)::
 
@@ -40,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from async_bench import DISTLEARN, HOGWILD, ROOT, read_run  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "hogwild_baseline.json"
+OLD_RUN = ROOT / "benchmarks" / "results" / "async_bench-2026-11-30-lenet-90.json"  # the 2.29x
 SINGLE = HOGWILD["single 1 thread"]
 # name -> (flags, extra environment, how many copies run at once)
 CONFIGS: dict[str, tuple[list[str], dict[str, str], int]] = {
@@ -113,6 +116,22 @@ def trial(args: argparse.Namespace, name: str, scratch: Path, round_: int) -> di
     return record
 
 
+def stretches(path: Path) -> dict[str, dict[str, float]]:
+    """Milliseconds per step between consecutive evaluations of each run of an async_bench result file.
+
+    Each interval holds 200 steps and one evaluation of the same size for every run, so the fastest and the
+    median interval of one run show how much its speed varied while it ran (the other jobs' load).
+    """
+    out = {}
+    for name, run in json.loads(path.read_text())["hogwild"].items():
+        evals = run["evals"]
+        per_step = [1000 * (b["wall_time"] - a["wall_time"]) / (b["step"] - a["step"])
+                    for a, b in zip(evals, evals[1:], strict=False) if b["step"] > a["step"]]  # fmt: skip
+        out[name] = {"fastest_ms_per_step": min(per_step), "median_ms_per_step": statistics.median(per_step),
+                     "slowest_ms_per_step": max(per_step), "intervals": len(per_step)}  # fmt: skip
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -122,7 +141,13 @@ def main() -> int:
     parser.add_argument("--test-samples", type=int, default=2000)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--stretches-only", action="store_true", help="add old_run_stretches to --out")
     args = parser.parse_args()
+    if args.stretches_only:
+        record = json.loads(Path(args.out).read_text())
+        record.update(old_run=OLD_RUN.name, old_run_stretches=stretches(OLD_RUN))
+        Path(args.out).write_text(json.dumps(record, indent=1))
+        return 0
     names = list(CONFIGS)
     trials: dict[str, list[dict]] = {name: [] for name in names}
     load_start = os.getloadavg()
@@ -171,6 +196,8 @@ def main() -> int:
             "load_at_end": os.getloadavg(),
         },  # fmt: skip
         "trials": trials,
+        "old_run": OLD_RUN.name,
+        "old_run_stretches": stretches(OLD_RUN),
         "summary": summary,
     }
     Path(args.out).write_text(json.dumps(results, indent=1))
