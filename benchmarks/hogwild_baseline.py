@@ -156,6 +156,8 @@ def main() -> int:
             order = names[round_ % len(names) :] + names[: round_ % len(names)]  # rotated each round
             for name in order:
                 trials[name].append(trial(args, name, Path(scratch), round_))
+                partial = {"argv": sys.argv, "partial": True, "trials": trials}  # kept if a later trial dies
+                Path(args.out).write_text(json.dumps(partial, indent=1))
     base = [t["samples_per_s"] for t in trials["single 1 thread"]]
     summary = {}
     for name, runs in trials.items():
