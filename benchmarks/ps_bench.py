@@ -297,7 +297,7 @@ def main() -> int:
     if args.child_pushes:
         child_pushes(json.loads(args.child_pushes))
         return 0
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()
     record: dict = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     with tempfile.TemporaryDirectory(prefix="ps-bench-") as scratch:
         if args.part in ("all", "pushes"):
@@ -306,10 +306,18 @@ def main() -> int:
             record["accuracy"] = accuracy_part(args, Path(scratch))
     record.update(
         command="python benchmarks/ps_bench.py " + " ".join(sys.argv[1:]),
-        machine={"platform": platform.platform(), "cores": os.cpu_count(), "load_average": os.getloadavg()},
+        machine={
+            "platform": platform.platform(),
+            "cores": os.cpu_count(),
+            "load_average_before": load_before,
+            "load_average": os.getloadavg(),
+        },  # fmt: skip
         versions={"torch": str(torch.__version__), "python": platform.python_version()},
         seconds=time.perf_counter() - started,
-        note="measured while other jobs shared the 2 cores (see load_average)",
+        # what the machine was doing, from the load averages only (the benchmark's own processes add about 2
+        # while it runs): no fixed wording that could contradict them
+        note=f"load average (1, 5, 15 min) {', '.join(f'{x:.1f}' for x in load_before)} before the run, "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} after it, on {os.cpu_count()} cores",
     )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(record, indent=1) + "\n")

@@ -167,7 +167,7 @@ SUITES: dict[str, Suite] = {
         "mnist",
         "mnist",
         "mlp",
-        "every strategy on the MNIST split (8,000 / 2,000 of the test set), MLP, 5 epochs, R = 2",
+        "every strategy on the MNIST test-set split (8,000/2,000), MLP, 5 epochs, R = 2",
         epochs=5,
         target=0.93,
         eval_every=25,
