@@ -5,8 +5,8 @@ Reads the loopback fit (alpha, gamma) of ``benchmarks/cost_model_fit.py`` and pu
 and Rabenseifner against the hierarchical reducer (shm within a host of L ranks on the memory network, the
 inner reducer across hosts). A projection from a model, not a measurement.
 
-    python benchmarks/hierarchical_projection.py [--fit benchmarks/results/cost_model_fit-2026-11-30-quiet.json]
-        [--out benchmarks/results/hierarchical_projection]
+    python benchmarks/hierarchical_projection.py
+        [--fit benchmarks/results/cost_model_fit-2026-11-30-quiet.json] [--out benchmarks/results/hierarchical_projection]
 
 Writes ``OUT.json`` (the numbers, the inputs, the command) and ``OUT.md`` (the table docs/sync-reducers.md
 shows).
@@ -24,10 +24,11 @@ from distlearn.tables import markdown_table
 
 NBYTES = 25e6
 RANKS = (8, 32, 256)
-ROWS = (  # label, algorithm, link Gb/s, local size L, inner
+ROWS = (  # fmt: skip -- label, algorithm, link Gb/s, local size L, inner
     ("ring, 10 Gb/s", "ring", 10, 1, "ring"),
     ("Rabenseifner, 10 Gb/s", "rabenseifner", 10, 1, "ring"),
-    ("hierarchical, L = 2 (this machine's R = 2 per host), ring across, 10 Gb/s", "hierarchical", 10, 2, "ring"),
+    ("hierarchical, L = 2 (this machine's R = 2 per host), ring across, 10 Gb/s",
+     "hierarchical", 10, 2, "ring"),
     ("hierarchical, L = 8, ring across, 10 Gb/s", "hierarchical", 10, 8, "ring"),
     ("ring, 100 Gb/s", "ring", 100, 1, "ring"),
     ("Rabenseifner, 100 Gb/s", "rabenseifner", 100, 1, "ring"),
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     header = ["projected ms, 25 MB bucket", *(f"R = {p}" if i == 0 else str(p) for i, p in enumerate(RANKS))]
     body = [[r["label"], *(f"{ms:.1f}" for ms in r["ms"])] for r in table]  # type: ignore[union-attr]
     markdown = markdown_table(header, body)
-    command = "python benchmarks/hierarchical_projection.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python benchmarks/hierarchical_projection.py " + " ".join(given)
     record = {"benchmark": "hierarchical_projection", "command": command.strip(), "fit": args.fit,
               "alpha_s": alpha, "gamma_s_per_byte": gamma, "nbytes": NBYTES, "ranks": list(RANKS),
               "rows": table}  # fmt: skip
