@@ -6,7 +6,8 @@ and Rabenseifner against the hierarchical reducer (shm within a host of L ranks 
 inner reducer across hosts). A projection from a model, not a measurement.
 
     python benchmarks/hierarchical_projection.py
-        [--fit benchmarks/results/cost_model_fit-2026-11-30-quiet.json] [--out benchmarks/results/hierarchical_projection]
+        [--fit benchmarks/results/cost_model_fit-2026-11-30-quiet.json]
+        [--out benchmarks/results/hierarchical_projection]
 
 Writes ``OUT.json`` (the numbers, the inputs, the command) and ``OUT.md`` (the table docs/sync-reducers.md
 shows).
