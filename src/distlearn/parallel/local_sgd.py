@@ -103,6 +103,7 @@ class LocalSGD(Strategy):
         self._context: DistContext | None = None
         self._owns_group = False
         self._restored_step: int | None = None
+        self._waited = False
 
     # -- life cycle ---------------------------------------------------------------------------------------
 
@@ -167,6 +168,7 @@ class LocalSGD(Strategy):
             averager.step >= averager.warmup_steps
             and (averager.step - averager.warmup_steps) % averager.period == 0
         )
+        self._waited = self.world_size > 1 and (due or step < self.warmup_steps)
         if due and self.world_size > 1:
             self.bytes_sent += sum(p.numel() * p.element_size() for p in self._params)
             self.averages += 1
@@ -177,6 +179,9 @@ class LocalSGD(Strategy):
                 f"rank {self.rank}: parameter averaging at step {step + 1} failed ({error}); "
                 "a peer may have died"
             ) from error
+
+    def waits_for_all(self, step: int) -> bool:
+        return self._waited  # an averaging (or a warm-up allreduce) this step
 
     # -- metrics and checkpoints --------------------------------------------------------------------------
 

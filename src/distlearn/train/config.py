@@ -40,6 +40,7 @@ from distlearn.models import MODELS
 from distlearn.models.factory import is_import_path
 from distlearn.parallel import STRATEGIES, strategy_class
 from distlearn.parallel.base import make_options, option_names
+from distlearn.train.straggler import check_stragglers, parse_distribution, parse_stragglers
 
 __all__ = [
     "TrainConfig",
@@ -125,6 +126,15 @@ class TrainConfig:
     resumes from the newest checkpoint in OUT/checkpoints (see --checkpoint-every), or starts over if none"""
     seed: int = 0
     """seed for weights, data order, dropout and augmentation"""
+    straggler: tuple[str, ...] = ()
+    """slow ranks down: RANK:DELAY_MS sleeps DELAY_MS at the start of each of that rank's steps, e.g.
+    --straggler 1:50 3:20 (see distlearn.train.straggler)"""
+    straggler_dist: str = "none"
+    """a random delay at the start of every training rank's steps, drawn per (seed, rank, step):
+    exp:MEAN_MS, lognormal:MEDIAN_MS:SIGMA, uniform:LO_MS:HI_MS, or none"""
+    sim_clock: bool = False
+    """keep the simulated clock (per step: CPU time + delay; a synchronous step lasts as long as its slowest
+    replica) without stragglers; records then carry extra.sim_time_s (on whenever stragglers are given)"""
     deterministic: bool = True
     """use torch's deterministic algorithms (identical runs per seed)"""
     threads: int | None = None
@@ -220,6 +230,8 @@ class TrainConfig:
                 "no full batch; raise --train-samples or lower --batch-size"
             )
         parse_options(self.optimizer_option)
+        parse_stragglers(self.straggler)  # RANK:DELAY_MS, delay >= 0; the rank's range: validate_config
+        parse_distribution(self.straggler_dist)
 
     def _validate_amp(self) -> None:
         check_amp(self.amp)
@@ -273,6 +285,9 @@ def validate_config(
     if check_optimizer and check_strategy:
         config.options.check(config)  # strategies that cannot use CUDA refuse --device cuda here
         config.options.check_job(config, job_processes(config))
+    if config.straggler:
+        processes = job_processes(config)
+        check_stragglers(config, processes, config.options.idle_ranks(processes))
     if config.device == "cuda":
         resolve_device("cuda", 0)  # a ConfigError naming the fix where torch sees no CUDA device
 
