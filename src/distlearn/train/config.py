@@ -132,6 +132,9 @@ class TrainConfig:
     straggler_dist: str = "none"
     """a random delay at the start of every training rank's steps, drawn per (seed, rank, step):
     exp:MEAN_MS, lognormal:MEDIAN_MS:SIGMA, uniform:LO_MS:HI_MS, or none"""
+    straggler_sleep_scale: float = 1.0
+    """sleep this many times each delay (the simulated clock still counts the delay once): on a machine
+    with k processes per core, k keeps a straggler as far behind its peers in wall time as on the clock"""
     sim_clock: bool = False
     """keep the simulated clock (per step: CPU time + delay; a synchronous step lasts as long as its slowest
     replica) without stragglers; records then carry extra.sim_time_s (on whenever stragglers are given)"""
@@ -232,6 +235,7 @@ class TrainConfig:
         parse_options(self.optimizer_option)
         parse_stragglers(self.straggler)  # RANK:DELAY_MS, delay >= 0; the rank's range: validate_config
         parse_distribution(self.straggler_dist)
+        positive("straggler_sleep_scale", self.straggler_sleep_scale, allow_zero=True)
 
     def _validate_amp(self) -> None:
         check_amp(self.amp)

@@ -17,8 +17,12 @@ core) and the delay it was given. When a step made every replica wait for every 
 synchronous step lasts as long as its slowest replica, as on a machine with a core per process. An
 asynchronous worker (parameter server, Hogwild!, asynchronous EASGD) keeps its own clock: it waits for
 nobody. The clock is kept with stragglers, or with ``--sim-clock`` alone; eval and train records then carry
-``extra["sim_time_s"]`` and each rank's summary ``sim_time_s``, ``straggler_delay_s`` (the delay it slept in
-total) and ``compute_cpu_s``.
+``extra["sim_time_s"]`` and each rank's summary ``sim_time_s``, ``straggler_delay_s`` (the delay it was
+given in total) and ``compute_cpu_s``.
+
+``--straggler-sleep-scale k`` sleeps ``k`` times each delay while the clock counts it once: with ``k``
+processes per core a step takes about ``k`` times its CPU time in wall time, and ``k`` keeps the straggler as
+far behind its peers in wall time (which decides the order of asynchronous pushes) as on the clock.
 
 *Limits:* the sleep is real (the straggler really is slower in wall time, and an asynchronous run's
 staleness comes from the real order of pushes, on a loaded machine); a parameter server's synchronous
@@ -139,7 +143,7 @@ class SimClock:
         self.active = clock_wanted(config)
         self.fixed_ms = parse_stragglers(config.straggler).get(strategy.rank, 0.0)
         self.seconds = 0.0  # the simulated clock
-        self.delay_s = 0.0  # slept in total
+        self.delay_s = 0.0  # delays given in total (the sleep is --straggler-sleep-scale times it)
         self.compute_s = 0.0  # CPU time of the steps in total
         self._cpu = 0.0
         self._delay = 0.0
@@ -152,7 +156,7 @@ class SimClock:
         ms = self.fixed_ms + drawn
         self._delay = ms / 1000.0
         if self._delay > 0:
-            time.sleep(self._delay)
+            time.sleep(self._delay * self.config.straggler_sleep_scale)
         self._cpu = time.process_time()
 
     def end(self, step: int) -> None:
