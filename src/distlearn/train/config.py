@@ -40,7 +40,7 @@ from distlearn.models import MODELS
 from distlearn.models.factory import is_import_path
 from distlearn.parallel import STRATEGIES, strategy_class
 from distlearn.parallel.base import make_options, option_names
-from distlearn.train.straggler import check_stragglers, parse_distribution, parse_stragglers
+from distlearn.train.straggler import check_stragglers
 
 __all__ = [
     "TrainConfig",
@@ -233,9 +233,6 @@ class TrainConfig:
                 "no full batch; raise --train-samples or lower --batch-size"
             )
         parse_options(self.optimizer_option)
-        parse_stragglers(self.straggler)  # RANK:DELAY_MS, delay >= 0; the rank's range: validate_config
-        parse_distribution(self.straggler_dist)
-        positive("straggler_sleep_scale", self.straggler_sleep_scale, allow_zero=True)
 
     def _validate_amp(self) -> None:
         check_amp(self.amp)
@@ -289,9 +286,10 @@ def validate_config(
     if check_optimizer and check_strategy:
         config.options.check(config)  # strategies that cannot use CUDA refuse --device cuda here
         config.options.check_job(config, job_processes(config))
-    if config.straggler:
-        processes = job_processes(config)
-        check_stragglers(config, processes, config.options.idle_ranks(processes))
+    # here, not in validate(): the command line prints a ConfigError of validate_config in one line
+    positive("straggler_sleep_scale", config.straggler_sleep_scale, allow_zero=True)
+    processes = job_processes(config) if config.straggler else 1
+    check_stragglers(config, processes, config.options.idle_ranks(processes))  # forms, delays, ranks
     if config.device == "cuda":
         resolve_device("cuda", 0)  # a ConfigError naming the fix where torch sees no CUDA device
 
