@@ -346,9 +346,41 @@ def tables() -> None:
             )
             summary.append(row)
         lines.append("")
+    for path in sorted(RESULTS.glob("stragglers-*-R*.json")):
+        plot(path)
     (RESULTS / "stragglers.md").write_text("\n".join(lines))
     (RESULTS / "stragglers-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print("\n".join(lines))
+
+
+def plot(path: Path) -> None:
+    """docs/img/<result name>.png: mean test accuracy over seeds against steps and against simulated time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = json.loads(path.read_text())["runs"]
+    figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(10, 4))
+    for method, period in sorted({(r["method"], r["period"]) for r in runs}):
+        mine = [r for r in runs if (r["method"], r["period"]) == (method, period)]
+        steps = sorted({p["step"] for r in mine for p in r["curve"]})
+        steps = [s for s in steps if all(any(p["step"] == s for p in r["curve"]) for r in mine)]
+        point = {(id(r), p["step"]): p for r in mine for p in r["curve"]}
+        accuracy = [statistics.fmean(100 * point[id(r), s]["accuracy"] for r in mine) for s in steps]
+        times = [statistics.fmean(point[id(r), s]["sim_time_s"] or math.nan for r in mine) for s in steps]
+        label = method if "-a-" in path.name else f"{method} tau={period}"
+        by_step.plot(steps, accuracy, marker="o", label=label)
+        by_time.plot(times, accuracy, marker="o", label=label)
+    seeds = len({r["seed"] for r in runs})
+    by_step.set(xlabel="steps of the main worker (B = 64 examples each)", ylabel="test accuracy (%)")
+    by_time.set(xlabel="simulated time (s)", ylabel="test accuracy (%)")
+    by_step.set_title(f"{path.name}: mean of {seeds} seed(s)", fontsize=9)
+    by_time.set_xscale("log")
+    by_step.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(ROOT / "docs" / "img" / path.with_suffix(".png").name, dpi=90)
+    plt.close(figure)
 
 
 def main() -> None:
