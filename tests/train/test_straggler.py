@@ -62,6 +62,20 @@ def test_straggler_specs_parse_and_add_up_per_rank():
             parse_stragglers([bad])
 
 
+def test_the_flag_repeats_and_a_config_file_holds_a_list(tmp_path):
+    from distlearn.train.config import config_to_toml, load_config_file
+    from distlearn.train_cli import parse_config
+
+    flags = ["--strategy", "sync", "--workers", "3", "--straggler", "1:50", "--straggler", "2:10"]
+    config = parse_config([*flags, "--straggler-dist", "exp:5"])
+    assert config.straggler == ("1:50", "2:10") and config.straggler_dist == "exp:5"
+    assert parse_config(["--strategy", "sync"]).straggler == ()
+    path = tmp_path / "run.toml"
+    path.write_text(config_to_toml(config))
+    again = load_config_file(path)
+    assert again.straggler == ("1:50", "2:10") and again.straggler_dist == "exp:5"
+
+
 def test_distribution_specs_parse_and_bad_ones_name_the_forms():
     assert parse_distribution("none") is None
     assert parse_distribution("exp:20") == ("exp", (20.0,))

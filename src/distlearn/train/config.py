@@ -126,9 +126,9 @@ class TrainConfig:
     resumes from the newest checkpoint in OUT/checkpoints (see --checkpoint-every), or starts over if none"""
     seed: int = 0
     """seed for weights, data order, dropout and augmentation"""
-    straggler: tuple[str, ...] = ()
-    """slow ranks down: RANK:DELAY_MS sleeps DELAY_MS at the start of each of that rank's steps, e.g.
-    --straggler 1:50 3:20 (see distlearn.train.straggler)"""
+    straggler: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """slow a rank down: RANK:DELAY_MS sleeps DELAY_MS at the start of each of that rank's steps; repeat the
+    flag for more ranks, e.g. --straggler 1:50 --straggler 3:20 (see distlearn.train.straggler)"""
     straggler_dist: str = "none"
     """a random delay at the start of every training rank's steps, drawn per (seed, rank, step):
     exp:MEAN_MS, lognormal:MEDIAN_MS:SIGMA, uniform:LO_MS:HI_MS, or none"""
