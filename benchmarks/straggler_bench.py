@@ -330,6 +330,7 @@ def rows(path: Path) -> list[dict[str, Any]]:
             row["mean_staleness"] = mean_std([s["mean_staleness"] for s in servers])
             row["max_staleness"] = max(s["max_staleness"] for s in servers)
             row["dropped"] = mean_std([s["dropped"] for s in servers])
+            row["server_versions"] = mean_std([s["versions"] for s in servers])
         out.append(row)
     return out
 
@@ -349,8 +350,8 @@ def tables() -> None:
         lines += [
             "| method | period | seeds | test acc. at end (%) | test acc. at equal sim time (%) "
             f"| sim time (s) | sim time to {100 * TARGET:.0f}% (s) | staleness mean | staleness max "
-            "| dropped |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| dropped | server updates |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in rows(path):
             lines.append(
@@ -358,7 +359,7 @@ def tables() -> None:
                 f"{fmt(row['accuracy_at_budget'])} (budget {row['budget_sim_s']:.2f} s) | "
                 f"{fmt(row['sim_time_s'])} | {fmt(row['sim_time_to_target_s'])} ({row['reached_target']}) "
                 f"| {fmt(row.get('mean_staleness'))} | {row.get('max_staleness', '-')} | "
-                f"{fmt(row.get('dropped'), 0)} |"
+                f"{fmt(row.get('dropped'), 0)} | {fmt(row.get('server_versions'), 0)} |"
             )
             summary.append(row)
         lines.append("")
