@@ -147,12 +147,15 @@ def collect(run_dir: str | Path, target: float) -> dict[str, Any]:
         raise ValueError(f"{run_dir}: no process wrote a summary record; did the run finish?")
     evals = [r for r in main if r.kind == "eval" and r.accuracy is not None]
     hit = next((r for r in evals if r.accuracy >= target), None)
-    bytes_sent, staleness = 0, []
+    bytes_sent, staleness, delays = 0, [], {}
     for path in sorted(run_dir.glob("metrics*.jsonl")):
         records = read_metrics(path)
         last = next((r for r in reversed(records) if r.bytes_sent is not None), None)
         bytes_sent += last.bytes_sent if last is not None else 0
         staleness += [r.staleness for r in records if r.staleness is not None]
+        done = next((r for r in reversed(records) if r.kind == "summary"), None)
+        if done is not None and "straggler_delay_s" in done.extra:  # --straggler, --straggler-dist
+            delays[str(done.rank)] = done.extra["straggler_delay_s"]
     extra = summary.extra
     return {
         "final_accuracy": summary.accuracy,
@@ -168,7 +171,12 @@ def collect(run_dir: str | Path, target: float) -> dict[str, Any]:
         "parameters": extra.get("parameters"),
         "strategy_description": extra.get("strategy"),
         "dataset_note": extra.get("dataset_note"),
-        "curve": [{"wall_time": r.wall_time, "step": r.step, "accuracy": r.accuracy} for r in evals],
+        "curve": [
+            {"wall_time": r.wall_time, "step": r.step, "accuracy": r.accuracy}
+            | ({"sim_time_s": r.extra["sim_time_s"]} if "sim_time_s" in r.extra else {})
+            for r in evals
+        ],
+        **({"straggler_delay_s": delays, "sim_time_s": extra.get("sim_time_s")} if delays else {}),
     }
 
 

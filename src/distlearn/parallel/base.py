@@ -127,6 +127,11 @@ class StrategyOptions:
         """
         check_global_batch(run.batch_size, self.batch_takers(processes))
 
+    def idle_ranks(self, processes: int) -> tuple[int, ...]:
+        """The ranks of a job of ``processes`` that run no training steps (servers, a centre): a straggler
+        there would slow nothing, so ``--straggler`` refuses them (default: none)."""
+        return ()
+
 
 def option_names(options_class: type) -> list[str]:
     """The field names of an options dataclass (its flags without the dashes)."""
@@ -432,6 +437,12 @@ class Strategy:
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """After ``optimizer.step()``: combine parameters (local SGD averaging, EASGD's elastic pull)."""
+
+    def waits_for_all(self, step: int) -> bool:
+        """True when step ``step`` (just taken) made every replica wait for every other (an allreduce): the
+        simulated clock then takes the slowest replica's (:mod:`distlearn.train.straggler`). Default False:
+        each process keeps its own clock."""
+        return False
 
     def use_grad_scaler(self, scaler: Any) -> None:
         """Told once after :meth:`prepare` of the fp16 loss scaler (a ``torch.amp.GradScaler``; None without

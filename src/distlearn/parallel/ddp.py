@@ -100,6 +100,9 @@ class TorchDDP(Strategy):
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         self._steps += 1
 
+    def waits_for_all(self, step: int) -> bool:
+        return self.world_size > 1  # every backward allreduces the gradients
+
     def evaluation_model(self, model: nn.Module) -> nn.Module:
         """The module inside the DDP wrapper: only rank 0 evaluates, and DDP's forward is a collective
         (it broadcasts buffers such as BatchNorm statistics), which would wait for the other ranks."""

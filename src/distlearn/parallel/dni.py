@@ -55,6 +55,9 @@ class DNIOptions(StrategyOptions):
         """1: every stage works on the whole batch."""
         return 1
 
+    def idle_ranks(self, processes: int) -> tuple[int, ...]:
+        return tuple(range(processes))  # the stages run their own loop (distlearn.dni), not the trainer's
+
 
 def dni_config_of(config: Any, options: DNIOptions | None = None) -> DNIConfig:
     """The :class:`~distlearn.dni.pipeline.DNIConfig` of a run's config and its DNI options."""

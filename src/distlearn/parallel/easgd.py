@@ -156,6 +156,9 @@ class EASGDOptions(StrategyOptions):
         """The workers: every rank in sync mode, all but the centre (rank 0) in async mode."""
         return processes - 1 if self.easgd_mode == "async" else processes
 
+    def idle_ranks(self, processes: int) -> tuple[int, ...]:
+        return (0,) if self.easgd_mode == "async" else ()  # the centre rank
+
     def check_job(self, run: Any, processes: int) -> None:
         if self.easgd_mode == "async" and processes < 2:
             raise ConfigError("--easgd-mode async needs a centre rank and a worker: use --workers 2 or more")
@@ -329,6 +332,10 @@ class ElasticAveraging(Strategy):
                 p.sub_(self._pending[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
         self._pending = None
+
+    def waits_for_all(self, step: int) -> bool:
+        """The synchronous form's exchange steps allreduce; the asynchronous form waits for nobody."""
+        return self.mode == "sync" and self.world_size > 1 and step % self.tau == 0
 
     def evaluation_model(self, model: nn.Module) -> nn.Module:
         """The centre variable ``x~`` in a copy of the model (rank 0's buffers)."""

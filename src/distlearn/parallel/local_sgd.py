@@ -104,6 +104,7 @@ class LocalSGD(Strategy):
         self._context: DistContext | None = None
         self._owns_group = False
         self._restored_step: int | None = None
+        self._waited = False
 
     # -- life cycle ---------------------------------------------------------------------------------------
 
@@ -168,6 +169,7 @@ class LocalSGD(Strategy):
             averager.step >= averager.warmup_steps
             and (averager.step - averager.warmup_steps) % averager.period == 0
         )
+        self._waited = self.world_size > 1 and (due or step < self.warmup_steps)
         if due and self.world_size > 1:
             # torch's averager allreduces the parameters as one flat tensor: counted as gloo's ring
             numel = sum(p.numel() for p in self._params)
@@ -181,6 +183,9 @@ class LocalSGD(Strategy):
                 f"rank {self.rank}: parameter averaging at step {step + 1} failed ({error}); "
                 "a peer may have died"
             ) from error
+
+    def waits_for_all(self, step: int) -> bool:
+        return self._waited  # an averaging (or a warm-up allreduce) this step
 
     # -- metrics and checkpoints --------------------------------------------------------------------------
 

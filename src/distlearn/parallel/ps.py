@@ -53,9 +53,8 @@ of the reply -- go through two blocks both processes map, and only the header tr
 one small message each way per push instead of a header and a payload each way through loopback TCP. The
 server's optimizer reads a single pushed gradient in the block, and the worker's parameters are rebound to
 views of its reply block at the first shared pull, so neither side copies the shard (a parameter that
-something else rebound since is copied into instead). Compressed pushes still send their packed bytes
-over the backend; ``shared_memory=False``
-(``--no-ps-shared-memory``) sends everything over the backend, as between machines.
+something else rebound since is copied into instead). Compressed pushes still send their packed bytes over
+the backend; ``shared_memory=False`` (``--no-ps-shared-memory``) sends all over it, as between machines.
 
 Fault handling: a server posts one receive per worker, so a worker that dies (its connection closes) is lost
 at once and alone; workers send heartbeats (a header without payload) every ``worker_timeout / 4`` seconds
@@ -175,6 +174,9 @@ class PSOptions(CompressionOptions):
     def batch_takers(self, processes: int) -> int:
         """The workers whose gradients make a step: all but the servers and the backup workers."""
         return processes - self.servers - self.backup_workers
+
+    def idle_ranks(self, processes: int) -> tuple[int, ...]:
+        return tuple(range(self.servers))  # the servers
 
     def check_job(self, run: Any, processes: int) -> None:
         self.check_roles(processes)

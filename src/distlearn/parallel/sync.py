@@ -280,6 +280,9 @@ class SyncDataParallel(Strategy):
         if self.check_every and (step + 1) % self.check_every == 0:
             self.check_replicas(model, step + 1)
 
+    def waits_for_all(self, step: int) -> bool:
+        return self.world_size > 1  # every step allreduces the gradients
+
     def check_replicas(self, model: nn.Module, step: int) -> None:
         """Raise CommError if the replicas' weights differ (compares a checksum across ranks), and
         DivergenceError if any rank's weights are not finite."""

@@ -40,6 +40,7 @@ from distlearn.models import MODELS
 from distlearn.models.factory import is_import_path
 from distlearn.parallel import STRATEGIES, strategy_class
 from distlearn.parallel.base import make_options, option_names
+from distlearn.train.straggler import check_stragglers
 
 __all__ = [
     "TrainConfig",
@@ -125,6 +126,18 @@ class TrainConfig:
     resumes from the newest checkpoint in OUT/checkpoints (see --checkpoint-every), or starts over if none"""
     seed: int = 0
     """seed for weights, data order, dropout and augmentation"""
+    straggler: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """slow a rank down: RANK:DELAY_MS sleeps DELAY_MS at the start of each of that rank's steps; repeat the
+    flag for more ranks, e.g. --straggler 1:50 --straggler 3:20 (see distlearn.train.straggler)"""
+    straggler_dist: str = "none"
+    """a random delay at the start of every training rank's steps, drawn per (seed, rank, step):
+    exp:MEAN_MS, lognormal:MEDIAN_MS:SIGMA, uniform:LO_MS:HI_MS, or none"""
+    straggler_sleep_scale: float = 1.0
+    """sleep this many times each delay (the simulated clock still counts the delay once): on a machine
+    with k processes per core, k keeps a straggler as far behind its peers in wall time as on the clock"""
+    sim_clock: bool = False
+    """keep the simulated clock (per step: CPU time + delay; a synchronous step lasts as long as its slowest
+    replica) without stragglers; records then carry extra.sim_time_s (on whenever stragglers are given)"""
     deterministic: bool = True
     """use torch's deterministic algorithms (identical runs per seed)"""
     threads: int | None = None
@@ -273,6 +286,10 @@ def validate_config(
     if check_optimizer and check_strategy:
         config.options.check(config)  # strategies that cannot use CUDA refuse --device cuda here
         config.options.check_job(config, job_processes(config))
+    # here, not in validate(): the command line prints a ConfigError of validate_config in one line
+    positive("straggler_sleep_scale", config.straggler_sleep_scale, allow_zero=True)
+    processes = job_processes(config) if config.straggler else 1
+    check_stragglers(config, processes, config.options.idle_ranks(processes))  # forms, delays, ranks
     if config.device == "cuda":
         resolve_device("cuda", 0)  # a ConfigError naming the fix where torch sees no CUDA device
 

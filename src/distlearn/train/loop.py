@@ -79,6 +79,7 @@ from distlearn.train.state import (
     set_rng_state,
     torch_settings,
 )
+from distlearn.train.straggler import SimClock
 
 __all__ = ["TrainResult", "train"]
 
@@ -178,6 +179,7 @@ class _Run:
         self.state = RunState()
         self.window = Window(classify=data.classification, device=self.device)
         self.resumed_from: int | None = None  # the checkpoint's step when this run continues another
+        self.clock = SimClock(config, strategy)  # --straggler delays and the simulated clock
         if config.resume is not None:
             self._restore(config.resume)
             self.resumed_from = self.state.step
@@ -239,6 +241,7 @@ class _Run:
             self.strategy.load_state_dict(saved["strategy"])
             self.precision.load_state_dict(saved.get("amp"))
             self.state = RunState.from_position(saved["position"])
+            self.clock.load_state_dict(saved.get("sim_clock"))
             set_rng_state(saved["rng"], self.augment_generator, self.device)
             if saved.get("window") is not None and self.strategy.is_main:  # the partial window it saved
                 self.window.load_state_dict(saved["window"])
@@ -269,6 +272,7 @@ class _Run:
             start_step=state.step_in_epoch,
         )
         for indices in batches:
+            self.clock.begin(state.step)  # a straggler's step starts late (--straggler, --straggler-dist)
             generator = self.augment_generator if self.data.augment else None
             x = self.data.transform(self.data.train_images[indices], generator)
             x, y = to_device((x, self.data.train_labels[indices]), self.device)  # pinned, non-blocking
@@ -278,6 +282,7 @@ class _Run:
             blocked = time.perf_counter()
             self.strategy.after_step(self.model, self.optimizer, state.step)
             self.window.comm += time.perf_counter() - blocked
+            self.clock.end(state.step)
             state.step += 1
             state.step_in_epoch += 1
             state.samples += len(y)
@@ -383,6 +388,8 @@ class _Run:
     def _record(self, kind: str, **fields: Any) -> MetricRecord:
         step = self.state.step
         self.guard.check(step, self.model, self.optimizer)  # no record of a diverged state: DivergenceError
+        if self.clock.active:
+            fields["extra"] = {**fields.get("extra", {}), **self.clock.fields()}
         return MetricRecord(
             kind=kind, step=step, epoch=step / self.steps_per_epoch, wall_time=self.now(), lr=self._lr(),
             **self._stats(), **fields,
@@ -435,6 +442,7 @@ class _Run:
             "position": self.state.position(self.now(), epoch_complete),
             "rng": rng_state(self.augment_generator, self.device),
             "window": self.window.state_dict(),  # the next train record's steps so far
+            "sim_clock": self.clock.state_dict(),
             "config": asdict(self.config),
             "versions": {"torch": str(torch.__version__)},
         }
@@ -451,6 +459,7 @@ class _Run:
         # The job's throughput: every replica trains on its own share of each global batch at the same pace.
         summary["job_samples_per_s"] = samples_per_s * strategy.replicas
         summary["skipped_steps"] = self.guard.skipped  # --on-nonfinite skip
+        summary.update(self.clock.summary())  # sim_time_s, straggler_delay_s, compute_cpu_s (clock on)
         record = self._record(
             "summary",
             loss=final.loss if final else None,
