@@ -120,7 +120,7 @@ def compression_options_of(options: CompressionOptions) -> dict[str, Any]:
 class SyncOptions(CompressionOptions):
     """Options of synchronous data parallelism (``--strategy sync``)."""
 
-    reducer: str = "backend"
+    reducer: str = "auto"
     """allreduce algorithm: backend, ring, tree, rabenseifner, segmented-ring, shm (shared memory, every rank
     on one host), hierarchical (shm within each host, ring across hosts), auto (shm on the CPU of a one-host
     job, else backend)"""
