@@ -95,13 +95,18 @@ def _strategy_entries(workers: int, *, dni_lr: str | None = None) -> tuple[Entry
     entries = [
         Entry("single process", "single"),
         Entry(f"torch DDP, R={w}", "ddp", w),
-        Entry(f"torch DDP + shm comm hook, R={w}", "ddp", w, ("--comm-hook", "shm"), ("reducer:shm",)),
-        Entry(f"sync, backend allreduce, R={w}", "sync", w),
+        Entry(f"DDP with our shm comm hook, R={w}", "ddp", w, ("--comm-hook", "shm"), ("reducer:shm",)),
+        Entry(f"sync, backend allreduce, R={w}", "sync", w, ("--reducer", "backend")),
         *(
             Entry(f"sync, {r} allreduce, R={w}", "sync", w, ("--reducer", r), (f"reducer:{r}",))
             for r in reducers
         ),
-        Entry(f"sync, no overlap, per-tensor, R={w}", "sync", w, ("--no-overlap", "--bucket-mb", "0")),
+        Entry(
+            f"sync, no overlap, per-tensor, R={w}",
+            "sync",
+            w,
+            ("--reducer", "backend", "--no-overlap", "--bucket-mb", "0"),
+        ),
         *(
             Entry(f"sync + {c}, R={w}", "sync", w, ("--compression", c), (f"compression:{c}",))
             for c in codecs
