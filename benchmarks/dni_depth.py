@@ -129,17 +129,18 @@ def _cell(values: list[float]) -> str:
     if not values:
         return "not run"
     mean = 100 * statistics.fmean(values)
-    std = 100 * statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{mean:.2f} ± {std:.2f} ({len(values)})"
+    if len(values) == 1:
+        return f"{mean:.2f} (1)"
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f} ({len(values)})"
 
 
-def render(results: dict) -> str:
+def render(results: dict, name: str = "dni_depth.json") -> str:
     """The Markdown table of ``results`` (mean ± sample std of final test accuracy over seeds, in %)."""
     rows = results.get("runs", [])
     lines = [
         "# DNI depth sweep: final test accuracy, % (mean ± std over seeds, number of seeds)",
         "",
-        "Rendered by `python benchmarks/dni_depth.py --render` from `benchmarks/results/dni_depth.json`; "
+        f"Rendered by `python benchmarks/dni_depth.py --render` from `benchmarks/results/{name}`; "
         "one process (`LocalDNI`), FCN of L hidden layers of 256 units cut into L stages, synthetic-gradient "
         "models with hidden layers (see the settings column). std is the sample standard deviation.",
         "",
@@ -229,7 +230,7 @@ def main() -> None:
         if args.merge:
             results["parts"] = sorted({*results.get("parts", []), *(p.name for p in args.merge)})
             args.out.write_text(json.dumps(results, indent=1))
-        md.write_text(render(results))
+        md.write_text(render(results, args.out.name))
         print(f"wrote {md}")
         return
     settings = {
@@ -259,7 +260,7 @@ def main() -> None:
                     results = json.loads(args.out.read_text()) if args.out.exists() else results
                     results["runs"].append(row)
                     args.out.write_text(json.dumps(results, indent=1))
-                    md.write_text(render(results))
+                    md.write_text(render(results, args.out.name))
                     print(f"{dataset} L={depth} {variant:8s} seed {seed}: "
                           + " ".join(f"{100 * a:.2f}" for a in row["per_epoch"])
                           + f"  ({row['seconds']:.0f} s)", flush=True)  # fmt: skip
@@ -274,7 +275,7 @@ def main() -> None:
     results["machine"] = {"platform": platform.platform(), "cores": os.cpu_count()}
     results["versions"] = {"torch": str(torch.__version__), "python": platform.python_version()}
     args.out.write_text(json.dumps(results, indent=1))
-    md.write_text(render(results))
+    md.write_text(render(results, args.out.name))
     print(f"wrote {args.out} and {md} in {time.perf_counter() - started:.0f} s")
 
 

@@ -87,6 +87,6 @@ def test_render_gives_mean_and_sample_std_over_seeds() -> None:
 @pytest.mark.skipif(not RESULTS.exists(), reason="the sweep's result file is not there")
 def test_committed_table_is_rendered_from_the_committed_results() -> None:
     results = json.loads(RESULTS.read_text())
-    assert RESULTS.with_suffix(".md").read_text() == _bench().render(results)
+    assert RESULTS.with_suffix(".md").read_text() == _bench().render(results, RESULTS.name)
     for part in results.get("parts", []):
         assert (RESULTS.parent / part).exists(), part
