@@ -179,6 +179,31 @@ def render(results: dict, name: str = "dni_depth.json") -> str:
             f"| {DATASET_NAMES[dataset]} | {depth} | {epochs} | {_cell(by['backprop'])} | {_cell(by['dni'])} "
             f"| {_cell(by['cdni'])} | {gaps[0]} | {gaps[1]} | {_cell(backprop_change)} | {note} |"
         )
+    lines += [
+        "",
+        "## After the first epoch",
+        "",
+        "Test accuracy after one epoch of every run, whatever its length: a longer run's first epoch is a "
+        "one-epoch run (same seed, weights and batches), so depths trained for different numbers of epochs "
+        "compare here.",
+        "",
+        "| dataset | layers (stages) | steps | backprop | DNI | cDNI | settings |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    first: dict[tuple, dict[str, dict[int, float]]] = {}
+    for r in rows:
+        group = (r["dataset"], r["depth"], json.dumps(r["settings"], sort_keys=True))
+        first.setdefault(group, {v: {} for v in VARIANTS})[r["variant"]][r["seed"]] = r["per_epoch"][0]
+    for (dataset, depth, settings), by_variant in sorted(
+        first.items(), key=lambda i: (i[0][0] != "fashion-mnist", i[0][1:])
+    ):
+        s = json.loads(settings)
+        steps = {"fashion-mnist": 60_000, "mnist": 8_000}[dataset] // s["batch_size"]
+        cells = " | ".join(_cell(list(by_variant[v].values())) for v in VARIANTS)
+        lines.append(
+            f"| {DATASET_NAMES[dataset]} | {depth} | {steps} | {cells} "
+            f"| Adam {s['lr']:g} / SG Adam {s['sg_lr']:g}, SG hidden {tuple(s['sg_hidden'])} |"
+        )
     lines += ["", "Commands run:", ""]
     lines += [
         f"- `{c['command']}` ({c['seconds']:.0f} s, finished {c['finished']})"
