@@ -204,7 +204,7 @@ def render(results: dict, name: str = "dni_depth.json") -> str:
             f"| {DATASET_NAMES[dataset]} | {depth} | {steps} | {cells} "
             f"| Adam {s['lr']:g} / SG Adam {s['sg_lr']:g}, SG hidden {tuple(s['sg_hidden'])} |"
         )
-    lines += ["", "Commands run:", ""]
+    lines += ["", "Commands run:", ""] + ([results["note"], ""] if results.get("note") else [])
     lines += [
         f"- `{c['command']}` ({c['seconds']:.0f} s, finished {c['finished']})"
         for c in results.get("commands", [])
