@@ -14,8 +14,9 @@ last layer of ``M_k`` is initialised to zero (the paper: "the final layer ... in
 the start every synthetic gradient is 0 and the layers below are not pushed anywhere until ``M_k`` has
 learnt something. Czarnecki et al. (2017), "Understanding Synthetic Gradients and Decoupled Neural
 Interfaces", show that with a linear ``M_k`` the critical points of the original loss are kept, and that
-the zero initialisation matters; our default ``M_k`` is deeper (like the paper's), ``hidden=()`` gives
-the linear one they analyse.
+the zero initialisation matters. This class's default ``M_k`` is deeper (like the paper's), ``hidden=()``
+gives the linear one they analyse; the pipeline and ``distlearn train --strategy dni`` pass
+``DNIConfig.sg_hidden``, whose default ``()`` is that linear model (docs/dni.md, detail 1).
 
 *Forward unlocking* (the paper's section 3.3, "synthetic inputs"): ``I_k(x) ~ h_{k-1}`` predicts a
 stage's input from the data, so the stage can be trained before the stage below has produced anything;
