@@ -15,7 +15,10 @@ warm-up trials first, then the timed trials, algorithms interleaved within each 
 order) so that load from other processes hits all of them alike; we report the median time, the spread
 (min..max busbw) and the ratio of medians to gloo (``backend``).
 
-The trials run in ``--blocks`` blocks (3 by default), each a torchrun job of the reducers, then an
+The trials run in ``--blocks`` blocks (3 by default), each one torchrun job per reducer (``--jobs
+per-algorithm``, the default, in an order rotated by one each block; ``--jobs shared`` times them all in
+one job, as before 2026-12-07: there the p2p reducers' extra gloo groups slowed the shm reducer's 4 KB
+calls about 4x, which a training job, holding one reducer, does not see), then an
 mpiexec job of MPI's allreduce (``benchmarks/mpi_allreduce.py``: the same sizes and trial definition, on
 127.0.0.1, bounded by ``--mpi-timeout``), then the memory copy, so that load from other processes hits
 all three alike. MPI is MPICH's through mpi4py, a benchmark-only extra: ``pip install -e '.[mpi]'``;
@@ -83,6 +86,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--segment-bytes", type=int, default=4 << 20, help="segmented ring's segment size")
     parser.add_argument(
         "--tree-segment-bytes", type=int, default=4 << 20, help="the tree's segment size (0: unsegmented)"
+    )
+    parser.add_argument(
+        "--jobs",
+        choices=["per-algorithm", "shared"],
+        default="per-algorithm",
+        help="one torchrun job per algorithm and block (default: a reducer is timed in a process that holds "
+        "no other reducer's groups, as in training), or all algorithms interleaved in one job",
     )
     parser.add_argument("--out", default="benchmarks/results/allreduce_busbw.json")
     parser.add_argument("--timeout", type=float, default=300, help="deadline of each torchrun block (s)")
@@ -301,18 +311,24 @@ def main(argv: list[str] | None = None) -> int:
         blocks = split_trials(args.trials, args.blocks)
         for block, trials in enumerate(blocks):
             print(f"block {block + 1}/{len(blocks)}: {trials} trial(s)", flush=True)
-            out = Path(tmp) / f"torch-{block}.json"
-            code = launch_local(
-                [__file__, *arguments, "--trials", str(trials), "--block-out", str(out)], args.world_size,
-                module=False, timeout_s=args.timeout, env=env,
-            )  # fmt: skip
-            if code != 0:
-                return code
-            record = json.loads(out.read_text())
-            world, threads = record["world_size"], record["threads"]
-            for name, per_size in record["seconds"].items():
-                for nbytes, samples in per_size.items():
-                    torch_seconds.setdefault(name, {}).setdefault(int(nbytes), []).extend(samples)
+            if args.jobs == "shared":
+                groups = [list(args.algorithms)]
+            else:  # one job per algorithm, in an order rotated by one each block
+                shift = block % len(args.algorithms)
+                groups = [[name] for name in args.algorithms[shift:] + args.algorithms[:shift]]
+            for index, names in enumerate(groups):
+                out = Path(tmp) / f"torch-{block}-{index}.json"
+                code = launch_local(
+                    [__file__, *arguments, "--trials", str(trials), "--block-out", str(out),
+                     "--algorithms", *names], args.world_size, module=False, timeout_s=args.timeout, env=env,
+                )  # fmt: skip
+                if code != 0:
+                    return code
+                record = json.loads(out.read_text())
+                world, threads = record["world_size"], record["threads"]
+                for name, per_size in record["seconds"].items():
+                    for nbytes, samples in per_size.items():
+                        torch_seconds.setdefault(name, {}).setdefault(int(nbytes), []).extend(samples)
             if command is not None:
                 result = run_mpi_block(command, args, trials, Path(tmp) / f"mpi-{block}.json")
                 if isinstance(result, str):
@@ -344,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "world_size": world,
         "trials": args.trials,
         "blocks": len(split_trials(args.trials, args.blocks)),
+        "jobs": args.jobs,
         "warmup": args.warmup,
         "segment_bytes": args.segment_bytes,
         "tree_segment_bytes": args.tree_segment_bytes or None,
