@@ -101,6 +101,7 @@ def test_a_run_without_mpi_says_so_and_goes_on(tmp_path, bare_python):
     missing = "not installed (pip install -e '.[mpi]')"
     assert record["mpi"] == {"status": missing, "library": None, "results": []}
     assert record["blocks"] == 2 and record["goals"] == []
+    assert record["jobs"] == "per-algorithm"  # each reducer timed in a torchrun job of its own
     for name in ("backend", "ring"):
         for nbytes in (4096, 65536):
             found = [r for r in record["results"] if r["algorithm"] == name and r["bytes"] == nbytes]
