@@ -48,7 +48,7 @@ COMMON = [
     "--progress", "off", "--tensorboard", "off", "--quiet", "--threads", "1",
 ]  # fmt: skip
 SGD = ["--optimizer", "sgd", "--lr", "0.05"]
-REDUCERS = ["backend", "ring", "tree", "rabenseifner", "segmented-ring"]
+REDUCERS = ["backend", "ring", "tree", "rabenseifner", "segmented-ring", "shm", "hierarchical"]
 CODECS = [
     "fp16", "bf16", "int8-linear", "int8-tree", "threshold", "onebit", "terngrad", "qsgd", "topk", "randomk",
     "dgc", "powersgd",
