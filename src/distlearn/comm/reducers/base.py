@@ -403,14 +403,18 @@ class Reducer:
         with self._lock:
             self._pending -= 1
 
-    def _run(self, tensor: torch.Tensor, group: Any, timeout_s: float | None) -> torch.Tensor:
+    def _check_call(self, timeout_s: float | None, op: str = "allreduce") -> None:
+        """Refuse a call with a non-positive ``timeout_s`` or without a process group."""
         if timeout_s is not None and not timeout_s > 0:
             raise ConfigError(f"{self.name}: timeout_s must be positive, got {timeout_s!r}")
         if not dist.is_initialized():
             raise CommError(
-                f"{self.name} allreduce: no process group; call distlearn.launch.init_distributed() "
+                f"{self.name} {op}: no process group; call distlearn.launch.init_distributed() "
                 "(or torch.distributed.init_process_group) first"
             )
+
+    def _run(self, tensor: torch.Tensor, group: Any, timeout_s: float | None) -> torch.Tensor:
+        self._check_call(timeout_s)
         work = tensor if tensor.is_contiguous() else tensor.contiguous()
         batched = self.point_to_point and self._batched_for(work, group)
         if batched:

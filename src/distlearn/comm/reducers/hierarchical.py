@@ -273,13 +273,7 @@ class HierarchicalReducer(Reducer):
             raise CommError(f"hierarchical allreduce: rank {rank} {what}{where}: {error}") from error
 
     def _run(self, tensor: torch.Tensor, group: Any, timeout_s: float | None) -> torch.Tensor:
-        if timeout_s is not None and not timeout_s > 0:
-            raise ConfigError(f"{self.name}: timeout_s must be positive, got {timeout_s!r}")
-        if not dist.is_initialized():
-            raise CommError(
-                f"{self.name} allreduce: no process group; call distlearn.launch.init_distributed() "
-                "(or torch.distributed.init_process_group) first"
-            )
+        self._check_call(timeout_s)
         if dist.get_world_size(group) < 2 or tensor.numel() == 0:
             return tensor
         timeout = self.timeout_s if timeout_s is None else float(timeout_s)

@@ -165,13 +165,7 @@ class ShmReducer(Reducer):
         return call() if future is None else future.wait()
 
     def _collective(self, tensor: torch.Tensor, group: Any, timeout_s: float | None, op: str) -> Any:
-        if timeout_s is not None and not timeout_s > 0:
-            raise ConfigError(f"{self.name}: timeout_s must be positive, got {timeout_s!r}")
-        if not dist.is_initialized():
-            raise CommError(
-                f"{self.name} {op}: no process group; call distlearn.launch.init_distributed() "
-                "(or torch.distributed.init_process_group) first"
-            )
+        self._check_call(timeout_s, op)
         if tensor.device.type != "cpu":  # e.g. a CUDA bucket: summed through a host copy
             host = tensor.detach().to("cpu")
             result = self._collective(host, group, timeout_s, op)
