@@ -105,7 +105,8 @@ def shared_rmsprop(
 def run_a3c(config: RLConfig, *, fail_worker: int | None = None) -> dict[str, Any]:
     """Train with A3C: ``config.workers`` actor-learner processes; returns the run's summary.
 
-    ``fail_worker`` (for tests) makes that worker exit with code 3 after its first update.
+    ``fail_worker`` (for tests) makes that worker exit with code 3 after its first update, which it makes
+    even when the others have already spent the step budget (so a slow start cannot hide the failure).
     """
     config = resolve(config, "a3c")
     torch.set_num_threads(1)
@@ -218,7 +219,8 @@ def run_a3c(config: RLConfig, *, fail_worker: int | None = None) -> dict[str, An
             record_waiting()
             results.close()
             results.join_thread()
-            dead_workers = sorted(failure.rank for failure in dead)
+            dead.extend(f for rank, f in sorted(pool.failures.items()) if rank not in {d.rank for d in dead})
+            dead_workers = sorted(failure.rank for failure in dead)  # also those found while waiting
             summary_record = metrics.log(counters[0], stats, kind="summary", dead_workers=dead_workers)
             metrics.close()
     save_policy(out / "policy.pt", model, config.env, algorithm="a3c", updates=int(counters[0]))
@@ -290,7 +292,7 @@ def _actor_learner(
     stats = EpisodeStats()
     while not stop.is_set() and os.getppid() == parent:
         steps_done = counters[1]
-        if steps_done >= config.total_steps:
+        if steps_done >= config.total_steps and not fail:  # the failing worker always makes its one update
             break
         if config.anneal_lr:  # the paper anneals eta linearly to 0 over the run
             optimizer.param_groups[0]["lr"] = config.lr * max(0.0, 1.0 - steps_done / config.total_steps)
@@ -384,7 +386,8 @@ def _remote_actor_learner(config: RLConfig, strategy: Any, out: Path, *, fail: b
     read, updates = 0, 0
     while True:
         steps_done = store.add(_STEPS, 0)
-        if steps_done >= config.total_steps or time.perf_counter() - start > config.time_limit:
+        out_of_budget = steps_done >= config.total_steps or time.perf_counter() - start > config.time_limit
+        if out_of_budget and not fail:  # the failing worker always makes its one push
             break
         if store.check([_STOP]):
             break
