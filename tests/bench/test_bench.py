@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -37,8 +40,12 @@ def cli(capsys):
     return run
 
 
-@pytest.mark.timeout(600)
-def test_quick_suite_on_a_tiny_budget_writes_a_table_made_from_the_json(tmp_path, cli):
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[int, str, Path, Path]:
+    """Three rows of the quick suite, run once per module by ``distlearn bench`` in this process: its exit
+    status, its output (stdout and stderr), the results and the runs directories. The resume test starts
+    from a copy of these runs instead of training its own first row."""
+    tmp_path = tmp_path_factory.mktemp("quick")
     out, runs = tmp_path / "results", tmp_path / "runs"
     command = [
         "bench",
@@ -54,8 +61,19 @@ def test_quick_suite_on_a_tiny_budget_writes_a_table_made_from_the_json(tmp_path
         "off",
     ]
     # the quick suite is small by design (12,000 samples, one epoch); --only keeps three of its rows
-    code, stdout, stderr = cli(*command)
-    assert code == 0, stdout + stderr
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        try:
+            code = main(command)
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+    return code, output.getvalue(), out, runs
+
+
+@pytest.mark.timeout(600)
+def test_quick_suite_on_a_tiny_budget_writes_a_table_made_from_the_json(quick_run):
+    code, output, out, _ = quick_run
+    assert code == 0, output
     (result_file,) = out.glob("bench-quick-*.json")
     record = json.loads(result_file.read_text())
     for key in ("machine", "cores", "torch", "git_commit", "command"):
@@ -131,41 +149,43 @@ def test_compare_shows_two_result_files(tmp_path, cli):
     assert ["single process", "50.00", "50.00", "100", "150", "1.50"] in map(cells, stdout.splitlines())
 
 
-@pytest.mark.timeout(300)
-def test_resume_reads_back_finished_runs_and_runs_the_rest(tmp_path, cli):
-    def _bench(*args: str) -> None:
-        code, stdout, stderr = cli("bench", "--suite", "quick", "--progress", "off", *args)
-        assert code == 0, stdout + stderr
-
+@pytest.mark.timeout(600)
+def test_resume_reads_back_finished_runs_and_runs_the_rest(tmp_path, cli, quick_run):
+    code, output, _, quick_runs = quick_run
+    assert code == 0, output
+    (finished,) = quick_runs.iterdir()  # quick-<stamp>: single, sync backend R=2 and hogwild finished
     out, runs = tmp_path / "results", tmp_path / "runs"
-    _bench("--only", "single", "--out", str(out), "--runs", str(runs))
-    (runs_dir,) = runs.iterdir()  # quick-<stamp>
+    runs_dir = runs / finished.name
+    shutil.copytree(finished, runs_dir)  # the copy is changed here; the quick test reads the original
     single_metrics = runs_dir / "single-process" / "metrics.jsonl"
     before = single_metrics.stat().st_mtime_ns
+    # a run stopped before its summary is run again
+    sync_metrics = runs_dir / "sync-backend-allreduce-r-2" / "metrics.jsonl"
+    lines = sync_metrics.read_text().splitlines()
+    assert any('"kind": "summary"' in x for x in lines)
+    sync_metrics.write_text("\n".join(x for x in lines if '"kind": "summary"' not in x) + "\n")
+    assert not (runs_dir / "torch-ddp-r-2").exists()
 
-    # a stopped invocation had finished "single process" and not started DDP
-    _bench("--only", "single,torch DDP", "--out", str(out), "--runs", str(runs), "--resume", str(runs_dir))
+    # a stopped invocation had finished "single process", was stopped in the sync row, had not started DDP
+    code, stdout, stderr = cli(
+        "bench", "--suite", "quick", "--progress", "off", "--only", "single,backend allreduce,torch DDP",
+        "--out", str(out), "--runs", str(runs), "--resume", str(runs_dir),
+    )  # fmt: skip
+    assert code == 0, stdout + stderr
     record = json.loads((out / f"bench-{runs_dir.name}.json").read_text())  # the same time stamp
     results = {r["label"]: r for r in record["results"]}
     assert results["single process"]["resumed"] is True and results["single process"]["status"] == "ok"
     assert single_metrics.stat().st_mtime_ns == before  # read back, not run again
-    assert results["single process"]["final_accuracy"] == collect(runs_dir / "single-process", 0.8)[
-        "final_accuracy"
-    ]
-    ddp = results["torch DDP, R=2"]
-    assert ddp["status"] == "ok" and not ddp.get("resumed")
+    assert (
+        results["single process"]["final_accuracy"]
+        == collect(runs_dir / "single-process", 0.8)["final_accuracy"]
+    )
+    for label in ("torch DDP, R=2", "sync, backend allreduce, R=2"):
+        assert results[label]["status"] == "ok" and not results[label].get("resumed"), label
+    assert '"kind": "summary"' in sync_metrics.read_text()
+    assert '"kind": "summary"' in (runs_dir / "torch-ddp-r-2" / "metrics.jsonl").read_text()
     table = (out / f"bench-{runs_dir.name}.md").read_text()
-    assert "1 of 2 rows were read back" in table
-
-    # a run stopped before its summary is run again
-    ddp_metrics = runs_dir / "torch-ddp-r-2" / "metrics.jsonl"
-    lines = ddp_metrics.read_text().splitlines()
-    ddp_metrics.write_text("\n".join(x for x in lines if '"kind": "summary"' not in x) + "\n")
-    _bench("--only", "torch DDP", "--out", str(out), "--runs", str(runs), "--resume", str(runs_dir))
-    record = json.loads((out / f"bench-{runs_dir.name}.json").read_text())
-    (again,) = record["results"]
-    assert again["status"] == "ok" and not again.get("resumed")
-    assert '"kind": "summary"' in ddp_metrics.read_text()
+    assert "1 of 3 rows were read back" in table
 
 
 def test_resume_refuses_a_directory_of_another_suite(tmp_path, cli):

@@ -6,9 +6,12 @@ MODE ``check`` compares every algorithm with ``dist.all_reduce`` and with the su
 rank's (deterministic) input, records ``bytes_sent`` of single calls, and exercises async futures and a
 subgroup. MODE ``batched`` runs every point-to-point algorithm in batched rounds (``batched=True``, the
 NCCL path, here on gloo) against ``dist.all_reduce``, the exact sum, and the same algorithm unbatched
-(bitwise: the same sums in the same order), and records both paths' ``bytes_sent``. MODE ``die``: rank 1
-leaves before the allreduce; ``hang``: rank 1 stays but never calls. Each rank writes ``OUT/rank{r}.json``
-(failures are recorded there, not raised, so the test can show them all).
+(bitwise: the same sums in the same order), and records both paths' ``bytes_sent``. MODE ``check,batched``
+runs both in one job (one start of the ranks), each mode's results under its name. MODE ``die``: rank 1
+leaves before the allreduce (``die S both``: rank 0 then tries every algorithm unbatched, then every
+point-to-point one in batched rounds, the second set's errors under ``errors batched``); ``hang``: rank 1
+stays but never calls. Each rank writes ``OUT/rank{r}.json`` (failures are recorded there, not raised, so
+the test can show them all).
 """
 
 from __future__ import annotations
@@ -210,7 +213,8 @@ def batched(rank: int, world: int, failures: list[str], results: dict) -> None:
 
 
 def failure_mode(mode: str, rank: int, results: dict, timeout_s: float) -> None:
-    # after a timeout the group is broken, so a hang is tested with one algorithm per job
+    # after a timeout the group is broken, so a hang is tested with one algorithm per job; a peer that
+    # left fails every later call at once, so one die job may try every algorithm unbatched and batched
     names = list(REDUCERS) if mode == "die" else [sys.argv[4]]
     forced = {"batched": True} if "batched" in sys.argv[4:] else {}  # the batched rounds' errors
     if rank == 1:
@@ -218,18 +222,23 @@ def failure_mode(mode: str, rank: int, results: dict, timeout_s: float) -> None:
             os._exit(0)  # gone without a word: the sockets close
         time.sleep(timeout_s * len(names) + 4)  # alive, but never calls
         return
-    errors = {}
-    for name in names:
-        start = time.monotonic()
-        try:
-            options = forced if name != "backend" else {}
-            create_reducer(name, timeout_s=timeout_s, **options).allreduce_(torch.ones(1000))
-            errors[name] = {"error": None}
-        except CommError as error:
-            errors[name] = {"error": str(error), "seconds": time.monotonic() - start}
-        except Exception as error:  # noqa: BLE001 -- recorded: the test requires CommError
-            errors[name] = {"error": f"{type(error).__name__}: {error}", "wrong_type": True}
-    results["errors"] = errors
+    if "both" in sys.argv[4:]:
+        passes = [("errors", {}), ("errors batched", {"batched": True})]
+    else:
+        passes = [("errors", forced)]
+    for key, rounds in passes:
+        errors = {}
+        for name in names:
+            start = time.monotonic()
+            try:
+                options = rounds if name != "backend" else {}
+                create_reducer(name, timeout_s=timeout_s, **options).allreduce_(torch.ones(1000))
+                errors[name] = {"error": None}
+            except CommError as error:
+                errors[name] = {"error": str(error), "seconds": time.monotonic() - start}
+            except Exception as error:  # noqa: BLE001 -- recorded: the test requires CommError
+                errors[name] = {"error": f"{type(error).__name__}: {error}", "wrong_type": True}
+        results[key] = errors
 
 
 def main() -> None:
@@ -240,16 +249,19 @@ def main() -> None:
         f.write(str(os.getpid()))
     results: dict = {"rank": rank, "world": world}
     failures: list[str] = []
+    modes = mode.split(",")
     try:
-        if mode == "check":
-            check(rank, world, failures, results)
-        elif mode == "batched":
-            batched(rank, world, failures, results)
+        if set(modes) <= {"check", "batched"}:
+            for each in modes:  # each mode's cases, failures and bytes under its own name
+                results[each] = {"failures": []}
+                (check if each == "check" else batched)(rank, world, results[each]["failures"], results[each])
         else:
-            batched_rounds = "batched" in sys.argv[4:] and {"batched": True}
-            for name in REDUCERS:  # a job that worked until now (this also creates the duplex twin group)
-                options = batched_rounds if batched_rounds and name != "backend" else {}
-                create_reducer(name, **options).allreduce_(torch.ones(10))
+            warm = [{}, {"batched": True}] if "both" in sys.argv[4:] else [{}]
+            if "batched" in sys.argv[4:]:
+                warm = [{"batched": True}]
+            for options in warm:  # a job that worked until now (this also creates the duplex twin group)
+                for name in REDUCERS:
+                    create_reducer(name, **(options if name != "backend" else {})).allreduce_(torch.ones(10))
             dist.barrier()
             failure_mode(mode, rank, results, float(sys.argv[3]))
     except Exception:  # noqa: BLE001 -- reported to the test
@@ -257,7 +269,7 @@ def main() -> None:
     results["failures"] = failures
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
-    if mode in ("check", "batched"):
+    if set(modes) <= {"check", "batched"}:
         shutdown()
     else:
         os._exit(0)  # the group is broken; leave without a collective goodbye

@@ -1,8 +1,10 @@
 """Allreduce algorithms against gloo's own allreduce, on torchrun workers over 127.0.0.1.
 
-One torchrun job per world size (1, 2, 3, 4) runs every algorithm on many lengths and dtypes
-(tests/comm/reducer_worker.py); the bytes each rank sent are checked here against the formulas, worked
-out independently of the implementation. Failure jobs: a peer that leaves, a peer that never calls.
+One torchrun job per world size (1, 2, 3, 4) runs every algorithm on many lengths and dtypes, unbatched
+and (R >= 2) in batched rounds (tests/comm/reducer_worker.py); the bytes each rank sent are checked here
+against the formulas, worked out independently of the implementation. Each job runs once per module and
+its tests read its results. Failure jobs: a peer that leaves (one job: every algorithm unbatched, then
+batched), a peer that never calls (one job per algorithm: a timeout breaks the group).
 """
 
 from __future__ import annotations
@@ -46,6 +48,31 @@ def _run(tmp_path: Path, world: int, *args: str, timeout_s: float = 150) -> list
     assert len(pids) == world and not any(_alive(pid) for pid in pids), "a worker outlived the job"
     files = [tmp_path / f"rank{r}.json" for r in range(world)]
     return [json.loads(f.read_text()) if f.exists() else None for f in files]
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """``jobs(world, *args)``: the ranks' results of that job and its seconds, run once per module (the first
+    test that asks starts it, the others read the same results)."""
+    done: dict[tuple, tuple[list[dict], float]] = {}
+
+    def get(world: int, *args: str, timeout_s: float = 150) -> tuple[list[dict], float]:
+        key = (world, *args)
+        if key not in done:
+            start = time.monotonic()
+            results = _run(tmp_path_factory.mktemp(f"{args[0]}-{world}"), world, *args, timeout_s=timeout_s)
+            done[key] = (results, time.monotonic() - start)
+        return done[key]
+
+    return get
+
+
+def _mode_results(jobs, world: int, mode: str) -> list[dict]:
+    """Each rank's results of ``mode`` (check, batched): one job per world size runs both (R = 1: check)."""
+    results, _ = jobs(world, "check" if world == 1 else "check,batched", timeout_s=300)
+    for result in results:
+        assert result["failures"] == [], "\n".join(result["failures"])
+    return [result[mode] for result in results]
 
 
 # ---- bytes each rank sends, worked from the algorithms' definitions -------------------------------------
@@ -116,9 +143,10 @@ BY_HAND = {
 }
 
 
+@pytest.mark.timeout(400)
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_every_algorithm_matches_gloo_allreduce(tmp_path, world):
-    results = _run(tmp_path, world, "check")
+def test_every_algorithm_matches_gloo_allreduce(jobs, world):
+    results = _mode_results(jobs, world, "check")
     for result in results:
         assert result["failures"] == [], "\n".join(result["failures"])
         assert result["cases"] > 60
@@ -147,11 +175,12 @@ def test_every_algorithm_matches_gloo_allreduce(tmp_path, world):
         )
 
 
+@pytest.mark.timeout(400)
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_batched_rounds_match_gloo_allreduce_and_the_unbatched_algorithm(tmp_path, world):
+def test_batched_rounds_match_gloo_allreduce_and_the_unbatched_algorithm(jobs, world):
     """The NCCL path (one batch_isend_irecv per round), forced on gloo: exact for integer values, bitwise the
     unbatched algorithm's sums, the same bytes sent as the unbatched path and as the formulas."""
-    results = _run(tmp_path, world, "batched")
+    results = _mode_results(jobs, world, "batched")
     for result in results:
         assert result["failures"] == [], "\n".join(result["failures"])
         assert result["cases"] >= 42
@@ -183,12 +212,12 @@ def test_batched_rounds_are_chosen_for_nccl_and_can_be_forced(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["", "batched"])
-def test_a_peer_that_leaves_gives_comm_error_for_every_algorithm(tmp_path, mode):
+def test_a_peer_that_leaves_gives_comm_error_for_every_algorithm(jobs, mode):
     timeout_s = 20
-    start = time.monotonic()
-    results = _run(tmp_path, 2, "die", str(timeout_s), *([mode] if mode else []))
-    assert time.monotonic() - start < 60
-    errors = results[0]["errors"]
+    results, seconds = jobs(2, "die", str(timeout_s), "both")  # one job: unbatched, then batched rounds
+    assert seconds < 60
+    assert results[0]["failures"] == [], "\n".join(results[0]["failures"])
+    errors = results[0]["errors batched" if mode else "errors"]
     assert set(errors) == set(REDUCERS)
     for name, error in errors.items():
         assert error["error"] and not error.get("wrong_type"), error
