@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node R ddp_hook_worker.py OUT
 Rank 0 writes OUT/result.txt: one line per reducer with the max |difference| of the final weights.
+tests/parallel/sync_worker.py calls :func:`compare_hooks` in its own job (``--ddp-hooks``).
 """
 
 from __future__ import annotations
@@ -35,18 +36,23 @@ def run(rank: int, hook=None) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def main() -> int:
-    out = Path(sys.argv[1])
-    context = init_distributed(timeout_s=60)
-    reference = run(context.rank)
+def compare_hooks(out: Path, rank: int) -> None:
+    """DDP with each reducer as its hook against plain DDP, in the running job; rank 0 writes the result."""
+    reference = run(rank)
     lines = []
     for name in REDUCERS:
         reducer = create_reducer(name, timeout_s=60)
-        weights = run(context.rank, as_ddp_comm_hook(reducer))
+        weights = run(rank, as_ddp_comm_hook(reducer))
         lines.append(f"{name} {float((weights - reference).abs().max()):.3e} {reducer.bytes_sent}")
         reducer.close()
-    if context.rank == 0:
+    if rank == 0:
         (out / "result.txt").write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    out = Path(sys.argv[1])
+    context = init_distributed(timeout_s=60)
+    compare_hooks(out, context.rank)
     shutdown()
     return 0
 

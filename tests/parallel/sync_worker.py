@@ -2,9 +2,11 @@
 
 For every reducer and bucketing setting it trains the same small model with the sync strategy through
 the one trainer loop, then rank 0 saves the final weights of each run to OUT/<label>.pt and every rank
-checks that all ranks ended with identical weights.
+checks that all ranks ended with identical weights. With ``--ddp-hooks`` the same job then runs
+tests/parallel/ddp_hook_worker.py's comparison (DDP with each reducer as its comm hook; OUT/result.txt), so
+the test starts one job per world size for both.
 
-    python -m torch.distributed.run --nproc-per-node R tests/parallel/sync_worker.py OUT REDUCERS...
+    torchrun --nproc-per-node R tests/parallel/sync_worker.py OUT REDUCERS [--ddp-hooks]
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ def main() -> int:
                 if context.rank == 0:
                     saved = {"weights": flat, "bytes_sent": strategy.stats()["bytes_sent"]}
                     torch.save(saved, out / f"{reducer}-{label}.pt")
+        if "--ddp-hooks" in sys.argv[3:]:
+            from ddp_hook_worker import compare_hooks
+
+            compare_hooks(out, context.rank)
     finally:
         shutdown()
     return 0

@@ -2,7 +2,8 @@
 
 R replicas with global batch B, for K steps, end with the weights of one process with batch B (float32,
 max abs difference under 1e-5), for R = 1..4, with every reduction algorithm, with and without buckets
-and overlap. Runs real torchrun jobs on 127.0.0.1.
+and overlap. Runs real torchrun jobs on 127.0.0.1: one per R, which for R = 2 and 3 also runs the DDP
+comm-hook comparison (module fixture; each test asserts on its part).
 """
 
 from __future__ import annotations
@@ -34,12 +35,33 @@ def single_process_weights(tmp_path_factory) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in result.model.parameters()])
 
 
-@pytest.mark.timeout(240)
+HOOK_REPLICAS = (2, 3)  # the world sizes whose job also compares our reducers as DDP comm hooks
+
+
+@pytest.fixture(scope="module")
+def sync_jobs(tmp_path_factory):
+    """``sync_jobs(R)``: the output directory of the R-worker job, run once per module (every reducer and
+    bucketing case, and for R in HOOK_REPLICAS the DDP comm-hook comparison)."""
+    done: dict[int, Path] = {}
+
+    def get(replicas: int) -> Path:
+        if replicas not in done:
+            out = tmp_path_factory.mktemp(f"sync-{replicas}")
+            command = [WORKER, str(out), ",".join(REDUCERS)]
+            command += ["--ddp-hooks"] if replicas in HOOK_REPLICAS else []
+            code = launch_local(command, replicas, module=False, timeout_s=300)
+            assert code == 0, f"the {replicas}-worker job failed (exit {code}); its output is above"
+            done[replicas] = out
+        return done[replicas]
+
+    return get
+
+
+@pytest.mark.timeout(360)
 @pytest.mark.parametrize("replicas", [1, 2, 3, 4])
-def test_sync_equals_one_process_with_the_global_batch(tmp_path, replicas, single_process_weights):
+def test_sync_equals_one_process_with_the_global_batch(sync_jobs, replicas, single_process_weights):
     reducers = list(REDUCERS)
-    code = launch_local([WORKER, str(tmp_path), ",".join(reducers)], replicas, module=False, timeout_s=200)
-    assert code == 0, f"the {replicas}-worker job failed (exit {code}); its output is above"
+    tmp_path = sync_jobs(replicas)
     start = torch.cat([p.detach().reshape(-1) for p in _initial_model().parameters()])
     assert (single_process_weights - start).abs().max() > 1e-3  # training moved the weights
     for reducer in reducers:
@@ -135,12 +157,10 @@ def test_ranks_with_different_models_are_stopped_at_start(tmp_path):
         assert message.startswith("ConfigError: ") and "hold different models" in message, message
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("replicas", [2, 3])
-def test_our_reducers_as_ddp_comm_hooks_match_ddp(tmp_path, replicas):
-    worker = str(Path(__file__).resolve().parent / "ddp_hook_worker.py")
-    assert launch_local([worker, str(tmp_path)], replicas, module=False, timeout_s=150) == 0
-    results = [line.split() for line in (tmp_path / "result.txt").read_text().splitlines()]
+@pytest.mark.timeout(360)
+@pytest.mark.parametrize("replicas", HOOK_REPLICAS)
+def test_our_reducers_as_ddp_comm_hooks_match_ddp(sync_jobs, replicas):
+    results = [line.split() for line in (sync_jobs(replicas) / "result.txt").read_text().splitlines()]
     assert [name for name, _, _ in results] == list(REDUCERS)
     for name, difference, sent in results:
         assert float(difference) < 1e-6, f"{name}: DDP with our hook differs by {difference}"
