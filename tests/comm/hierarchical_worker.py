@@ -9,7 +9,12 @@ and ``inter_host_bytes`` it records. Each rank writes ``OUT/rank{r}.json`` (fail
 
     ... hierarchical_worker.py OUT die TIMEOUT
 
-After one good allreduce the last rank leaves without a word; the others record the error of the next one.
+After one good allreduce the last rank leaves without a word; the others record the error of the next one
+(``OUT/rank{r}.json``).
+
+    ... hierarchical_worker.py OUT then-die TIMEOUT
+
+Both in one job: every check first (``OUT/rank{r}.json``), then the same death (``OUT/die{r}.json``).
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ def make_input(rank: int, case: int, n: int, dtype: torch.dtype) -> torch.Tensor
     return torch.randint(-8, 9, (n,), generator=generator).to(dtype)
 
 
-def die(out: str, timeout_s: float) -> None:
-    context = init_distributed(timeout_s=60)
+def die(out: str, timeout_s: float, context=None, prefix: str = "rank") -> None:
+    context = context or init_distributed(timeout_s=60)
     rank, world = context.rank, context.world_size
     reducer = create_reducer("hierarchical", timeout_s=timeout_s)
     reducer.allreduce_(torch.ones(1000))  # a job that worked until now
@@ -48,12 +53,12 @@ def die(out: str, timeout_s: float) -> None:
     except Exception as error:  # noqa: BLE001 -- recorded: the test requires CommError
         result.update(error=str(error), type=type(error).__name__)
     result["seconds"] = time.monotonic() - start
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    with open(os.path.join(out, f"{prefix}{rank}.json"), "w") as f:
         json.dump(result, f)
     os._exit(0)  # the group is broken: no collective goodbye
 
 
-def main(out: str) -> None:
+def main(out: str, then_die_s: float | None = None) -> None:
     context = init_distributed(timeout_s=60)
     rank, world = context.rank, context.world_size
     failures: list[str] = []
@@ -110,11 +115,16 @@ def main(out: str) -> None:
     results["failures"] = failures
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+    if then_die_s is not None:
+        dist.barrier()  # every rank's checks are written before the last rank leaves
+        die(out, then_die_s, context, prefix="die")
     shutdown()
 
 
 if __name__ == "__main__":
     if sys.argv[2:3] == ["die"]:
         die(sys.argv[1], float(sys.argv[3]))
+    elif sys.argv[2:3] == ["then-die"]:
+        main(sys.argv[1], float(sys.argv[3]))
     else:
         main(sys.argv[1])

@@ -3,7 +3,8 @@
 Two "nodes" are two torchrun agents on this machine with distinct node ranks (as
 tests/launch/test_multinode.py): they share /dev/shm, but the shm reducer's segments are named per job,
 rank and process, so the two hosts' segments do not collide. Every case is checked bitwise against gloo's
-``dist.all_reduce`` and the exact sum.
+``dist.all_reduce`` and the exact sum. The 2 x 2 job then loses its last rank (one start of its four ranks
+and two agents for both tests; a module fixture).
 """
 
 from __future__ import annotations
@@ -66,8 +67,27 @@ def _launch(tmp_path: Path, nodes: int, per_node: int, *args: str) -> list[int]:
                 agent.wait()
 
 
+DIE_TIMEOUT_S = 10
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """``jobs(nodes, per_node)``: the job's output directory, run once per module; the 2 x 2 job also runs
+    the dying-rank case after its checks (``die{rank}.json``)."""
+    done: dict[tuple[int, int], Path] = {}
+
+    def get(nodes: int, per_node: int) -> Path:
+        if (nodes, per_node) not in done:
+            out = tmp_path_factory.mktemp(f"hier-{nodes}x{per_node}")
+            args = ("then-die", str(DIE_TIMEOUT_S)) if (nodes, per_node) == (2, 2) else ()
+            assert _launch(out, nodes, per_node, *args) == [0] * nodes
+            done[nodes, per_node] = out
+        return done[nodes, per_node]
+
+    return get
+
+
 def _run(tmp_path: Path, nodes: int, per_node: int) -> list[dict]:
-    assert _launch(tmp_path, nodes, per_node) == [0] * nodes
     results = sorted(
         (json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")), key=lambda r: r["rank"]
     )
@@ -80,8 +100,8 @@ def _run(tmp_path: Path, nodes: int, per_node: int) -> list[dict]:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("nodes, per_node", [(2, 2), (1, 2), (2, 1)])
-def test_hierarchical_matches_gloo_allreduce(tmp_path, nodes, per_node):
-    results = _run(tmp_path, nodes, per_node)
+def test_hierarchical_matches_gloo_allreduce(jobs, nodes, per_node):
+    results = _run(jobs(nodes, per_node), nodes, per_node)
     world = nodes * per_node
     hosts = [list(range(h * per_node, (h + 1) * per_node)) for h in range(nodes)]
     for result in results:
@@ -97,13 +117,11 @@ def test_hierarchical_matches_gloo_allreduce(tmp_path, nodes, per_node):
         assert all(r["inter_host_bytes"] == 0 for r in results)
 
 
-@pytest.mark.timeout(200)
-def test_a_rank_that_dies_gives_every_other_rank_a_comm_error_within_the_deadline(tmp_path):
-    timeout_s = 10
-    _launch(tmp_path, 2, 2, "die", str(timeout_s))
-    results = sorted(
-        (json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")), key=lambda r: r["rank"]
-    )
+@pytest.mark.timeout(300)
+def test_a_rank_that_dies_gives_every_other_rank_a_comm_error_within_the_deadline(jobs):
+    timeout_s = DIE_TIMEOUT_S
+    out = jobs(2, 2)  # after its checks, the 2 x 2 job's last rank left
+    results = sorted((json.loads(p.read_text()) for p in out.glob("die*.json")), key=lambda r: r["rank"])
     assert [r["rank"] for r in results] == [0, 1, 2]  # rank 3 left
     for result in results:
         assert result["type"] == "CommError", result
