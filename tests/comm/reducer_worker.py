@@ -6,8 +6,10 @@ MODE ``check`` compares every algorithm with ``dist.all_reduce`` and with the su
 rank's (deterministic) input, records ``bytes_sent`` of single calls, and exercises async futures and a
 subgroup. MODE ``batched`` runs every point-to-point algorithm in batched rounds (``batched=True``, the
 NCCL path, here on gloo) against ``dist.all_reduce``, the exact sum, and the same algorithm unbatched
-(bitwise: the same sums in the same order), and records both paths' ``bytes_sent``. MODE ``check,batched``
-runs both in one job (one start of the ranks), each mode's results under its name. MODE ``die``: rank 1
+(bitwise: the same sums in the same order), and records both paths' ``bytes_sent``. MODE ``shm`` runs
+tests/comm/shm_worker.py's ``check`` (the shm reducer's own cases). A list such as ``check,batched,shm``
+runs them in one job (one start of the ranks), each mode's results under its name, the shm cases last (their
+mismatched call ends in an error on purpose). MODE ``die``: rank 1
 leaves before the allreduce (``die S both``: rank 0 then tries every algorithm unbatched, then every
 point-to-point one in batched rounds, the second set's errors under ``errors batched``); ``hang``: rank 1
 stays but never calls. Each rank writes ``OUT/rank{r}.json`` (failures are recorded there, not raised, so
@@ -241,6 +243,15 @@ def failure_mode(mode: str, rank: int, results: dict, timeout_s: float) -> None:
         results[key] = errors
 
 
+def shm(rank: int, world: int, failures: list[str], results: dict) -> None:
+    from shm_worker import check as shm_check  # beside this file (the script's directory is on sys.path)
+
+    shm_check(rank, world, failures, results)
+
+
+MODES = {"check": check, "batched": batched, "shm": shm}
+
+
 def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
     context = init_distributed(timeout_s=60)
@@ -251,10 +262,10 @@ def main() -> None:
     failures: list[str] = []
     modes = mode.split(",")
     try:
-        if set(modes) <= {"check", "batched"}:
+        if set(modes) <= set(MODES):
             for each in modes:  # each mode's cases, failures and bytes under its own name
                 results[each] = {"failures": []}
-                (check if each == "check" else batched)(rank, world, results[each]["failures"], results[each])
+                MODES[each](rank, world, results[each]["failures"], results[each])
         else:
             warm = [{}, {"batched": True}] if "both" in sys.argv[4:] else [{}]
             if "batched" in sys.argv[4:]:
@@ -269,7 +280,7 @@ def main() -> None:
     results["failures"] = failures
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
-    if set(modes) <= {"check", "batched"}:
+    if set(modes) <= set(MODES):
         shutdown()
     else:
         os._exit(0)  # the group is broken; leave without a collective goodbye

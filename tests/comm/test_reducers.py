@@ -2,52 +2,24 @@
 
 One torchrun job per world size (1, 2, 3, 4) runs every algorithm on many lengths and dtypes, unbatched
 and (R >= 2) in batched rounds (tests/comm/reducer_worker.py); the bytes each rank sent are checked here
-against the formulas, worked out independently of the implementation. Each job runs once per module and
-its tests read its results. Failure jobs: a peer that leaves (one job: every algorithm unbatched, then
-batched), a peer that never calls (one job per algorithm: a timeout breaks the group).
+against the formulas, worked out independently of the implementation. The job runs once per session
+(tests/comm/conftest.py: test_shm_reducer.py reads its shm cases from the same job). Failure jobs: a peer
+that leaves (one job: every algorithm unbatched, then batched), a peer that never calls (one job per
+algorithm: a timeout breaks the group).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from comm_jobs import run_reducer_job as _run
 
 from distlearn.comm.reducers import REDUCERS, chunk_bounds, create_reducer
 from distlearn.errors import CommError, ConfigError
-from distlearn.launch import launch_local
-
-WORKER = Path(__file__).with_name("reducer_worker.py")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _run(tmp_path: Path, world: int, *args: str, timeout_s: float = 150) -> list[dict]:
-    code = launch_local(
-        [str(WORKER), *args[:1], str(tmp_path), *args[1:]], world, module=False, timeout_s=timeout_s
-    )
-    assert code == 0
-    time.sleep(0.3)
-    pids = [int(p.read_text()) for p in tmp_path.glob("pid*")]
-    assert len(pids) == world and not any(_alive(pid) for pid in pids), "a worker outlived the job"
-    files = [tmp_path / f"rank{r}.json" for r in range(world)]
-    return [json.loads(f.read_text()) if f.exists() else None for f in files]
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +39,9 @@ def jobs(tmp_path_factory):
     return get
 
 
-def _mode_results(jobs, world: int, mode: str) -> list[dict]:
-    """Each rank's results of ``mode`` (check, batched): one job per world size runs both (R = 1: check)."""
-    results, _ = jobs(world, "check" if world == 1 else "check,batched", timeout_s=300)
+def _mode_results(correctness_job, world: int, mode: str) -> list[dict]:
+    """Each rank's results of ``mode`` (check, batched) from the session's job of ``world`` ranks."""
+    _, results = correctness_job(world)
     for result in results:
         assert result["failures"] == [], "\n".join(result["failures"])
     return [result[mode] for result in results]
@@ -143,10 +115,10 @@ BY_HAND = {
 }
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_every_algorithm_matches_gloo_allreduce(jobs, world):
-    results = _mode_results(jobs, world, "check")
+def test_every_algorithm_matches_gloo_allreduce(correctness_job, world):
+    results = _mode_results(correctness_job, world, "check")
     for result in results:
         assert result["failures"] == [], "\n".join(result["failures"])
         assert result["cases"] > 60
@@ -175,12 +147,12 @@ def test_every_algorithm_matches_gloo_allreduce(jobs, world):
         )
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_batched_rounds_match_gloo_allreduce_and_the_unbatched_algorithm(jobs, world):
+def test_batched_rounds_match_gloo_allreduce_and_the_unbatched_algorithm(correctness_job, world):
     """The NCCL path (one batch_isend_irecv per round), forced on gloo: exact for integer values, bitwise the
     unbatched algorithm's sums, the same bytes sent as the unbatched path and as the formulas."""
-    results = _mode_results(jobs, world, "batched")
+    results = _mode_results(correctness_job, world, "batched")
     for result in results:
         assert result["failures"] == [], "\n".join(result["failures"])
         assert result["cases"] >= 42

@@ -2,7 +2,8 @@
 
 One torchrun job per world size runs every correctness case (tests/comm/shm_worker.py: exact against
 ``dist.all_reduce`` for integer values at every size and dtype, the same bits on every rank, async order,
-non-contiguous tensors, shared buffers, reduce_scatter_/all_gather_, bytes sent). The failure jobs start
+non-contiguous tensors, shared buffers, reduce_scatter_/all_gather_, bytes sent): the session's job that
+also runs test_reducers.py's cases (tests/comm/conftest.py), with these cases last. The failure jobs start
 their ranks directly (torchrun's agent would stop the survivors as soon as a rank is killed): a rank killed
 with SIGKILL, one that never calls, one killed during setup, and ranks that cannot see each other's
 segments; afterwards no ``distlearn-shm-*`` file of theirs may be left in /dev/shm.
@@ -24,7 +25,7 @@ import torch
 from distlearn.comm import shm_segments
 from distlearn.comm.reducers import chunk_bounds, create_reducer
 from distlearn.errors import ConfigError
-from distlearn.launch import free_port, launch_local
+from distlearn.launch import free_port
 
 WORKER = Path(__file__).with_name("shm_worker.py")
 SHM = Path("/dev/shm")
@@ -73,12 +74,13 @@ def _spawn(tmp_path: Path, world: int, mode: str, *args: str, timeout_s: float =
     return codes
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_shm_matches_gloo_allreduce(tmp_path, world):
-    code = launch_local([str(WORKER), "check", str(tmp_path)], world, module=False, timeout_s=280)
-    assert code == 0, "the job failed; its output is above"
-    results = _results(tmp_path, world)
+def test_shm_matches_gloo_allreduce(correctness_job, world):
+    tmp_path, ranks = correctness_job(world)
+    for rank in ranks:
+        assert rank is not None and rank["failures"] == [], "\n".join(rank["failures"])
+    results = [{**rank["shm"], "rank": rank["rank"]} for rank in ranks]
     for result in results:
         assert result is not None and result["failures"] == [], "\n".join(result["failures"])
         assert result["cases"] >= 48  # sizes x dtypes (fewer distinct sizes for R = 1)
