@@ -4,12 +4,13 @@
     python tests/comm/shm_worker.py MODE OUT [TIMEOUT]    (started by the test with RANK etc. set)
 
 ``check`` runs every case (sizes, dtypes, bits on every rank, async, non-contiguous, shared buffers,
-reduce_scatter_/all_gather_, bytes sent, a mismatched call). The failure modes are started by the test
-itself, not by torchrun (whose agent would stop the survivors when a rank is killed): ``kill`` (rank 1
-kills itself with SIGKILL between two allreduces), ``hang`` (rank 1 never calls), ``setup-kill`` (rank 1
-is killed right after creating its segment, before the names are exchanged), ``invisible`` (rank 1's
-segments live in another directory, as on another host), ``once`` (one allreduce). Each rank writes
-``OUT/rank{r}.json``.
+reduce_scatter_/all_gather_, bytes sent, a mismatched call); the test suite runs this ``check`` inside
+tests/comm/reducer_worker.py's job (mode ``shm``), one job per world size for both files' cases. The
+failure modes are started by the test itself, not by torchrun (whose agent would stop the survivors when a
+rank is killed): ``kill`` (rank 1 kills itself with SIGKILL between two allreduces), ``hang`` (rank 1
+never calls), ``setup-kill`` (rank 1 is killed right after creating its segment, before the names are
+exchanged), ``invisible`` (rank 1's segments live in another directory, as on another host), ``once``
+(one allreduce). Each rank writes ``OUT/rank{r}.json``.
 """
 
 from __future__ import annotations
