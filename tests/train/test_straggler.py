@@ -115,8 +115,9 @@ def test_the_config_refuses_a_bad_delay_and_a_rank_outside_the_job():
         (["--strategy", "sync", "--workers", "2", "--straggler-dist", "exp:-2"], "straggler-dist"),
     ],
 )
-def test_the_command_line_refuses_bad_stragglers_in_one_line_before_launch(tmp_path, flags, words):
-    done = run_train(tmp_path, "--steps", "2", *flags, timeout=240)
+def test_the_command_line_refuses_bad_stragglers_in_one_line_before_launch(tmp_path, cli, flags, words):
+    # in this process (tests/train/conftest.py's cli: what a process of its own would print on stderr too)
+    done = cli("train", *QUICK, "--steps", "2", *flags, "--out", str(tmp_path / "run"))
     assert done.returncode == 2, (done.stdout, done.stderr)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("distlearn train: error: "), done.stderr
