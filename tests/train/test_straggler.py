@@ -13,6 +13,8 @@ import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,17 +34,10 @@ QUICK = ["--model", "mlp", "--train-samples", "512", "--test-samples", "128", "-
          "--progress", "off", "--tensorboard", "off", "--no-checkpoints", "--threads", "1"]  # fmt: skip
 
 
-@pytest.fixture
-def run_train(cli, monkeypatch):
-    """``run_train(tmp_path, *flags)``: ``distlearn train QUICK FLAGS --out TMP/run`` in this process (the
-    job's own processes start from here as from the command and import this checkout's src)."""
-    path = os.environ.get("PYTHONPATH")
-    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src") + (os.pathsep + path if path else ""))
-
-    def run(tmp_path: Path, *flags: str):
-        return cli("train", *QUICK, *flags, "--out", str(tmp_path / "run"))
-
-    return run
+def run_train(tmp_path: Path, *flags: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "distlearn.cli", "train", *QUICK, *flags, "--out", str(tmp_path / "run")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), COLUMNS="200")
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def summaries(run: Path) -> dict[int, dict]:
@@ -120,9 +115,9 @@ def test_the_config_refuses_a_bad_delay_and_a_rank_outside_the_job():
         (["--strategy", "sync", "--workers", "2", "--straggler-dist", "exp:-2"], "straggler-dist"),
     ],
 )
-def test_the_command_line_refuses_bad_stragglers_in_one_line_before_launch(tmp_path, run_train, flags, words):
+def test_the_command_line_refuses_bad_stragglers_in_one_line_before_launch(tmp_path, cli, flags, words):
     # in this process (tests/train/conftest.py's cli: what a process of its own would print on stderr too)
-    done = run_train(tmp_path, "--steps", "2", *flags)
+    done = cli("train", *QUICK, "--steps", "2", *flags, "--out", str(tmp_path / "run"))
     assert done.returncode == 2, (done.stdout, done.stderr)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("distlearn train: error: "), done.stderr
@@ -163,7 +158,7 @@ def test_drawn_delays_follow_their_distribution():
 
 
 @pytest.mark.timeout(300)
-def test_an_asynchronous_straggler_sleeps_its_delay_and_its_clock_adds_up(tmp_path, run_train):
+def test_an_asynchronous_straggler_sleeps_its_delay_and_its_clock_adds_up(tmp_path):
     """Hogwild! waits for nobody: rank 1's 10 steps each start 100 ms late, rank 0's do not."""
     steps, delay_ms = 10, 100.0
     done = run_train(
@@ -185,7 +180,7 @@ def test_an_asynchronous_straggler_sleeps_its_delay_and_its_clock_adds_up(tmp_pa
 
 
 @pytest.mark.timeout(300)
-def test_a_synchronous_step_lasts_as_long_as_the_slower_replica(tmp_path, run_train):
+def test_a_synchronous_step_lasts_as_long_as_the_slower_replica(tmp_path):
     steps, delay_ms = 12, 30.0
     done = run_train(
         tmp_path, "--strategy", "sync", "--workers", "2", "--steps", str(steps),
