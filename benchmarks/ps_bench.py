@@ -12,13 +12,18 @@ Claims (issue 7), measured in one run on this machine:
    parameter server written as a Ray actor (``push(g) -> w`` applying SGD to a numpy array), on the same
    tensor sizes, same update rule, the same synchronous push-then-pull loop; warm-up, then ``--trials``
    timed rounds of ``--pushes`` pushes, median and spread. Ray is an optional bench-only dependency.
+3. ``--part codecs``: compressed pushes (docs/ps.md) -- ``distlearn train --strategy ps --workers 3 --servers
+   1`` (1 server + 2 workers), MLP, 12,000 Fashion-MNIST training images, 2 epochs, batch 64, SGD lr 0.05 on
+   the server, once per codec of ``CODECS`` and seed: the main worker's final test accuracy and the bytes
+   worker rank 1 sent (its metrics summary).
 
-    python benchmarks/ps_bench.py [--part all|accuracy|pushes] [--train-samples 12000] [--trials 3]
+    python benchmarks/ps_bench.py [--part all|accuracy|pushes|codecs] [--train-samples 12000] [--trials 3]
 
-``--seeds 0 1 2`` runs every accuracy variant once per seed (``TrainConfig.seed``: weights, data order) and
-keeps every run with its seed; each variant's ``summary`` holds the mean and sample standard deviation over
-the seeds, and ``--table FILE.md`` writes them as the Markdown table docs/ps.md copies. ``--out`` names the
-result file (default below; a file that exists is updated part by part, the other parts kept).
+``--seeds 0 1 2`` runs every accuracy variant (or codec) once per seed (``TrainConfig.seed``: weights, data
+order) and keeps every run with its seed; each variant's ``summary`` holds the mean and sample standard
+deviation over the seeds, and ``--table FILE.md`` writes them as the Markdown table docs/ps.md copies.
+``--out`` names the result file (default below; a file that exists is updated part by part, the other
+parts kept).
 
 Writes benchmarks/results/ps_bench.json and docs/img/ps-accuracy.png, docs/img/ps-pushes.png. On this
 2-core machine several processes share the cores (and other jobs ran at the same time): the accuracy
@@ -32,6 +37,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +60,15 @@ VARIANTS: dict[str, tuple[str, int, dict]] = {
 }
 GLOBAL_BATCH = 60
 LR = 0.1
+# codec -> extra flags, for --part codecs (the loop of docs/ps.md)
+CODECS: dict[str, list[str]] = {
+    "none": [],
+    "fp16": [],
+    "int8-linear": [],
+    "onebit": [],
+    "terngrad": [],
+    "topk": ["--density", "0.01"],
+}
 
 
 # -- children (run under torchrun) ---------------------------------------------------------------------------
@@ -238,6 +253,76 @@ def seeded_table(accuracy: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def codec_command(codec: str, seed: int, out: Path, train_samples: int) -> list[str]:
+    return [
+        sys.executable, "-m", "distlearn", "train", "--strategy", "ps", "--workers", "3", "--servers", "1",
+        "--dataset", "fashion-mnist", "--model", "mlp", "--train-samples", str(train_samples),
+        "--test-samples", "2000", "--epochs", "2", "--batch-size", "64", "--optimizer", "sgd", "--lr", "0.05",
+        "--compression", codec, *CODECS[codec], "--seed", str(seed), "--out", str(out), "--no-checkpoints",
+        "--progress", "off", "--tensorboard", "off", "--quiet",
+    ]  # fmt: skip
+
+
+def codecs_part(args: argparse.Namespace, scratch: Path) -> dict:
+    """Every codec once per seed (all codecs of one seed, then the next): the main worker's final test
+    accuracy and worker rank 1's bytes sent, per run and as mean ± std per codec."""
+    runs: dict[str, list[dict]] = {codec: [] for codec in CODECS}
+    for seed in args.seeds or [0]:
+        for codec in CODECS:
+            out = scratch / f"codec-{codec}-seed{seed}"
+            line = codec_command(codec, seed, out, args.train_samples)
+            done = subprocess.run(line, capture_output=True, text=True, timeout=args.timeout)
+            if done.returncode != 0:
+                raise SystemExit(f"{codec} seed {seed} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+            summary = next(
+                json.loads(text)
+                for text in (out / "metrics.jsonl").read_text().splitlines()
+                if json.loads(text)["kind"] == "summary"
+            )
+            run = {
+                "seed": seed,
+                "command": "distlearn " + " ".join(line[3:]).replace(str(out), "OUT"),
+                "accuracy": summary["accuracy"],
+                "bytes_sent": summary["bytes_sent"],
+                "train_seconds": summary["extra"]["train_seconds"],
+                "staleness_mean": summary["extra"].get("staleness_mean"),
+            }
+            runs[codec].append(run)
+            megabytes = run["bytes_sent"] / 1e6
+            print(f"{codec:12s} seed {seed}: acc {run['accuracy']:.4f}, {megabytes:.1f} MB sent", flush=True)
+    dense = statistics.fmean(r["bytes_sent"] for r in runs["none"])
+    result = {}
+    for codec, mine in runs.items():
+        sent = statistics.fmean(r["bytes_sent"] for r in mine)
+        result[codec] = {
+            "summary": {
+                "seeds": [r["seed"] for r in mine],
+                "accuracy": mean_std([r["accuracy"] for r in mine]),
+                "bytes_sent": mean_std([r["bytes_sent"] for r in mine]),
+                "dense_over_sent": dense / sent,
+            },
+            "runs": mine,
+        }
+    return result
+
+
+def codecs_table(codecs: dict) -> str:
+    """The Markdown table of ``--part codecs`` (mean ± std over the seeds)."""
+    seeds = len(next(iter(codecs.values()))["summary"]["seeds"])
+    lines = [
+        f"| codec | test accuracy (%, n = {seeds}) | bytes sent by worker rank 1 (MB) | dense / sent |",
+        "|---|---:|---:|---:|",
+    ]
+    for codec, row in codecs.items():
+        s = row["summary"]
+        accuracy, sent = s["accuracy"], s["bytes_sent"]
+        lines.append(
+            f"| {codec} | {100 * accuracy[0]:.2f} ± {100 * accuracy[1]:.2f} | {sent[0] / 1e6:.1f} "
+            f"| {s['dense_over_sent']:.1f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def ray_pushes(sizes: list[int], warmup: int, pushes: int, trials: int) -> dict[str, list[float]]:
     import numpy as np
     import ray
@@ -355,12 +440,13 @@ def plot(record: dict, suffix: str = "") -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["all", "accuracy", "pushes"], default="all")
+    parser.add_argument("--part", choices=["all", "accuracy", "pushes", "codecs"], default="all")
+    parser.add_argument("--timeout", type=float, default=1200, help="codecs part: seconds per run")
     parser.add_argument("--train-samples", type=int, default=12000)
     parser.add_argument("--pushes", type=int, default=200)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", help="accuracy part: one run per seed, mean ± std")
-    parser.add_argument("--table", help="with --seeds: write the Markdown table of the accuracy part here")
+    parser.add_argument("--table", help="with --seeds: the Markdown table of the accuracy or codecs part")
     parser.add_argument("--out", default=str(RESULTS), help="the result file (JSON)")
     parser.add_argument("--plot-suffix", default="", help="appended to the plot names in docs/img")
     parser.add_argument("--child-train")
@@ -385,6 +471,8 @@ def main() -> int:
                 record["accuracy"] = seeded_accuracy_part(args, Path(scratch))
             else:
                 record["accuracy"] = accuracy_part(args, Path(scratch))
+        if args.part == "codecs":
+            record["codecs"] = codecs_part(args, Path(scratch))
     record.update(
         command="python benchmarks/ps_bench.py " + " ".join(sys.argv[1:]),
         machine={
@@ -403,7 +491,8 @@ def main() -> int:
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(record, indent=1) + "\n")
     if args.table:
-        Path(args.table).write_text(seeded_table(record["accuracy"]))
+        made = codecs_table(record["codecs"]) if args.part == "codecs" else seeded_table(record["accuracy"])
+        Path(args.table).write_text(made)
     plot(record, args.plot_suffix)
     print(f"wrote {results} and docs/img/ps-*{args.plot_suffix}.png in {record['seconds']:.0f} s")
     return 0

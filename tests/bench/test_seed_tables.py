@@ -67,3 +67,31 @@ def test_ps_bench_summarises_every_variant_over_its_seeds():
     assert lines[2] == "| sync | 76.00 ± 1.00 | 201 ± 1 | 2.0 ± 1.0 | – | – |"
     ps_std = 100 * statistics.stdev([0.81, 0.80, 0.83])
     assert lines[3] == f"| ps | 81.33 ± {ps_std:.2f} | 201 ± 1 | 2.0 ± 1.0 | 3.00 ± 1.00 / 11 ± 1 | 0 ± 0 |"
+
+
+def test_ps_bench_codec_table_gives_each_codec_its_mean_std_and_ratio_to_dense():
+    bench = script("ps_bench")
+    codecs = {
+        "none": {"summary": {"seeds": [0, 1, 2], "accuracy": [0.80, 0.01], "bytes_sent": [400e6, 0.0],
+                             "dense_over_sent": 1.0}},
+        "topk": {"summary": {"seeds": [0, 1, 2], "accuracy": [0.845, 0.005], "bytes_sent": [10e6, 0.0],
+                             "dense_over_sent": 40.0}},
+    }  # fmt: skip
+    lines = bench.codecs_table(codecs).splitlines()
+    assert "n = 3" in lines[0]
+    assert lines[2:] == ["| none | 80.00 ± 1.00 | 400.0 | 1.0x |", "| topk | 84.50 ± 0.50 | 10.0 | 40.0x |"]
+
+
+def test_train_accuracy_summarises_each_run_over_its_seeds():
+    bench = script("train_accuracy")
+    rows = [
+        {"run": "mlp-mnist", "seed": seed, "test_accuracy": a, "seconds_per_epoch": [1.0, 2.0 + seed]}
+        for seed, a in enumerate([0.96, 0.95, 0.97])
+    ]
+    rows.append({"run": "lenet", "seed": 0, "test_accuracy": 0.9, "seconds_per_epoch": [3.0]})
+    mlp, lenet = bench.summarise(rows)
+    assert mlp["seeds"] == [0, 1, 2] and lenet["seeds"] == [0]
+    accuracy = [0.96, 0.95, 0.97]
+    assert mlp["test_accuracy"] == [statistics.fmean(accuracy), statistics.stdev(accuracy)]
+    assert mlp["seconds_per_epoch"][0] == statistics.fmean([1.5, 2.0, 2.5])
+    assert lenet["test_accuracy"] == [0.9, 0.0]
