@@ -8,8 +8,9 @@ benchmarks/results/train_accuracy.json and docs/training.md.
     python benchmarks/train_accuracy.py [--only lenet-fashion-mnist,mlp-mnist,resnet8-cifar10] [--seeds 0 1 2]
 
 ``--seeds`` runs each configuration once per seed (``TrainConfig.seed``, default 0 alone); every row keeps
-its seed, and ``summary`` holds, per run, the mean and sample standard deviation of the test accuracy over
-the seeds.
+its seed (with several seeds its run directory is ``runs/bench-NAME-seedS``), and ``summary`` holds, per
+run, the mean and sample standard deviation of the test accuracy over the seeds. ``--threads N`` sets
+torch's intra-op threads (on a loaded machine 2 threads per process collapse).
 """
 
 from __future__ import annotations
@@ -66,13 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default=os.environ.get("DISTLEARN_DATA", "../shared/data"))
     parser.add_argument("--out", default="benchmarks/results/train_accuracy.json")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
     rows = []
     for name, seed in [(name, seed) for name in args.only.split(",") for seed in args.seeds]:
         base = RUNS[name]
         root = None if base.dataset == "fashion-mnist" else args.data_root
         quiet = {"progress": "off", "tensorboard": "off", "checkpoints": False, "quiet": True}
-        config = replace(base, data_root=root, out=f"runs/bench-{name}", seed=seed, **quiet)
+        out = f"runs/bench-{name}" + (f"-seed{seed}" if len(args.seeds) > 1 else "")  # one directory per run
+        config = replace(base, data_root=root, out=out, seed=seed, threads=args.threads, **quiet)
         result = train(config)
         row = {
             "run": name,
