@@ -236,6 +236,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--trials", type=int, default=3, help="Hogwild part: interleaved trials of each run")
     parser.add_argument("--seeds", type=int, nargs="+", help="one run per seed (replaces --trials)")
+    parser.add_argument("--only", help="comma-separated configurations to run (default: all of the part)")
     parser.add_argument("--table", default=None, help="with --seeds: write the Markdown table of means here")
     parser.add_argument("--part", choices=["all", "hogwild", "averaging"], default="all")
     parser.add_argument("--out", default=str(RESULTS), help="raw results (JSON); earlier ones are kept")
@@ -262,6 +263,12 @@ def main() -> int:
         for part, runs in parts:
             if args.part not in ("all", part):
                 continue
+            if args.only:
+                unknown = set(args.only.split(",")) - set(HOGWILD) - set(AVERAGING)
+                if unknown:
+                    known = [*HOGWILD, *AVERAGING]
+                    parser.error(f"--only: no configuration {sorted(unknown)}; choose from {known}")
+                runs = {name: flags for name, flags in runs.items() if name in args.only.split(",")}
             names = list(runs)
             if args.seeds:
                 results[part] = run_seeds(args, runs, Path(scratch))
@@ -281,7 +288,7 @@ def main() -> int:
                     r["samples_per_s"] for r in trials[name]]}  # fmt: skip
     results["machine"]["load_at_end"] = os.getloadavg()
     hogwild = results["hogwild"]
-    if hogwild:
+    if "single 1 thread" in hogwild and {"hogwild 2 processes", "single 2 threads"} <= hogwild.keys():
         # the median over trials of each trial's ratio (the runs of one trial are close in time)
         base = hogwild["single 1 thread"]["trials_samples_per_s"]
 
