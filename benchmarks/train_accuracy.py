@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             "epochs": result.epochs,
             "seconds_per_epoch": result.seconds_per_epoch,
             "samples_per_s": result.samples_per_s,
-            "threads": torch.get_num_threads(),
+            "threads": config.threads or torch.get_num_threads(),  # the run's, not torch's after it
             "note": result.summary.get("dataset_note"),
             "config": {k: v for k, v in asdict(config).items() if v is not None},
         }
