@@ -187,15 +187,20 @@ def plot(results: dict, suffix: str = "") -> None:
         for index, (name, run) in enumerate(results[key].items()):
             color = f"C{index}"
             for number, seeded in enumerate(run.get("runs", [run])):  # every seed's curve, one colour
-                speed = run["summary"]["samples_per_s"][0] if "summary" in run else run["samples_per_s"]
-                label = f"{name} ({speed:,.0f} samples/s)" if number == 0 else None
+                if "summary" in run:
+                    speed = f"mean {run['summary']['samples_per_s'][0]:,.0f}"
+                else:
+                    speed = f"{run['samples_per_s']:,.0f}"
+                label = f"{name} ({speed} samples/s)" if number == 0 else None
                 axis.plot([e["wall_time"] for e in seeded["evals"]], [e["accuracy"] for e in seeded["evals"]],
                           marker=".", color=color, alpha=0.8, label=label)  # fmt: skip
         axis.axhline(results["target"], color="grey", lw=0.8, ls="--")
         seeds = len(results.get("seeds") or [0])
         if seeds > 1:
-            title += f", {seeds} seeds"
-        axis.set(xlabel="wall time (s, from process start)", ylabel="test accuracy", title=title)
+            loads = (results["machine"]["load_at_start"][0], results["machine"]["load_at_end"][0])
+            title += f"\n{seeds} seeds, load average {min(loads):.0f}-{max(loads):.0f} on 2 cores"
+        axis.set(xlabel="wall time (s, from process start)", ylabel="test accuracy")
+        axis.set_title(title, fontsize=10)
         axis.legend(fontsize=8)
         figure.tight_layout()
         figure.savefig(IMG / filename.replace(".png", f"{suffix}.png"), dpi=110)
