@@ -12,8 +12,18 @@ Claims (issue 7), measured in one run on this machine:
    parameter server written as a Ray actor (``push(g) -> w`` applying SGD to a numpy array), on the same
    tensor sizes, same update rule, the same synchronous push-then-pull loop; warm-up, then ``--trials``
    timed rounds of ``--pushes`` pushes, median and spread. Ray is an optional bench-only dependency.
+3. ``--part codecs``: compressed pushes (docs/ps.md) -- ``distlearn train --strategy ps --workers 3 --servers
+   1`` (1 server + 2 workers), MLP, 12,000 Fashion-MNIST training images, 2 epochs, batch 64, SGD lr 0.05 on
+   the server, once per codec of ``CODECS`` and seed: the main worker's final test accuracy and the bytes
+   worker rank 1 sent (its metrics summary).
 
-    python benchmarks/ps_bench.py [--part all|accuracy|pushes] [--train-samples 12000] [--trials 3]
+    python benchmarks/ps_bench.py [--part all|accuracy|pushes|codecs] [--train-samples 12000] [--trials 3]
+
+``--seeds 0 1 2`` runs every accuracy variant (or codec) once per seed (``TrainConfig.seed``: weights, data
+order) and keeps every run with its seed; each variant's ``summary`` holds the mean and sample standard
+deviation over the seeds, and ``--table FILE.md`` writes them as the Markdown table docs/ps.md copies.
+``--out`` names the result file (default below; a file that exists is updated part by part, the other
+parts kept).
 
 Writes benchmarks/results/ps_bench.json and docs/img/ps-accuracy.png, docs/img/ps-pushes.png. On this
 2-core machine several processes share the cores (and other jobs ran at the same time): the accuracy
@@ -27,6 +37,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +60,15 @@ VARIANTS: dict[str, tuple[str, int, dict]] = {
 }
 GLOBAL_BATCH = 60
 LR = 0.1
+# codec -> extra flags, for --part codecs (the loop of docs/ps.md)
+CODECS: dict[str, list[str]] = {
+    "none": [],
+    "fp16": [],
+    "int8-linear": [],
+    "onebit": [],
+    "terngrad": [],
+    "topk": ["--density", "0.01"],
+}
 
 
 # -- children (run under torchrun) ---------------------------------------------------------------------------
@@ -66,6 +86,7 @@ def child_train(spec: dict) -> None:
         dataset="fashion-mnist", model="mlp", optimizer="sgd", lr=LR, batch_size=GLOBAL_BATCH, epochs=1,
         train_samples=spec["train_samples"], test_samples=2000, eval_every=steps_per_eval, log_every=10**6,
         checkpoints=False, progress="off", tensorboard="off", quiet=True, threads=1, out=str(out),
+        seed=spec.get("seed", 0),
     )  # fmt: skip
     train_set, test_set = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
     versions: dict[int, int] = {}
@@ -148,13 +169,15 @@ def run_child(kind: str, spec: dict, nproc: int, timeout: float = 300) -> None:
         raise SystemExit(f"the {kind} job {spec} failed with exit code {code}")
 
 
-def accuracy_part(args: argparse.Namespace, scratch: Path) -> dict:
+def accuracy_part(args: argparse.Namespace, scratch: Path, seed: int | None = None) -> dict:
     results = {}
     for name, (strategy, nproc, options) in VARIANTS.items():
-        out = scratch / name.replace(" ", "_")
+        out = scratch / (name.replace(" ", "_") + ("" if seed is None else f"-seed{seed}"))
         every = max(1, args.train_samples // GLOBAL_BATCH // 5)
         spec = {"strategy": strategy, "options": options, "out": str(out),
                 "train_samples": args.train_samples, "eval_every": every}  # fmt: skip
+        if seed is not None:
+            spec["seed"] = seed
         started = time.perf_counter()
         run_child("train", spec, nproc)
         record = json.loads((out / "bench.json").read_text())
@@ -164,12 +187,140 @@ def accuracy_part(args: argparse.Namespace, scratch: Path) -> dict:
             served = json.loads(server.read_text())
             keep = ("version", "pushes", "applied", "dropped", "mean_staleness", "max_staleness")
             record["server"] = {key: served[key] for key in keep}
+        if seed is not None:
+            record = {"seed": seed, **record}
         results[name] = record
         final = record["evals"][-1]
-        print(f"{name:22s} acc {final['accuracy']:.4f}  updates {final['updates']:5d}  "
+        tag = "" if seed is None else f"seed {seed} "
+        print(f"{name:22s} {tag}acc {final['accuracy']:.4f}  updates {final['updates']:5d}  "
               f"train {record['train_seconds']:.1f} s  server {record.get('server', {})}",
               flush=True)  # fmt: skip
     return results
+
+
+def mean_std(values: list[float]) -> list[float]:
+    """[mean, sample standard deviation] (0 for one value)."""
+    return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
+
+
+def seeded_accuracy_part(args: argparse.Namespace, scratch: Path) -> dict:
+    """Every variant once per seed (all variants of one seed, then the next seed): per variant its runs and
+    the mean ± std of the final accuracy, the server updates at the main worker's last pull, its training
+    seconds and the server's staleness and drops."""
+    by_seed = [accuracy_part(args, scratch, seed) for seed in args.seeds]
+    results = {}
+    for name in VARIANTS:
+        runs = [done[name] for done in by_seed]
+        results[name] = {"summary": summarise(runs), "runs": runs}
+    return results
+
+
+def summarise(runs: list[dict]) -> dict:
+    """One variant's runs (one per seed): mean ± std of the final accuracy, the updates at the last
+    evaluation, the training seconds and, where a server reported them, its staleness and drops."""
+    summary = {
+        "seeds": [r["seed"] for r in runs],
+        "final_accuracy": mean_std([r["evals"][-1]["accuracy"] for r in runs]),
+        "updates": mean_std([r["evals"][-1]["updates"] for r in runs]),
+        "train_seconds": mean_std([r["train_seconds"] for r in runs]),
+    }
+    if all("server" in r for r in runs):
+        for key in ("mean_staleness", "max_staleness", "dropped"):
+            summary[key] = mean_std([r["server"][key] for r in runs])
+    return summary
+
+
+def seeded_table(accuracy: dict) -> str:
+    """The Markdown table of a ``--seeds`` accuracy part (mean ± std over the seeds)."""
+    seeds = len(next(iter(accuracy.values()))["summary"]["seeds"])
+    lines = [
+        f"| variant | final test accuracy (%, n = {seeds}) | server updates (main worker's last pull) "
+        "| train seconds (main worker, loaded) | mean / max staleness | dropped |",
+        "|---|---:|---:|---:|---|---:|",
+    ]
+    for name, variant in accuracy.items():
+        s = variant["summary"]
+        acc, updates, seconds = s["final_accuracy"], s["updates"], s["train_seconds"]
+        if "mean_staleness" in s:
+            stale = "{:.2f} ± {:.2f} / {:.0f} ± {:.0f}".format(*s["mean_staleness"], *s["max_staleness"])
+            dropped = "{:.0f} ± {:.0f}".format(*s["dropped"])
+        else:
+            stale = dropped = "–"
+        lines.append(
+            f"| {name} | {100 * acc[0]:.2f} ± {100 * acc[1]:.2f} | {updates[0]:.0f} ± {updates[1]:.0f} "
+            f"| {seconds[0]:.1f} ± {seconds[1]:.1f} | {stale} | {dropped} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def codec_command(codec: str, seed: int, out: Path, train_samples: int) -> list[str]:
+    return [
+        sys.executable, "-m", "distlearn", "train", "--strategy", "ps", "--workers", "3", "--servers", "1",
+        "--dataset", "fashion-mnist", "--model", "mlp", "--train-samples", str(train_samples),
+        "--test-samples", "2000", "--epochs", "2", "--batch-size", "64", "--optimizer", "sgd", "--lr", "0.05",
+        "--compression", codec, *CODECS[codec], "--seed", str(seed), "--out", str(out), "--no-checkpoints",
+        "--progress", "off", "--tensorboard", "off", "--quiet",
+    ]  # fmt: skip
+
+
+def codecs_part(args: argparse.Namespace, scratch: Path) -> dict:
+    """Every codec once per seed (all codecs of one seed, then the next): the main worker's final test
+    accuracy and worker rank 1's bytes sent, per run and as mean ± std per codec."""
+    runs: dict[str, list[dict]] = {codec: [] for codec in CODECS}
+    for seed in args.seeds or [0]:
+        for codec in CODECS:
+            out = scratch / f"codec-{codec}-seed{seed}"
+            line = codec_command(codec, seed, out, args.train_samples)
+            done = subprocess.run(line, capture_output=True, text=True, timeout=args.timeout)
+            if done.returncode != 0:
+                raise SystemExit(f"{codec} seed {seed} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+            summary = next(
+                json.loads(text)
+                for text in (out / "metrics.jsonl").read_text().splitlines()
+                if json.loads(text)["kind"] == "summary"
+            )
+            run = {
+                "seed": seed,
+                "command": "distlearn " + " ".join(line[3:]).replace(str(out), "OUT"),
+                "accuracy": summary["accuracy"],
+                "bytes_sent": summary["bytes_sent"],
+                "train_seconds": summary["extra"]["train_seconds"],
+                "staleness_mean": summary["extra"].get("staleness_mean"),
+            }
+            runs[codec].append(run)
+            megabytes = run["bytes_sent"] / 1e6
+            print(f"{codec:12s} seed {seed}: acc {run['accuracy']:.4f}, {megabytes:.1f} MB sent", flush=True)
+    dense = statistics.fmean(r["bytes_sent"] for r in runs["none"])
+    result = {}
+    for codec, mine in runs.items():
+        sent = statistics.fmean(r["bytes_sent"] for r in mine)
+        result[codec] = {
+            "summary": {
+                "seeds": [r["seed"] for r in mine],
+                "accuracy": mean_std([r["accuracy"] for r in mine]),
+                "bytes_sent": mean_std([r["bytes_sent"] for r in mine]),
+                "dense_over_sent": dense / sent,
+            },
+            "runs": mine,
+        }
+    return result
+
+
+def codecs_table(codecs: dict) -> str:
+    """The Markdown table of ``--part codecs`` (mean ± std over the seeds)."""
+    seeds = len(next(iter(codecs.values()))["summary"]["seeds"])
+    lines = [
+        f"| codec | test accuracy (%, n = {seeds}) | bytes sent by worker rank 1 (MB) | dense / sent |",
+        "|---|---:|---:|---:|",
+    ]
+    for codec, row in codecs.items():
+        s = row["summary"]
+        accuracy, sent = s["accuracy"], s["bytes_sent"]
+        lines.append(
+            f"| {codec} | {100 * accuracy[0]:.2f} ± {100 * accuracy[1]:.2f} | {sent[0] / 1e6:.1f} "
+            f"| {s['dense_over_sent']:.1f}x |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def ray_pushes(sizes: list[int], warmup: int, pushes: int, trials: int) -> dict[str, list[float]]:
@@ -240,7 +391,7 @@ def pushes_part(args: argparse.Namespace, scratch: Path) -> dict:
     return {"sizes": table, "ray_version": ray_version}
 
 
-def plot(record: dict) -> None:
+def plot(record: dict, suffix: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,18 +400,23 @@ def plot(record: dict) -> None:
     IMG.mkdir(parents=True, exist_ok=True)
     if "accuracy" in record:
         figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-        for name, result in record["accuracy"].items():
-            evals = result["evals"]
-            left.plot([e["wall_time"] for e in evals], [e["accuracy"] for e in evals], marker="o", label=name)
-            right.plot([e["updates"] for e in evals], [e["accuracy"] for e in evals], marker="o", label=name)
+        for index, (name, result) in enumerate(record["accuracy"].items()):
+            for number, run in enumerate(result.get("runs", [result])):  # every seed's curve, one colour
+                evals, label, color = run["evals"], name if number == 0 else None, f"C{index}"
+                left.plot([e["wall_time"] for e in evals], [e["accuracy"] for e in evals], marker="o",
+                          color=color, label=label)  # fmt: skip
+                right.plot([e["updates"] for e in evals], [e["accuracy"] for e in evals], marker="o",
+                           color=color, label=label)  # fmt: skip
         left.set(xlabel="wall time (s)", ylabel="test accuracy", title="accuracy vs wall time")
         right.set(xlabel="server updates", ylabel="test accuracy", title="accuracy vs updates")
         left.legend(fontsize=8)
+        seeds = len(next(iter(record["accuracy"].values())).get("runs", [None]))
         figure.suptitle(
             f"Fashion-MNIST MLP, B = {GLOBAL_BATCH}, 1 server, 3 workers (2-core machine, loaded)"
+            + (f", {seeds} seeds" if seeds > 1 else "")
         )
         figure.tight_layout()
-        figure.savefig(IMG / "ps-accuracy.png", dpi=110)
+        figure.savefig(IMG / f"ps-accuracy{suffix}.png", dpi=110)
         plt.close(figure)
     if "pushes" in record:
         sizes = list(record["pushes"]["sizes"])
@@ -278,16 +434,21 @@ def plot(record: dict) -> None:
         axis.set(ylabel="push+pull round trips / s", yscale="log", title="parameter-server pushes per second")
         axis.legend(fontsize=8)
         figure.tight_layout()
-        figure.savefig(IMG / "ps-pushes.png", dpi=110)
+        figure.savefig(IMG / f"ps-pushes{suffix}.png", dpi=110)
         plt.close(figure)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["all", "accuracy", "pushes"], default="all")
+    parser.add_argument("--part", choices=["all", "accuracy", "pushes", "codecs"], default="all")
+    parser.add_argument("--timeout", type=float, default=1200, help="codecs part: seconds per run")
     parser.add_argument("--train-samples", type=int, default=12000)
     parser.add_argument("--pushes", type=int, default=200)
     parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--seeds", type=int, nargs="+", help="accuracy part: one run per seed, mean ± std")
+    parser.add_argument("--table", help="with --seeds: the Markdown table of the accuracy or codecs part")
+    parser.add_argument("--out", default=str(RESULTS), help="the result file (JSON)")
+    parser.add_argument("--plot-suffix", default="", help="appended to the plot names in docs/img")
     parser.add_argument("--child-train")
     parser.add_argument("--child-pushes")
     args = parser.parse_args()
@@ -297,13 +458,21 @@ def main() -> int:
     if args.child_pushes:
         child_pushes(json.loads(args.child_pushes))
         return 0
+    if args.table and not args.seeds:
+        parser.error("--table needs --seeds")
     started, load_before = time.perf_counter(), os.getloadavg()
-    record: dict = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results = Path(args.out)
+    record: dict = json.loads(results.read_text()) if results.is_file() else {}
     with tempfile.TemporaryDirectory(prefix="ps-bench-") as scratch:
         if args.part in ("all", "pushes"):
             record["pushes"] = pushes_part(args, Path(scratch))
         if args.part in ("all", "accuracy"):
-            record["accuracy"] = accuracy_part(args, Path(scratch))
+            if args.seeds:
+                record["accuracy"] = seeded_accuracy_part(args, Path(scratch))
+            else:
+                record["accuracy"] = accuracy_part(args, Path(scratch))
+        if args.part == "codecs":
+            record["codecs"] = codecs_part(args, Path(scratch))
     record.update(
         command="python benchmarks/ps_bench.py " + " ".join(sys.argv[1:]),
         machine={
@@ -319,10 +488,13 @@ def main() -> int:
         note=f"load average (1, 5, 15 min) {', '.join(f'{x:.1f}' for x in load_before)} before the run, "
         f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} after it, on {os.cpu_count()} cores",
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(record, indent=1) + "\n")
-    plot(record)
-    print(f"wrote {RESULTS} and docs/img/ps-*.png in {record['seconds']:.0f} s")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(record, indent=1) + "\n")
+    if args.table:
+        made = codecs_table(record["codecs"]) if args.part == "codecs" else seeded_table(record["accuracy"])
+        Path(args.table).write_text(made)
+    plot(record, args.plot_suffix)
+    print(f"wrote {results} and docs/img/ps-*{args.plot_suffix}.png in {record['seconds']:.0f} s")
     return 0
 
 

@@ -1,0 +1,97 @@
+"""The ``--seeds`` summaries of benchmarks/async_bench.py and benchmarks/ps_bench.py: the mean and the sample
+standard deviation over the seeds, and the Markdown tables docs/ copies, checked against ``statistics`` on
+small records of the shape the scripts store (the stored files themselves: tests/test_evidence.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def script(name: str):  # noqa: ANN201
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def async_run(seed: int, accuracy: float, speed: float, reached: float | None) -> dict:
+    return {
+        "seed": seed,
+        "final_accuracy": accuracy,
+        "best_accuracy": accuracy + 0.01,
+        "samples_per_s": speed,
+        "time_to_target_s": reached,
+    }
+
+
+def test_async_bench_summarises_every_seed_and_renders_mean_and_std():
+    bench = script("async_bench")
+    accuracies = [0.84, 0.83, 0.80]
+    runs = [async_run(0, 0.84, 3000.0, 10.0), async_run(1, 0.83, 2000.0, None)]
+    runs.append(async_run(2, 0.80, 2500.0, 14.0))
+    summary = bench.summarise(runs)
+    assert summary["seeds"] == [0, 1, 2]
+    assert summary["final_accuracy"] == [statistics.fmean(accuracies), statistics.stdev(accuracies)]
+    assert summary["time_to_target_s"] == [12.0, statistics.stdev([10.0, 14.0])]  # the runs that reached it
+    assert summary["reached"] == 2
+    results = {"target": 0.8, "hogwild": {}, "averaging": {"sync": {"summary": summary}}}
+    lines = bench.table(results).splitlines()
+    std = 100 * statistics.stdev(accuracies)
+    reached = "12.0 ± 2.8 (2 of 3 reached)"
+    assert lines[2] == f"| sync | 82.33 ± {std:.2f} | 83.33 ± {std:.2f} | 2,500 ± 500 | {reached} |"
+    assert "n = 3" in lines[0]
+
+
+def test_ps_bench_summarises_every_variant_over_its_seeds():
+    bench = script("ps_bench")
+    accuracy = {}
+    for name, values in (("sync", [0.75, 0.76, 0.77]), ("ps", [0.81, 0.80, 0.83])):
+        runs = []
+        for seed, value in enumerate(values):
+            evals = [{"accuracy": 0.1, "updates": 1}, {"accuracy": value, "updates": 200 + seed}]
+            runs.append({"seed": seed, "evals": evals, "train_seconds": 1.0 + seed})
+            if name == "ps":
+                runs[-1]["server"] = {"mean_staleness": 2.0 + seed, "max_staleness": 10 + seed, "dropped": 0}
+        accuracy[name] = {"summary": bench.summarise(runs), "runs": runs}
+    assert accuracy["ps"]["summary"]["final_accuracy"] == [
+        statistics.fmean([0.81, 0.80, 0.83]),
+        statistics.stdev([0.81, 0.80, 0.83]),
+    ]
+    assert "mean_staleness" not in accuracy["sync"]["summary"]  # no server in a sync run
+    lines = bench.seeded_table(accuracy).splitlines()
+    assert "n = 3" in lines[0] and len(lines) == 4
+    assert lines[2] == "| sync | 76.00 ± 1.00 | 201 ± 1 | 2.0 ± 1.0 | – | – |"
+    ps_std = 100 * statistics.stdev([0.81, 0.80, 0.83])
+    assert lines[3] == f"| ps | 81.33 ± {ps_std:.2f} | 201 ± 1 | 2.0 ± 1.0 | 3.00 ± 1.00 / 11 ± 1 | 0 ± 0 |"
+
+
+def test_ps_bench_codec_table_gives_each_codec_its_mean_std_and_ratio_to_dense():
+    bench = script("ps_bench")
+    codecs = {
+        "none": {"summary": {"seeds": [0, 1, 2], "accuracy": [0.80, 0.01], "bytes_sent": [400e6, 0.0],
+                             "dense_over_sent": 1.0}},
+        "topk": {"summary": {"seeds": [0, 1, 2], "accuracy": [0.845, 0.005], "bytes_sent": [10e6, 0.0],
+                             "dense_over_sent": 40.0}},
+    }  # fmt: skip
+    lines = bench.codecs_table(codecs).splitlines()
+    assert "n = 3" in lines[0]
+    assert lines[2:] == ["| none | 80.00 ± 1.00 | 400.0 | 1.0x |", "| topk | 84.50 ± 0.50 | 10.0 | 40.0x |"]
+
+
+def test_train_accuracy_summarises_each_run_over_its_seeds():
+    bench = script("train_accuracy")
+    rows = [
+        {"run": "mlp-mnist", "seed": seed, "test_accuracy": a, "seconds_per_epoch": [1.0, 2.0 + seed]}
+        for seed, a in enumerate([0.96, 0.95, 0.97])
+    ]
+    rows.append({"run": "lenet", "seed": 0, "test_accuracy": 0.9, "seconds_per_epoch": [3.0]})
+    mlp, lenet = bench.summarise(rows)
+    assert mlp["seeds"] == [0, 1, 2] and lenet["seeds"] == [0]
+    accuracy = [0.96, 0.95, 0.97]
+    assert mlp["test_accuracy"] == [statistics.fmean(accuracy), statistics.stdev(accuracy)]
+    assert mlp["seconds_per_epoch"][0] == statistics.fmean([1.5, 2.0, 2.5])
+    assert lenet["test_accuracy"] == [0.9, 0.0]
