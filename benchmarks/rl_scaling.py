@@ -238,10 +238,10 @@ def summarise(trials: list[dict]) -> list[dict]:
             group = [t for t in trials if t["algorithm"] == algorithm and t["workers"] == workers]
             solved = [t for t in group if t["solved"]]
             roles: dict[str, list[dict]] = {}
-            for trial in solved:
+            for trial in group:
                 for process in trial["processes"]:
                     roles.setdefault(process["role"], []).append(process)
-            row = {
+            row = {  # the to-solve figures over the solved runs; rates and shares over every run
                 "algorithm": algorithm,
                 "workers": workers,
                 "solved": f"{len(solved)}/{len(group)}",
@@ -249,15 +249,21 @@ def summarise(trials: list[dict]) -> list[dict]:
                 "launch_to_solved_s": _mean_std([t["launch_to_solved_s"] for t in solved]),
                 "train_to_solved_s": _mean_std([t["train_to_solved_s"] for t in solved]),
                 "env_steps_to_solve": _mean_std([t["env_steps_to_solve"] for t in solved], 0),
-                "updates": _mean_std([t["updates"] for t in solved], 0),
-                "staleness": _mean_std([t["staleness_mean"] for t in solved], 2),
                 "cpu_to_solve_s": _mean_std([t["cpu_total_s"] for t in solved]),
-                "cpu_us_per_env_step": _mean_std(
-                    [1e6 * t["cpu_total_s"] / t["env_steps"] for t in solved if t["env_steps"]], 0
-                ),
-                "job_cpu_utilisation": _mean_std([t["cpu_utilisation"] for t in solved], 2),
-                "busiest_cpu_s": _mean_std([t["busiest_cpu_s"] for t in solved]),
+                "busiest_cpu_to_solve_s": _mean_std([t["busiest_cpu_s"] for t in solved]),
                 "projected_wall_2cores_s": _mean_std([t["projected_wall_2cores_s"] for t in solved]),
+                "wall_s": _mean_std([t["wall_s"] for t in group]),
+                "env_steps": _mean_std([t["env_steps"] for t in group], 0),
+                "updates": _mean_std([t["updates"] for t in group], 0),
+                "staleness": _mean_std([t["staleness_mean"] for t in group], 2),
+                "cpu_total_s": _mean_std([t["cpu_total_s"] for t in group]),
+                "cpu_us_per_env_step": _mean_std(
+                    [1e6 * t["cpu_total_s"] / t["env_steps"] for t in group if t["env_steps"]], 0
+                ),
+                "job_cpu_utilisation": _mean_std([t["cpu_utilisation"] for t in group], 2),
+                "busiest_share_of_cpu": _mean_std(
+                    [t["busiest_cpu_s"] / t["cpu_total_s"] for t in group if t["cpu_total_s"]], 2
+                ),
                 "roles": {
                     role: {
                         "cpu_s": _mean_std([p["cpu_s"] for p in found]),
@@ -266,23 +272,23 @@ def summarise(trials: list[dict]) -> list[dict]:
                     for role, found in roles.items()
                 },
             }
-            if any("server_busy_fraction" in t for t in solved):
-                row["server_busy_fraction"] = _mean_std([t.get("server_busy_fraction") for t in solved], 2)
+            if any("server_busy_fraction" in t for t in group):
+                row["server_busy_fraction"] = _mean_std([t.get("server_busy_fraction") for t in group], 2)
                 row["bundle_reply_wait_fraction"] = _mean_std(
-                    [t.get("bundle_reply_wait_fraction") for t in solved], 2
+                    [t.get("bundle_reply_wait_fraction") for t in group], 2
                 )
             rows.append(row)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    header = ["algorithm", "R", "solved", "launch to solved (s)", "env steps to solve", "updates",
-              "staleness", "CPU s to solve", "CPU µs / env step", "busiest process CPU s",
-              "bound on 2 free cores (s)"]  # fmt: skip
+    header = ["algorithm", "R", "solved", "launch to solved (s)", "env steps to solve", "CPU s to solve",
+              "bound on 2 free cores (s)", "wall (s)", "env steps", "updates", "staleness", "CPU s",
+              "CPU µs / env step", "busiest process's share"]  # fmt: skip
     cells = [
         [r["algorithm"], r["workers"], r["solved"], r["launch_to_solved_s"], r["env_steps_to_solve"],
-         r["updates"], r["staleness"], r["cpu_to_solve_s"], r["cpu_us_per_env_step"], r["busiest_cpu_s"],
-         r["projected_wall_2cores_s"]]
+         r["cpu_to_solve_s"], r["projected_wall_2cores_s"], r["wall_s"], r["env_steps"], r["updates"],
+         r["staleness"], r["cpu_total_s"], r["cpu_us_per_env_step"], r["busiest_share_of_cpu"]]
         for r in rows
     ]  # fmt: skip
     return markdown_table(header, cells)
@@ -300,7 +306,15 @@ def main() -> None:
     parser.add_argument("--output", default="rl_scaling.json", help="file name in benchmarks/results/")
     parser.add_argument("--ours-args", default="", help="extra options for every run")
     parser.add_argument("--no-warmup", action="store_true")
+    parser.add_argument("--resummarise", action="store_true", help="redo --output's rows")
     args = parser.parse_args()
+    if args.resummarise:
+        path = RESULTS / args.output
+        result = json.loads(path.read_text())
+        result["rows"] = summarise(result["trials"])
+        path.write_text(json.dumps(result, indent=1))
+        print(table(result["rows"]))
+        return
     runs = Path(args.runs)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     algorithms = args.algorithms.split(",")
