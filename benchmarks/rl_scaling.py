@@ -49,6 +49,7 @@ from distlearn.tables import markdown_table  # noqa: E402
 
 RESULTS = rl_bench.RESULTS
 TICK = os.sysconf("SC_CLK_TCK")
+RETURN_LEVELS = (100, 200, 300, 400)  # mean returns (last 100 episodes) whose first env step is recorded
 ROLE_SETTLES_S = 10.0  # a process's role is read again at each sample for this long after it appears
 
 
@@ -210,6 +211,18 @@ def run_records(out: Path) -> dict:
     staleness = [r["staleness"] for r in records if r["kind"] == "train" and r["staleness"] is not None]
     summary = next(r for r in reversed(records) if r["kind"] == "summary")
     found: dict = {"staleness_mean": round(statistics.mean(staleness), 3) if staleness else None}
+    # learning speed in env steps, also for a run stopped by the cap before it solved
+    found["env_steps_to_return"] = {
+        str(level): next(
+            (
+                r["extra"]["env_steps"]
+                for r in records
+                if r["kind"] == "train" and (r["extra"]["episode_return"] or 0) >= level
+            ),
+            None,
+        )  # fmt: skip
+        for level in RETURN_LEVELS
+    }
     if "server_busy_s" in summary["extra"]:
         found["server_busy_s"] = summary["extra"]["server_busy_s"]
         found["server_busy_fraction"] = summary["extra"]["server_busy_fraction"]
@@ -230,8 +243,34 @@ def _mean_std(values: list, digits: int = 1) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
-def summarise(trials: list[dict]) -> list[dict]:
+def _steps_to_solve(files: str) -> dict[tuple[str, int], tuple[float, str]]:
+    """(algorithm, R) -> (mean env steps to solve, file) from the rows of earlier result files."""
+    found = {}
+    for name in filter(None, files.split(",")):
+        for row in json.loads((RESULTS / name).read_text())["rows"]:
+            text = str(row.get("env_steps_to_solve", ""))
+            if text and text[0].isdigit():
+                found[(row["algorithm"], row["workers"])] = (float(text.split(" ")[0]), name)
+    return found
+
+
+def _projection(group: list[dict], steps: float, source: str) -> dict:
+    """CPU seconds to solve in ``steps`` env steps at each run's CPU per env step (start-up included)."""
+    per_step = [t["cpu_total_s"] / t["env_steps"] for t in group if t["env_steps"]]
+    busiest = [t["busiest_cpu_s"] / t["env_steps"] for t in group if t["env_steps"]]
+    bounds = [max(b * steps, c * steps / 2) for b, c in zip(busiest, per_step, strict=True)]
+    return {
+        "env_steps_to_solve": steps,
+        "from": source,
+        "cpu_to_solve_s": _mean_std([c * steps for c in per_step]),
+        "busiest_cpu_to_solve_s": _mean_std([b * steps for b in busiest]),
+        "wall_bound_2cores_s": _mean_std(bounds),
+    }
+
+
+def summarise(trials: list[dict], steps_to_solve_from: str = "") -> list[dict]:
     """One row per (algorithm, R): mean ± std over seeds (solved runs only for the to-solve figures)."""
+    reference = _steps_to_solve(steps_to_solve_from)
     rows = []
     for algorithm in dict.fromkeys(t["algorithm"] for t in trials):
         for workers in sorted({t["workers"] for t in trials if t["algorithm"] == algorithm}):
@@ -272,6 +311,12 @@ def summarise(trials: list[dict]) -> list[dict]:
                     for role, found in roles.items()
                 },
             }
+            row["env_steps_to_return"] = {
+                level: _mean_std([t.get("env_steps_to_return", {}).get(level) for t in group], 0)
+                for level in map(str, RETURN_LEVELS)
+            }
+            if (algorithm, workers) in reference:
+                row["projected"] = _projection(group, *reference[(algorithm, workers)])
             if any("server_busy_fraction" in t for t in group):
                 row["server_busy_fraction"] = _mean_std([t.get("server_busy_fraction") for t in group], 2)
                 row["bundle_reply_wait_fraction"] = _mean_std(
@@ -307,11 +352,19 @@ def main() -> None:
     parser.add_argument("--ours-args", default="", help="extra options for every run")
     parser.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--resummarise", action="store_true", help="redo --output's rows")
+    parser.add_argument(
+        "--steps-to-solve-from", default="", help="result files (comma-separated) whose rows' env steps to "
+        "solve project this run's CPU per env step to CPU seconds to solve",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.resummarise:
         path = RESULTS / args.output
         result = json.loads(path.read_text())
-        result["rows"] = summarise(result["trials"])
+        for trial in result["trials"]:  # the runs' own records again, where their directories are still there
+            out = Path(args.runs) / f"{trial['algorithm']}-R{trial['workers']}-seed{trial['seed']}"
+            if (out / "metrics.jsonl").exists():
+                trial.update(run_records(out))
+        result["rows"] = summarise(result["trials"], args.steps_to_solve_from)
         path.write_text(json.dumps(result, indent=1))
         print(table(result["rows"]))
         return
@@ -337,7 +390,7 @@ def main() -> None:
                 shown = {k: v for k, v in trial.items() if k not in ("curve", "processes")}
                 print(json.dumps(shown), flush=True)
                 write(args, trials, load_before, started)
-    print("\n" + table(summarise(trials)))
+    print("\n" + table(summarise(trials, args.steps_to_solve_from)))
 
 
 def write(args: argparse.Namespace, trials: list[dict], load_before: tuple, started: str) -> None:
@@ -357,7 +410,7 @@ def write(args: argparse.Namespace, trials: list[dict], load_before: tuple, star
         "versions": versions,
         "env": "CartPole-v1",
         "threshold": rl_bench.THRESHOLD,
-        "rows": summarise(trials),
+        "rows": summarise(trials, args.steps_to_solve_from),
         "trials": trials,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,10 @@ steps of all bundles together (``--no-anneal-lr`` keeps it constant), ``--batch-
 -> 0.01 over 10000 steps per actor. A smaller shard (CleanRL's 10000) forgets the failures once the policy
 is good and the returns collapse; a larger ``--lr`` (1e-3) oscillated between 150 and 450.
 
+Timers (perf_counter, a few per gradient): the server's summary record carries ``server_busy_s`` (handling
+pushes: receive, Adam, reply) and its fraction of the server's run; each bundle writes
+``OUT/gorila-bundle<rank>.json`` with its time blocked on the server's reply and its time learning.
+
 Failure: a bundle that dies is simply no longer heard from; the server goes on with the others (a receive
 from any source) and stops when none has sent anything for ``--timeout`` seconds. A bundle whose server is
 gone fails with a CommError within ``--timeout``.
