@@ -121,3 +121,15 @@ def test_a_short_gorila_run_is_accounted_by_role_with_its_timers(tmp_path):
                                  env_steps_to_solve=trial["env_steps"])])  # fmt: skip
     assert set(rows[0]["roles"]) >= {"server", "bundle1", "bundle2"}
     assert "server_busy_fraction" in rows[0]
+
+
+def test_cpu_to_solve_is_projected_from_an_earlier_files_env_steps_to_solve():
+    steps = bench._steps_to_solve("rl_bench-gorila-2026-12-01.json")
+    assert steps[("gorila", 1)] == (126240.0, "rl_bench-gorila-2026-12-01.json")  # "126240.0 ± 18536.0"
+    trial = {"cpu_total_s": 100.0, "busiest_cpu_s": 60.0, "env_steps": 1000}
+    projected = bench._projection([trial], 2000.0, "f.json")
+    assert projected["cpu_to_solve_s"] == "200.0 ± 0.0"
+    assert projected["busiest_cpu_to_solve_s"] == "120.0 ± 0.0"
+    assert projected["wall_bound_2cores_s"] == "120.0 ± 0.0"  # the busiest process, not 200 / 2
+    spread = bench._projection([dict(trial, busiest_cpu_s=40.0)], 2000.0, "f")
+    assert spread["wall_bound_2cores_s"] == "100.0 ± 0.0"  # now the total on 2 cores
