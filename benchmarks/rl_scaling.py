@@ -339,6 +339,33 @@ def table(rows: list[dict]) -> str:
     return markdown_table(header, cells)
 
 
+def role_table(rows: list[dict]) -> str:
+    """Each role's CPU seconds and utilisation (cpu / its lifetime), mean ± std over the runs."""
+    header = ["algorithm", "R", "role", "CPU s", "utilisation", "share of the job's CPU"]
+    cells = []
+    for row in rows:
+        total = float(row["cpu_total_s"].split(" ")[0])
+        for role, figures in row["roles"].items():
+            mean = float(figures["cpu_s"].split(" ")[0])
+            cells.append([row["algorithm"], row["workers"], role, figures["cpu_s"], figures["utilisation"],
+                          f"{mean / total:.2f}"])  # fmt: skip
+    return markdown_table(header, cells)
+
+
+def projection_table(rows: list[dict]) -> str:
+    """What the CPU per env step measured here makes of the env steps to solve of the earlier files."""
+    header = ["algorithm", "R", "env steps to solve (earlier file)", "CPU s to solve",
+              "busiest process's CPU s", "bound on 2 free cores (s)", "file"]  # fmt: skip
+    cells = [
+        [r["algorithm"], r["workers"], f"{r['projected']['env_steps_to_solve']:.0f}",
+         r["projected"]["cpu_to_solve_s"], r["projected"]["busiest_cpu_to_solve_s"],
+         r["projected"]["wall_bound_2cores_s"], r["projected"]["from"]]
+        for r in rows
+        if "projected" in r
+    ]  # fmt: skip
+    return markdown_table(header, cells)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--algorithms", default="a3c,gorila")
@@ -366,7 +393,7 @@ def main() -> None:
                 trial.update(run_records(out))
         result["rows"] = summarise(result["trials"], args.steps_to_solve_from)
         path.write_text(json.dumps(result, indent=1))
-        print(table(result["rows"]))
+        print(table(result["rows"]), role_table(result["rows"]), projection_table(result["rows"]), sep="\n\n")
         return
     runs = Path(args.runs)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
