@@ -100,7 +100,7 @@ def run_ours(
         exit_code, measured = runner(command, _env(), time_limit + 180)
     wall = time.perf_counter() - start
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    summary = next(r for r in reversed(records) if r["kind"] == "summary")
+    summary = next((r for r in reversed(records) if r["kind"] == "summary"), records[-1])  # (a stopped run)
     solved = summary["extra"]["solved_seconds"] is not None
     curve = [(r["wall_time"], r["extra"]["episode_return"]) for r in records if r["kind"] == "train"]
     return {

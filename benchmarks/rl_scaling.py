@@ -51,6 +51,7 @@ RESULTS = rl_bench.RESULTS
 TICK = os.sysconf("SC_CLK_TCK")
 RETURN_LEVELS = (100, 200, 300, 400)  # mean returns (last 100 episodes) whose first env step is recorded
 ROLE_SETTLES_S = 10.0  # a process's role is read again at each sample for this long after it appears
+START_GRACE_S = 600.0  # on top of rl_bench's own margin: a loaded machine starts and stops a job slowly
 
 
 def _stat(pid: int) -> tuple[int, float] | None:
@@ -167,10 +168,15 @@ def sampling_runner(algorithm: str, interval: float):
         start = time.perf_counter()
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         tree = ProcessTree(process.pid, algorithm)
+        stopped = None
         try:
             while process.poll() is None:
                 tree.sample()
-                if time.perf_counter() - start > timeout:
+                now = time.perf_counter()
+                if stopped is None and now - start > timeout + START_GRACE_S:
+                    process.terminate()  # the run still writes its summary
+                    stopped = now
+                if stopped is not None and now - stopped > 60:
                     process.kill()
                 time.sleep(interval)
         finally:
@@ -209,7 +215,7 @@ def run_records(out: Path) -> dict:
     """What the run logged itself: mean staleness over its records, Gorila's server and bundle timers."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     staleness = [r["staleness"] for r in records if r["kind"] == "train" and r["staleness"] is not None]
-    summary = next(r for r in reversed(records) if r["kind"] == "summary")
+    summary = next((r for r in reversed(records) if r["kind"] == "summary"), records[-1])
     found: dict = {"staleness_mean": round(statistics.mean(staleness), 3) if staleness else None}
     # learning speed in env steps, also for a run stopped by the cap before it solved
     found["env_steps_to_return"] = {
@@ -379,6 +385,7 @@ def main() -> None:
     parser.add_argument("--ours-args", default="", help="extra options for every run")
     parser.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--resummarise", action="store_true", help="redo --output's rows")
+    parser.add_argument("--merge", default="", help="with --resummarise: add these files' trials to --output")
     parser.add_argument(
         "--steps-to-solve-from", default="", help="result files (comma-separated) whose rows' env steps to "
         "solve project this run's CPU per env step to CPU seconds to solve",
@@ -387,6 +394,9 @@ def main() -> None:
     if args.resummarise:
         path = RESULTS / args.output
         result = json.loads(path.read_text())
+        for name in filter(None, args.merge.split(",")):  # the trials of other files of the same benchmark
+            result["trials"] += json.loads((RESULTS / name).read_text())["trials"]
+        result["merged"] = result.get("merged", []) + list(filter(None, args.merge.split(",")))
         for trial in result["trials"]:  # the runs' own records again, where their directories are still there
             out = Path(args.runs) / f"{trial['algorithm']}-R{trial['workers']}-seed{trial['seed']}"
             if (out / "metrics.jsonl").exists():
