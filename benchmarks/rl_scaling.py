@@ -385,7 +385,7 @@ def main() -> None:
     parser.add_argument("--ours-args", default="", help="extra options for every run")
     parser.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--resummarise", action="store_true", help="redo --output's rows")
-    parser.add_argument("--merge", default="", help="with --resummarise: add these files' trials to --output")
+    parser.add_argument("--merge", default="", help="--resummarise: add these files' trials")
     parser.add_argument(
         "--steps-to-solve-from", default="", help="result files (comma-separated) whose rows' env steps to "
         "solve project this run's CPU per env step to CPU seconds to solve",
@@ -395,8 +395,12 @@ def main() -> None:
         path = RESULTS / args.output
         result = json.loads(path.read_text())
         for name in filter(None, args.merge.split(",")):  # the trials of other files of the same benchmark
-            result["trials"] += json.loads((RESULTS / name).read_text())["trials"]
-        result["merged"] = result.get("merged", []) + list(filter(None, args.merge.split(",")))
+            part = json.loads(Path(name).read_text())
+            result["trials"] += part["trials"]
+            result.setdefault("merged", []).append(
+                {"file": Path(name).name, "command": part["command"], "started": part.get("started"),
+                 "machine": part["machine"], "trials": [(t["workers"], t["seed"]) for t in part["trials"]]}
+            )  # fmt: skip
         for trial in result["trials"]:  # the runs' own records again, where their directories are still there
             out = Path(args.runs) / f"{trial['algorithm']}-R{trial['workers']}-seed{trial['seed']}"
             if (out / "metrics.jsonl").exists():
