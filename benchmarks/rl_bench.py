@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from distlearn.tables import markdown_table
@@ -65,7 +66,10 @@ def run_ours(
     time_limit: float,
     env: str = "CartPole-v1",
     extra: tuple[str, ...] = (),
+    runner: Callable[[list[str], dict[str, str], float], tuple[int, dict]] | None = None,
 ) -> dict:
+    """One fresh process of ``distlearn.rl.cli``; ``runner(command, env, timeout)`` (default: a plain
+    subprocess) runs it and returns its exit code and what it measured, which goes into the trial."""
     name, variant = VARIANTS.get(algorithm, (algorithm, ()))
     command = [
         sys.executable,
@@ -88,10 +92,15 @@ def run_ours(
         *extra,
     ]
     start = time.perf_counter()
-    process = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=time_limit + 180)
+    if runner is None:
+        timeout = time_limit + 180
+        process = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout)
+        exit_code, measured = process.returncode, {}
+    else:
+        exit_code, measured = runner(command, _env(), time_limit + 180)
     wall = time.perf_counter() - start
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    summary = next(r for r in reversed(records) if r["kind"] == "summary")
+    summary = next((r for r in reversed(records) if r["kind"] == "summary"), records[-1])  # (a stopped run)
     solved = summary["extra"]["solved_seconds"] is not None
     curve = [(r["wall_time"], r["extra"]["episode_return"]) for r in records if r["kind"] == "train"]
     return {
@@ -99,7 +108,7 @@ def run_ours(
         "env": env,
         "workers": workers,
         "seed": seed,
-        "exit_code": process.returncode,
+        "exit_code": exit_code,
         "solved": solved,
         "launch_to_solved_s": wall if solved else None,
         "train_to_solved_s": summary["extra"]["solved_seconds"],
@@ -110,6 +119,8 @@ def run_ours(
         "wall_s": wall,
         "curve": curve,
         "staleness": summary["staleness"],
+        "updates": summary["step"],
+        **measured,
     }
 
 

@@ -40,6 +40,10 @@ steps of all bundles together (``--no-anneal-lr`` keeps it constant), ``--batch-
 -> 0.01 over 10000 steps per actor. A smaller shard (CleanRL's 10000) forgets the failures once the policy
 is good and the returns collapse; a larger ``--lr`` (1e-3) oscillated between 150 and 450.
 
+Timers (perf_counter, a few per gradient): the server's summary record carries ``server_busy_s`` (handling
+pushes: receive, Adam, reply) and its fraction of the server's run; each bundle writes
+``OUT/gorila-bundle<rank>.json`` with its time blocked on the server's reply and its time learning.
+
 Failure: a bundle that dies is simply no longer heard from; the server goes on with the others (a receive
 from any source) and stops when none has sent anything for ``--timeout`` seconds. A bundle whose server is
 gone fails with a CommError within ``--timeout``.
@@ -47,6 +51,7 @@ gone fails with a CommError within ``--timeout``.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -140,7 +145,7 @@ def run_gorila(config: RLConfig, *, fail_rank: int | None = None) -> dict[str, A
     try:
         if context.rank == 0:
             return _parameter_server(config, context.world_size, out)
-        return _bundle(config, context.rank, context.world_size, fail=context.rank == fail_rank)
+        return _bundle(config, context.rank, context.world_size, out, fail=context.rank == fail_rank)
     finally:
         shutdown()
 
@@ -193,8 +198,16 @@ class GorilaServer:
         self.start = self.last_log = time.perf_counter()
         self.lr = config.lr  # of the last update
         self.lost: list[str] = []
+        self.busy_s = 0.0  # time spent handling pushes (receive, Adam step, reply); the rest is waiting
 
     def on_request(self, loop: ServingLoop, peer: int, header: Header) -> None:
+        began = time.perf_counter()
+        try:
+            self._apply(loop, peer, header)
+        finally:
+            self.busy_s += time.perf_counter() - began
+
+    def _apply(self, loop: ServingLoop, peer: int, header: Header) -> None:
         config = self.config
         if header.kind != Kind.PUSH or header.length < self.size + 1:
             raise CommError(
@@ -248,9 +261,11 @@ class GorilaServer:
     def finish(self, loop: ServingLoop) -> dict[str, Any]:
         """Log the summary, save the policy and return the run's result."""
         version, stats = self.book.version, self.stats
+        seconds = time.perf_counter() - self.start
         summary = self.metrics.log(
             version, stats, kind="summary", lr=self.lr, bytes_sent=loop.transport.bytes_sent,
-            lost_bundles=self.lost,
+            lost_bundles=self.lost, server_busy_s=round(self.busy_s, 3),
+            server_busy_fraction=round(self.busy_s / max(seconds, 1e-9), 4),
         )  # fmt: skip
         self.metrics.close()
         save_policy(self.out / "policy.pt", self.model, self.config.env, algorithm="gorila", updates=version)
@@ -260,16 +275,17 @@ class GorilaServer:
             "rank": 0,
             "env_steps": stats.env_steps,
             "updates": version,
-            "seconds": time.perf_counter() - self.start,
+            "seconds": seconds,
             "solved_env_steps": stats.solved_at[0] if stats.solved_at else None,
             "solved_seconds": stats.solved_at[1] if stats.solved_at else None,
             "final_return": stats.mean_return,
             "env_steps_per_s": summary.samples_per_s,
             "lost_bundles": self.lost,
+            "server_busy_s": self.busy_s,
         }
 
 
-def _bundle(config: RLConfig, rank: int, world_size: int, *, fail: bool) -> dict[str, Any]:
+def _bundle(config: RLConfig, rank: int, world_size: int, out: Path, *, fail: bool) -> dict[str, Any]:
     online, _ = _network(config)
     envs = EnvPool(config.env, 1, config.seed, first_index=rank)
     target = QNetwork(envs.obs_dim, envs.num_actions, image_shape=envs.image_shape)
@@ -282,6 +298,7 @@ def _bundle(config: RLConfig, rank: int, world_size: int, *, fail: bool) -> dict
     version, target_epoch, steps, unsent_steps = 0, 0, 0, 0
     unsent_returns: list[float] = []
     pending: Any = None  # the receive of theta in flight
+    began, waited, learning, gradients = time.perf_counter(), 0.0, 0.0, 0  # timers for the run's summary
 
     def refused(header: Header) -> Exception:
         return ConfigError(f"the gorila server refused bundle {rank}: every rank must build the same --env")
@@ -310,7 +327,9 @@ def _bundle(config: RLConfig, rank: int, world_size: int, *, fail: bool) -> dict
             continue
         if pending is not None:  # the reply to the previous gradient (newest theta, maybe STOP) came in
             # while the actor acted; read before the gradient is computed, so that gradient is fresh
+            asked = time.perf_counter()
             answer = link.receive(pending, refused)
+            waited += time.perf_counter() - asked
             pending = None
             version = answer.version
             # a copy: vector_to_parameters makes the parameters views of its input, and the next receive
@@ -322,6 +341,7 @@ def _bundle(config: RLConfig, rank: int, world_size: int, *, fail: bool) -> dict
             if answer.flag & ReplyFlag.STOP:
                 break
         # learner: the DQN gradient on a minibatch of this bundle's shard, at the newest theta it has
+        learn_began = time.perf_counter()
         states, actions, rewards, next_states, dones = replay.sample(config.batch_size)
         with torch.no_grad():
             if config.double_q:  # van Hasselt et al. 2016: the online network picks a', the target rates it
@@ -345,6 +365,8 @@ def _bundle(config: RLConfig, rank: int, world_size: int, *, fail: bool) -> dict
         header = Header(Kind.PUSH, version=version, step=unsent_steps, length=payload.numel(), sender=rank)
         unsent_steps = 0
         transport.send(0, header, payload, tag=REQUEST)
+        learning += time.perf_counter() - learn_began
+        gradients += 1
         if fail:
             import os
 
@@ -353,4 +375,14 @@ def _bundle(config: RLConfig, rank: int, world_size: int, *, fail: bool) -> dict
         # gradient is computed (one gradient in flight per bundle)
         pending = link.post(f"bundle {rank} receiving theta")
     envs.close()
-    return {"algorithm": "gorila", "rank": rank, "workers": world_size - 1, "env_steps": steps}
+    timers = {
+        "rank": rank,
+        "env_steps": steps,
+        "gradients": gradients,
+        "seconds": round(time.perf_counter() - began, 3),
+        "reply_wait_s": round(waited, 3),  # blocked on the server's reply (theta) before a gradient
+        "learn_s": round(learning, 3),  # sampling, the gradient and its send
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"gorila-bundle{rank}.json").write_text(json.dumps(timers) + "\n")
+    return {"algorithm": "gorila", "workers": world_size - 1, **timers}
