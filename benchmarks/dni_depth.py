@@ -73,7 +73,10 @@ def run(
     """One training run in one process; test accuracy after every epoch."""
     train, test, transform = data or _data(dataset)
     torch.manual_seed(seed)
-    model = build_model("mlp", stages=depth, in_channels=1, num_classes=10, image_size=28)
+    model = build_model(
+        "mlp", stages=depth, in_channels=1, num_classes=10, image_size=28,
+        batch_norm=settings.get("batch_norm", False),
+    )  # fmt: skip
     example = transform(train.images[:2])
     lr, sg_lr, batch = settings["lr"], settings["sg_lr"], settings["batch_size"]
     if variant == "backprop":
@@ -134,6 +137,10 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f} ({len(values)})"
 
 
+def _bn_note(settings: dict) -> str:
+    return ", FCN with batch norm" if settings.get("batch_norm") else ""
+
+
 def render(results: dict, name: str = "dni_depth.json") -> str:
     """The Markdown table of ``results`` (mean ± sample std of final test accuracy over seeds, in %)."""
     rows = results.get("runs", [])
@@ -173,7 +180,7 @@ def render(results: dict, name: str = "dni_depth.json") -> str:
         s = json.loads(settings)
         note = (
             f"Adam {s['lr']:g} / SG Adam {s['sg_lr']:g}, SG hidden {tuple(s['sg_hidden'])}, "
-            f"batch {s['batch_size']}"
+            f"batch {s['batch_size']}{_bn_note(s)}"
         )
         lines.append(
             f"| {DATASET_NAMES[dataset]} | {depth} | {epochs} | {_cell(by['backprop'])} | {_cell(by['dni'])} "
@@ -202,7 +209,7 @@ def render(results: dict, name: str = "dni_depth.json") -> str:
         cells = " | ".join(_cell(list(by_variant[v].values())) for v in VARIANTS)
         lines.append(
             f"| {DATASET_NAMES[dataset]} | {depth} | {steps} | {cells} "
-            f"| Adam {s['lr']:g} / SG Adam {s['sg_lr']:g}, SG hidden {tuple(s['sg_hidden'])} |"
+            f"| Adam {s['lr']:g} / SG Adam {s['sg_lr']:g}, SG hidden {tuple(s['sg_hidden'])}{_bn_note(s)} |"
         )
     lines += ["", "Commands run:", ""] + ([results["note"], ""] if results.get("note") else [])
     lines += [
@@ -229,6 +236,10 @@ def main() -> None:
     parser.add_argument("--sg-hidden", nargs="*", type=int, default=[256, 256],
                         help="hidden widths of each synthetic-gradient model (none: linear)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--batch-norm", action="store_true",
+        help="batch norm after each hidden layer's linear map (the paper's FCN); all variants",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--time-epoch", action="store_true", help="time 20 steps of each run; save nothing")
     parser.add_argument("--render", action="store_true", help="only render the .md from the .json")
@@ -264,6 +275,8 @@ def main() -> None:
         "sg_hidden": list(args.sg_hidden),
         "batch_size": args.batch_size,
     }
+    if args.batch_norm:  # only when set, so the runs saved without the option keep their keys
+        settings["batch_norm"] = True
     started = time.perf_counter()
     done = {_key(r) for r in results["runs"]}
     for dataset in args.datasets:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from distlearn.dni import LocalDNI, SyntheticGradient, build_model, split_model
+from distlearn.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results" / "dni_depth.json"
@@ -90,3 +91,50 @@ def test_committed_table_is_rendered_from_the_committed_results() -> None:
     assert RESULTS.with_suffix(".md").read_text() == _bench().render(results, RESULTS.name)
     for part in results.get("parts", []):
         assert (RESULTS.parent / part).exists(), part
+
+
+def test_batch_norm_fcn_has_one_normalised_layer_per_stage_and_the_mlps_weights() -> None:
+    x = torch.randn(16, 1, 28, 28)
+    torch.manual_seed(3)
+    plain = build_model("mlp", stages=4)
+    torch.manual_seed(3)
+    model = build_model("mlp", stages=4, batch_norm=True)
+    # the linear layers are drawn in the same order as the MLP's: same weights for the same seed
+    plain_linears = [m for m in plain.modules() if isinstance(m, nn.Linear)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 5
+    assert all(torch.equal(a.weight, b.weight) for a, b in zip(plain_linears, linears, strict=True))
+    stages = split_model(model, 4, x)
+    kinds = [[type(layer).__name__ for layer in stage] for stage in stages]
+    assert kinds[1:3] == [["Linear", "BatchNorm1d", "ReLU"]] * 2  # the cut falls after each ReLU
+    assert kinds[0] == ["Flatten", "Linear", "BatchNorm1d", "ReLU"] and kinds[3][-1] == "Linear"
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert all(torch.equal(n.running_mean, torch.zeros(256)) for n in norms)
+    dni = LocalDNI(
+        stages, example=x, num_classes=10, sg_hidden=(256, 256),
+        optimizer=lambda p: torch.optim.Adam(p, 1e-4), sg_optimizer=lambda p: torch.optim.Adam(p, 1e-3),
+    )  # fmt: skip
+    dni.step(x, torch.randint(0, 10, (16,)))
+    # each stage's forward pass moved its own layer's statistics (the modules are the model's, not copies)
+    assert all(torch.count_nonzero(n.running_mean) > 0 for n in norms)
+    assert [sum(isinstance(m, nn.BatchNorm1d) for m in stage.modules()) for stage in dni.stages] == [1] * 4
+
+
+def test_batch_norm_is_refused_for_other_models() -> None:
+    with pytest.raises(ConfigError, match="mlp"):
+        build_model("lenet", stages=3, batch_norm=True)
+
+
+def test_render_names_the_batch_norm_setting() -> None:
+    bench = _bench()
+    base = {"lr": 1e-4, "sg_lr": 1e-3, "sg_hidden": [256, 256], "batch_size": 256}
+    runs = [
+        {"dataset": "mnist", "depth": 4, "variant": "backprop", "seed": 0, "epochs": 1, "settings": settings,
+         "test_accuracy": a, "per_epoch": [a]}
+        for settings, a in [(base, 0.5), ({**base, "batch_norm": True}, 0.7)]
+    ]  # fmt: skip
+    rows = [line for line in bench.render({"runs": runs}).splitlines() if line.startswith("| MNIST")]
+    assert len(rows) == 4  # two settings, two tables
+    assert sum("FCN with batch norm" in row for row in rows) == 2
+    assert any("70.00 (1)" in row and "batch norm" in row for row in rows)
+    assert any("50.00 (1)" in row and "batch norm" not in row for row in rows)

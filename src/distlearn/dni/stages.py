@@ -7,8 +7,10 @@ convolution layers, counted on an example input), ties going to the earliest cut
 pace of its slowest stage.
 
 ``build_model("mlp", stages=K)`` is the paper's MNIST FCN (Jaderberg et al., 2016, section 3.1): ``K``
-hidden layers of 256 units with ReLU, one per stage, the classifier in the last stage. Other names are the
-networks of :mod:`distlearn.models` (``lenet`` cuts into up to 4 stages).
+hidden layers of 256 units with ReLU, one per stage, the classifier in the last stage;
+``batch_norm=True`` puts batch normalisation between each hidden layer's linear map and its ReLU, as the
+paper's FCN has (docs/dni.md, "Where we differ"). Other names are the networks of :mod:`distlearn.models`
+(``lenet`` cuts into up to 4 stages).
 
 A residual block (:class:`distlearn.models.resnet.BasicBlock`) is one layer here: its shortcut skips its
 inside, so no stage boundary may fall within it, and its output ``relu(F(x) + shortcut(x))`` is an
@@ -138,9 +140,24 @@ def split_model(model: nn.Module, stages: int, example: torch.Tensor) -> list[nn
 
 def build_model(
     name: str, *, stages: int, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
-    hidden: int = 256,
+    hidden: int = 256, batch_norm: bool = False,
 ) -> nn.Module:  # fmt: skip
-    """The network to cut: ``mlp`` is the paper's FCN with ``stages`` hidden layers of ``hidden`` units."""
+    """The network to cut: ``mlp`` is the paper's FCN with ``stages`` hidden layers of ``hidden`` units.
+
+    ``batch_norm`` (``mlp`` only): Linear -> BatchNorm1d -> ReLU per hidden layer, as an ``nn.Sequential``
+    (the linear layers are created in the same order as :class:`MLP` 's, so a seed gives them the same
+    weights). Each stage keeps its layer's batch-norm statistics.
+    """
+    if batch_norm and name != "mlp":
+        raise ConfigError(f"batch_norm is an option of the 'mlp' FCN only, not of {name!r}; drop it")
+    if name == "mlp" and batch_norm:
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_channels * image_size * image_size
+        for _ in range(stages):
+            layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU()]
+            width = hidden
+        layers.append(nn.Linear(width, num_classes))
+        return nn.Sequential(*layers)
     if name == "mlp":
         return MLP(in_channels * image_size * image_size, num_classes, hidden=(hidden,) * stages)
     return create_model(name, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
