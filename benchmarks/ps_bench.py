@@ -438,6 +438,12 @@ def plot(record: dict, suffix: str = "") -> None:
         plt.close(figure)
 
 
+def _under_results(name: str) -> Path:
+    """``name`` as given when it has a directory part, else under benchmarks/results/."""
+    path = Path(name)
+    return path if path.parent != Path(".") else RESULTS / path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["all", "accuracy", "pushes", "codecs"], default="all")
@@ -447,7 +453,11 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", help="accuracy part: one run per seed, mean ± std")
     parser.add_argument("--table", help="with --seeds: the Markdown table of the accuracy or codecs part")
-    parser.add_argument("--out", default=str(RESULTS), help="the result file (JSON)")
+    parser.add_argument(
+        "--out",
+        default="ps_bench.json",
+        help="the result file (JSON); a bare name is written under benchmarks/results/",
+    )
     parser.add_argument("--plot-suffix", default="", help="appended to the plot names in docs/img")
     parser.add_argument("--child-train")
     parser.add_argument("--child-pushes")
@@ -461,7 +471,7 @@ def main() -> int:
     if args.table and not args.seeds:
         parser.error("--table needs --seeds")
     started, load_before = time.perf_counter(), os.getloadavg()
-    results = Path(args.out)
+    results = _under_results(args.out)
     record: dict = json.loads(results.read_text()) if results.is_file() else {}
     with tempfile.TemporaryDirectory(prefix="ps-bench-") as scratch:
         if args.part in ("all", "pushes"):
@@ -492,7 +502,7 @@ def main() -> int:
     results.write_text(json.dumps(record, indent=1) + "\n")
     if args.table:
         made = codecs_table(record["codecs"]) if args.part == "codecs" else seeded_table(record["accuracy"])
-        Path(args.table).write_text(made)
+        _under_results(args.table).write_text(made)
     plot(record, args.plot_suffix)
     print(f"wrote {results} and docs/img/ps-*{args.plot_suffix}.png in {record['seconds']:.0f} s")
     return 0
