@@ -126,7 +126,9 @@ class ProcessTree:
             entry = self.processes[pid]
             entry["cpu_s"], entry["last"] = max(entry["cpu_s"], stat[1]), now
             if now - entry["first"] < ROLE_SETTLES_S:  # a new process shows its parent's command until exec
-                entry["role"] = _role(pid, self.root, self.algorithm)
+                role = _role(pid, self.root, self.algorithm)
+                if role != "other":  # an exited process (a zombie) has no command line: keep what it was
+                    entry["role"] = role
 
     def report(self) -> list[dict]:
         """Every process seen: role (actor-learners numbered by start order), cpu_s, alive_s, utilisation."""
@@ -216,6 +218,8 @@ def run_records(out: Path) -> dict:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     staleness = [r["staleness"] for r in records if r["kind"] == "train" and r["staleness"] is not None]
     summary = next((r for r in reversed(records) if r["kind"] == "summary"), records[-1])
+    if not staleness and summary.get("staleness") is not None:  # a run shorter than one log interval
+        staleness = [summary["staleness"]]
     found: dict = {"staleness_mean": round(statistics.mean(staleness), 3) if staleness else None}
     # learning speed in env steps, also for a run stopped by the cap before it solved
     found["env_steps_to_return"] = {
