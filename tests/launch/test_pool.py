@@ -127,7 +127,13 @@ def _parent_script(out: Path) -> str:
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_stopping_the_parent_stops_every_process(tmp_path, signum):
-    parent = subprocess.Popen([sys.executable, "-c", _parent_script(tmp_path)], start_new_session=True)
+    # as from a terminal: a shell's background job (CI started with `&`) passes SIGINT on ignored, and a
+    # Python started so never turns Ctrl-C into KeyboardInterrupt (the nohup convention)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _parent_script(tmp_path)],
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         pids = _noted(tmp_path, "pid", 2)
         assert len(pids) == 2, "the pool's processes did not start"
