@@ -18,7 +18,6 @@ directory.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import pytest
 from markdown_it import MarkdownIt
+
+from scripts import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -219,10 +220,7 @@ def test_bench_tables_in_the_docs_are_their_result_files_rendered_again(page):
 
 
 def fidelity_script():
-    spec = importlib.util.spec_from_file_location("fidelity", REPO / "benchmarks" / "fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("fidelity")
 
 
 @pytest.mark.parametrize("page", pages(), ids=lambda p: p.name)

@@ -14,19 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from scripts import load_benchmark
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "allreduce_busbw.py"
 MB = 1 << 20
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("allreduce_busbw", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_bench()
+bench = load_benchmark("allreduce_busbw")
 
 
 def row(name: str, nbytes: int, busbw: float, median_s: float = 1.0) -> dict:

@@ -4,7 +4,6 @@ consistent."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,18 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from scripts import load_benchmark
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "rl_scaling.py"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("rl_scaling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_bench()
+bench = load_benchmark("rl_scaling")
 
 # burns `cpu` seconds of its own CPU time, prints what it measured, then waits `rest` seconds
 BURN = (

@@ -4,18 +4,15 @@ small records of the shape the scripts store (the stored files themselves: tests
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 from pathlib import Path
+
+from scripts import load_benchmark
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def script(name: str):  # noqa: ANN201
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+script = load_benchmark
 
 
 def async_run(seed: int, accuracy: float, speed: float, reached: float | None) -> dict:

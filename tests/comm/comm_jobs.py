@@ -4,26 +4,13 @@ on R ranks and read back each rank's results."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
+from distlearn.comm.shm_segments import pid_alive
 from distlearn.launch import launch_local
 
 WORKER = Path(__file__).with_name("reducer_worker.py")
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not count)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def run_reducer_job(out: Path, world: int, *args: str, timeout_s: float = 150) -> list[dict]:
@@ -34,6 +21,6 @@ def run_reducer_job(out: Path, world: int, *args: str, timeout_s: float = 150) -
     assert code == 0
     time.sleep(0.3)
     pids = [int(p.read_text()) for p in out.glob("pid*")]
-    assert len(pids) == world and not any(alive(pid) for pid in pids), "a worker outlived the job"
+    assert len(pids) == world and not any(pid_alive(pid) for pid in pids), "a worker outlived the job"
     files = [out / f"rank{r}.json" for r in range(world)]
     return [json.loads(f.read_text()) if f.exists() else None for f in files]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,16 +11,14 @@ from torch import nn
 
 from distlearn.dni import LocalDNI, SyntheticGradient, build_model, split_model
 from distlearn.errors import ConfigError
+from scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results" / "dni_depth.json"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("dni_depth", ROOT / "benchmarks" / "dni_depth.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("dni_depth")
 
 
 @pytest.mark.parametrize("conditioned", [False, True])
