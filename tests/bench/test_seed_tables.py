@@ -92,3 +92,42 @@ def test_train_accuracy_summarises_each_run_over_its_seeds():
     assert mlp["test_accuracy"] == [statistics.fmean(accuracy), statistics.stdev(accuracy)]
     assert mlp["seconds_per_epoch"][0] == statistics.fmean([1.5, 2.0, 2.5])
     assert lenet["test_accuracy"] == [0.9, 0.0]
+
+
+def test_sync_scaling_reads_its_configurations_and_refuses_what_it_cannot_run():
+    bench = script("sync_scaling")
+    assert bench.parse_configs("1x1,1x2, 2x1,4x1") == [(1, 1), (1, 2), (2, 1), (4, 1)]
+    for bad in ("2x2", "1", "0x1", "x1", "1xtwo"):
+        try:
+            bench.parse_configs(bad)
+        except SystemExit as error:
+            assert repr(bad) in str(error)
+        else:
+            raise AssertionError(f"{bad!r} was accepted")
+
+
+def test_sync_scaling_rotates_the_order_per_seed_and_takes_each_speed_up_against_the_same_seed(monkeypatch):
+    """The summary arithmetic of ``--seeds`` on records of the shape ``run`` returns (the runs themselves are
+    ``distlearn train``, measured by the benchmark, not here)."""
+    bench = script("sync_scaling")
+    order = []
+    epoch_s = {(1, 1, 0): 40.0, (2, 1, 0): 25.0, (1, 1, 1): 50.0, (2, 1, 1): 25.0}
+
+    def fake_run(workers, args, out, threads, seed):
+        order.append((workers, threads, seed))
+        return {"workers": workers, "threads": threads, "seed": seed,
+                "median_epoch_s": epoch_s[workers, threads, seed],
+                "time_to_target_s": None if (workers, seed) == (2, 1) else 10.0 + seed,
+                "final_accuracy": 0.85 + 0.01 * seed}  # fmt: skip
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    args = type("Args", (), {"seeds": [0, 1], "runs": "unused"})()
+    summaries = bench.run_seeds([(1, 1), (2, 1)], args)
+    assert order == [(1, 1, 0), (2, 1, 0), (2, 1, 1), (1, 1, 1)]  # seed 1 starts with the second config
+    two = summaries[1]
+    assert two["speedup"] == [statistics.fmean([40 / 25, 50 / 25]), statistics.stdev([40 / 25, 50 / 25])]
+    assert two["time_to_target_s"] == [10.0, 0.0] and two["reached"] == 1
+    lines = bench.seeds_table(summaries, 0.85).splitlines()
+    assert lines[0].startswith("| R | processes x threads | s / epoch (n = 2) | speed-up vs 1 x 1 (same")
+    two_row = "| 2 | 2 x 1 | 25.0 ± 0.0 | 1.80 ± 0.28x | 10.0 ± 0.0 (1 of 2 reached) | 85.50 ± 0.71 |"
+    assert lines[3] == two_row
