@@ -149,9 +149,15 @@ def summarise(runs: list[dict]) -> dict:
 def table(results: dict) -> str:
     """The Markdown table of a ``--seeds`` run: every configuration's summary, accuracies in %."""
     seeds = len(next(iter({**results["hogwild"], **results["averaging"]}.values()))["summary"]["seeds"])
+    machine = results.get("machine", {})
+    if "load_at_start" in machine and "load_at_end" in machine:  # the 1-minute load averages
+        loads = (machine["load_at_start"][0], machine["load_at_end"][0])
+        condition = f"load {min(loads):.1f}-{max(loads):.1f}"
+    else:
+        condition = "loaded"
     lines = [
-        f"| run | final accuracy (%, n = {seeds}) | best accuracy (%) | samples/s (loaded) "
-        f"| time to {results['target']:.0%} (s, loaded) |",
+        f"| run | final accuracy (%, n = {seeds}) | best accuracy (%) | samples/s ({condition}) "
+        f"| time to {results['target']:.0%} (s, {condition}) |",
         "|---|---:|---:|---:|---:|",
     ]
     for part in ("hogwild", "averaging"):
@@ -303,6 +309,11 @@ def main() -> int:
             )
 
         results["hogwild_speedup_over_1_thread"] = ratio("hogwild 2 processes")
+        if args.seeds and len(base) > 1:  # each seed's ratio: the runs of one seed are close in time
+            per_seed = [a / b for a, b in zip(hogwild["hogwild 2 processes"]["trials_samples_per_s"], base,
+                                              strict=True)]  # fmt: skip
+            results["hogwild_speedup_per_seed"] = per_seed
+            results["hogwild_speedup_mean_std"] = [statistics.fmean(per_seed), statistics.stdev(per_seed)]
         results["two_threads_speedup_over_1_thread"] = ratio("single 2 threads")
         print(f"hogwild 2 processes: {results['hogwild_speedup_over_1_thread']:.2f}x the 1-thread process; "
               f"2 threads: {results['two_threads_speedup_over_1_thread']:.2f}x")  # fmt: skip
