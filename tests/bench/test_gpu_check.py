@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py on this machine: every part runs on the CPU (``--allow-cpu``, the "cpu stand-in")
 and reports; without CUDA and without --allow-cpu it refuses with exit status 2; the projection is the cost
-model's formula on the stated links."""
+model's formula on the stated links. The stand-in runs the script as a process; the refusal and the
+projection call its ``main(argv)`` in this process (neither starts anything)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from scripts import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
@@ -79,10 +82,11 @@ def test_quick_cpu_stand_in_runs_every_part_and_writes_its_report(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the check would run")
-def test_without_cuda_it_refuses_unless_allowed(tmp_path):
-    done = run("--out", str(tmp_path), timeout=60)
-    assert done.returncode == 2
-    assert "no CUDA device" in done.stderr and "--allow-cpu" in done.stderr
+def test_without_cuda_it_refuses_unless_allowed(tmp_path, capsys):
+    code = load_benchmark("gpu_check").main(["--out", str(tmp_path)])
+    assert code == 2
+    stderr = capsys.readouterr().err
+    assert "no CUDA device" in stderr and "--allow-cpu" in stderr
     assert not (tmp_path / "gpu_check.json").exists()
 
 
@@ -90,8 +94,7 @@ def test_projection_is_the_ring_formula_on_the_assumed_links(tmp_path):
     from distlearn.comm.cost_model import link, project
     from distlearn.models import count_parameters, create_model
 
-    done = run("--project-only", "--out", str(tmp_path), timeout=60)
-    assert done.returncode == 0, done.stderr
+    assert load_benchmark("gpu_check").main(["--project-only", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "gpu_projection.json").read_text())
     lenet = 4 * count_parameters(create_model("lenet", in_channels=1, image_size=28))
     points = [p for p in data["points"] if p["bytes"] == lenet]

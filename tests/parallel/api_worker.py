@@ -1,9 +1,10 @@
 """One rank of the parallelize() checks (test_api.py): ``api_worker.py MODE [ARG]``, as torchrun starts it.
 
 Modes: ``accumulate`` (4 micro-batches on a model of >= 3 buckets vs torch DDP and vs one process on the
-full batch), ``resume`` (checkpoint/resume bitwise equal to the uninterrupted run, per strategy), ``ps NAME``
-(a parameter-server variant in a user's loop: loss falls), ``alone`` (plain python: one process). Each
-prints ``OK <what>`` lines the test looks for, and exits non-zero on the first failed check.
+full batch), ``resume`` (checkpoint/resume bitwise equal to the uninterrupted run, per strategy),
+``ps NAME,NAME..`` (parameter-server variants in a user's loop, one after the other in the same processes:
+loss falls), ``alone`` (plain python: one process). Each prints ``OK <what>`` lines the test looks for,
+and exits non-zero on the first failed check.
 """
 
 from __future__ import annotations
@@ -206,6 +207,18 @@ def parameter_server(variant: str) -> None:
     check(last < first / 2, f"ps {variant}: rank {strategy.rank} loss {first:.4f} -> {last:.4f}")
 
 
+def parameter_servers(variants: list[str]) -> None:
+    """Each variant in turn on the same job's group. A server's parallelize() ends in SystemExit(0) (its
+    whole life is serve()); caught here only to go on to the next variant: the one line rank 0 prints."""
+    for variant in variants:
+        try:
+            parameter_server(variant)
+        except SystemExit as stop:
+            if stop.code not in (0, None):
+                raise
+            print(f"SERVER ps {variant}: exited 0 inside parallelize", flush=True)
+
+
 def alone() -> None:
     check(not dist.is_initialized(), "no process group before parallelize")
     for strategy, options in (("sync", {"bucket_mb": BUCKET_MB}), ("local-sgd", {}), ("easgd", {})):
@@ -235,7 +248,7 @@ if __name__ == "__main__":
     elif mode == "resume":
         resume(sys.argv[2].split(","))
     elif mode == "ps":
-        parameter_server(sys.argv[2])
+        parameter_servers(sys.argv[2].split(","))
     elif mode == "alone":
         alone()
     else:

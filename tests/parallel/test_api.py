@@ -83,23 +83,37 @@ def test_checkpoint_resume_in_a_users_loop_equals_the_uninterrupted_run(tmp_path
             assert f"OK {name}: resumed run equals the uninterrupted one" in log, log
 
 
-@pytest.mark.timeout(90)
-@pytest.mark.parametrize(
-    "variant", ["plain", "staleness-aware", "softsync", "backup-workers", "local-steps", "easgd-async"]
-)
-def test_parameter_server_variants_through_parallelize(tmp_path, variant):
+PS_JOBS = {2: ["plain", "local-steps", "easgd-async"], 3: ["staleness-aware", "softsync", "backup-workers"]}
+"""The parameter-server variants by job size: a 3-rank job has two workers, so pushes can be stale."""
+
+
+@pytest.fixture(scope="module")
+def ps_jobs(tmp_path_factory) -> dict[int, tuple[list[int], list[str]]]:
+    """One job per size running its variants one after the other (a new parallelize() each, in the same
+    processes): ranks -> (exit codes, logs). Two starts of 2 and 3 processes instead of six jobs."""
+    jobs = {}
+    for ranks, variants in PS_JOBS.items():
+        out = tmp_path_factory.mktemp(f"ps{ranks}")
+        codes = run_ranks([sys.executable, WORKER, "ps", ",".join(variants)], ranks, out, timeout=150)
+        jobs[ranks] = (codes, _logs(out, ranks))
+    return jobs
+
+
+@pytest.mark.timeout(330)
+@pytest.mark.parametrize("variant", [variant for variants in PS_JOBS.values() for variant in variants])
+def test_parameter_server_variants_through_parallelize(ps_jobs, variant):
     """Rank 0 serves (ps; async EASGD's centre) and exits 0 inside parallelize(); the other ranks train, the
     loss falls; loading such an optimizer state (which cannot carry the server's state) is refused."""
-    ranks = (
-        3 if variant in ("staleness-aware", "softsync", "backup-workers") else 2
-    )  # two workers: stale pushes
-    codes = run_ranks([sys.executable, WORKER, "ps", variant], ranks, tmp_path, timeout=75)
-    logs = _logs(tmp_path, ranks)
+    ranks = next(size for size, variants in PS_JOBS.items() if variant in variants)
+    codes, logs = ps_jobs[ranks]
     assert codes == [0] * ranks, logs
-    assert logs[0] == "", logs  # the server's life ended inside parallelize()
+    # the server's life ended inside parallelize(): SystemExit(0) there, nothing of the user's loop after it
+    served = [f"SERVER ps {name}: exited 0 inside parallelize" for name in PS_JOBS[ranks]]
+    assert logs[0].splitlines() == served, logs
     for rank in range(1, ranks):
         assert f"OK ps {variant}: rank {rank} loss" in logs[rank], logs
         assert f"OK ps {variant}: loading a ps state is refused" in logs[rank], logs
+        assert "SERVER" not in logs[rank], logs
 
 
 @pytest.mark.timeout(90)

@@ -10,7 +10,6 @@ different options both end with the message naming the fields (no gloo abort, no
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
@@ -21,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distlearn.cli import main
 from distlearn.config import check_type
 from distlearn.data import check_dataset
 from distlearn.data.idx import read_idx, read_idx_shape, write_idx
@@ -249,31 +247,3 @@ def test_ranks_started_with_different_options_both_name_the_difference(tmp_path)
     for log in logs:
         assert "started with different options (--bucket-mb: rank 0 25.0, rank 1 2.0)" in log, log
         assert "Traceback" not in log
-
-
-# -- the parameter server's summary shows staleness --------------------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_the_ps_summary_shows_the_main_workers_staleness_as_the_server_recorded_it(
-    tmp_path, capfd, monkeypatch
-):
-    # the command in this process; its ranks (distlearn.ranklaunch) start from here as from the command
-    out = tmp_path / "run"
-    path = os.environ.get("PYTHONPATH")
-    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src") + (os.pathsep + path if path else ""))  # the ranks'
-    monkeypatch.setenv("COLUMNS", "200")
-    capfd.readouterr()
-    code = main(["train", *QUICK, "--steps", "12", "--strategy", "ps", "--workers", "3", "--dataset",
-                 "fashion-mnist", "--out", str(out)])  # fmt: skip
-    done = capfd.readouterr()
-    assert code == 0, done.err
-    summary = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["extra"]
-    server = json.loads((out / "ps-server0.json").read_text())
-    mine = [staleness for _, worker, staleness in server["updates"] if worker == 1]  # rank 1: the main worker
-    assert summary["staleness_pushes"] == len(mine) == 12 and summary["pushes_dropped"] == 0
-    assert summary["staleness_mean"] == pytest.approx(sum(mine) / len(mine))
-    assert summary["staleness_max"] == max(mine)
-    row = f"mean {summary['staleness_mean']:.2f}, max {summary['staleness_max']} versions"
-    assert f"{row} (this worker's 12 pushes)" in done.out, done.out
