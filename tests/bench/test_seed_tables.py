@@ -92,3 +92,19 @@ def test_train_accuracy_summarises_each_run_over_its_seeds():
     assert mlp["test_accuracy"] == [statistics.fmean(accuracy), statistics.stdev(accuracy)]
     assert mlp["seconds_per_epoch"][0] == statistics.fmean([1.5, 2.0, 2.5])
     assert lenet["test_accuracy"] == [0.9, 0.0]
+
+
+def test_train_accuracy_writes_its_file_with_the_summary_of_the_runs_so_far(tmp_path):
+    import json
+
+    bench = script("train_accuracy")
+    rows = [{"run": "lenet", "seed": seed, "test_accuracy": a, "seconds_per_epoch": [2.0]}
+            for seed, a in enumerate([0.92, 0.93])]  # fmt: skip
+    out = tmp_path / "sub" / "seeds.json"
+    bench.write(str(out), rows[:1])  # a job stopped after its first seed keeps that seed
+    assert json.loads(out.read_text())["summary"][0]["seeds"] == [0]
+    bench.write(str(out), rows)
+    record = json.loads(out.read_text())
+    assert record["rows"] == rows
+    accuracy = [0.92, 0.93]
+    assert record["summary"][0]["test_accuracy"] == [statistics.fmean(accuracy), statistics.stdev(accuracy)]
