@@ -4,6 +4,7 @@ small records of the shape the scripts store (the stored files themselves: tests
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -95,8 +96,6 @@ def test_train_accuracy_summarises_each_run_over_its_seeds():
 
 
 def test_train_accuracy_writes_its_file_with_the_summary_of_the_runs_so_far(tmp_path):
-    import json
-
     bench = script("train_accuracy")
     rows = [{"run": "lenet", "seed": seed, "test_accuracy": a, "seconds_per_epoch": [2.0]}
             for seed, a in enumerate([0.92, 0.93])]  # fmt: skip
@@ -108,3 +107,14 @@ def test_train_accuracy_writes_its_file_with_the_summary_of_the_runs_so_far(tmp_
     assert record["rows"] == rows
     accuracy = [0.92, 0.93]
     assert record["summary"][0]["test_accuracy"] == [statistics.fmean(accuracy), statistics.stdev(accuracy)]
+
+
+def test_compression_bench_keeps_each_codec_and_seed_once_from_the_raw_files_it_resumes(tmp_path):
+    bench = script("compression_bench")
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    dense = {"label": "dense", "seed": 0}
+    first.write_text(json.dumps({"rows": [{**dense, "x": 1}, {"label": "fp16", "seed": 0}]}))
+    second.write_text(json.dumps({"rows": [{**dense, "x": 2}, {"label": "dense", "seed": 2}]}))
+    rows = bench.kept_rows([str(first), str(second)])
+    assert [(r["label"], r["seed"]) for r in rows] == [("dense", 0), ("fp16", 0), ("dense", 2)]
+    assert rows[0]["x"] == 1
