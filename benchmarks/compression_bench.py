@@ -299,7 +299,9 @@ def worker(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace, raw: dict[str, Any], seconds: float) -> dict[str, Any]:
     fit = json.loads((REPO / "benchmarks" / "results" / "cost_model_fit.json").read_text())
     alpha = fit["p2p_alpha_s"]
-    rows, timings = raw["rows"], raw["timings"]
+    timings = raw["timings"]
+    only = args.only.split(",")  # a resumed raw file may hold other codecs and seeds: report these
+    rows = [r for r in raw["rows"] if r["label"] in only and r.get("seed", 0) in args.seeds]
     dense = {r.get("seed", 0): r for r in rows if r["codec"] == "none"}  # each seed's own dense reference
     first = dense[min(dense)]
     world = 2

@@ -118,3 +118,26 @@ def test_compression_bench_keeps_each_codec_and_seed_once_from_the_raw_files_it_
     rows = bench.kept_rows([str(first), str(second)])
     assert [(r["label"], r["seed"]) for r in rows] == [("dense", 0), ("fp16", 0), ("dense", 2)]
     assert rows[0]["x"] == 1
+
+
+def test_compression_bench_reports_only_the_codecs_and_seeds_asked_for_pairing_each_with_its_dense_seed():
+    import argparse
+
+    bench = script("compression_bench")
+
+    def row(label, codec, seed, accuracy):
+        return {"label": label, "codec": codec, "seed": seed, "options": {}, "test_accuracy": accuracy,
+                "evaluations": [(125, accuracy)], "steps": 125, "messages": 250, "job_samples_per_s": 500.0,
+                "bytes_sent": 1000 if codec == "none" else 100}  # fmt: skip
+
+    rows = [row("dense", "none", s, a) for s, a in [(0, 0.82), (1, 0.83), (2, 0.81)]]
+    rows += [row("onebit", "onebit", s, a) for s, a in [(0, 0.62), (1, 0.70), (2, 0.66)]]
+    rows += [row("fp16", "fp16", 0, 0.82), row("onebit", "onebit", 3, 0.1)]  # not asked for
+    args = argparse.Namespace(only="dense,onebit", seeds=[0, 1, 2], dataset="fashion-mnist", resume=True)
+    result = bench.report(args, {"rows": rows, "timings": {"compute_s": 0.05, "onebit": 0.01}}, 1.0)
+    dense, onebit = result["summary"]
+    assert [r["label"] for r in result["summary"]] == ["dense", "onebit"] and onebit["seeds"] == [0, 1, 2]
+    lost = [100 * (0.82 - 0.62), 100 * (0.83 - 0.70), 100 * (0.81 - 0.66)]
+    assert abs(onebit["accuracy_lost_points"] - statistics.fmean(lost)) < 1e-9
+    assert abs(onebit["lost_std"] - statistics.stdev(lost)) < 1e-9
+    assert onebit["ratio"] == 10.0 and dense["accuracy_lost_points"] == 0.0
