@@ -196,6 +196,16 @@ def run_dir(label: str, seed: int, seeds: list[int]) -> str:
     return name if len(seeds) == 1 else f"{name}-seed{seed}"
 
 
+def kept_rows(raws: list[str]) -> list[dict[str, Any]]:
+    """The rows of these raw files in order, each (label, seed) once (the first file's wins)."""
+    rows: list[dict[str, Any]] = []
+    for raw in raws:
+        seen = {(row["label"], row["seed"]) for row in rows}
+        found = json.loads(Path(raw).read_text())["rows"]
+        rows += [row for row in found if (row["label"], row["seed"]) not in seen]
+    return rows
+
+
 def worker(args: argparse.Namespace) -> int:
     from distlearn.data import load_dataset
     from distlearn.parallel.sync import SyncDataParallel
@@ -210,8 +220,8 @@ def worker(args: argparse.Namespace) -> int:
     )
     local_batch = args.batch // context.world_size
     rows = []
-    if args.resume and Path(args.raw).exists():  # keep what a stopped job measured, run only the rest
-        rows = json.loads(Path(args.raw).read_text())["rows"]
+    if args.resume:  # keep what a stopped job (and --merge's jobs) measured, run only the rest
+        rows = kept_rows([p for p in [args.raw, *args.merge] if Path(p).exists()])
     done = {(row["label"], row["seed"]) for row in rows}
     try:
         for seed, (label, name, options) in (
@@ -289,7 +299,9 @@ def worker(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace, raw: dict[str, Any], seconds: float) -> dict[str, Any]:
     fit = json.loads((REPO / "benchmarks" / "results" / "cost_model_fit.json").read_text())
     alpha = fit["p2p_alpha_s"]
-    rows, timings = raw["rows"], raw["timings"]
+    timings = raw["timings"]
+    only = args.only.split(",")  # a resumed raw file may hold other codecs and seeds: report these
+    rows = [r for r in raw["rows"] if r["label"] in only and r.get("seed", 0) in args.seeds]
     dense = {r.get("seed", 0): r for r in rows if r["codec"] == "none"}  # each seed's own dense reference
     first = dense[min(dense)]
     world = 2
@@ -501,6 +513,12 @@ def main() -> int:
         help="keep the runs already in --raw (a stopped job's) and run only the missing (codec, seed) pairs",
     )
     parser.add_argument(
+        "--merge",
+        action="append",
+        default=[],
+        help="with --resume: also keep the runs in this raw file (e.g. other seeds run as a job alongside)",
+    )
+    parser.add_argument(
         "--tag", default="", help="results file compression_bench-GROUP-TAG.json (keeps old ones)"
     )
     args = parser.parse_args()
@@ -509,6 +527,8 @@ def main() -> int:
     args.dataset = args.dataset or ("cifar10" if args.group == "cifar" else "fashion-mnist")
     args.out = args.out or f"runs/compression_bench/{args.group}"
     args.raw = args.raw or f"{args.out}/raw.json"
+    if args.merge and not args.resume:
+        parser.error("--merge keeps another job's runs and needs --resume")
     if in_torchrun():
         return worker(args)
     Path(args.raw).parent.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,19 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def write(out: str, rows: list[dict]) -> None:
+    """The result file: the command, the machine, every finished run and the summary over its seeds."""
+    record = {
+        "command": "python " + " ".join(sys.argv),
+        "machine": {"platform": platform.platform(), "cores": os.cpu_count()},
+        "versions": {"torch": str(torch.__version__)},
+        "rows": rows,
+        "summary": summarise(rows),
+    }
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(record, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(RUNS))
@@ -93,15 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         epoch = sum(result.seconds_per_epoch) / max(1, len(result.seconds_per_epoch))
         print(f"{name} seed {seed} test accuracy {100 * result.test_accuracy:6.2f}%  {epoch:6.1f} s/epoch  "
               f"{result.samples_per_s:7.0f} samples/s", flush=True)  # fmt: skip
-    record = {
-        "command": "python " + " ".join(sys.argv),
-        "machine": {"platform": platform.platform(), "cores": os.cpu_count()},
-        "versions": {"torch": str(torch.__version__)},
-        "rows": rows,
-        "summary": summarise(rows),
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+        write(args.out, rows)  # after every run, so a stopped job keeps the seeds it finished
     return 0
 
 

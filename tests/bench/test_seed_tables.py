@@ -4,6 +4,7 @@ small records of the shape the scripts store (the stored files themselves: tests
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -131,3 +132,51 @@ def test_sync_scaling_rotates_the_order_per_seed_and_takes_each_speed_up_against
     assert lines[0].startswith("| R | processes x threads | s / epoch (n = 2) | speed-up vs 1 x 1 (same")
     two_row = "| 2 | 2 x 1 | 25.0 ± 0.0 | 1.80 ± 0.28x | 10.0 ± 0.0 (1 of 2 reached) | 85.50 ± 0.71 |"
     assert lines[3] == two_row
+
+
+def test_train_accuracy_writes_its_file_with_the_summary_of_the_runs_so_far(tmp_path):
+    bench = script("train_accuracy")
+    rows = [{"run": "lenet", "seed": seed, "test_accuracy": a, "seconds_per_epoch": [2.0]}
+            for seed, a in enumerate([0.92, 0.93])]  # fmt: skip
+    out = tmp_path / "sub" / "seeds.json"
+    bench.write(str(out), rows[:1])  # a job stopped after its first seed keeps that seed
+    assert json.loads(out.read_text())["summary"][0]["seeds"] == [0]
+    bench.write(str(out), rows)
+    record = json.loads(out.read_text())
+    assert record["rows"] == rows
+    accuracy = [0.92, 0.93]
+    assert record["summary"][0]["test_accuracy"] == [statistics.fmean(accuracy), statistics.stdev(accuracy)]
+
+
+def test_compression_bench_keeps_each_codec_and_seed_once_from_the_raw_files_it_resumes(tmp_path):
+    bench = script("compression_bench")
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    dense = {"label": "dense", "seed": 0}
+    first.write_text(json.dumps({"rows": [{**dense, "x": 1}, {"label": "fp16", "seed": 0}]}))
+    second.write_text(json.dumps({"rows": [{**dense, "x": 2}, {"label": "dense", "seed": 2}]}))
+    rows = bench.kept_rows([str(first), str(second)])
+    assert [(r["label"], r["seed"]) for r in rows] == [("dense", 0), ("fp16", 0), ("dense", 2)]
+    assert rows[0]["x"] == 1
+
+
+def test_compression_bench_reports_only_the_codecs_and_seeds_asked_for_pairing_each_with_its_dense_seed():
+    import argparse
+
+    bench = script("compression_bench")
+
+    def row(label, codec, seed, accuracy):
+        return {"label": label, "codec": codec, "seed": seed, "options": {}, "test_accuracy": accuracy,
+                "evaluations": [(125, accuracy)], "steps": 125, "messages": 250, "job_samples_per_s": 500.0,
+                "bytes_sent": 1000 if codec == "none" else 100}  # fmt: skip
+
+    rows = [row("dense", "none", s, a) for s, a in [(0, 0.82), (1, 0.83), (2, 0.81)]]
+    rows += [row("onebit", "onebit", s, a) for s, a in [(0, 0.62), (1, 0.70), (2, 0.66)]]
+    rows += [row("fp16", "fp16", 0, 0.82), row("onebit", "onebit", 3, 0.1)]  # not asked for
+    args = argparse.Namespace(only="dense,onebit", seeds=[0, 1, 2], dataset="fashion-mnist", resume=True)
+    result = bench.report(args, {"rows": rows, "timings": {"compute_s": 0.05, "onebit": 0.01}}, 1.0)
+    dense, onebit = result["summary"]
+    assert [r["label"] for r in result["summary"]] == ["dense", "onebit"] and onebit["seeds"] == [0, 1, 2]
+    lost = [100 * (0.82 - 0.62), 100 * (0.83 - 0.70), 100 * (0.81 - 0.66)]
+    assert abs(onebit["accuracy_lost_points"] - statistics.fmean(lost)) < 1e-9
+    assert abs(onebit["lost_std"] - statistics.stdev(lost)) < 1e-9
+    assert onebit["ratio"] == 10.0 and dense["accuracy_lost_points"] == 0.0
