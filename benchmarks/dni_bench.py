@@ -14,11 +14,23 @@ Claims (issue 9), measured in one run on this machine:
 
     python benchmarks/dni_bench.py [--part all|accuracy|throughput] [--mnist-epochs 30] \\
         [--fashion-epochs 3] [--trials 2] [--cnn | --part accuracy --cnn-only --cnn-epochs 2]
+    python benchmarks/dni_bench.py --part accuracy --seeds 0 1 2 [--batch-norm] [--cnn-only ...] \\
+        --out dni_bench-2026-12-07-seeds.json [--reuse benchmarks/results/dni_bench.json]
 
 Writes benchmarks/results/dni_bench.json (raw numbers, command, machine, versions) and
 docs/img/dni-accuracy.png, docs/img/dni-throughput.png. On this 2-core machine K = 3 or 4 processes share
 two cores, and other jobs ran at the same time: throughput figures show what decoupling buys when stages
-compete for cores, not what it buys with one device per stage. One seed per configuration (time budget).
+compete for cores, not what it buys with one device per stage.
+
+Seeds (issue 24): ``--seeds`` runs every accuracy configuration once per seed (the seed of the weights, the
+synthetic-gradient models and the batch order, in the pipeline and in one process alike); ``--batch-norm``
+builds the FCN with batch normalisation (``DNIConfig.batch_norm``). ``--out NAME`` (a bare name goes under
+benchmarks/results) keeps every run with its seed and batch-norm setting in ``accuracy`` and writes
+``accuracy_summary``: per configuration the mean and sample standard deviation over the seeds of the
+3-process accuracy, the one-process accuracy and their difference (the cost of the gradient delay). The file
+is written after every run, and a run already in it (or, with ``--reuse FILE``, in that earlier result
+file: its runs without a seed are seed 0 without batch norm) is not run again. Only the default file
+redraws the figures.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,8 +81,9 @@ def distributed_run(config: DNIConfig) -> dict:
 
 
 def local_run(
-    dataset: str, model_name: str, mode: str, epochs: int, *, stages: int = 3, seed: int = 0
-) -> dict:
+    dataset: str, model_name: str, mode: str, epochs: int, *, stages: int = 3, seed: int = 0,
+    batch_norm: bool = False,
+) -> dict:  # fmt: skip
     """The same training in one process: backprop on the whole network, or LocalDNI (no gradient delay)."""
     torch.set_num_threads(1)
     train, test = (
@@ -79,7 +93,9 @@ def local_run(
     transform = BatchTransform(train.mean, train.std)
     defaults = DNIConfig()
     torch.manual_seed(seed)
-    model = build_model(model_name, stages=stages, in_channels=1, num_classes=10, image_size=28)
+    model = build_model(
+        model_name, stages=stages, in_channels=1, num_classes=10, image_size=28, batch_norm=batch_norm
+    )
     example = transform(train.images[:2])
     if mode == "backprop":
         optimizer = torch.optim.Adam(model.parameters(), lr=defaults.lr)
@@ -122,37 +138,90 @@ def local_run(
     }
 
 
-def accuracy_part(args: argparse.Namespace) -> list[dict]:
-    rows = []
+def run_key(row: dict) -> tuple:
+    """What makes an accuracy run: a run without ``seed``/``batch_norm`` (the one-seed layout) is seed 0
+    without batch norm."""
+    return (
+        row["dataset"], row["model"], row["mode"], row["epochs"], row.get("seed", 0),
+        bool(row.get("batch_norm", False)),
+    )  # fmt: skip
+
+
+def accuracy_part(args: argparse.Namespace, done: list[dict] | None = None, save: Any = None) -> list[dict]:
+    """Every configuration for every seed (seed outermost, so a stopped run has whole seeds); ``done``:
+    runs kept instead of run again; ``save(rows)`` after every run."""
+    rows = list(done or [])
+    known = {run_key(r) for r in rows}
     plan = [("mnist", "mlp", args.mnist_epochs), ("fashion-mnist", "mlp", args.fashion_epochs)]
     if args.cnn_only:
         plan = []
     if args.cnn or args.cnn_only:
         plan.append(("mnist", "lenet", args.cnn_epochs))
-    for dataset, model, epochs in plan:
-        for mode in ("backprop", "dni", "cdni"):
-            config = DNIConfig(
-                dataset=dataset, data_root=_root(dataset), model=model, stages=3, epochs=epochs,
-                mode="backprop" if mode == "backprop" else "dni", cdni=mode == "cdni",
-            )  # fmt: skip
-            summary = distributed_run(config)
-            per_epoch = [e["test_accuracy"] for e in summary["evaluations"]]
-            local = local_run(dataset, model, mode, epochs)
-            row = {
-                "dataset": dataset, "model": model, "mode": mode, "epochs": epochs, "stages": 3,
-                "test_accuracy": summary["test_accuracy"], "per_epoch": per_epoch,
-                "samples_per_s": summary["samples_per_s"],
-                "utilisation": [s["utilisation"] for s in summary["stages"]],
-                "mean_delay": [s["mean_delay"] for s in summary["stages"]],
-                "one_process": local, "dataset_note": summary.get("dataset_note"),
-            }  # fmt: skip
-            rows.append(row)
-            print(
-                f"{dataset:14s} {model:5s} {mode:8s} 3 processes {100 * row['test_accuracy']:6.2f}%  "
-                f"one process {100 * local['test_accuracy']:6.2f}%  {row['samples_per_s']:7.0f} samples/s",
-                flush=True,
-            )
+    for seed in args.seeds:
+        for dataset, model, epochs in plan:
+            for mode in ("backprop", "dni", "cdni"):
+                key = (dataset, model, mode, epochs, seed, args.batch_norm)
+                if key in known:
+                    print(f"{dataset:14s} {model:5s} {mode:8s} seed {seed}: kept (saved run)", flush=True)
+                    continue
+                config = DNIConfig(
+                    dataset=dataset, data_root=_root(dataset), model=model, stages=3, epochs=epochs,
+                    mode="backprop" if mode == "backprop" else "dni", cdni=mode == "cdni", seed=seed,
+                    batch_norm=args.batch_norm,
+                )  # fmt: skip
+                summary = distributed_run(config)
+                per_epoch = [e["test_accuracy"] for e in summary["evaluations"]]
+                local = local_run(dataset, model, mode, epochs, seed=seed, batch_norm=args.batch_norm)
+                row = {
+                    "dataset": dataset, "model": model, "mode": mode, "epochs": epochs, "stages": 3,
+                    "seed": seed, "batch_norm": args.batch_norm,
+                    "test_accuracy": summary["test_accuracy"], "per_epoch": per_epoch,
+                    "samples_per_s": summary["samples_per_s"],
+                    "utilisation": [s["utilisation"] for s in summary["stages"]],
+                    "mean_delay": [s["mean_delay"] for s in summary["stages"]],
+                    "one_process": local, "dataset_note": summary.get("dataset_note"),
+                    "load_average": os.getloadavg(),
+                }  # fmt: skip
+                rows.append(row)
+                known.add(key)
+                print(
+                    f"{dataset:14s} {model:5s} {mode:8s} seed {seed} bn {int(args.batch_norm)}: 3 processes "
+                    f"{100 * row['test_accuracy']:6.2f}%  one process {100 * local['test_accuracy']:6.2f}%",
+                    flush=True,
+                )
+                if save is not None:
+                    save(rows)
     return rows
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean, sample standard deviation (None for one value) and n."""
+    return {
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
+    }
+
+
+def summarise_accuracy(rows: list[dict]) -> list[dict]:
+    """Per (dataset, model, epochs, batch norm, mode): accuracy of 3 processes, of one process and the
+    difference one process - 3 processes (each seed's pair), in percentage points, over the seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        dataset, model, mode, epochs, _seed, batch_norm = run_key(row)
+        groups.setdefault((dataset, model, epochs, batch_norm, mode), []).append(row)
+    table = []
+    for (dataset, model, epochs, batch_norm, mode), runs in groups.items():
+        runs = sorted(runs, key=lambda r: r.get("seed", 0))
+        processes = [100 * r["test_accuracy"] for r in runs]
+        one = [100 * r["one_process"]["test_accuracy"] for r in runs]
+        table.append({
+            "dataset": dataset, "model": model, "epochs": epochs, "batch_norm": batch_norm, "mode": mode,
+            "seeds": [r.get("seed", 0) for r in runs],
+            "three_processes": mean_std(processes), "one_process": mean_std(one),
+            "delay_cost": mean_std([a - b for a, b in zip(one, processes, strict=True)]),
+        })  # fmt: skip
+    return table
 
 
 def throughput_part(args: argparse.Namespace) -> list[dict]:
@@ -325,12 +394,38 @@ def main() -> None:
     )
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--throughput-steps", type=int, default=150)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="accuracy runs: one per seed")
+    parser.add_argument("--batch-norm", action="store_true", help="the FCN with batch norm (accuracy part)")
+    parser.add_argument(
+        "--out", help="result file (a bare name: under benchmarks/results); its runs are kept, not rerun"
+    )
+    parser.add_argument("--reuse", help="an earlier result file whose matching accuracy runs are kept")
     args = parser.parse_args()
-    results: dict = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    path = RESULTS if args.out is None else Path(args.out)
+    if args.out is not None and path.parent == Path("."):
+        path = RESULTS.parent / path
+    results: dict = json.loads(path.read_text()) if path.exists() else {}
     started = time.perf_counter()
-    if args.part in ("all", "accuracy"):
+
+    def save(rows: list[dict]) -> None:
+        results["accuracy"] = rows
+        results["accuracy_summary"] = summarise_accuracy(rows)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))
+
+    if args.part in ("all", "accuracy") and path == RESULTS:
         kept = [r for r in results.get("accuracy", []) if r["model"] != "lenet"] if args.cnn_only else []
         results["accuracy"] = kept + accuracy_part(args)
+    elif args.part in ("all", "accuracy"):  # several seeds into a new file: keep what it (or --reuse) has
+        done = results.get("accuracy", [])
+        if args.reuse:
+            have = {run_key(r) for r in done}
+            earlier = json.loads(Path(args.reuse).read_text()).get("accuracy", [])
+            for row in earlier:
+                if run_key(row) not in have:
+                    seed, batch_norm = row.get("seed", 0), row.get("batch_norm", False)
+                    done.append({**row, "seed": seed, "batch_norm": batch_norm, "reused_from": args.reuse})
+        save(accuracy_part(args, done, save))
     if args.part in ("all", "throughput"):
         results["throughput"] = throughput_part(args)
         results["throughput_table"] = summarise_throughput(results["throughput"])
@@ -351,7 +446,10 @@ def main() -> None:
     commands = results.setdefault("commands", {})
     if "command" in results:  # the layout of the first run: one command for everything
         commands["all"] = {"command": results.pop("command"), "seconds": results.pop("seconds", None)}
-    commands["cnn" if args.cnn_only else args.part] = {
+    label = "cnn" if args.cnn_only else args.part
+    if args.out is not None:  # one entry per invocation: the seeds and batch norm differ between them
+        label = f"{label} seeds {' '.join(map(str, args.seeds))}" + (" batch-norm" if args.batch_norm else "")
+    commands[label] = {
         "command": command, "seconds": time.perf_counter() - started,
         "finished": time.strftime("%Y-%m-%d %H:%M"),
     }  # fmt: skip
@@ -362,10 +460,20 @@ def main() -> None:
     }
     results["versions"] = {"torch": str(torch.__version__), "python": platform.python_version()}
     results["settings"] = dataclasses.asdict(DNIConfig())
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1))
-    plot(results)
-    print(f"wrote {RESULTS} and {IMG}/dni-*.png in {time.perf_counter() - started:.0f} s")
+    if "accuracy" in results and path != RESULTS:
+        results["accuracy_summary"] = summarise_accuracy(results["accuracy"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    if path == RESULTS:
+        plot(results)
+    for entry in results.get("accuracy_summary", []) if path != RESULTS else []:
+        three, one = entry["three_processes"], entry["one_process"]
+        print(
+            f"{entry['dataset']:14s} {entry['model']:5s} bn {int(entry['batch_norm'])} {entry['mode']:8s} "
+            f"n={three['n']}: 3 processes {three['mean']:.2f} +- {three['std'] or 0:.2f}, one process "
+            f"{one['mean']:.2f} +- {one['std'] or 0:.2f}, delay cost {entry['delay_cost']['mean']:.2f}"
+        )
+    print(f"wrote {path} in {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

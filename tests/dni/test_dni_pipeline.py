@@ -2,6 +2,9 @@
 
 * Model-parallel backprop on 3 ranks ends with the weights of one process's backprop (Adam, same batches)
   to 1e-5: the wire carries the right activations and gradients, in the right order.
+* The same with batch normalisation (``batch_norm``): the assembled network's weights, running statistics
+  and step counts equal one process's to 1e-5 (each stage's buffers travel to rank 0 with its weights), and
+  rank 0 evaluates it in eval mode (the running statistics, not the test batch's).
 * A DNI job: every rank receives each activation / gradient once, in step order, with the interface's shape
   and the sender's version (activations are computed before the sender's update of that step, gradients
   after it), gradients arrive within the lag bound; every synthetic-gradient model was fitted on every step.
@@ -76,31 +79,30 @@ def logs(out: Path) -> str:
 
 @pytest.fixture(scope="module")
 def finished_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One job: model-parallel backprop (out/bp), then cDNI recording every message (out/dni)."""
+    """One job: model-parallel backprop (out/bp), cDNI recording every message (out/dni), backprop with
+    batch norm (out/bpbn)."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data directory {SHARED_DATA} is not present on this machine")
     out = tmp_path_factory.mktemp("dni-job")
     configs = [
         _config(out / "bp", SHARED_DATA, mode="backprop", save_model=True),
         _config(out / "dni", SHARED_DATA, mode="dni", cdni=True, record_messages=True),
+        _config(out / "bpbn", SHARED_DATA, mode="backprop", batch_norm=True, save_model=True),
     ]
     codes, _ = run_job(configs, out)
     assert codes == [0] * RANKS, logs(out)
     return out
 
 
-def test_model_parallel_backprop_equals_one_process(finished_job: Path) -> None:
-    config = load_toml(DNIConfig, finished_job / "case0.toml")
-    shared_data = Path(config.data_root or "")
-
-    # The reference: one process, the whole network, the same seed, subset, batches and optimizer.
-    train = load_dataset("mnist", "train", root=str(shared_data))
+def _one_process(config: DNIConfig) -> tuple[nn.Module, BatchTransform]:
+    """The reference: one process, the whole network, the same seed, subset, batches and optimizer."""
+    train = load_dataset("mnist", "train", root=config.data_root)
     subset = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(config.seed))
     subset = subset[: config.train_samples].sort().values
     images, labels = train.images[subset], train.labels[subset]
     transform = BatchTransform(train.mean, train.std)
     torch.manual_seed(config.seed)
-    model = build_model("mlp", stages=RANKS)
+    model = build_model("mlp", stages=RANKS, batch_norm=config.batch_norm)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     assert config.steps is not None
     for step in range(config.steps):
@@ -108,12 +110,46 @@ def test_model_parallel_backprop_equals_one_process(finished_job: Path) -> None:
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(transform(images[indices])), labels[indices]).backward()
         optimizer.step()
+    return model, transform
+
+
+def test_model_parallel_backprop_equals_one_process(finished_job: Path) -> None:
+    config = load_toml(DNIConfig, finished_job / "case0.toml")
+    model, _ = _one_process(config)
     trained = torch.load(finished_job / "bp" / "model.pt", weights_only=True)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(trained[name], value, atol=1e-5, rtol=0, msg=name)
     summary = json.loads((finished_job / "bp" / "summary.json").read_text())
     assert summary["steps"] == config.steps
     assert all(0 < stage["utilisation"] <= 1 for stage in summary["stages"])
+
+
+def test_batch_norm_stages_equal_one_process_and_evaluate_on_running_statistics(finished_job: Path) -> None:
+    config = load_toml(DNIConfig, finished_job / "case2.toml")
+    assert config.batch_norm and config.steps is not None
+    model, transform = _one_process(config)
+    reference = model.state_dict()
+    trained = torch.load(finished_job / "bpbn" / "model.pt", weights_only=True)
+    assert trained.keys() == reference.keys()
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    norms = [name for name in reference if name.endswith(buffers)]
+    assert len(norms) == 3 * RANKS  # every stage's buffers, the two stages above rank 0 included
+    for name, value in reference.items():
+        torch.testing.assert_close(trained[name].to(value.dtype), value, atol=1e-5, rtol=0, msg=name)
+    assert all(int(trained[name]) == config.steps for name in norms if name.endswith("num_batches_tracked"))
+
+    # Rank 0's evaluation is the reference in eval mode (running statistics); in train mode (the test
+    # batch's own statistics) the loss differs, so this tells the two apart.
+    test = load_dataset("mnist", "test", root=config.data_root)
+    x, y = transform(test.images[: config.test_samples]), test.labels[: config.test_samples]
+    losses = {}
+    with torch.no_grad():
+        for mode in ("eval", "train"):
+            model.train(mode == "train")
+            losses[mode] = float(nn.functional.cross_entropy(model(x), y))
+    summary = json.loads((finished_job / "bpbn" / "summary.json").read_text())
+    assert abs(summary["test_loss"] - losses["eval"]) < 1e-4, (summary["test_loss"], losses)
+    assert abs(losses["train"] - losses["eval"]) > 1e-3, losses
 
 
 def test_dni_messages_cross_ranks_with_shapes_and_versions(finished_job: Path) -> None:

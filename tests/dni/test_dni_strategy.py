@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from distlearn.dni import DNIConfig
 from distlearn.errors import ConfigError
 from distlearn.parallel import create_strategy
 from distlearn.parallel.dni import DecoupledStages, dni_config_of
@@ -46,6 +47,16 @@ def test_unsupported_settings_are_refused(changes: dict, message: str) -> None:
     values = {"strategy": "dni", "stages": 3, **changes}
     with pytest.raises(ConfigError, match=message):
         dni_config_of(TrainConfig.build(**values))
+
+
+def test_batch_norm_reaches_the_pipeline_and_only_for_the_fcn() -> None:
+    assert not dni_config_of(TrainConfig.build(strategy="dni", stages=3)).batch_norm  # off by default
+    config = TrainConfig.build(strategy="dni", model="mlp", stages=3, dni_batch_norm=True)
+    assert dni_config_of(config).batch_norm
+    with pytest.raises(ConfigError, match="mlp FCN only.*drop --dni-batch-norm"):
+        dni_config_of(TrainConfig.build(strategy="dni", model="lenet", stages=3, dni_batch_norm=True))
+    with pytest.raises(ConfigError, match="mlp FCN only.*drop --batch-norm"):
+        DNIConfig(model="resnet8", batch_norm=True).validate()
 
 
 def test_workers_must_match_the_stages() -> None:

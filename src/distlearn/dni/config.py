@@ -26,6 +26,13 @@ class DNIConfig:
         default="dni", metadata={"help": "dni: synthetic gradients; backprop: model-parallel backprop"}
     )
     cdni: bool = field(default=False, metadata={"help": "condition synthetic gradients on the label (cDNI)"})
+    batch_norm: bool = field(
+        default=False,
+        metadata={
+            "help": "mlp only: batch normalisation between each hidden layer's linear map and its ReLU "
+            "(the paper's FCN); each stage keeps its statistics, evaluation uses the running ones"
+        },
+    )
     epochs: int = field(default=1, metadata={"help": "passes over the training set"})
     steps: int | None = field(
         default=None, metadata={"help": "stop after this many steps (overrides epochs)"}
@@ -72,6 +79,11 @@ class DNIConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.sg_lr <= 0 or self.timeout_s <= 0:
             raise ConfigError("--lr, --sg-lr and --timeout-s must be positive")
+        if self.batch_norm and self.model != "mlp":
+            raise ConfigError(
+                f"--batch-norm is an option of the mlp FCN only (lenet has none, resnet8 has its own), "
+                f"not of --model {self.model}; drop --batch-norm"
+            )
 
     @property
     def sg_widths(self) -> tuple[int, ...]:

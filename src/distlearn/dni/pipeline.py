@@ -145,15 +145,17 @@ def _build_network(config: DNIConfig, data: RunData) -> _Network:
     channels, height, _ = data.image_shape
     model = build_model(
         config.model, stages=config.stages, in_channels=channels, num_classes=data.num_classes,
-        image_size=height,
+        image_size=height, batch_norm=config.batch_norm,
     )  # fmt: skip
     example = data.transform(data.train_images[:2])
     pieces = split_model(model, config.stages, example)
     shapes, h = [tuple(example.shape[1:])], example
+    model.eval()  # measuring shapes must not move batch-norm statistics
     with torch.no_grad():
         for piece in pieces:
             h = piece(h)
             shapes.append(tuple(h.shape[1:]))
+    model.train()
     return _Network(model, pieces, shapes)
 
 

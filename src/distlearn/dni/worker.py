@@ -81,8 +81,13 @@ class StageStats:
 
 
 def state_vector(stage: nn.Module) -> torch.Tensor:
-    """The stage's floating-point parameters and buffers as one float32 vector (state_dict order)."""
-    values = [v.detach().reshape(-1).float() for v in stage.state_dict().values() if v.is_floating_point()]
+    """The stage's parameters and buffers as one float32 vector (state_dict order).
+
+    Buffers include batch normalisation's running statistics and its integer step count
+    (``num_batches_tracked``, exact in float32 below 2**24 steps), so rank 0's assembled network -- what it
+    evaluates and saves -- has every stage's statistics, not its own initial ones.
+    """
+    values = [v.detach().reshape(-1).float() for v in stage.state_dict().values()]
     return torch.cat(values) if values else torch.zeros(0)
 
 
@@ -91,9 +96,9 @@ def load_state_vector(stage: nn.Module, vector: torch.Tensor) -> None:
     offset = 0
     with torch.no_grad():
         for value in stage.state_dict().values():
-            if value.is_floating_point():
-                value.copy_(vector[offset : offset + value.numel()].view_as(value))
-                offset += value.numel()
+            part = vector[offset : offset + value.numel()].view_as(value)
+            value.copy_(part if value.is_floating_point() else part.round())
+            offset += value.numel()
 
 
 class _Pending:

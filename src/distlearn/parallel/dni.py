@@ -11,7 +11,8 @@ and each stage's utilisation), the top rank writes the training records. ``--wor
 ``--stages`` (:func:`launch_stages`).
 
 From :class:`~distlearn.train.TrainConfig` it takes dataset, model (``mlp``: the paper's FCN with one
-256-unit hidden layer per stage; ``lenet``: cut into up to 4 stages), stages, cdni, epochs/steps,
+256-unit hidden layer per stage, with batch normalisation under ``--dni-batch-norm``; ``lenet``: cut into up
+to 4 stages), stages, cdni, epochs/steps,
 batch size, lr (Adam, default 3e-4), seed, train/test samples, data root, out, log_every and
 comm_timeout. Other settings of the synthetic-gradient models (their width and rate, the lag bound,
 model-parallel backprop instead of DNI) are flags of ``python -m distlearn.dni.cli``. Not supported here:
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from distlearn.dni.pipeline import DNIConfig, run_pipeline
 from distlearn.errors import ConfigError
@@ -40,6 +41,11 @@ class DNIOptions(StrategyOptions):
     """cut the model into K stages, one process each (--workers = K)"""
     cdni: bool = False
     """condition the synthetic gradients on the label (cDNI)"""
+    dni_batch_norm: bool = False
+    """mlp only: batch normalisation between each hidden layer's linear map and its ReLU (the paper's
+    FCN); each stage keeps its statistics, evaluation uses the running ones"""
+
+    aliases: ClassVar[dict[str, str]] = {**StrategyOptions.aliases, "batch_norm": "dni_batch_norm"}
 
     def check(self, run: Any) -> None:
         super().check(run)
@@ -69,6 +75,11 @@ def dni_config_of(config: Any, options: DNIOptions | None = None) -> DNIConfig:
         )
     if config.model not in ("mlp", "lenet", "resnet8"):
         raise ConfigError(f"--strategy dni cuts mlp, lenet or resnet8 into stages, not {config.model}")
+    if options.dni_batch_norm and config.model != "mlp":
+        raise ConfigError(
+            f"--dni-batch-norm is an option of the mlp FCN only (lenet has no batch norm, resnet8 has its "
+            f"own), not of --model {config.model}; drop --dni-batch-norm"
+        )
     if options.stages < 2:
         raise ConfigError("--strategy dni needs --stages K with K >= 2 (one process per stage)")
     if config.workers not in (1, options.stages):
@@ -86,6 +97,7 @@ def dni_config_of(config: Any, options: DNIOptions | None = None) -> DNIConfig:
             raise ConfigError(f"--strategy dni does not support --{name}; drop it")
     dni = DNIConfig(
         dataset=config.dataset, model=config.model, stages=options.stages, mode="dni", cdni=options.cdni,
+        batch_norm=options.dni_batch_norm,
         epochs=config.epochs, steps=config.steps, batch_size=config.batch_size,
         seed=config.seed, train_samples=config.train_samples, test_samples=config.test_samples,
         data_root=config.data_root, out=config.out, log_every=config.log_every,
